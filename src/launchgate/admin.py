@@ -1,0 +1,44 @@
+"""The admin listener: /healthz, /readyz and Prometheus /metrics, never on the proxy port."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from launchgate.errors import StoreUnavailable
+from launchgate.gateway import Gateway
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    checks: dict[str, str] = {"config": "ok"}
+    checks["keys"] = "ok" if gateway.config.keyring.kids else "no trusted keys"
+    try:
+        await gateway.ledger.ping()
+        checks["store"] = "ok"
+    except StoreUnavailable as e:
+        checks["store"] = f"unavailable: {e}"
+    ready = all(v == "ok" for v in checks.values()) and gateway.running
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[GATEWAY_KEY].metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    app = web.Application()
+    app[GATEWAY_KEY] = gateway
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

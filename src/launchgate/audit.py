@@ -1,0 +1,352 @@
+"""The decision log: append-only, hash-chained JSON lines (CONTRACT section 5), and its verifier.
+
+Each line is one record's canonical JSON. ``seq`` counts from 1, ``prev_hash`` is the
+previous record's ``hash`` (64 zeros for the first) and ``hash`` is the SHA-256 of the
+record's canonical JSON without ``hash``. Changing, removing or reordering a record
+breaks the chain at that record; ``verify_file`` finds the first break.
+
+Several processes may append to one file (a gateway and ``launchgate licenses
+release``). Every append holds an exclusive ``flock`` on the file and, when the file
+has grown since this process last wrote, continues from the record another writer
+left at the end, so the chain never forks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from launchgate.errors import ConfigError
+
+GENESIS_HASH: Final = "0" * 64
+CHAIN_FIELDS: Final = frozenset({"seq", "prev_hash", "hash"})
+
+_TAIL_BLOCK: Final = 64 * 1024
+# A bound on how far back open() searches for the last line, so a log whose end is
+# garbage without newlines cannot make it read gigabytes into memory.
+_MAX_RECORD_BYTES: Final = 16 * 1024 * 1024
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def canonical_json(record: Mapping[str, Any]) -> bytes:
+    """The record as canonical JSON: keys sorted, no whitespace, UTF-8.
+
+    Raises ValueError for NaN or infinity and for strings that are not valid Unicode
+    (lone surrogates), TypeError for values JSON cannot represent.
+    """
+    text = json.dumps(
+        dict(record),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    )
+    return text.encode("utf-8")
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """Lowercase hex SHA-256 of the record's canonical JSON without its ``hash`` field."""
+    content = {key: value for key, value in record.items() if key != "hash"}
+    return hashlib.sha256(canonical_json(content)).hexdigest()
+
+
+def utc_timestamp(now: float) -> str:
+    """A POSIX time as the record's ``timestamp``: ``2026-11-26T04:33:14.123456Z``."""
+    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The outcome of checking a log's chain.
+
+    ``records`` is the number of records that checked out (all of them when ``ok``);
+    ``bad_seq`` is the seq the first bad record should have had, ``detail`` says why.
+    """
+
+    ok: bool
+    records: int
+    bad_seq: int | None
+    detail: str
+
+    def summary(self) -> str:
+        """One line for ``launchgate audit verify``: ``ok N records`` or the first bad seq."""
+        if self.ok:
+            return f"ok {self.records} records"
+        return f"bad record seq {self.bad_seq}: {self.detail}"
+
+
+class _BadRecord(ValueError):
+    """A line of the log is not a well-formed, self-consistent record; the message says why."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A record with a key twice could be read two ways; refuse it rather than pick one.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _BadRecord(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadRecord(f"{name} is not a JSON number")
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS
+
+
+def _parse_record(line: bytes) -> dict[str, Any]:
+    """Parse one line (without its newline) and check its own hash; raise _BadRecord."""
+    try:
+        record = json.loads(
+            line.decode("utf-8"),
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except UnicodeDecodeError:
+        raise _BadRecord("not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise _BadRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise _BadRecord("not a JSON object")
+    seq = record.get("seq")
+    if type(seq) is not int or seq < 1:  # type() also rejects True, which is an int
+        raise _BadRecord("seq is missing or not a positive integer")
+    for field in ("prev_hash", "hash"):
+        if not _is_digest(record.get(field)):
+            raise _BadRecord(f"{field} is missing or not 64 lowercase hex digits")
+    try:
+        expected = record_hash(record)
+    except ValueError as e:
+        raise _BadRecord(f"cannot be put in canonical form ({e})") from None
+    if record["hash"] != expected:
+        raise _BadRecord("hash does not match the record's content (the record was altered)")
+    return record
+
+
+def _read_last_line(fd: int, size: int) -> bytes:
+    """The file's last line without its newline, read backwards from the end; raise _BadRecord."""
+    if os.pread(fd, 1, size - 1) != b"\n":
+        raise _BadRecord("the last line has no trailing newline (a write was cut short)")
+    end = size - 1
+    pos = end
+    chunks: list[bytes] = []
+    while pos > 0:
+        if end - pos > _MAX_RECORD_BYTES:
+            raise _BadRecord(f"the last line is longer than {_MAX_RECORD_BYTES} bytes")
+        start = max(0, pos - _TAIL_BLOCK)
+        block = os.pread(fd, pos - start, start)
+        if len(block) != pos - start:
+            raise _BadRecord("the file shrank while its last line was read")
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            chunks.append(block[cut + 1 :])
+            break
+        chunks.append(block)
+        pos = start
+    return b"".join(reversed(chunks))
+
+
+def _chain_head(fd: int, size: int) -> tuple[int, str]:
+    """The last record's seq and hash (0 and GENESIS_HASH if empty); raise _BadRecord."""
+    if size == 0:
+        return 0, GENESIS_HASH
+    record = _parse_record(_read_last_line(fd, size))
+    return record["seq"], record["hash"]
+
+
+@contextmanager
+def _exclusive_lock(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _truncate_quietly(fd: int, size: int) -> None:
+    # Undo a partly written line so one failed write (a full disk) does not leave a torn
+    # tail that stops every later append. If this fails too, the caller's error is the
+    # one to report, and the next append or open() refuses the torn tail.
+    with suppress(OSError):
+        os.ftruncate(fd, size)
+
+
+class AuditLog:
+    """Append-only, hash-chained JSON-lines decision log.
+
+    Records are written by one dedicated thread, in call order, each line flushed to
+    the operating system (not fsynced) before ``append`` returns.
+    """
+
+    def __init__(self, path: Path, fd: int, seq: int, head: str, size: int) -> None:
+        """Use ``AuditLog.open``."""
+        self._path = path
+        self._fd = fd
+        # The chain as this process last saw it: the last record's seq and hash, and the
+        # file size just after it. A different size means another writer appended.
+        self._seq = seq
+        self._head = head
+        self._size = size
+        self._closed = False
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launchgate-audit")
+
+    @classmethod
+    def open(cls, path: Path) -> AuditLog:
+        """Open (creating it and its folders if missing) the log at ``path`` to append.
+
+        Continues the chain from the file's last record. Raises ConfigError naming the
+        file when it cannot be opened or its last line is not an intact record (a torn
+        write): appending then would fork the chain, so staff should run
+        ``launchgate audit verify`` first.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
+        try:
+            with _exclusive_lock(fd):
+                size = os.fstat(fd).st_size
+                seq, head = _chain_head(fd, size)
+        except _BadRecord as e:
+            os.close(fd)
+            raise ConfigError(
+                f"{path}: the audit log's last record is not intact ({e}); "
+                f"run `launchgate audit verify {path}` before appending to it"
+            ) from e
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
+        return cls(path, fd, seq, head, size)
+
+    @property
+    def path(self) -> Path:
+        """The log file."""
+        return self._path
+
+    async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append ``record``; return a new dict, the record plus ``seq``, ``prev_hash``, ``hash``.
+
+        Returns only once the line is in the file. Concurrent calls get consecutive seqs
+        in call order. Cancelling the caller does not stop the write. Raises OSError
+        when the write fails or the file's last record is no longer intact, ValueError
+        for a record that sets a chain field, is not JSON (NaN) or after close,
+        TypeError for values JSON cannot represent.
+        """
+        entry = self._prepare(record)
+        loop = asyncio.get_running_loop()
+        # Shielded: once asked for, a record is written even if the caller is cancelled
+        # (a client hanging up), since records are never to be dropped.
+        return await asyncio.shield(loop.run_in_executor(self._writer, self._write, entry))
+
+    def append_sync(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """``append`` for blocking callers (CLI commands); shares the chain and its order."""
+        entry = self._prepare(record)
+        return self._writer.submit(self._write, entry).result()
+
+    def close(self) -> None:
+        """Finish the appends already asked for, then close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.shutdown(wait=True)
+        os.close(self._fd)
+
+    async def aclose(self) -> None:
+        """``close`` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
+
+    def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        # Copy now, so a caller that reuses its dict after the call cannot change
+        # what is written later on the writer thread.
+        if self._closed:
+            raise ValueError(f"{self._path}: the audit log is closed")
+        clash = CHAIN_FIELDS & record.keys()
+        if clash:
+            raise ValueError(f"a record may not set the chain fields {sorted(clash)}")
+        return dict(record)
+
+    def _write(self, entry: dict[str, Any]) -> dict[str, Any]:
+        # Runs on the writer thread only. The chain head is computed here, under the
+        # lock, because only there is it certain which record is last in the file.
+        with _exclusive_lock(self._fd):
+            size = os.fstat(self._fd).st_size
+            if size != self._size:
+                try:
+                    self._seq, self._head = _chain_head(self._fd, size)
+                except _BadRecord as e:
+                    raise OSError(
+                        errno.EIO,
+                        f"{self._path}: cannot continue the chain, the last record is not "
+                        f"intact ({e}); run `launchgate audit verify {self._path}`",
+                    ) from e
+                self._size = size
+            entry["seq"] = self._seq + 1
+            entry["prev_hash"] = self._head
+            entry["hash"] = record_hash(entry)
+            line = canonical_json(entry) + b"\n"
+            try:
+                _write_all(self._fd, line)
+            except OSError:
+                _truncate_quietly(self._fd, size)
+                raise
+            self._seq, self._head, self._size = entry["seq"], entry["hash"], size + len(line)
+            return entry
+
+
+def verify_file(path: Path) -> VerifyResult:
+    """Check the hash chain of the log at ``path``, reading it one line at a time.
+
+    Every line must be a JSON object without duplicate keys, with ``seq`` one more
+    than the line before (1 first), ``prev_hash`` the previous ``hash`` (GENESIS_HASH
+    first) and ``hash`` its own content's hash, and must end with a newline. Stops at
+    the first line that does not. An empty file is a valid, empty chain. Raises
+    ConfigError naming the file when it cannot be read.
+    """
+    good = 0
+    head = GENESIS_HASH
+    try:
+        with path.open("rb") as lines:
+            for line in lines:
+                expected = good + 1
+                try:
+                    if not line.endswith(b"\n"):
+                        raise _BadRecord("the line has no trailing newline (it was cut short)")
+                    record = _parse_record(line[:-1])
+                    if record["seq"] != expected:
+                        raise _BadRecord(
+                            f"seq is {record['seq']}, expected {expected} "
+                            "(a record is missing, repeated or out of order)"
+                        )
+                    if record["prev_hash"] != head:
+                        raise _BadRecord("prev_hash is not the previous record's hash")
+                except _BadRecord as e:
+                    return VerifyResult(
+                        ok=False, records=good, bad_seq=expected, detail=f"line {expected}: {e}"
+                    )
+                head = record["hash"]
+                good = expected
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
+    return VerifyResult(ok=True, records=good, bad_seq=None, detail="chain intact")

@@ -1,0 +1,126 @@
+"""Accelerators, instance SKUs and their ECCN 3A090 class (pure, validated once).
+
+Classification follows ECCN 3A090 as amended in October 2023 (88 FR 73458; text in
+15 CFR 774 Supp. 1, checked against eCFR 2026-07-23, see shared/reference/regulatory.md):
+
+- 3A090.a: TPP >= 4800, or TPP >= 1600 and PD >= 5.92
+- 3A090.b: TPP >= 2400 and 1.6 <= PD < 5.92, or TPP >= 1600 and 3.2 <= PD < 5.92
+- the Note to 3A090: an item not designed or marketed for datacenters is outside
+  .a/.b unless its TPP is >= 4800.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from launchgate.errors import ConfigError
+from launchgate.tomlfile import as_table, read_toml, require_table
+
+ECCN_A: Final = "3A090.a"
+ECCN_B: Final = "3A090.b"
+NOT_CONTROLLED: Final = "not-controlled"
+ECCN_CLASSES: Final = frozenset({ECCN_A, ECCN_B, NOT_CONTROLLED})
+
+
+def classify(tpp: float, die_area_mm2: float, *, datacenter: bool = True) -> str:
+    """The 3A090 class the catalog rules give an accelerator (CONTRACT section 2)."""
+    if tpp <= 0 or die_area_mm2 <= 0:
+        raise ValueError("TPP and die area must be positive")
+    if not datacenter and tpp < 4800:
+        return NOT_CONTROLLED
+    density = tpp / die_area_mm2
+    if tpp >= 4800 or (tpp >= 1600 and density >= 5.92):
+        return ECCN_A
+    if (tpp >= 2400 and 1.6 <= density < 5.92) or (tpp >= 1600 and 3.2 <= density < 5.92):
+        return ECCN_B
+    return NOT_CONTROLLED
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    name: str
+    tpp: float
+    die_area_mm2: float | None
+    datacenter: bool
+    eccn: str  # explicit override, else computed by classify()
+
+
+@dataclass(frozen=True, slots=True)
+class Sku:
+    name: str
+    accelerator: Accelerator | None
+    accelerators_per_instance: int  # 0 when the SKU carries no accelerator
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    accelerators: Mapping[str, Accelerator]
+    skus: Mapping[str, Sku]
+
+    def sku(self, name: str) -> Sku | None:
+        return self.skus.get(name)
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _accelerator(name: str, table: Mapping[str, Any], where: str) -> Accelerator:
+    unknown = set(table) - {"tpp", "die_area_mm2", "datacenter", "eccn"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    if "tpp" not in table:
+        raise ConfigError(f"{where}: missing key 'tpp'")
+    tpp = _number(table["tpp"], f"{where}.tpp")
+    area = table.get("die_area_mm2")
+    die_area = None if area is None else _number(area, f"{where}.die_area_mm2")
+    datacenter = table.get("datacenter", True)
+    if not isinstance(datacenter, bool):
+        raise ConfigError(f"{where}.datacenter: must be true or false")
+    eccn = table.get("eccn")
+    if eccn is None:
+        if die_area is None:
+            raise ConfigError(f"{where}: needs 'die_area_mm2' (or an explicit 'eccn')")
+        eccn = classify(tpp, die_area, datacenter=datacenter)
+    elif eccn not in ECCN_CLASSES:
+        raise ConfigError(f"{where}.eccn: must be one of {sorted(ECCN_CLASSES)}, got {eccn!r}")
+    return Accelerator(name, tpp, die_area, datacenter, eccn)
+
+
+def parse_catalog(data: Mapping[str, Any], source: str) -> Catalog:
+    """Turn the catalog TOML mapping into a Catalog; ConfigError names ``source`` and the key."""
+    unknown = set(data) - {"accelerators", "skus"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+    accelerators: dict[str, Accelerator] = {}
+    for name, table in require_table(data, "accelerators", source).items():
+        where = f"{source}: accelerators.{name!r}"
+        accelerators[name] = _accelerator(name, as_table(table, where), where)
+    skus: dict[str, Sku] = {}
+    for name, table in require_table(data, "skus", source).items():
+        where = f"{source}: skus.{name!r}"
+        table = as_table(table, where)
+        unknown = set(table) - {"accelerator", "accelerators_per_instance"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        acc_name = table.get("accelerator")
+        if acc_name is None:
+            skus[name] = Sku(name, None, 0)
+            continue
+        accelerator = accelerators.get(acc_name) if isinstance(acc_name, str) else None
+        if accelerator is None:
+            raise ConfigError(f"{where}.accelerator: no accelerator {acc_name!r} in the catalog")
+        per = table.get("accelerators_per_instance")
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+            raise ConfigError(f"{where}.accelerators_per_instance: must be an integer >= 1")
+        skus[name] = Sku(name, accelerator, per)
+    return Catalog(accelerators, skus)
+
+
+def load_catalog(path: Path) -> Catalog:
+    return parse_catalog(read_toml(path), str(path))

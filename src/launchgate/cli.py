@@ -1,0 +1,453 @@
+"""The ``launchgate`` command line (CONTRACT section 1): ``main(argv) -> int``.
+
+A user error (bad flag, missing or invalid file, unknown key id) exits 2 with one line
+on stderr naming what is at fault; success exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from launchgate.errors import ConfigError, StoreUnavailable, TokenError
+
+
+class UsageError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from launchgate.config import load_config
+
+    return load_config(Path(args.config))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from launchgate.logsetup import configure_logging
+    from launchgate.server import run
+
+    configure_logging()
+    run(_config(args))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    _config(args)
+    print("ok")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from launchgate.tokens import generate_key
+
+    pem = generate_key(args.kid, Path(args.out_dir), args.alg)
+    print(
+        f"wrote {pem} and added {args.kid} ({args.alg}) to {pem.parent / 'jwks.json'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _iso_time(text: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--not-before: not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    from launchgate.tokens import issue_token, load_private_key, parse_duration
+
+    try:
+        expires_in = parse_duration(args.expires_in)
+    except ValueError as e:
+        raise UsageError(f"--expires-in: {e}") from None
+    if args.max_accelerators < 1:
+        raise UsageError("--max-accelerators: must be at least 1")
+    try:
+        token = issue_token(
+            private_key=load_private_key(Path(args.key)),
+            kid=args.kid,
+            issuer=args.issuer,
+            account=args.account,
+            skus=args.sku,
+            max_accelerators=args.max_accelerators,
+            expires_in_s=expires_in,
+            audience=args.audience,
+            regions=args.region,
+            license_ref=args.license_ref,
+            not_before=_iso_time(args.not_before) if args.not_before else None,
+        )
+    except ValueError as e:
+        raise UsageError(f"token issue: {e}") from None
+    print(token)
+    return 0
+
+
+def _run(coro_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_factory())
+
+
+def _read_token(text: str) -> str:
+    return sys.stdin.read().strip() if text == "-" else text.strip()
+
+
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    from launchgate.gateway import make_verifier
+    from launchgate.ledger import open_ledger
+    from launchgate.tokens import peek
+
+    config = _config(args)
+    token = _read_token(args.token)
+    header, claims = peek(token)
+    out: dict[str, Any] = {
+        "header": header,
+        "claims": claims,
+        "verified": False,
+        "reason": None,
+        "detail": None,
+    }
+    try:
+        make_verifier(config).verify(token, now=time.time())
+        out |= {"verified": True, "detail": "signature and claims verify"}
+    except TokenError as e:
+        out |= {"reason": e.reason, "detail": e.detail}
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+
+    async def ledger_view() -> dict[str, Any]:
+        ledger = open_ledger(config.store_url, config.base_dir)
+        try:
+            await ledger.open()
+            state = await ledger.license(jti) if isinstance(jti, str) else None
+        finally:
+            await ledger.close()
+        max_acc = claims.get("max_accelerators") if isinstance(claims, dict) else None
+        max_acc = (
+            state.max_accelerators if state and state.max_accelerators is not None else max_acc
+        )
+        used = state.used if state else 0
+        reserved = state.reserved if state else 0
+        remaining = max(0, max_acc - used - reserved) if isinstance(max_acc, int) else None
+        return {
+            "max_accelerators": max_acc,
+            "used": used,
+            "reserved": reserved,
+            "remaining": remaining,
+            "revoked": bool(state and state.revoked),
+            "revoked_reason": state.revoked_reason if state else None,
+        }
+
+    try:
+        out |= _run(ledger_view)
+    except StoreUnavailable as e:
+        out |= {"used": None, "remaining": None, "revoked": None, "store_error": str(e)}
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from launchgate.ledger import open_ledger
+
+    config = _config(args)
+
+    async def revoke() -> bool:
+        ledger = open_ledger(config.store_url, config.base_dir)
+        try:
+            await ledger.open()
+            return await ledger.revoke(args.jti, reason=args.reason, now=time.time())
+        finally:
+            await ledger.close()
+
+    newly = _run(revoke)
+    print(f"revoked {args.jti}" if newly else f"{args.jti} was already revoked")
+    return 0
+
+
+def cmd_licenses_list(args: argparse.Namespace) -> int:
+    from launchgate.audit import utc_timestamp
+    from launchgate.ledger import open_ledger
+
+    config = _config(args)
+
+    async def fetch() -> list[Any]:
+        ledger = open_ledger(config.store_url, config.base_dir)
+        try:
+            await ledger.open()
+            return await ledger.licenses()
+        finally:
+            await ledger.close()
+
+    rows = [
+        {
+            "jti": s.jti,
+            "account": s.account,
+            "used": s.used,
+            "reserved": s.reserved,
+            "max": s.max_accelerators,
+            "remaining": s.remaining,
+            "revoked": s.revoked,
+            "expires": utc_timestamp(s.expires) if s.expires is not None else None,
+        }
+        for s in _run(fetch)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["jti", "account", "used", "reserved", "max", "remaining", "revoked", "expires"]
+    table = [columns] + [["-" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_licenses_release(args: argparse.Namespace) -> int:
+    from launchgate.audit import AuditLog, utc_timestamp
+    from launchgate.ledger import open_ledger
+
+    config = _config(args)
+
+    async def give_back() -> Any:
+        ledger = open_ledger(config.store_url, config.base_dir)
+        try:
+            await ledger.open()
+            return await ledger.give_back(args.decision, now=time.time(), note=args.note)
+        finally:
+            await ledger.close()
+
+    try:
+        reservation = _run(give_back)
+    except LookupError:
+        raise UsageError(f"--decision: no reservation for decision {args.decision}") from None
+    except ValueError as e:
+        raise UsageError(f"--decision: {e}") from None
+    audit = AuditLog.open(config.audit_path)
+    try:
+        audit.append_sync(
+            {
+                "event": "license.released",
+                "timestamp": utc_timestamp(time.time()),
+                "decision_id": args.decision,
+                "license": {"jti": reservation.jti},
+                "accelerators": reservation.amount,
+                "note": args.note,
+            }
+        )
+    finally:
+        audit.close()
+    print(
+        f"released {reservation.amount} accelerators of {reservation.jti}"
+        f" (decision {args.decision})"
+    )
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from launchgate.dialects import Item, Launch
+    from launchgate.gateway import make_verifier
+    from launchgate.ids import new_ulid
+    from launchgate.ledger import open_ledger
+    from launchgate.policy import decide, store_unavailable, with_ledger_state
+    from launchgate.records import decision_record
+
+    config = _config(args)
+    if args.count < 1:
+        raise UsageError("--count: must be at least 1")
+    launch = Launch((Item(args.sku, args.count),), args.region)
+    now = time.time()
+    verifier = make_verifier(config)
+    decision = decide(
+        launch, args.account, args.token, config, lambda t: verifier.verify(t, now=now)
+    )
+    if decision.reason == "licensed" and decision.license is not None:
+        jti = decision.license.jti
+
+        async def state() -> Any:
+            ledger = open_ledger(config.store_url, config.base_dir)
+            try:
+                await ledger.open()
+                return await ledger.license(jti)
+            finally:
+                await ledger.close()
+
+        try:
+            decision = with_ledger_state(decision, _run(state))
+        except StoreUnavailable:
+            decision = store_unavailable(decision)
+    record = decision_record(
+        decision,
+        decision_id=new_ulid(),
+        mode=config.mode,
+        enforced=config.enforcing,
+        method=None,
+        path=None,
+        now=now,
+    )
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from launchgate.catalog import classify
+
+    if args.tpp <= 0 or args.die_area <= 0:
+        raise UsageError("--tpp and --die-area must be positive")
+    print(classify(args.tpp, args.die_area, datacenter=not args.not_datacenter))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from launchgate.audit import verify_file
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"{path}: file not found")
+    result = verify_file(path)
+    if result.ok:
+        print(f"ok {result.records} records")
+        return 0
+    print(f"bad record seq {result.bad_seq}: {result.detail}")
+    return 1
+
+
+def cmd_stub_backend(args: argparse.Namespace) -> int:
+    from launchgate.config import parse_host_port
+    from launchgate.stub import run_stub
+
+    where = parse_host_port(args.listen, "--listen")
+    asyncio.run(run_stub(where.host, where.port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="launchgate", description="Export-control enforcement gateway for instance launches."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, group: Any = sub
+    ) -> Any:
+        p = group.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def with_config(p: Any) -> Any:
+        p.add_argument(
+            "--config", required=True, metavar="FILE", help="the main TOML configuration file"
+        )
+        return p
+
+    with_config(command("serve", cmd_serve, "run the gateway until SIGTERM/SIGINT; SIGHUP reloads"))
+    with_config(command("check", cmd_check, "validate the whole configuration and print ok"))
+
+    keys = command("keys", _group_help, "signing keys").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    gen = command(
+        "generate", cmd_keys_generate, "create a signing key pair and add it to DIR/jwks.json", keys
+    )
+    gen.add_argument("--kid", required=True)
+    gen.add_argument("--out-dir", required=True, metavar="DIR")
+    gen.add_argument("--alg", choices=["EdDSA", "ES256"], default="EdDSA")
+
+    token = command("token", _group_help, "license tokens").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    issue = command("issue", cmd_token_issue, "print one signed license token", token)
+    issue.add_argument("--key", required=True, metavar="PEM")
+    issue.add_argument("--kid", required=True)
+    issue.add_argument("--issuer", required=True)
+    issue.add_argument("--account", required=True)
+    issue.add_argument("--sku", required=True, action="extend", nargs="+")
+    issue.add_argument("--max-accelerators", required=True, type=int, metavar="N")
+    issue.add_argument(
+        "--expires-in", required=True, metavar="DURATION", help="e.g. 90d, 12h, 30m, 45s"
+    )
+    issue.add_argument("--audience", default="launchgate")
+    issue.add_argument("--region", action="extend", nargs="+")
+    issue.add_argument("--license-ref", metavar="REF")
+    issue.add_argument("--not-before", metavar="ISO8601")
+    inspect = with_config(
+        command(
+            "inspect",
+            cmd_token_inspect,
+            "show a token, whether it verifies, and its ledger use",
+            token,
+        )
+    )
+    inspect.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin")
+    revoke = with_config(
+        command("revoke", cmd_token_revoke, "revoke a license in the configured store", token)
+    )
+    revoke.add_argument("jti", metavar="JTI")
+    revoke.add_argument("--reason", metavar="TEXT")
+
+    lic = command("licenses", _group_help, "the license ledger").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    ls = with_config(command("list", cmd_licenses_list, "every license the ledger has seen", lic))
+    ls.add_argument("--json", action="store_true")
+    rel = with_config(
+        command("release", cmd_licenses_release, "give back a reservation settled as used", lic)
+    )
+    rel.add_argument("--decision", required=True, metavar="DECISION_ID")
+    rel.add_argument("--note", metavar="TEXT", help="what staff checked")
+
+    dec = with_config(
+        command("decide", cmd_decide, "evaluate one launch offline; reserves nothing")
+    )
+    dec.add_argument("--account", required=True)
+    dec.add_argument("--sku", required=True)
+    dec.add_argument("--count", type=int, default=1)
+    dec.add_argument("--region")
+    dec.add_argument("--token")
+
+    cls = command("classify", cmd_classify, "the ECCN 3A090 class of an accelerator")
+    cls.add_argument("--tpp", required=True, type=float)
+    cls.add_argument("--die-area", required=True, type=float, metavar="MM2")
+    cls.add_argument("--not-datacenter", action="store_true")
+
+    audit = command("audit", _group_help, "the decision log").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    ver = command("verify", cmd_audit_verify, "check the hash chain of a decision log", audit)
+    ver.add_argument("file", metavar="FILE")
+
+    stub = command("stub-backend", cmd_stub_backend, "a stand-in instance-launch API")
+    stub.add_argument("--listen", required=True, metavar="HOST:PORT")
+    return parser
+
+
+def _group_help(args: argparse.Namespace) -> int:  # pragma: no cover - subparsers are required
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        result: int = args.func(args)
+        return result
+    except (UsageError, ConfigError) as e:
+        print(f"launchgate: error: {e}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as e:
+        print(f"launchgate: error: store unavailable: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

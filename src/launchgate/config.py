@@ -1,0 +1,232 @@
+"""The gateway configuration: TOML validated once into immutable objects.
+
+``parse_config`` is pure over the main file's mapping plus a loader for the files it
+references; ``load_config`` is the I/O. Every error is a ConfigError that names the
+file and key at fault, shown to staff verbatim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from yarl import URL
+
+from launchgate.accounts import (
+    Account,
+    Jurisdictions,
+    build_jurisdictions,
+    load_accounts,
+    load_country_groups,
+)
+from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
+from launchgate.dialects import Route, build_route
+from launchgate.errors import ConfigError
+from launchgate.tokens import KeyRing
+from launchgate.tomlfile import as_table, read_toml, require_table
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    listen: HostPort
+    admin_listen: HostPort
+    mode: Literal["enforce", "shadow"]
+    max_body_bytes: int
+    upstream_url: URL
+    connect_timeout_s: float
+    timeout_s: float
+    account_header: str
+    token_header: str
+    jwks_path: Path
+    keyring: KeyRing
+    issuers: tuple[str, ...]
+    audience: str
+    leeway_s: float
+    store_url: str
+    reservation_ttl_s: float
+    audit_path: Path
+    catalog: Catalog
+    accounts: Mapping[str, Account]
+    jurisdictions: Jurisdictions
+    controlled_eccns: frozenset[str]
+    routes: tuple[Route, ...]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+    @property
+    def enforcing(self) -> bool:
+        return self.mode == "enforce"
+
+
+class _Section:
+    """Typed accessors over one TOML table; every error names file, table and key."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        self.data, self.where = data, where
+        unknown = set(data) - allowed
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+
+    def _get(self, key: str, default: object) -> object:
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.where}: missing key {key!r}")
+            return default
+        return self.data[key]
+
+    def text(self, key: str, default: object = None) -> str:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.where}.{key}: must be a non-empty string")
+        return value
+
+    def number(self, key: str, default: float | None = None, *, minimum: float = 0) -> float:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= minimum:
+            raise ConfigError(f"{self.where}.{key}: must be a number > {minimum:g}")
+        return float(value)
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{self.where}.{key}: must be an integer >= 1")
+        return value
+
+    def strings(self, key: str, default: list[str] | None = None) -> tuple[str, ...]:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self.where}.{key}: must be a list of strings")
+        return tuple(value)
+
+    def path(self, key: str, base: Path) -> Path:
+        return base / self.text(key)  # an absolute path stays absolute
+
+
+_REQUIRED = object()
+
+
+def parse_host_port(value: str, where: str) -> HostPort:
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: must be HOST:PORT, got {value!r}")
+    return HostPort(host, int(port))
+
+
+def _section(data: Mapping[str, Any], name: str, source: Path, allowed: set[str]) -> _Section:
+    return _Section(require_table(data, name, str(source)), f"{source}: [{name}]", allowed)
+
+
+def parse_config(data: Mapping[str, Any], source: Path) -> Config:
+    """Validate the main file's mapping and load every file it references."""
+    base = source.parent
+    sections = {"server", "upstream", "identity", "tokens", "store", "audit"}
+    sections |= {"catalog", "accounts", "policy", "routes"}
+    unknown = set(data) - sections
+    if unknown:
+        raise ConfigError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+
+    server = _section(data, "server", source, {"listen", "admin_listen", "mode", "max_body_bytes"})
+    listen = parse_host_port(server.text("listen", "127.0.0.1:8080"), f"{server.where}.listen")
+    admin = parse_host_port(
+        server.text("admin_listen", "127.0.0.1:9901"), f"{server.where}.admin_listen"
+    )
+    if admin == listen and admin.port != 0:
+        raise ConfigError(f"{server.where}.admin_listen: must differ from listen")
+    mode = server.text("mode", "enforce")
+    if mode not in ("enforce", "shadow"):
+        raise ConfigError(f"{server.where}.mode: must be 'enforce' or 'shadow', got {mode!r}")
+
+    upstream = _section(data, "upstream", source, {"url", "connect_timeout_s", "timeout_s"})
+    upstream_url = URL(upstream.text("url"))
+    if upstream_url.scheme not in ("http", "https") or not upstream_url.host:
+        raise ConfigError(f"{upstream.where}.url: must be an http(s) URL, got {upstream_url}")
+    if upstream_url.query_string or upstream_url.fragment:
+        raise ConfigError(f"{upstream.where}.url: must not carry a query or fragment")
+
+    identity = _section(data, "identity", source, {"account_header"})
+    tokens = _section(data, "tokens", source, {"header", "jwks", "issuers", "audience", "leeway_s"})
+    jwks_path = tokens.path("jwks", base)
+    store = _section(data, "store", source, {"url", "reservation_ttl_s"})
+    audit = _section(data, "audit", source, {"path"})
+    catalog = _section(data, "catalog", source, {"file"})
+    accounts = _section(data, "accounts", source, {"file"})
+    policy = _section(
+        data,
+        "policy",
+        source,
+        {
+            "country_groups_file",
+            "restricted_country_groups",
+            "restricted_countries",
+            "controlled_eccns",
+        },
+    )
+    groups = load_country_groups(policy.path("country_groups_file", base))
+    controlled = frozenset(policy.strings("controlled_eccns", ["3A090.a", "3A090.b"]))
+    bad = sorted(controlled - ECCN_CLASSES)
+    if bad:
+        raise ConfigError(f"{policy.where}.controlled_eccns: unknown class {bad[0]!r}")
+
+    routes_value = data.get("routes", [])
+    if not isinstance(routes_value, list) or not routes_value:
+        raise ConfigError(f"{source}: [[routes]] must list at least one launch route")
+    routes = tuple(
+        build_route(as_table(r, f"{source}: routes[{i}]"), f"{source}: routes[{i}]")
+        for i, r in enumerate(routes_value)
+    )
+    for i, route in enumerate(routes):
+        for j, other in enumerate(routes[:i]):
+            if route.overlaps(other):
+                raise ConfigError(f"{source}: routes[{i}] claims the same requests as routes[{j}]")
+
+    return Config(
+        source=source,
+        listen=listen,
+        admin_listen=admin,
+        mode="shadow" if mode == "shadow" else "enforce",
+        max_body_bytes=server.integer("max_body_bytes", 1_048_576),
+        upstream_url=upstream_url,
+        connect_timeout_s=upstream.number("connect_timeout_s", 5),
+        timeout_s=upstream.number("timeout_s", 60),
+        account_header=identity.text("account_header", "X-Account-Id"),
+        token_header=tokens.text("header", "License-Token"),
+        jwks_path=jwks_path,
+        keyring=KeyRing.from_jwks_file(jwks_path),
+        issuers=tokens.strings("issuers"),
+        audience=tokens.text("audience", "launchgate"),
+        leeway_s=tokens.number("leeway_s", 30, minimum=-1),
+        store_url=store.text("url", "sqlite:data/ledger.sqlite3"),
+        reservation_ttl_s=store.number("reservation_ttl_s", 300),
+        audit_path=audit.path("path", base),
+        catalog=load_catalog(catalog.path("file", base)),
+        accounts=load_accounts(accounts.path("file", base)),
+        jurisdictions=build_jurisdictions(
+            groups,
+            policy.strings("restricted_country_groups", []),
+            policy.strings("restricted_countries", []),
+            policy.where,
+        ),
+        controlled_eccns=controlled,
+        routes=routes,
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the main file and every file it references."""
+    path = path.resolve() if path.exists() else path
+    return parse_config(read_toml(path), path)

@@ -1,0 +1,106 @@
+"""Launch dialects: how one provider API's wire format turns a request into items.
+
+Each dialect is a small module with a ``build(table, where) -> Dialect`` factory,
+registered in ``DIALECTS``. A dialect claims requests (method + normalized path) and
+parses a claimed request's bytes into a ``Launch``: the SKUs and counts it can start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from multidict import CIMultiDictProxy
+
+from launchgate.errors import ConfigError
+from launchgate.strict import MalformedLaunch
+
+__all__ = ["DIALECTS", "Dialect", "Item", "Launch", "LaunchRequest", "MalformedLaunch", "Route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    sku: str
+    count: int  # the most instances the request can launch; 0 for a template
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    items: tuple[Item, ...]
+    region: str | None
+    unresolvable: str | None = None  # why the launch cannot be resolved to SKUs (row 6b)
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRequest:
+    method: str
+    path: str  # normalized
+    query: str  # raw query string, as received
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+class Dialect(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def methods(self) -> frozenset[str]: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def prefix(self) -> bool:
+        """True when the dialect claims everything under ``path``."""
+        ...
+
+    def claims(self, method: str, path: str) -> bool: ...
+
+    def parse(self, request: LaunchRequest) -> Launch:
+        """Items of a claimed request; raises MalformedLaunch when it has no one meaning."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    dialect: Dialect
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.dialect.claims(method, path)
+
+    def overlaps(self, other: Route) -> bool:
+        """Whether both routes could claim one request (a configuration error)."""
+        a, b = self.dialect, other.dialect
+        if not a.methods & b.methods:
+            return False
+        if a.path == b.path:
+            return True
+        return (a.prefix and _under(b.path, a.path)) or (b.prefix and _under(a.path, b.path))
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path.startswith(prefix.rstrip("/") + "/")
+
+
+def _generic_json(table: Mapping[str, Any], where: str) -> Dialect:
+    from launchgate.dialects import generic_json
+
+    return generic_json.build(table, where)
+
+
+DIALECTS: dict[str, Callable[[Mapping[str, Any], str], Dialect]] = {
+    "generic-json": _generic_json,
+}
+
+
+def build_route(table: Mapping[str, Any], where: str) -> Route:
+    """Validate one ``[[routes]]`` entry; ConfigError names the entry and key at fault."""
+    name = table.get("dialect", "generic-json")
+    factory = DIALECTS.get(name) if isinstance(name, str) else None
+    if factory is None:
+        known = ", ".join(sorted(DIALECTS))
+        raise ConfigError(f"{where}.dialect: unknown dialect {name!r} (known: {known})")
+    options = {k: v for k, v in table.items() if k != "dialect"}
+    return Route(factory(options, where))

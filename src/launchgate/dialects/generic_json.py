@@ -1,0 +1,99 @@
+"""``generic-json``: one JSON body, SKU, count and region read by JSON Pointers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from launchgate.dialects import Item, Launch, LaunchRequest
+from launchgate.errors import ConfigError
+from launchgate.paths import normalize_path
+from launchgate.strict import (
+    MISSING,
+    MalformedLaunch,
+    loads_json,
+    parse_count,
+    parse_pointer,
+    resolve_pointer,
+)
+
+_KEYS = {"method", "path", "sku", "count", "region", "default_region"}
+
+
+@dataclass(frozen=True, slots=True)
+class GenericJson:
+    method: str
+    path: str
+    sku: tuple[str, ...]
+    count: tuple[str, ...] | None
+    region: tuple[str, ...] | None
+    default_region: str | None
+    name: str = "generic-json"
+    prefix: bool = False
+
+    @property
+    def methods(self) -> frozenset[str]:
+        return frozenset({self.method})
+
+    def claims(self, method: str, path: str) -> bool:
+        return method == self.method and path == self.path
+
+    def parse(self, request: LaunchRequest) -> Launch:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise MalformedLaunch(f"Content-Encoding {encoding!r} is not decoded by the gateway")
+        body = loads_json(request.body)
+        sku = resolve_pointer(body, self.sku)
+        if not isinstance(sku, str) or not sku:
+            raise MalformedLaunch("the SKU is missing or not a non-empty string")
+        count = 1
+        if self.count is not None:
+            raw = resolve_pointer(body, self.count)
+            count = 1 if raw is MISSING else parse_count(raw, "count")
+        region = self.default_region
+        if self.region is not None:
+            raw = resolve_pointer(body, self.region)
+            if isinstance(raw, str) and raw:
+                region = raw
+            elif raw is not MISSING and raw is not None:
+                raise MalformedLaunch("the region must be a string")
+        return Launch((Item(sku, count),), region)
+
+
+def _pointer(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}.{key}: must be a JSON Pointer string")
+    try:
+        return parse_pointer(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}.{key}: {e}") from None
+
+
+def build(table: Mapping[str, Any], where: str) -> GenericJson:
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    method = table.get("method", "POST")
+    if not isinstance(method, str) or not method.isalpha():
+        raise ConfigError(f"{where}.method: must be an HTTP method")
+    path = table.get("path")
+    if not isinstance(path, str) or not path.startswith("/") or normalize_path(path) != path:
+        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
+    sku = _pointer(table, "sku", where)
+    if sku is None:
+        raise ConfigError(f"{where}: missing key 'sku' (a JSON Pointer)")
+    default_region = table.get("default_region")
+    if default_region is not None and not isinstance(default_region, str):
+        raise ConfigError(f"{where}.default_region: must be a string")
+    return GenericJson(
+        method=method.upper(),
+        path=path,
+        sku=sku,
+        count=_pointer(table, "count", where),
+        region=_pointer(table, "region", where),
+        default_region=default_region,
+    )

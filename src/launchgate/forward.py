@@ -1,0 +1,112 @@
+"""Forwarding to the upstream through one shared ClientSession, streaming both ways.
+
+Requests keep their method, path, query, body and headers, less the hop-by-hop ones
+(RFC 9110 section 7.6.1), the license-token header, and the forwarding headers that the
+gateway sets itself. Responses come back as the upstream sent them, bytes untouched
+(the session never decompresses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+import structlog
+from aiohttp import (
+    ClientError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    hdrs,
+    web,
+)
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+HOP_BY_HOP: Final = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+GATEWAY_SET: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forwarded"})
+# aiohttp's client adds these when absent; a pass-through must not.
+SKIP_AUTO_HEADERS: Final = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
+
+
+def create_session(connect_timeout_s: float, timeout_s: float) -> ClientSession:
+    """The one client session of an app: pooled keep-alive, no decompression, no cookies."""
+    return ClientSession(
+        connector=TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False),
+        timeout=ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s),
+        auto_decompress=False,
+        cookie_jar=DummyCookieJar(),  # never keep one client's cookies for another
+    )
+
+
+def _dropped(headers: CIMultiDictProxy[str], extra: Iterable[str]) -> set[str]:
+    dropped = set(HOP_BY_HOP) | GATEWAY_SET | {e.lower() for e in extra}
+    for value in headers.getall(hdrs.CONNECTION, ()):
+        dropped |= {token.strip().lower() for token in value.split(",") if token.strip()}
+    return dropped
+
+
+def upstream_headers(
+    request: web.Request, token_header: str, *, body_known: bool
+) -> CIMultiDict[str]:
+    """Headers to send upstream: the client's, less hop-by-hop and token, plus forwarding."""
+    extra = [token_header]
+    if body_known:  # the body is sent as bytes; the client session sets its length
+        extra += [hdrs.CONTENT_LENGTH]
+    dropped = _dropped(request.headers, extra)
+    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+    peer = request.remote or "unknown"
+    chain = ", ".join([*request.headers.getall("X-Forwarded-For", ()), peer])
+    out["X-Forwarded-For"] = chain
+    out["X-Forwarded-Proto"] = request.scheme
+    forwarded_for = f'"[{peer}]"' if ":" in peer else peer
+    element = f"for={forwarded_for};proto={request.scheme}"
+    out["Forwarded"] = ", ".join([*request.headers.getall(hdrs.FORWARDED, ()), element])
+    return out
+
+
+def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+    dropped = _dropped(upstream.headers, ())
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
+
+
+def target_url(base: URL, path_and_query: str) -> URL:
+    """The upstream URL for a raw path (and query), bytes kept as received."""
+    return URL(str(base).rstrip("/") + path_and_query, encoded=True)
+
+
+async def relay_response(
+    request: web.Request, upstream: ClientResponse, extra: dict[str, str]
+) -> web.StreamResponse:
+    """Stream the upstream's answer to the client, adding ``extra`` headers."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(response_headers(upstream))
+    response.headers.update(extra)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (ClientError, TimeoutError) as e:
+        # The status line is gone already; all that is left is to cut the connection,
+        # so the client sees a truncated body rather than a complete-looking one.
+        structlog.get_logger("launchgate").warning("upstream.body_failed", error=type(e).__name__)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response

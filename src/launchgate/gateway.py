@@ -1,0 +1,129 @@
+"""One running gateway: its configuration (swapped whole on reload) and its resources.
+
+The proxy handler reads ``gateway.config`` and ``gateway.verifier`` once per request,
+so a reload never mixes two configurations within one decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import structlog
+from aiohttp import ClientSession
+
+from launchgate.audit import AuditLog
+from launchgate.config import Config, load_config
+from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.forward import create_session
+from launchgate.ledger import Ledger, open_ledger
+from launchgate.metrics import Metrics
+from launchgate.records import Recorder
+from launchgate.tokens import TokenVerifier
+
+log = structlog.get_logger("launchgate")
+
+
+def make_verifier(config: Config) -> TokenVerifier:
+    return TokenVerifier(
+        config.keyring, issuers=config.issuers, audience=config.audience, leeway_s=config.leeway_s
+    )
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.verifier = make_verifier(config)
+        self.metrics = Metrics()
+        self.ledger: Ledger = open_ledger(config.store_url, config.base_dir)
+        self._audit: AuditLog | None = None
+        self._recorder: Recorder | None = None
+        self._session: ClientSession | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.running = False
+
+    @property
+    def recorder(self) -> Recorder:
+        if self._recorder is None:
+            raise RuntimeError("gateway not started")
+        return self._recorder
+
+    @property
+    def session(self) -> ClientSession:
+        if self._session is None:
+            raise RuntimeError("gateway not started")
+        return self._session
+
+    async def start(self) -> None:
+        """Open the decision log, the ledger and the upstream session.
+
+        An unreachable ledger does not stop the start: restricted launches fail closed
+        with ``store_unavailable`` until it is back, and /readyz says so.
+        """
+        self._audit = AuditLog.open(self.config.audit_path)
+        self._recorder = Recorder(self._audit)
+        try:
+            await self.ledger.open()
+        except StoreUnavailable as e:
+            log.warning("store.unavailable", error=str(e))
+        self._session = create_session(self.config.connect_timeout_s, self.config.timeout_s)
+        self._sweeper = asyncio.create_task(self._sweep_reservations())
+        self.running = True
+
+    async def stop(self) -> None:
+        self.running = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._session is not None:
+            await self._session.close()
+        await self.ledger.close()
+        if self._audit is not None:
+            await self._audit.aclose()
+
+    async def _sweep_reservations(self) -> None:
+        """Settle, as used, reservations whose gateway died before the upstream answered."""
+        ttl = self.config.reservation_ttl_s
+        while True:
+            try:
+                expired = await self.ledger.expire_reservations(now=time.time(), ttl_s=ttl)
+            except StoreUnavailable as e:
+                log.warning("store.unavailable", error=str(e))
+                expired = []
+            for decision_id in expired:
+                await self.recorder.event(
+                    "reservation.settled",
+                    decision_id=decision_id,
+                    settlement="used",
+                    note=f"outcome unknown after {ttl:g} s; counted as used",
+                )
+            await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
+
+    async def reload(self, path: Path) -> bool:
+        """Re-read every configuration file; keep the running one if the new one is bad."""
+        try:
+            config = await asyncio.to_thread(load_config, path)
+        except ConfigError as e:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("config.reload_failed", error=str(e))
+            return False
+        kept = [
+            name
+            for name, old, new in (
+                ("store.url", self.config.store_url, config.store_url),
+                ("audit.path", self.config.audit_path, config.audit_path),
+                ("server.listen", self.config.listen, config.listen),
+                ("server.admin_listen", self.config.admin_listen, config.admin_listen),
+            )
+            if old != new
+        ]
+        if kept:
+            log.warning("config.reload_needs_restart", keys=kept)
+        self.verifier = make_verifier(config)
+        self.config = config
+        self.metrics.reloads.labels("ok").inc()
+        log.info("config.reloaded", source=str(path), keys=list(config.keyring.kids))
+        return True

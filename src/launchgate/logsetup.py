@@ -1,0 +1,36 @@
+"""structlog configuration: JSON lines on stdout (ConsoleRenderer on a TTY when asked)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import structlog
+
+from launchgate.audit import utc_timestamp
+
+
+def _timestamp(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    """Stamp events that carry no timestamp; a decision record keeps its own."""
+    if "timestamp" not in event:
+        event["timestamp"] = utc_timestamp(time.time())
+    return event
+
+
+def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _timestamp,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )

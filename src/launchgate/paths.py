@@ -1,0 +1,55 @@
+"""Request-path normalization before route matching (CONTRACT section 6).
+
+A launch must be recognised however its path is spelled, so the path is brought to one
+form first: percent-encoded unreserved characters decoded (RFC 3986 section 2.3), other
+escapes upper-cased, repeated slashes collapsed, ``.``/``..`` segments removed and a
+trailing slash dropped. What could be read two ways by the upstream is refused instead:
+an encoded slash, backslash or NUL, a bad escape, ``..`` above the root.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Final
+
+_UNRESERVED: Final = frozenset(string.ascii_letters + string.digits + "-._~")
+_ESCAPE = re.compile(r"%(..)?", re.DOTALL)
+_HEX: Final = frozenset(string.hexdigits)
+# Escapes whose decoded form would change the path's structure for some upstream.
+_REFUSED_ESCAPES: Final = frozenset({"2F", "5C", "00"})
+
+
+class UnsafePath(ValueError):
+    """A path that cannot be normalized safely; the gateway answers 400."""
+
+
+def _unescape(match: re.Match[str]) -> str:
+    pair = match.group(1)
+    if pair is None or not set(pair) <= _HEX:
+        raise UnsafePath("bad percent-escape in path")
+    pair = pair.upper()
+    if pair in _REFUSED_ESCAPES:
+        raise UnsafePath(f"encoded %{pair} in path")
+    char = chr(int(pair, 16))
+    return char if char in _UNRESERVED else f"%{pair}"
+
+
+def normalize_path(raw: str) -> str:
+    """The one form of ``raw`` (a path without query) that routes are matched on."""
+    if not raw.startswith("/"):
+        raise UnsafePath("path must start with '/'")
+    if any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in raw):
+        raise UnsafePath("path holds a backslash, space or control character")
+    decoded = _ESCAPE.sub(_unescape, raw)
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if not segments:
+                raise UnsafePath("'..' above the root")
+            segments.pop()
+        else:
+            segments.append(segment)
+    return "/" + "/".join(segments)

@@ -1,0 +1,252 @@
+"""The decision table of CONTRACT section 3, as pure functions over facts.
+
+``decide`` applies rows 2-17 (row 1, a malformed body, is the dialect's verdict and
+enters through ``malformed``); the ledger rows 18-21 need I/O, so the shell reserves
+and hands the result to ``after_reservation`` (or ``store_unavailable``).
+A denial is an outcome, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from launchgate.catalog import Catalog
+from launchgate.config import Config
+from launchgate.dialects import Launch
+from launchgate.errors import TokenError
+from launchgate.ledger import LicenseState, ReserveOutcome, ReserveResult
+from launchgate.tokens import License, peek
+
+TITLES: Mapping[str, str] = {
+    "malformed_request": "Malformed launch request",
+    "missing_account": "Missing account",
+    "unknown_account": "Unknown account",
+    "unknown_sku": "Unknown SKU",
+    "unresolvable_launch": "Unresolvable launch",
+    "license_required": "License required",
+    "token_invalid": "Invalid license token",
+    "token_unknown_key": "Unknown signing key",
+    "token_expired": "License token expired",
+    "token_not_yet_valid": "License token not yet valid",
+    "token_wrong_issuer": "License token from an untrusted issuer",
+    "token_wrong_audience": "License token for another audience",
+    "token_account_mismatch": "License token for another account",
+    "token_sku_not_covered": "SKU not covered by the license",
+    "token_region_not_covered": "Region not covered by the license",
+    "store_unavailable": "License ledger unavailable",
+    "license_revoked": "License revoked",
+    "license_exhausted": "License exhausted",
+    "body_too_large": "Request body too large",
+    "upstream_unavailable": "Upstream unavailable",
+    "upstream_timeout": "Upstream timeout",
+    "bad_path": "Path cannot be normalized",
+    "idempotency_conflict": "Idempotency key reused with another request",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFacts:
+    """One launch item with what the catalog says of its SKU (None where unknown)."""
+
+    sku: str
+    count: int
+    accelerator: str | None
+    per_instance: int
+    eccn: str | None
+    controlled: bool | None  # None: SKU not in the catalog
+
+    @property
+    def accelerators(self) -> int | None:
+        return None if self.controlled is None else self.count * self.per_instance
+
+    def as_record(self) -> dict[str, object]:
+        return {
+            "sku": self.sku,
+            "count": self.count,
+            "accelerator": self.accelerator,
+            "accelerators": self.accelerators,
+            "eccn": self.eccn,
+            "controlled": self.controlled,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LicenseRef:
+    """What a decision record says of the presented license (never the token itself)."""
+
+    jti: str | None
+    kid: str | None
+    iss: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Literal["allow", "deny"]
+    reason: str
+    status: int | None  # the HTTP status of a denial
+    detail: str
+    account: str | None = None
+    restricted: bool | None = None
+    items: tuple[ItemFacts, ...] = ()
+    deciding: ItemFacts | None = None
+    region: str | None = None
+    license_ref: LicenseRef | None = None
+    license: License | None = None
+    reserve: int = 0  # accelerators a licensed launch reserves
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome == "allow"
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.reason, self.reason)
+
+
+def _verdict(base: Decision, reason: str, status: int | None, detail: str) -> Decision:
+    outcome: Literal["allow", "deny"] = "allow" if status is None else "deny"
+    return replace(base, outcome=outcome, reason=reason, status=status, detail=detail)
+
+
+def classify_items(
+    launch: Launch, catalog: Catalog, controlled_eccns: frozenset[str]
+) -> tuple[ItemFacts, ...]:
+    facts = []
+    for item in launch.items:
+        sku = catalog.sku(item.sku)
+        if sku is None:
+            facts.append(ItemFacts(item.sku, item.count, None, 0, None, None))
+            continue
+        acc = sku.accelerator
+        eccn = acc.eccn if acc is not None else None
+        controlled = eccn is not None and eccn in controlled_eccns
+        name = acc.name if acc is not None else None
+        facts.append(
+            ItemFacts(item.sku, item.count, name, sku.accelerators_per_instance, eccn, controlled)
+        )
+    return tuple(facts)
+
+
+def malformed(detail: str, account: str | None) -> Decision:
+    """Row 1: the body is not what the dialect expects."""
+    return Decision("deny", "malformed_request", 400, detail, account=account)
+
+
+def _license_ref(token: str, license: License | None) -> LicenseRef:
+    if license is not None:
+        return LicenseRef(license.jti, license.kid, license.iss)
+    header, claims = peek(token)
+
+    def text(part: Mapping[str, object] | None, key: str) -> str | None:
+        value = part.get(key) if part else None
+        return value[:200] if isinstance(value, str) else None
+
+    return LicenseRef(text(claims, "jti"), text(header, "kid"), text(claims, "iss"))
+
+
+def decide(
+    launch: Launch,
+    account_id: str | None,
+    token: str | None,
+    config: Config,
+    verify: Callable[[str], License],
+) -> Decision:
+    """Rows 2-17 of the decision table, in order; the first that applies decides.
+
+    ``verify`` checks a token's signature and rows 8-14, raising TokenError; it is called
+    only when a restricted account launches something controlled.
+    """
+    items = classify_items(launch, config.catalog, config.controlled_eccns)
+    d = Decision("deny", "", None, "", account=account_id, items=items, region=launch.region)
+    d = replace(d, deciding=items[0] if items else None)
+    if not account_id:
+        return _verdict(d, "missing_account", 400, "the request carries no account id")
+
+    # Row 3: every item is a known SKU that is not controlled.
+    if items and launch.unresolvable is None and all(i.controlled is False for i in items):
+        return _verdict(d, "sku_not_controlled", None, "no controlled accelerator")
+    controlled = [i for i in items if i.controlled]
+    account = config.accounts.get(account_id)
+    restricted = None if account is None else config.jurisdictions.is_restricted(account)
+    d = replace(d, restricted=restricted, deciding=controlled[0] if controlled else d.deciding)
+    if account is None:
+        return _verdict(d, "unknown_account", 403, f"account {account_id!r} is not in the registry")
+    if not restricted:
+        return _verdict(
+            d, "account_not_restricted", None, "account is not in a restricted jurisdiction"
+        )
+    unknown = next((i for i in items if i.controlled is None), None)
+    if unknown is not None:
+        d = replace(d, deciding=unknown)
+        return _verdict(d, "unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
+    if launch.unresolvable is not None or not items:
+        why = launch.unresolvable or "the launch names no SKU"
+        return _verdict(
+            d, "unresolvable_launch", 403, f"cannot tell what this launch starts: {why}"
+        )
+
+    if not token:
+        countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
+        what = d.deciding.sku if d.deciding else "this launch"
+        detail = f"account {account_id} is restricted ({countries}); {what} needs a license token"
+        return _verdict(d, "license_required", 403, detail)
+    try:
+        license = verify(token)
+    except TokenError as e:
+        return _verdict(replace(d, license_ref=_license_ref(token, None)), e.reason, 403, e.detail)
+    d = replace(d, license=license, license_ref=_license_ref(token, license))
+    jti = license.jti
+    if license.sub != account_id:
+        return _verdict(d, "token_account_mismatch", 403, f"license {jti} is for another account")
+    for item in controlled:
+        if item.sku not in license.skus:
+            detail = f"license {jti} does not cover SKU {item.sku}"
+            return _verdict(replace(d, deciding=item), "token_sku_not_covered", 403, detail)
+    if license.regions is not None and launch.region not in license.regions:
+        where = f"region {launch.region}" if launch.region else "a launch without a region"
+        return _verdict(d, "token_region_not_covered", 403, f"license {jti} does not cover {where}")
+    needed = sum(i.count * i.per_instance for i in controlled)
+    return replace(_verdict(d, "licensed", None, f"licensed by {jti}"), reserve=needed)
+
+
+def store_unavailable(decision: Decision) -> Decision:
+    """Row 18: the ledger cannot be reached; fail closed."""
+    return _verdict(decision, "store_unavailable", 503, "the license ledger cannot be reached")
+
+
+def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
+    """Rows 19-21 from the ledger's answer to the reservation of a licensed launch."""
+    jti = decision.license.jti if decision.license else "?"
+    if result.outcome is ReserveOutcome.REVOKED:
+        return _verdict(decision, "license_revoked", 403, f"license {jti} has been revoked")
+    if result.outcome is ReserveOutcome.EXHAUSTED:
+        detail = (
+            f"license {jti} has {result.remaining} of {result.max_accelerators} accelerators left; "
+            f"this launch needs {result.requested}"
+        )
+        return _verdict(decision, "license_exhausted", 403, detail)
+    return decision
+
+
+def with_ledger_state(decision: Decision, state: LicenseState | None) -> Decision:
+    """Rows 19-21 judged from the ledger's view of the license, reserving nothing (``decide``)."""
+    license = decision.license
+    if license is None:
+        return decision
+    maximum = (
+        state.max_accelerators
+        if state and state.max_accelerators is not None
+        else license.max_accelerators
+    )
+    used, reserved = (state.used, state.reserved) if state else (0, 0)
+    if state and state.revoked:
+        outcome = ReserveOutcome.REVOKED
+    elif used + reserved + decision.reserve > maximum:
+        outcome = ReserveOutcome.EXHAUSTED
+    else:
+        outcome = ReserveOutcome.RESERVED
+    return after_reservation(
+        decision, ReserveResult(outcome, maximum, used, reserved, decision.reserve)
+    )

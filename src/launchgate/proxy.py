@@ -1,0 +1,332 @@
+"""The proxy: request -> dialect -> facts -> decision -> ledger -> record -> forward.
+
+Every request goes through ``handle``. Non-launches stream to the upstream untouched;
+launches are read whole (within ``max_body_bytes``), judged, recorded, and forwarded
+only when allowed (or in shadow mode). Any unexpected error answers a problem and
+never forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
+
+from launchgate.admin import GATEWAY_KEY
+from launchgate.audit import utc_timestamp
+from launchgate.config import Config
+from launchgate.dialects import Launch, LaunchRequest, Route
+from launchgate.errors import StoreUnavailable
+from launchgate.forward import SKIP_AUTO_HEADERS, relay_response, target_url, upstream_headers
+from launchgate.gateway import Gateway
+from launchgate.ids import new_ulid
+from launchgate.ledger import ReserveOutcome
+from launchgate.paths import UnsafePath, normalize_path
+from launchgate.policy import (
+    TITLES,
+    Decision,
+    after_reservation,
+    decide,
+    malformed,
+    store_unavailable,
+)
+from launchgate.records import decision_record
+from launchgate.strict import MalformedLaunch
+
+log = structlog.get_logger("launchgate")
+
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+DECISION_HEADER = "Launchgate-Decision-Id"
+
+
+def problem(reason: str, status: int, detail: str, decision_id: str | None = None) -> web.Response:
+    """An ``application/problem+json`` answer of the gateway's own (RFC 9457)."""
+    body: dict[str, Any] = {
+        "type": f"urn:launchgate:problem:{reason}",
+        "title": TITLES.get(reason, reason),
+        "status": status,
+        "detail": detail,
+        "reason": reason,
+        "decision_id": decision_id,
+    }
+    response = web.json_response(body, status=status, content_type="application/problem+json")
+    if decision_id:
+        response.headers[DECISION_HEADER] = decision_id
+    return response
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body (chunked or not), refusing more than ``limit`` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@web.middleware
+async def fail_closed(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn any unexpected error into a 500 problem; nothing is forwarded on it."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("gateway.error", method=request.method, path=request.path)
+        return problem("internal_error", 500, "the gateway failed to handle this request")
+
+
+def _split_raw(request: web.Request) -> tuple[str, str]:
+    raw = request.raw_path
+    path, _, query = raw.partition("?")
+    return path, query
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY_KEY]
+    config = gateway.config  # one configuration for the whole request, whatever reloads do
+    if any(h in request.headers for h in METHOD_OVERRIDES):
+        return problem("malformed_request", 400, "method-override headers are not accepted")
+    raw_path, query = _split_raw(request)
+    try:
+        path = normalize_path(raw_path)
+    except UnsafePath as e:
+        return problem("bad_path", 400, str(e))
+    route = next((r for r in config.routes if r.matches(request.method, path)), None)
+    if route is None:
+        return await forward(request, gateway, config, request.raw_path, None)
+    return await handle_launch(request, gateway, config, route, path, query)
+
+
+async def handle_launch(
+    request: web.Request, gateway: Gateway, config: Config, route: Route, path: str, query: str
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    decision_id = new_ulid()
+    account = request.headers.get(config.account_header, "").strip() or None
+    try:
+        body = await read_body(request, config.max_body_bytes)
+    except BodyTooLarge:
+        decision = Decision(
+            "deny",
+            "body_too_large",
+            413,
+            f"launch bodies are limited to {config.max_body_bytes} bytes",
+            account=account,
+        )
+        await record_decision(gateway, config, decision, decision_id, request.method, path, started)
+        return problem(decision.reason, 413, decision.detail, decision_id)
+
+    launch_request = LaunchRequest(request.method, path, query, request.headers, body)
+    try:
+        launch: Launch | None = route.dialect.parse(launch_request)
+    except MalformedLaunch as e:
+        launch = None
+        decision = malformed(e.detail, account)
+    if launch is not None:
+        token = request.headers.get(config.token_header, "").strip() or None
+        now = time.time()
+        decision = decide(
+            launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
+        )
+    reserved = False
+    if decision.reason == "licensed" and decision.license is not None:
+        try:
+            result = await gateway.ledger.reserve(
+                jti=decision.license.jti,
+                account=decision.license.sub,
+                max_accelerators=decision.license.max_accelerators,
+                expires=decision.license.exp,
+                amount=decision.reserve,
+                decision_id=decision_id,
+                now=time.time(),
+            )
+            decision = after_reservation(decision, result)
+            reserved = result.outcome is ReserveOutcome.RESERVED
+        except StoreUnavailable:
+            decision = store_unavailable(decision)
+
+    try:
+        await record_decision(gateway, config, decision, decision_id, request.method, path, started)
+    except BaseException:
+        if reserved:  # nothing was forwarded: give the units back
+            await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
+        raise
+    if not decision.allowed and config.enforcing:
+        return problem(decision.reason, decision.status or 403, decision.detail, decision_id)
+    target = path + (f"?{query}" if query else "")
+    return await forward(
+        request, gateway, config, target, body, decision_id=decision_id, reserved=reserved
+    )
+
+
+async def record_decision(
+    gateway: Gateway,
+    config: Config,
+    decision: Decision,
+    decision_id: str,
+    method: str,
+    path: str,
+    started: float,
+) -> None:
+    record = decision_record(
+        decision,
+        decision_id=decision_id,
+        mode=config.mode,
+        enforced=config.enforcing,
+        method=method,
+        path=path,
+        now=time.time(),
+    )
+    await gateway.recorder.write(record)
+    gateway.metrics.decisions.labels(decision.outcome, decision.reason).inc()
+    gateway.metrics.decision_seconds.observe(time.perf_counter() - started)
+
+
+async def forward(
+    request: web.Request,
+    gateway: Gateway,
+    config: Config,
+    target: str,
+    body: bytes | None,
+    *,
+    decision_id: str | None = None,
+    reserved: bool = False,
+) -> web.StreamResponse:
+    """Send the request upstream and relay the answer; settle a launch's reservation.
+
+    A reservation becomes use on a 2xx, is released on another status or when no
+    connection could be made, and is settled as used when the outcome is unknown (the
+    upstream took the request, then timed out or vanished).
+    """
+    started = time.perf_counter()
+    is_launch = decision_id is not None
+    headers = upstream_headers(request, config.token_header, body_known=body is not None)
+    data: Any = body if body is not None else (request.content if request.body_exists else None)
+    timeout = ClientTimeout(
+        total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
+    )
+    settlement: str | None = None
+    status: int | None = None
+    try:
+        upstream = await gateway.session.request(
+            request.method,
+            target_url(config.upstream_url, target),
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            timeout=timeout,
+        )
+    except (ClientConnectorError, ConnectionTimeoutError) as e:
+        # No connection was made: nothing reached the upstream, so nothing launched.
+        settlement = await _settle(gateway, decision_id, reserved, "release")
+        await _completed(gateway, decision_id, None, started, settlement, type(e).__name__)
+        gateway.metrics.upstream_errors.labels("connect").inc()
+        timed_out = isinstance(e, ConnectionTimeoutError)
+        reason = "upstream_timeout" if timed_out else "upstream_unavailable"
+        return problem(
+            reason, 504 if timed_out else 502, "the upstream could not be reached", decision_id
+        )
+    except (TimeoutError, ClientError) as e:
+        timed_out = isinstance(e, TimeoutError)
+        settlement = await _settle(gateway, decision_id, reserved, "unknown")
+        reason = "upstream_timeout" if timed_out else "upstream_unavailable"
+        await _completed(gateway, decision_id, None, started, settlement, reason)
+        gateway.metrics.upstream_errors.labels("timeout" if timed_out else "disconnect").inc()
+        detail = (
+            "the upstream did not answer in time"
+            if timed_out
+            else "the upstream dropped the request"
+        )
+        return problem(reason, 504 if timed_out else 502, detail, decision_id)
+    except BaseException:
+        await _settle(gateway, decision_id, reserved, "unknown")
+        raise
+    try:
+        status = upstream.status
+        settlement = await _settle(
+            gateway, decision_id, reserved, "commit" if 200 <= status < 300 else "release"
+        )
+        if is_launch:
+            await _completed(gateway, decision_id, status, started, settlement, None)
+        extra = {DECISION_HEADER: decision_id} if decision_id else {}
+        return await relay_response(request, upstream, extra)
+    finally:
+        upstream.release()
+
+
+async def _settle(
+    gateway: Gateway, decision_id: str | None, reserved: bool, how: str
+) -> str | None:
+    """Apply ``how`` to the launch's reservation; shielded so a cancelled request still settles."""
+    if decision_id is None or not reserved:
+        return None
+    now = time.time()
+    ledger = gateway.ledger
+    if how == "commit":
+        op = ledger.commit(decision_id, now=now)
+        settled = "used"
+    elif how == "release":
+        op = ledger.release(decision_id, now=now)
+        settled = "released"
+    else:
+        op = ledger.settle_unknown(decision_id, now=now, note="upstream outcome unknown")
+        settled = "used_unknown"
+    try:
+        await asyncio.shield(op)
+    except StoreUnavailable as e:
+        # The reservation stays open; the sweeper settles it as used after the TTL.
+        log.error("store.settle_failed", decision_id=decision_id, settlement=settled, error=str(e))
+        return "pending"
+    return settled
+
+
+async def _completed(
+    gateway: Gateway,
+    decision_id: str | None,
+    status: int | None,
+    started: float,
+    settlement: str | None,
+    error: str | None,
+) -> None:
+    if decision_id is None:
+        return
+    await gateway.recorder.write(
+        {
+            "event": "launch.completed",
+            "timestamp": utc_timestamp(time.time()),
+            "decision_id": decision_id,
+            "upstream_status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "settlement": settlement,
+            "error": error,
+        }
+    )
+
+
+def create_app(gateway: Gateway) -> web.Application:
+    """The proxy application; ``gateway`` is started and stopped with it."""
+    app = web.Application(middlewares=[fail_closed], client_max_size=2**63)
+    app[GATEWAY_KEY] = gateway
+
+    async def lifecycle(app: web.Application) -> Any:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,75 @@
+"""Decision records (CONTRACT section 5): what each launch decision writes, and where.
+
+``Recorder.write`` appends a record to the hash-chained decision log (in the file before
+it returns) and emits the same event as structlog JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from launchgate.audit import AuditLog, utc_timestamp
+from launchgate.policy import Decision
+
+
+def decision_record(
+    decision: Decision,
+    *,
+    decision_id: str,
+    mode: str,
+    enforced: bool,
+    method: str | None,
+    path: str | None,
+    now: float,
+) -> dict[str, Any]:
+    """The ``launch.decision`` record; fields that do not apply are null, never missing."""
+    item = decision.deciding
+    ref = decision.license_ref
+    return {
+        "event": "launch.decision",
+        "timestamp": utc_timestamp(now),
+        "decision_id": decision_id,
+        "outcome": decision.outcome,
+        "reason": decision.reason,
+        "status": decision.status,
+        "detail": decision.detail,
+        "enforced": enforced,
+        "mode": mode,
+        "account": decision.account,
+        "restricted": decision.restricted,
+        "sku": item.sku if item else None,
+        "count": item.count if item else None,
+        "accelerator": item.accelerator if item else None,
+        "accelerators": item.accelerators if item else None,
+        "eccn": item.eccn if item else None,
+        "controlled": item.controlled if item else None,
+        "region": decision.region,
+        "license": None if ref is None else {"jti": ref.jti, "kid": ref.kid, "iss": ref.iss},
+        "reserved": decision.reserve if decision.reason == "licensed" else None,
+        "items": [i.as_record() for i in decision.items],
+        "method": method,
+        "path": path,
+    }
+
+
+class Recorder:
+    """Writes records to the decision log and the same events to the structured log."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.log = structlog.get_logger("launchgate")
+
+    async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append ``record`` to the chain (flushed before return) and log it."""
+        chained = await self.audit.append(record)
+        fields = dict(chained)
+        self.log.info(fields.pop("event"), **fields)
+        return chained
+
+    async def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write a record of ``event`` stamped with the current time."""
+        return await self.write({"event": event, "timestamp": utc_timestamp(time.time()), **fields})

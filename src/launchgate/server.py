@@ -1,0 +1,87 @@
+"""``launchgate serve``: the proxy and admin listeners, signals, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from launchgate.admin import create_admin_app
+from launchgate.config import Config
+from launchgate.gateway import Gateway
+from launchgate.proxy import create_app
+
+log = structlog.get_logger("launchgate")
+
+
+async def serve(config: Config, *, shutdown_timeout_s: float = 30.0) -> None:
+    """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, flush."""
+    gateway = Gateway(config)
+    proxy_runner = web.AppRunner(
+        create_app(gateway), access_log=None, shutdown_timeout=shutdown_timeout_s
+    )
+    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(gateway.reload(Path(config.source)))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        proxy_site = web.TCPSite(
+            proxy_runner, config.listen.host, config.listen.port, reuse_address=True
+        )
+        admin_site = web.TCPSite(
+            admin_runner, config.admin_listen.host, config.admin_listen.port, reuse_address=True
+        )
+        await proxy_site.start()
+        await admin_site.start()
+        log.info(
+            "gateway.started",
+            listen=_bound(proxy_runner),
+            admin_listen=_bound(admin_runner),
+            mode=config.mode,
+            upstream=str(config.upstream_url),
+            store=_redact(config.store_url),
+        )
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await admin_runner.cleanup()
+        await proxy_runner.cleanup()  # stops accepting, waits for in-flight, then gateway.stop()
+        log.info("gateway.stopped")
+
+
+def _bound(runner: web.AppRunner) -> list[str]:
+    return [f"{a[0]}:{a[1]}" for a in runner.addresses if isinstance(a, tuple)]
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+    return url
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional on platforms without it
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

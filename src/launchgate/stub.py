@@ -1,0 +1,360 @@
+"""A stand-in instance-launch API for integration tests and demos (CONTRACT section 7).
+
+Routes:
+
+- ``POST /v1/instances`` launches ``count`` (default 1, at most 1000) instances of the
+  body's ``instance_type`` in its ``region``; 201 ``{"instances": [...]}``.
+- ``GET /v1/instances`` lists everything launched so far.
+- ``GET /_stub/requests`` lists every request received (except these listings).
+- ``DELETE /_stub/requests`` or ``POST /_stub/reset`` forget requests, instances and
+  failure modes.
+- ``POST /_stub/fail`` with ``{"status": 500, "times": 3}`` and/or ``{"delay_s": 2}``:
+  the next ``times`` requests to paths outside ``/_stub`` (every one until reset when
+  ``times`` is omitted) sleep ``delay_s`` and then answer ``status`` with
+  ``{"error": "injected failure"}``. Each call replaces the previous failure mode.
+- ``POST /_stub/echo`` streams the request body back, chunk by chunk.
+- ``GET /_stub/bytes?n=N`` streams N bytes of the pattern ``i % 256``.
+- anything else: 404 ``{"error": "not found", "path": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import secrets
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+MAX_INSTANCES_PER_LAUNCH: Final = 1000
+BODY_PREVIEW_BYTES: Final = 64 * 1024
+_CHUNK_BYTES: Final = 64 * 1024
+_PATTERN_BLOCK: Final = bytes(range(256)) * (_CHUNK_BYTES // 256)
+_MAX_DELAY_S: Final = 3600.0
+_FAIL_KEYS: Final = frozenset({"status", "times", "delay_s"})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the stub received it; ``body`` is a UTF-8 preview of the first 64 KiB."""
+
+    method: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    body: str
+    body_length: int
+    body_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": [list(pair) for pair in self.headers],
+            "body": self.body,
+            "body_length": self.body_length,
+            "body_sha256": self.body_sha256,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A launched instance; ``instance_type`` and ``region`` are echoed from the request."""
+
+    id: str
+    instance_type: Any
+    region: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "instance_type": self.instance_type, "region": self.region}
+
+
+@dataclass(frozen=True, slots=True)
+class FailureMode:
+    """What the next matching requests suffer; ``times`` None means until reset."""
+
+    status: int | None
+    delay_s: float
+    times: int | None
+
+
+@dataclass(slots=True)
+class StubState:
+    """Everything the stub remembers between requests; one per app."""
+
+    requests: list[RecordedRequest] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    failure: FailureMode | None = None
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.instances.clear()
+        self.failure = None
+
+    def take_failure(self) -> FailureMode | None:
+        """The failure mode for one request, counting it against ``times``."""
+        failure = self.failure
+        if failure is not None and failure.times is not None:
+            remaining = failure.times - 1
+            self.failure = (
+                FailureMode(failure.status, failure.delay_s, remaining) if remaining else None
+            )
+        return failure
+
+
+STUB_STATE_KEY: Final = web.AppKey("stub_state", StubState)
+
+
+class _BodyTap:
+    """Hashes and measures a body as it streams past, keeping a bounded preview."""
+
+    def __init__(self, *, keep_all: bool) -> None:
+        self._sha = hashlib.sha256()
+        self._preview = bytearray()
+        self._kept = bytearray() if keep_all else None
+        self.length = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        self.length += len(chunk)
+        if len(self._preview) < BODY_PREVIEW_BYTES:
+            self._preview += chunk[: BODY_PREVIEW_BYTES - len(self._preview)]
+        if self._kept is not None:
+            self._kept += chunk
+
+    @property
+    def body(self) -> bytes:
+        if self._kept is None:
+            raise RuntimeError("this body was not kept")
+        return bytes(self._kept)
+
+    def record(self, request: web.Request) -> RecordedRequest:
+        path, _, query = request.raw_path.partition("?")
+        return RecordedRequest(
+            method=request.method,
+            path=path,
+            query=query,
+            headers=tuple((_text(name), _text(value)) for name, value in request.raw_headers),
+            # A multi-byte character cut at the preview's edge becomes U+FFFD: fine for a preview.
+            body=self._preview.decode("utf-8", errors="replace"),
+            body_length=self.length,
+            body_sha256=self._sha.hexdigest(),
+        )
+
+
+_BODY_KEY: Final = web.RequestKey("stub_body", _BodyTap)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _json_error(cls: type[web.HTTPError], message: str, **extra: Any) -> web.HTTPError:
+    return cls(text=json.dumps({"error": message, **extra}), content_type="application/json")
+
+
+def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; raises 400 for anything else."""
+    try:
+        value = json.loads(request[_BODY_KEY].body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        raise _json_error(web.HTTPBadRequest, f"body is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+async def _launch(request: web.Request) -> web.Response:
+    body = _json_object(request)
+    count = body.get("count", 1)
+    if not _is_int(count) or count < 1:
+        raise _json_error(web.HTTPBadRequest, "count must be a positive integer")
+    launched = [
+        # 17 hex digits, like EC2 ids.
+        Instance(f"i-{secrets.token_hex(9)[:17]}", body.get("instance_type"), body.get("region"))
+        for _ in range(min(count, MAX_INSTANCES_PER_LAUNCH))
+    ]
+    request.app[STUB_STATE_KEY].instances.extend(launched)
+    return web.json_response({"instances": [i.to_json() for i in launched]}, status=201)
+
+
+async def _list_instances(request: web.Request) -> web.Response:
+    instances = request.app[STUB_STATE_KEY].instances
+    return web.json_response({"instances": [i.to_json() for i in instances]})
+
+
+async def _list_requests(request: web.Request) -> web.Response:
+    records = request.app[STUB_STATE_KEY].requests
+    return web.json_response({"requests": [r.to_json() for r in records]})
+
+
+async def _reset(request: web.Request) -> web.Response:
+    request.app[STUB_STATE_KEY].reset()
+    return web.json_response({"reset": True})
+
+
+def _parse_failure(body: dict[str, Any]) -> FailureMode:
+    """A validated failure mode; raises 400 naming the key at fault."""
+    unknown = sorted(set(body) - _FAIL_KEYS)
+    if unknown:
+        raise _json_error(web.HTTPBadRequest, f"unknown keys: {', '.join(unknown)}")
+    if "status" not in body and "delay_s" not in body:
+        raise _json_error(web.HTTPBadRequest, "give status, delay_s or both")
+    status = body.get("status")
+    if status is not None and not (_is_int(status) and 400 <= status <= 599):
+        raise _json_error(web.HTTPBadRequest, "status must be an integer from 400 to 599")
+    delay_s = body.get("delay_s", 0)
+    if (
+        not isinstance(delay_s, int | float)
+        or isinstance(delay_s, bool)
+        or not math.isfinite(delay_s)
+        or not 0 <= delay_s <= _MAX_DELAY_S
+    ):
+        raise _json_error(web.HTTPBadRequest, f"delay_s must be a number from 0 to {_MAX_DELAY_S}")
+    times = body.get("times")
+    if times is not None and not (_is_int(times) and times >= 1):
+        raise _json_error(web.HTTPBadRequest, "times must be a positive integer")
+    return FailureMode(status=status, delay_s=float(delay_s), times=times)
+
+
+async def _set_failure(request: web.Request) -> web.Response:
+    failure = _parse_failure(_json_object(request))
+    request.app[STUB_STATE_KEY].failure = failure
+    return web.json_response(
+        {"status": failure.status, "delay_s": failure.delay_s, "times": failure.times}
+    )
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    tap = _BodyTap(keep_all=False)
+    try:
+        response = web.StreamResponse()
+        response.headers["Content-Type"] = request.headers.get(
+            "Content-Type", "application/octet-stream"
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        async for chunk in request.content.iter_chunked(_CHUNK_BYTES):
+            tap.feed(chunk)
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        # Recorded once the body has streamed through, even when the client gave up.
+        request.app[STUB_STATE_KEY].requests.append(tap.record(request))
+
+
+async def _bytes(request: web.Request) -> web.StreamResponse:
+    raw = request.query.get("n", "")
+    if not (raw.isascii() and raw.isdigit()):
+        raise _json_error(web.HTTPBadRequest, "n must be a non-negative integer")
+    remaining = int(raw)
+    response = web.StreamResponse()
+    response.content_type = "application/octet-stream"
+    response.content_length = remaining
+    await response.prepare(request)
+    while remaining:
+        # _PATTERN_BLOCK is a whole number of 256-byte periods, so every chunk starts at 0.
+        chunk = _PATTERN_BLOCK[: min(remaining, _CHUNK_BYTES)]
+        await response.write(chunk)
+        remaining -= len(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    raise _json_error(web.HTTPNotFound, "not found", path=request.path)
+
+
+_UNRECORDED: Final = frozenset({_list_requests})
+_RECORDS_ITSELF: Final = frozenset({_echo})
+_PARSES_BODY: Final = frozenset({_launch, _set_failure})
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _is_stub_path(path: str) -> bool:
+    return path == "/_stub" or path.startswith("/_stub/")
+
+
+@web.middleware
+async def _record_and_fail(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Record the request, then apply any injected failure, then run the route."""
+    route_handler = request.match_info.handler
+    if route_handler in _UNRECORDED or route_handler in _RECORDS_ITSELF:
+        return await handler(request)
+    state = request.app[STUB_STATE_KEY]
+    tap = _BodyTap(keep_all=route_handler in _PARSES_BODY)
+    try:
+        async for chunk in request.content.iter_chunked(_CHUNK_BYTES):
+            tap.feed(chunk)
+    finally:
+        # Recorded before the route runs, so a reset forgets the reset request too, and a
+        # delayed request is visible while it waits.
+        state.requests.append(tap.record(request))
+    request[_BODY_KEY] = tap
+    failure = None if _is_stub_path(request.path) else state.take_failure()
+    if failure is not None:
+        if failure.delay_s:
+            await asyncio.sleep(failure.delay_s)
+        if failure.status is not None:
+            return web.json_response({"error": "injected failure"}, status=failure.status)
+    return await handler(request)
+
+
+def create_stub_app() -> web.Application:
+    """A fresh stub backend with empty state."""
+    app = web.Application(middlewares=[_record_and_fail])
+    app[STUB_STATE_KEY] = StubState()
+    app.router.add_post("/v1/instances", _launch)
+    app.router.add_get("/v1/instances", _list_instances)
+    app.router.add_get("/_stub/requests", _list_requests)
+    app.router.add_delete("/_stub/requests", _reset)
+    app.router.add_post("/_stub/reset", _reset)
+    app.router.add_post("/_stub/fail", _set_failure)
+    app.router.add_post("/_stub/echo", _echo)
+    app.router.add_get("/_stub/bytes", _bytes)
+    # Catch-all last: unknown paths and unknown methods on known paths alike get 404.
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+async def run_stub(host: str, port: int) -> None:
+    """Serve the stub on HOST:PORT until cancelled, SIGTERM or SIGINT.
+
+    Once listening, prints ``stub-backend listening on http://HOST:PORT`` (the real
+    port when ``port`` is 0) as one line on stdout. Raises OSError if it cannot bind.
+    """
+    runner = web.AppRunner(create_stub_app(), access_log=None)
+    await runner.setup()
+    try:
+        # A short grace period: a stub holding shutdown for an injected delay helps nobody.
+        site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for signum in signals:
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            # Printed only once the handlers are in place: whoever reads this line may
+            # signal at once.
+            bound_port = runner.addresses[0][1]
+            shown_host = f"[{host}]" if ":" in host else host
+            print(f"stub-backend listening on http://{shown_host}:{bound_port}", flush=True)
+            await stop.wait()
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,208 @@
+"""Shared fixtures: signing keys, a make_token factory, and a gateway on real sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDictProxy
+
+from launchgate.config import Config, load_config
+from launchgate.gateway import Gateway
+from launchgate.proxy import create_app
+from launchgate.stub import create_stub_app
+from launchgate.tokens import PrivateKey, generate_key, issue_token, load_private_key
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "config"
+ISSUER = "compliance.example-cloud"
+RESTRICTED = "acct-2001"  # CN (config/accounts.toml)
+UNRESTRICTED = "acct-1001"  # DE
+H100_SKU = "p5.48xlarge"  # 8x H100, 3A090.a
+CPU_SKU = "m7i.large"  # no accelerator
+
+
+@dataclass(frozen=True)
+class Keys:
+    folder: Path
+    ed25519: PrivateKey  # kid "k-ed"
+    p256: PrivateKey  # kid "k-es"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    folder = tmp_path / "keys"
+    ed = generate_key("k-ed", folder, "EdDSA")
+    es = generate_key("k-es", folder, "ES256")
+    return Keys(folder, load_private_key(ed), load_private_key(es))
+
+
+MakeToken = Callable[..., str]
+
+
+@pytest.fixture
+def make_token(keys: Keys) -> MakeToken:
+    """A license token for the restricted demo account; keyword arguments override."""
+
+    def make(**overrides: Any) -> str:
+        args: dict[str, Any] = {
+            "private_key": keys.ed25519,
+            "kid": "k-ed",
+            "issuer": ISSUER,
+            "account": RESTRICTED,
+            "skus": [H100_SKU],
+            "max_accelerators": 64,
+            "expires_in_s": 3600,
+        }
+        args.update(overrides)
+        return issue_token(**args)
+
+    return make
+
+
+def write_config(tmp_path: Path, upstream_url: str, keys: Keys, **sections: dict[str, Any]) -> Path:
+    """A main configuration in ``tmp_path`` over the shipped catalog, accounts and groups."""
+    base: dict[str, dict[str, Any]] = {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:1",
+            "mode": "enforce",
+            "max_body_bytes": 65536,
+        },
+        "upstream": {"url": upstream_url, "connect_timeout_s": 2, "timeout_s": 5},
+        "identity": {"account_header": "X-Account-Id"},
+        "tokens": {
+            "header": "License-Token",
+            "jwks": str(keys.folder / "jwks.json"),
+            "issuers": [ISSUER],
+            "audience": "launchgate",
+            "leeway_s": 30,
+        },
+        "store": {"url": f"sqlite:{tmp_path / 'ledger.sqlite3'}"},
+        "audit": {"path": str(tmp_path / "decisions.jsonl")},
+        "catalog": {"file": str(SHIPPED / "catalog.toml")},
+        "accounts": {"file": str(SHIPPED / "accounts.toml")},
+        "policy": {
+            "country_groups_file": str(SHIPPED / "country_groups.toml"),
+            "restricted_country_groups": ["D:5"],
+            "restricted_countries": ["MO"],
+            "controlled_eccns": ["3A090.a", "3A090.b"],
+        },
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    lines += [
+        "[[routes]]",
+        'method = "POST"',
+        'path = "/v1/instances"',
+        'dialect = "generic-json"',
+        'sku = "/instance_type"',
+        'count = "/count"',
+        'region = "/region"',
+    ]
+    path = tmp_path / "launchgate.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Harness:
+    """A real gateway app on a real socket in front of the real stub backend."""
+
+    url: str
+    stub_url: str
+    gateway: Gateway
+    config_path: Path
+    session: aiohttp.ClientSession
+
+    @property
+    def config(self) -> Config:
+        return self.gateway.config
+
+    async def launch(
+        self,
+        account: str | None = RESTRICTED,
+        sku: str = H100_SKU,
+        count: int = 1,
+        token: str | None = None,
+        region: str | None = "us-east-1",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
+        body: dict[str, Any] = {"instance_type": sku, "count": count}
+        if region is not None:
+            body["region"] = region
+        all_headers = dict(headers or {})
+        if account is not None:
+            all_headers["X-Account-Id"] = account
+        if token is not None:
+            all_headers["License-Token"] = token
+        async with self.session.post(
+            f"{self.url}/v1/instances", json=body, headers=all_headers
+        ) as r:
+            return r.status, await r.json(content_type=None), r.headers
+
+    async def stub_requests(self) -> list[dict[str, Any]]:
+        async with self.session.get(f"{self.stub_url}/_stub/requests") as r:
+            data: dict[str, Any] = await r.json()
+            return list(data["requests"])
+
+    async def stub_fail(self, **mode: Any) -> None:
+        async with self.session.post(f"{self.stub_url}/_stub/fail", json=mode) as r:
+            assert r.status == 200, await r.text()
+
+    def records(self) -> list[dict[str, Any]]:
+        path = self.config.audit_path
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["event"] == "launch.decision"]
+
+    async def license(self, jti: str) -> Any:
+        return await self.gateway.ledger.license(jti)
+
+
+StartGateway = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def stub_server(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(create_stub_app())
+    return server
+
+
+@pytest.fixture
+async def start_gateway(
+    tmp_path: Path, keys: Keys, stub_server: TestServer, aiohttp_server: Any
+) -> AsyncIterator[StartGateway]:
+    """Start a gateway (config sections overridable) in front of the stub backend."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(upstream_url: str | None = None, **sections: dict[str, Any]) -> Harness:
+        stub_url = str(stub_server.make_url("")).rstrip("/")
+        path = write_config(tmp_path, upstream_url or stub_url, keys, **sections)
+        gateway = Gateway(load_config(path))
+        server: TestServer = await aiohttp_server(create_app(gateway))
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return Harness(str(server.make_url("")).rstrip("/"), stub_url, gateway, path, session)
+
+    yield start
+    for session in sessions:
+        await session.close()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,506 @@
+"""The hash-chained decision log (CONTRACT section 5) and its verifier."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launchgate.audit import (
+    GENESIS_HASH,
+    AuditLog,
+    VerifyResult,
+    canonical_json,
+    record_hash,
+    utc_timestamp,
+    verify_file,
+)
+from launchgate.errors import ConfigError
+
+
+def decision(n: int) -> dict[str, Any]:
+    """A launch.decision record as the proxy writes it, distinct per ``n``."""
+    return {
+        "event": "launch.decision",
+        "timestamp": utc_timestamp(1795667594.123456 + n),
+        "decision_id": f"01JDEC{n:06d}",
+        "outcome": "deny",
+        "reason": "license_exhausted",
+        "enforced": True,
+        "mode": "enforce",
+        "account": "acct-2001",
+        "restricted": True,
+        "sku": "p5.48xlarge",
+        "count": 2,
+        "accelerator": "H100-SXM5-80GB",
+        "accelerators": 16,
+        "eccn": "3A090.a",
+        "controlled": True,
+        "region": None,
+        "license": {"jti": "lic-42", "kid": "2026-11", "iss": "compliance.example-cloud"},
+        "method": "POST",
+        "path": "/v1/instances",
+        "note": "Zürich €",
+    }
+
+
+def write_chain(path: Path, n: int) -> list[dict[str, Any]]:
+    """Append ``n`` decision records to a fresh log at ``path`` and close it."""
+    log = AuditLog.open(path)
+    try:
+        return [log.append_sync(decision(i)) for i in range(1, n + 1)]
+    finally:
+        log.close()
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def seqs_in_file(path: Path) -> list[int]:
+    return [json.loads(line)["seq"] for line in lines_of(path)]
+
+
+# --- canonical form, hash, timestamp -------------------------------------------------
+
+
+def test_canonical_json_sorts_keys_without_whitespace_in_utf8() -> None:
+    """Canonical JSON sorts keys at every depth, has no whitespace and keeps non-ASCII as UTF-8."""
+    record = {"b": [1, 2], "a": "ü", "c": {"z": None, "y": True}}
+    assert canonical_json(record) == '{"a":"ü","b":[1,2],"c":{"y":true,"z":null}}'.encode()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "\ud800"])
+def test_canonical_json_refuses_what_has_no_single_encoding(value: object) -> None:
+    """NaN, infinity and lone surrogates cannot be hashed: ValueError, not a silent encoding."""
+    with pytest.raises(ValueError):  # noqa: PT011 - the type is the contract; messages are json's
+        canonical_json({"v": value})
+
+
+def test_record_hash_is_sha256_of_canonical_json_without_hash() -> None:
+    """The hash is SHA-256 over the sorted, compact UTF-8 JSON, ignoring any ``hash`` field."""
+    # sha256(b'{"a":"\xc3\xbc","b":[1,2],"seq":1}'), computed once by hand.
+    expected = "c29b8fc40c377f62048145c1c89abf818463cba6585515ed7489eb180acdd4dc"
+    assert record_hash({"seq": 1, "b": [1, 2], "a": "ü"}) == expected
+    assert record_hash({"seq": 1, "b": [1, 2], "a": "ü", "hash": "f" * 64}) == expected
+
+
+@pytest.mark.parametrize(
+    ("now", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000000Z"),
+        (1795667594.123456, "2026-11-26T04:33:14.123456Z"),
+        (1795667594, "2026-11-26T04:33:14.000000Z"),
+        (1795667594.5, "2026-11-26T04:33:14.500000Z"),
+    ],
+)
+def test_utc_timestamp_has_six_fractional_digits_and_z(now: float, text: str) -> None:
+    """Timestamps are UTC ISO 8601 with exactly six fractional digits and a ``Z``."""
+    assert utc_timestamp(now) == text
+
+
+# --- writing the chain ---------------------------------------------------------------
+
+
+def test_chain_of_records_links_and_verifies(tmp_path: Path) -> None:
+    """Records get seq 1..N, each prev_hash is the previous hash, and verify says ok."""
+    path = tmp_path / "decisions.jsonl"
+    records = write_chain(path, 20)
+
+    assert [r["seq"] for r in records] == list(range(1, 21))
+    assert records[0]["prev_hash"] == GENESIS_HASH
+    for before, after in itertools.pairwise(records):
+        assert after["prev_hash"] == before["hash"]
+    for record in records:
+        content = {key: value for key, value in record.items() if key != "hash"}
+        assert record["hash"] == hashlib.sha256(canonical_json(content)).hexdigest()
+    assert lines_of(path) == [canonical_json(r) + b"\n" for r in records]
+    assert verify_file(path) == VerifyResult(
+        ok=True, records=20, bad_seq=None, detail="chain intact"
+    )
+    assert verify_file(path).summary() == "ok 20 records"
+
+
+def test_append_returns_a_new_dict_and_leaves_the_input_alone(tmp_path: Path) -> None:
+    """append returns the record plus chain fields as a new dict; the caller's dict is unchanged."""
+    log = AuditLog.open(tmp_path / "log.jsonl")
+    record = decision(1)
+    written = log.append_sync(record)
+    log.close()
+    assert written is not record
+    assert record == decision(1)
+    assert written == record | {"seq": 1, "prev_hash": GENESIS_HASH, "hash": written["hash"]}
+
+
+def test_open_creates_missing_folders(tmp_path: Path) -> None:
+    """open creates the log's parent folders and the file, starting the chain at seq 1."""
+    path = tmp_path / "a" / "b" / "decisions.jsonl"
+    log = AuditLog.open(path)
+    assert log.path == path
+    assert log.append_sync(decision(1))["seq"] == 1
+    log.close()
+    assert verify_file(path).ok
+
+
+def test_restart_continues_the_chain(tmp_path: Path) -> None:
+    """Reopening a log continues from its last record: next seq, prev_hash = last hash."""
+    path = tmp_path / "decisions.jsonl"
+    first = write_chain(path, 3)
+
+    log = AuditLog.open(path)
+    more = [log.append_sync(decision(i)) for i in (4, 5)]
+    log.close()
+
+    assert [r["seq"] for r in more] == [4, 5]
+    assert more[0]["prev_hash"] == first[-1]["hash"]
+    assert verify_file(path).summary() == "ok 5 records"
+
+
+async def test_concurrent_appends_get_consecutive_seqs_in_file_order(tmp_path: Path) -> None:
+    """500 appends racing through gather get seq 1..500 in call order, written in that order."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    written = await asyncio.gather(*(log.append(decision(i)) for i in range(500)))
+    await log.aclose()
+
+    assert [r["seq"] for r in written] == list(range(1, 501))
+    assert [r["decision_id"] for r in written] == [decision(i)["decision_id"] for i in range(500)]
+    assert seqs_in_file(path) == list(range(1, 501))
+    assert verify_file(path).summary() == "ok 500 records"
+
+
+async def test_append_returns_after_the_line_is_in_the_file(tmp_path: Path) -> None:
+    """When append returns, its record is already readable from the file by anyone."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    for i in range(1, 4):
+        record = await log.append(decision(i))
+        assert lines_of(path)[-1] == canonical_json(record) + b"\n"
+    await log.aclose()
+
+
+async def test_cancelled_append_is_still_written(tmp_path: Path) -> None:
+    """Cancelling a task waiting in append does not drop its record or break the chain."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    with path.open("rb") as holder:
+        # Another "process" holds the lock, so both appends are still waiting to be written.
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        first = asyncio.create_task(log.append(decision(1)))
+        second = asyncio.create_task(log.append(decision(2)))
+        await asyncio.sleep(0)
+        second.cancel()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    assert (await first)["seq"] == 1
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    await log.aclose()
+    assert seqs_in_file(path) == [1, 2]
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+async def test_two_logs_on_one_file_keep_one_chain(tmp_path: Path) -> None:
+    """Two AuditLogs on one file (as two processes) appending in turn never fork the chain."""
+    path = tmp_path / "decisions.jsonl"
+    gateway = AuditLog.open(path)
+    cli = AuditLog.open(path)
+    written = []
+    for i in range(10):
+        written.append(await gateway.append(decision(i)))
+        written.append(cli.append_sync({"event": "license.released", "n": i}))
+    await gateway.aclose()
+    cli.close()
+
+    assert [r["seq"] for r in written] == list(range(1, 21))
+    assert verify_file(path).summary() == "ok 20 records"
+
+
+def test_two_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
+    """Two real processes appending concurrently to one file leave a single intact chain."""
+    path = tmp_path / "decisions.jsonl"
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from launchgate.audit import AuditLog
+        log = AuditLog.open(Path(sys.argv[1]))
+        for i in range(300):
+            log.append_sync({"event": "launch.decision", "writer": sys.argv[2], "i": i})
+        log.close()
+        """
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), name]) for name in "ab"]
+    assert [w.wait(timeout=60) for w in writers] == [0, 0]
+
+    assert verify_file(path).summary() == "ok 600 records"
+    by_writer = [json.loads(line)["writer"] for line in lines_of(path)]
+    assert by_writer.count("a") == by_writer.count("b") == 300
+
+
+def test_mixed_sync_and_async_appends_share_one_chain(tmp_path: Path) -> None:
+    """append_sync and append on one AuditLog continue the same chain."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    asyncio.run(log.append(decision(2)))
+    log.append_sync(decision(3))
+    log.close()
+    assert seqs_in_file(path) == [1, 2, 3]
+    assert verify_file(path).ok
+
+
+@pytest.mark.parametrize("field", ["seq", "prev_hash", "hash"])
+def test_a_record_may_not_set_chain_fields(tmp_path: Path, field: str) -> None:
+    """The log owns seq, prev_hash and hash; a record that sets one is refused."""
+    log = AuditLog.open(tmp_path / "log.jsonl")
+    with pytest.raises(ValueError, match=field):
+        log.append_sync(decision(1) | {field: 1})
+    log.close()
+
+
+def test_unencodable_record_is_refused_and_the_chain_goes_on(tmp_path: Path) -> None:
+    """A record that cannot be canonical JSON is not written and does not use up a seq."""
+    path = tmp_path / "log.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    with pytest.raises(ValueError, match="JSON"):
+        log.append_sync({"event": "x", "value": float("nan")})
+    assert log.append_sync(decision(2))["seq"] == 2
+    log.close()
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+def test_append_after_close_is_refused(tmp_path: Path) -> None:
+    """A closed log refuses appends rather than losing them."""
+    log = AuditLog.open(tmp_path / "log.jsonl")
+    log.close()
+    log.close()
+    with pytest.raises(ValueError, match="closed"):
+        log.append_sync(decision(1))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_write_error_is_raised_to_the_caller() -> None:
+    """A failed write (disk full) raises OSError out of append, so the caller fails closed."""
+    log = AuditLog.open(Path("/dev/full"))
+    with pytest.raises(OSError, match="No space"):
+        await log.append(decision(1))
+    await log.aclose()
+
+
+# --- opening a damaged log -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[:-1], id="no-trailing-newline"),
+        pytest.param(lambda data: data[:-40], id="cut-mid-record"),
+        pytest.param(lambda data: data + b'{"seq":4,"pre\n', id="half-record-then-newline"),
+        pytest.param(lambda data: data + b"\n", id="blank-last-line"),
+        pytest.param(lambda data: data.replace(b"acct-2001", b"acct-2002"), id="altered-record"),
+    ],
+)
+def test_open_refuses_a_log_whose_last_line_is_not_intact(tmp_path: Path, damage: Any) -> None:
+    """A torn or altered last record stops open with ConfigError naming the file and the fix."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 3)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ConfigError, match="launchgate audit verify") as caught:
+        AuditLog.open(path)
+    assert str(path) in str(caught.value)
+
+
+def test_append_refuses_to_fork_after_another_writer_tore_the_tail(tmp_path: Path) -> None:
+    """If another writer left a torn line, append raises OSError instead of forking the chain."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    with path.open("ab") as other:
+        other.write(b'{"seq":2,"prev')
+    with pytest.raises(OSError, match="audit verify"):
+        log.append_sync(decision(2))
+    log.close()
+
+
+def test_open_finds_the_last_record_beyond_one_read_block(tmp_path: Path) -> None:
+    """The tail is found even when the last record is longer than the backwards read block."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    big = log.append_sync({"event": "x", "blob": "y" * 200_000})
+    log.close()
+    log = AuditLog.open(path)
+    following = log.append_sync(decision(3))
+    log.close()
+    assert following["prev_hash"] == big["hash"]
+    assert verify_file(path).summary() == "ok 3 records"
+
+
+# --- verify --------------------------------------------------------------------------
+
+
+def test_verify_empty_file_is_ok_with_zero_records(tmp_path: Path) -> None:
+    """An empty log is an intact chain of 0 records."""
+    path = tmp_path / "empty.jsonl"
+    path.touch()
+    assert verify_file(path).summary() == "ok 0 records"
+
+
+def test_verify_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    """A log that cannot be read raises ConfigError naming it (exit 2), not a traceback."""
+    path = tmp_path / "missing.jsonl"
+    with pytest.raises(ConfigError, match=r"missing\.jsonl"):
+        verify_file(path)
+
+
+def flip(data: bytes, at: int) -> bytes:
+    """``data`` with one bit of the byte at ``at`` flipped."""
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("needle", "offset"),
+    [
+        pytest.param(b'"acct-2001"', 5, id="inside-a-string-value"),
+        pytest.param(b'"accelerators":16', 16, id="inside-a-number"),
+        pytest.param(b'"enforced":true', 12, id="inside-a-boolean"),
+        pytest.param(b'"account"', 3, id="in-a-key"),
+        pytest.param(b'"jti"', 2, id="in-a-nested-key"),
+        pytest.param(b'"hash":"', 10, id="in-the-hash"),
+        pytest.param(b'"prev_hash":"', 20, id="in-the-prev-hash"),
+        pytest.param(b'"seq":', 6, id="in-the-seq"),
+        pytest.param(b"{", 0, id="opening-brace"),
+        pytest.param("Zürich".encode(), 2, id="inside-utf8-sequence"),
+    ],
+)
+@pytest.mark.parametrize("seq", [1, 3, 5])
+def test_flipping_one_byte_breaks_the_chain_at_that_record(
+    tmp_path: Path, needle: bytes, offset: int, seq: int
+) -> None:
+    """One flipped byte anywhere in record N makes verify fail with bad_seq N."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 5)
+    lines = lines_of(path)
+    at = lines[seq - 1].index(needle) + offset
+    lines[seq - 1] = flip(lines[seq - 1], at)
+    path.write_bytes(b"".join(lines))
+
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq, result.records) == (False, seq, seq - 1)
+    assert f"seq {seq}" in result.summary()
+
+
+def test_flipping_any_byte_of_a_record_is_detected(tmp_path: Path) -> None:
+    """Exhaustively: every single-bit flip of every byte of record 2 is caught at seq 2."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 3)
+    lines = lines_of(path)
+    for at in range(len(lines[1])):
+        for bit in (0x01, 0x20, 0x80):
+            damaged = lines[1][:at] + bytes([lines[1][at] ^ bit]) + lines[1][at + 1 :]
+            path.write_bytes(lines[0] + damaged + lines[2])
+            result = verify_file(path)
+            assert (result.ok, result.bad_seq) == (False, 2), (at, bit, damaged)
+
+
+def test_deleting_a_record_is_detected(tmp_path: Path) -> None:
+    """Removing a record from the middle fails at the seq that went missing."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 5)
+    lines = lines_of(path)
+    path.write_bytes(b"".join(lines[:2] + lines[3:]))
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq) == (False, 3)
+    assert "seq is 4, expected 3" in result.detail
+
+
+def test_swapping_two_records_is_detected(tmp_path: Path) -> None:
+    """Reordering two records fails at the first position out of order."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 5)
+    lines = lines_of(path)
+    lines[1], lines[3] = lines[3], lines[1]
+    path.write_bytes(b"".join(lines))
+    assert verify_file(path).bad_seq == 2
+
+
+def test_rehashed_forgery_is_detected_by_the_next_record(tmp_path: Path) -> None:
+    """An altered record whose own hash was recomputed still breaks the next record's prev_hash."""
+    path = tmp_path / "decisions.jsonl"
+    records = write_chain(path, 4)
+    forged = {k: v for k, v in records[1].items() if k != "hash"} | {"outcome": "allow"}
+    forged["hash"] = record_hash(forged)
+    lines = lines_of(path)
+    lines[1] = canonical_json(forged) + b"\n"
+    path.write_bytes(b"".join(lines))
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq) == (False, 3)
+    assert "prev_hash" in result.detail
+
+
+@pytest.mark.parametrize("cut", [1, 10, 100])
+def test_truncating_mid_record_is_detected(tmp_path: Path, cut: int) -> None:
+    """A file cut short inside its last record fails at that record's seq."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 4)
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq, result.records) == (False, 4, 3)
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        pytest.param(b"[1,2]\n", "not a JSON object", id="array"),
+        pytest.param(b"\xff\xfe{}\n", "UTF-8", id="not-utf8"),
+        pytest.param(b"\n", "not valid JSON", id="blank-line"),
+        pytest.param(b'{"seq":1,"seq":1}\n', "duplicate key", id="duplicate-key"),
+        pytest.param(b'{"seq":true}\n', "seq", id="boolean-seq"),
+        pytest.param(b'{"seq":1,"x":NaN}\n', "NaN", id="nan"),
+        pytest.param(b'{"seq":1,"prev_hash":"00","hash":"00"}\n', "prev_hash", id="short-hash"),
+    ],
+)
+def test_verify_rejects_lines_that_are_not_records(
+    tmp_path: Path, line: bytes, complaint: str
+) -> None:
+    """A first line that is not a well-formed record fails at seq 1 and says why."""
+    path = tmp_path / "decisions.jsonl"
+    path.write_bytes(line)
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq, result.records) == (False, 1, 0)
+    assert complaint in result.detail
+
+
+def test_verify_accepts_a_chain_written_by_another_implementation(tmp_path: Path) -> None:
+    """The chain is over canonical content, so a log with other key order and spacing verifies."""
+    path = tmp_path / "decisions.jsonl"
+    prev = GENESIS_HASH
+    out = []
+    for seq in (1, 2):
+        record: dict[str, Any] = {"seq": seq, "prev_hash": prev, "event": "launch.decision"}
+        record["hash"] = prev = record_hash(record)
+        out.append(json.dumps(record, indent=None) + "\n")
+    path.write_text("".join(out), encoding="utf-8")
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+def test_a_missing_final_newline_is_reported_as_a_cut_short_line(tmp_path: Path) -> None:
+    """A last record that lost only its newline is still a torn write, for verify and open."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 2)
+    path.write_bytes(path.read_bytes()[:-1])
+    result = verify_file(path)
+    assert (result.bad_seq, "newline" in result.detail) == (2, True)
+    with pytest.raises(ConfigError, match="newline"):
+        AuditLog.open(path)

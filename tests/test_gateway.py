@@ -1,0 +1,494 @@
+"""The gateway end to end: the real app on a real socket in front of the real stub backend.
+
+Every row of the CONTRACT section 3 decision table, token attacks, depletion, revocation,
+and the reservation lifecycle against upstream failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CPU_SKU, H100_SKU, RESTRICTED, UNRESTRICTED, Keys, MakeToken, StartGateway, now
+from launchgate.tokens import issue_token
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    """A hand-made compact JWS (for attacks the issuer would never produce)."""
+    return ".".join(
+        [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(signature)]
+    )
+
+
+def good_claims(**overrides: Any) -> dict[str, Any]:
+    t = int(now())
+    claims = {
+        "iss": "compliance.example-cloud",
+        "aud": "launchgate",
+        "sub": RESTRICTED,
+        "jti": "lic-forged",
+        "iat": t,
+        "exp": t + 3600,
+        "skus": [H100_SKU],
+        "max_accelerators": 64,
+    }
+    claims.update(overrides)
+    return claims
+
+
+async def test_unrestricted_account_launches_controlled_sku(start_gateway: StartGateway) -> None:
+    """Row 4: an account outside restricted jurisdictions is forwarded to the upstream."""
+    gw = await start_gateway()
+    status, body, headers = await gw.launch(account=UNRESTRICTED)
+    assert status == 201
+    assert len(body["instances"]) == 1
+    decision = gw.decisions()[-1]
+    assert (decision["outcome"], decision["reason"]) == ("allow", "account_not_restricted")
+    assert headers["Launchgate-Decision-Id"] == decision["decision_id"]
+    assert decision["eccn"] == "3A090.a" and decision["accelerators"] == 8
+
+
+async def test_non_controlled_sku_passes_for_restricted_account(
+    start_gateway: StartGateway,
+) -> None:
+    """Row 3: a SKU without a controlled accelerator needs no license."""
+    gw = await start_gateway()
+    status, _, _ = await gw.launch(sku=CPU_SKU)
+    assert status == 201
+    assert gw.decisions()[-1]["reason"] == "sku_not_controlled"
+
+
+@pytest.mark.parametrize(
+    ("account", "sku", "status", "reason"),
+    [
+        (None, H100_SKU, 400, "missing_account"),
+        ("", H100_SKU, 400, "missing_account"),
+        ("acct-nobody", H100_SKU, 403, "unknown_account"),
+        ("acct-nobody", "x9.unknown", 403, "unknown_account"),
+        (RESTRICTED, "x9.unknown", 403, "unknown_sku"),
+        (RESTRICTED, H100_SKU, 403, "license_required"),
+        ("acct-2003", H100_SKU, 403, "license_required"),  # HK, aliased to CN
+        ("acct-2004", H100_SKU, 403, "license_required"),  # MO, restricted country
+        ("acct-2002", H100_SKU, 403, "license_required"),  # SG, parent in CN
+    ],
+)
+async def test_denials_without_token(
+    start_gateway: StartGateway, account: str | None, sku: str, status: int, reason: str
+) -> None:
+    """Rows 2, 5, 6, 7: denied launches get problem+json and never reach the upstream."""
+    gw = await start_gateway()
+    got, body, headers = await gw.launch(account=account, sku=sku)
+    assert (got, body["reason"]) == (status, reason)
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["type"] == f"urn:launchgate:problem:{reason}"
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert body["decision_id"] == gw.decisions()[-1]["decision_id"]
+    assert await gw.stub_requests() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"count": 1}',
+        b'{"instance_type": 5}',
+        b'{"instance_type": ""}',
+        b'{"instance_type": "p5.48xlarge", "count": 0}',
+        b'{"instance_type": "p5.48xlarge", "count": -1}',
+        b'{"instance_type": "p5.48xlarge", "count": 1.5}',
+        b'{"instance_type": "p5.48xlarge", "count": 2.0}',
+        b'{"instance_type": "p5.48xlarge", "count": true}',
+        b'{"instance_type": "p5.48xlarge", "count": "2"}',
+        b'{"instance_type": "p5.48xlarge", "count": 100001}',
+        b'{"instance_type": "m7i.large", "instance_type": "p5.48xlarge"}',
+        b'{"instance_type": "p5.48xlarge", "x": {"a": 1, "a": 2}}',
+        b'{"instance_type": "p5.48xlarge", "count": NaN}',
+        b'\xef\xbb\xbf{"instance_type": "p5.48xlarge"}',
+        b'{"instance_type": "p5.48xlarge\xff"}',
+        b'{"instance_type": "p5.48xlarge"} {"instance_type": "m7i.large"}',
+        b"[]",
+    ],
+)
+async def test_malformed_launch_bodies(start_gateway: StartGateway, body: bytes) -> None:
+    """Row 1: a body with no one meaning is 400 malformed_request, before anything else."""
+    gw = await start_gateway()
+    async with gw.session.post(
+        f"{gw.url}/v1/instances", data=body, headers={"Content-Type": "application/json"}
+    ) as r:
+        assert r.status == 400
+        problem = await r.json(content_type="application/problem+json")
+    assert problem["reason"] == "malformed_request"
+    assert await gw.stub_requests() == []
+    assert (await gw.gateway.ledger.licenses()) == []
+
+
+async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) -> None:
+    """A Content-Encoding the gateway does not decode cannot be judged: 400."""
+    import gzip
+
+    gw = await start_gateway()
+    body = gzip.compress(json.dumps({"instance_type": H100_SKU}).encode())
+    headers = {"Content-Encoding": "gzip", "X-Account-Id": RESTRICTED}
+    async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
+        assert r.status == 400
+        assert (await r.json(content_type=None))["reason"] == "malformed_request"
+
+
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+async def test_method_override_headers_refused(start_gateway: StartGateway, header: str) -> None:
+    """Method-override headers get 400 on any route, launch or not."""
+    gw = await start_gateway()
+    for method, path in (("GET", "/v1/instances"), ("POST", "/v1/instances")):
+        async with gw.session.request(method, f"{gw.url}{path}", headers={header: "POST"}) as r:
+            assert r.status == 400
+    assert await gw.stub_requests() == []
+
+
+async def test_licensed_launch_depletes_to_exhaustion(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Rows 20-21: a license of 64 admits eight 8-GPU instances, then denies the ninth."""
+    gw = await start_gateway()
+    token = make_token(max_accelerators=64, jti="lic-64")
+    for _ in range(4):
+        status, body, _ = await gw.launch(token=token, count=2)
+        assert status == 201, body
+    status, body, _ = await gw.launch(token=token, count=1)
+    assert (status, body["reason"]) == (403, "license_exhausted")
+    assert "0 of 64" in body["detail"] and "needs 8" in body["detail"]
+    state = await gw.license("lic-64")
+    assert (state.used, state.reserved) == (64, 0)
+    licensed = [d for d in gw.decisions() if d["reason"] == "licensed"]
+    assert len(licensed) == 4
+    assert licensed[0]["license"] == {
+        "jti": "lic-64",
+        "kid": "k-ed",
+        "iss": "compliance.example-cloud",
+    }
+    completed = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert [c["upstream_status"] for c in completed] == [201] * 4
+    assert {c["decision_id"] for c in completed} == {d["decision_id"] for d in licensed}
+    launched = [r for r in await gw.stub_requests() if r["method"] == "POST"]
+    assert len(launched) == 4
+
+
+async def test_partial_fit_is_denied_whole(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """A launch that needs more than is left is denied and reserves nothing."""
+    gw = await start_gateway()
+    token = make_token(max_accelerators=12, jti="lic-12")
+    assert (await gw.launch(token=token))[0] == 201
+    status, body, _ = await gw.launch(token=token)
+    assert (status, body["reason"]) == (403, "license_exhausted")
+    assert "4 of 12" in body["detail"]
+    state = await gw.license("lic-12")
+    assert (state.used, state.reserved) == (8, 0)
+
+
+async def test_es256_token_is_accepted(
+    start_gateway: StartGateway, make_token: MakeToken, keys: Keys
+) -> None:
+    """Row 21 with an ES256 key: both algorithms verify."""
+    gw = await start_gateway()
+    status, _, _ = await gw.launch(token=make_token(private_key=keys.p256, kid="k-es"))
+    assert status == 201
+
+
+async def test_token_header_never_forwarded_nor_logged(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """The raw token reaches neither the upstream nor the decision log."""
+    gw = await start_gateway()
+    token = make_token()
+    assert (await gw.launch(token=token))[0] == 201
+    assert (await gw.launch(token=token + "x"))[0] == 403
+    forwarded = (await gw.stub_requests())[0]
+    names = {name.lower() for name, _ in forwarded["headers"]}
+    assert "license-token" not in names
+    assert token not in json.dumps(forwarded)
+    log_text = gw.config.audit_path.read_text()
+    assert token not in log_text and token.split(".")[2] not in log_text
+
+
+def _token_cases(keys: Keys) -> list[tuple[str, str]]:
+    t = int(now())
+    es_key_ed_token = issue_token(
+        private_key=keys.ed25519,
+        kid="k-es",
+        issuer="compliance.example-cloud",
+        account=RESTRICTED,
+        skus=[H100_SKU],
+        max_accelerators=8,
+        expires_in_s=600,
+    )
+    ed_pub = (keys.folder / "jwks.json").read_text().encode()
+    import hashlib
+    import hmac
+
+    def hs256(secret: bytes) -> str:
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "k-ed"}).encode())
+        payload = _b64(json.dumps(good_claims()).encode())
+        sig = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{header}.{payload}.{_b64(sig)}"
+
+    def sign(**claims: Any) -> str:
+        args: dict[str, Any] = {
+            "private_key": keys.ed25519,
+            "kid": "k-ed",
+            "issuer": "compliance.example-cloud",
+            "account": RESTRICTED,
+            "skus": [H100_SKU],
+            "max_accelerators": 8,
+            "expires_in_s": 600,
+        }
+        args.update(claims)
+        return issue_token(**args)
+
+    valid = sign()
+    head, payload, sig = valid.split(".")
+    tampered_claims = json.loads(base64.urlsafe_b64decode(payload + "==")) | {
+        "max_accelerators": 10_000
+    }
+    return [
+        ("not-a-jws", "token_invalid"),
+        ("a.b", "token_invalid"),
+        (forge({"alg": "none", "kid": "k-ed"}, good_claims()), "token_invalid"),
+        (hs256(ed_pub), "token_invalid"),  # key confusion: public key bytes as HMAC secret
+        (forge({"alg": "RS256", "kid": "k-ed"}, good_claims(), b"x" * 256), "token_invalid"),
+        (
+            forge(
+                {"alg": "EdDSA", "kid": "k-ed", "jku": "http://127.0.0.1/keys"},
+                good_claims(),
+                b"x" * 64,
+            ),
+            "token_invalid",
+        ),
+        (
+            forge({"alg": "EdDSA", "kid": "k-ed", "jwk": {"kty": "OKP"}}, good_claims(), b"x" * 64),
+            "token_invalid",
+        ),
+        (
+            forge(
+                {"alg": "EdDSA", "kid": "k-ed", "x5u": "http://127.0.0.1/c"},
+                good_claims(),
+                b"x" * 64,
+            ),
+            "token_invalid",
+        ),
+        (forge({"alg": "EdDSA", "kid": "nobody"}, good_claims(), b"x" * 64), "token_unknown_key"),
+        (forge({"alg": "EdDSA"}, good_claims(), b"x" * 64), "token_unknown_key"),
+        (es_key_ed_token, "token_invalid"),  # EdDSA token naming the ES256 key
+        (f"{head}.{_b64(json.dumps(tampered_claims).encode())}.{sig}", "token_invalid"),
+        (f"{head}.{payload}.{_b64(b'0' * 64)}", "token_invalid"),
+        (sign(expires_in_s=1, now=t - 120), "token_expired"),
+        (sign(not_before=t + 3600), "token_not_yet_valid"),
+        (sign(issuer="someone-else"), "token_wrong_issuer"),
+        (sign(audience="another-gateway"), "token_wrong_audience"),
+        (sign(account=UNRESTRICTED), "token_account_mismatch"),
+        (sign(skus=["p4d.24xlarge"]), "token_sku_not_covered"),
+        (sign(regions=["eu-west-1"]), "token_region_not_covered"),
+    ]
+
+
+async def test_token_attacks_and_claim_rows(start_gateway: StartGateway, keys: Keys) -> None:
+    """Rows 8-17: every bad token is denied with its reason code and never forwarded."""
+    gw = await start_gateway()
+    for token, reason in _token_cases(keys):
+        status, body, _ = await gw.launch(token=token)
+        assert (status, body["reason"]) == (403, reason), (reason, body)
+        assert token not in json.dumps(body)
+    assert await gw.stub_requests() == []
+    assert await gw.gateway.ledger.licenses() == []
+
+
+async def test_token_within_leeway_still_valid(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Row 11 respects leeway_s: a token expired 10 s ago passes with a 30 s leeway."""
+    gw = await start_gateway()
+    token = make_token(expires_in_s=1, now=now() - 11)
+    assert (await gw.launch(token=token))[0] == 201
+
+
+async def test_region_covered_and_missing(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Row 17: a region-limited license needs the request's region among its regions."""
+    gw = await start_gateway()
+    token = make_token(regions=["us-east-1"])
+    assert (await gw.launch(token=token, region="us-east-1"))[0] == 201
+    status, body, _ = await gw.launch(token=token, region=None)
+    assert (status, body["reason"]) == (403, "token_region_not_covered")
+
+
+async def test_revocation_denies_from_then_on(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Row 19: `launchgate token revoke` (another process) denies the license at once."""
+    gw = await start_gateway()
+    token = make_token(jti="lic-revoke-me")
+    assert (await gw.launch(token=token))[0] == 201
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "launchgate", "token", "revoke", "--config", str(gw.config_path)),
+        *("lic-revoke-me", "--reason", "end user concern"),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr
+    status, body, _ = await gw.launch(token=token)
+    assert (status, body["reason"]) == (403, "license_revoked")
+    assert len([r for r in await gw.stub_requests() if r["method"] == "POST"]) == 1
+
+
+async def test_store_unavailable_fails_closed(
+    start_gateway: StartGateway, make_token: MakeToken, tmp_path: Path
+) -> None:
+    """Row 18: with the ledger unusable, licensed launches get 503; others still pass."""
+    (tmp_path / "a-directory").mkdir()
+    gw = await start_gateway(store={"url": f"sqlite:{tmp_path / 'a-directory'}"})
+    status, body, _ = await gw.launch(token=make_token())
+    assert (status, body["reason"]) == (503, "store_unavailable")
+    assert (await gw.launch(account=UNRESTRICTED))[0] == 201
+    assert (await gw.launch(sku=CPU_SKU))[0] == 201
+    assert [r["path"] for r in await gw.stub_requests()] == ["/v1/instances"] * 2
+
+
+async def test_upstream_5xx_releases_reservation(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """An upstream error answer is relayed as is and the reservation is released."""
+    gw = await start_gateway()
+    await gw.stub_fail(status=500, times=1)
+    token = make_token(jti="lic-5xx", max_accelerators=8)
+    status, _, headers = await gw.launch(token=token)
+    assert status == 500
+    assert "Launchgate-Decision-Id" in headers
+    state = await gw.license("lic-5xx")
+    assert (state.used, state.reserved) == (0, 0)
+    assert (await gw.launch(token=token))[0] == 201
+    completed = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert [(c["upstream_status"], c["settlement"]) for c in completed] == [
+        (500, "released"),
+        (201, "used"),
+    ]
+
+
+async def test_upstream_down_gives_502_and_releases(
+    start_gateway: StartGateway, make_token: MakeToken, unused_tcp_port: int
+) -> None:
+    """No connection to the upstream: 502 upstream_unavailable, reservation released."""
+    gw = await start_gateway(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
+    status, body, _ = await gw.launch(token=make_token(jti="lic-down"))
+    assert (status, body["reason"]) == (502, "upstream_unavailable")
+    state = await gw.license("lic-down")
+    assert (state.used, state.reserved) == (0, 0)
+    completed = [r for r in gw.records() if r["event"] == "launch.completed"][-1]
+    assert completed["upstream_status"] is None and completed["settlement"] == "released"
+
+
+async def test_upstream_timeout_gives_504_and_settles_as_used(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """The upstream took the launch then timed out: 504, the reservation counts as used."""
+    gw = await start_gateway(upstream={"timeout_s": 0.3})
+    await gw.stub_fail(delay_s=2, times=1)
+    status, body, _ = await gw.launch(token=make_token(jti="lic-slow"))
+    assert (status, body["reason"]) == (504, "upstream_timeout")
+    state = await gw.license("lic-slow")
+    assert (state.used, state.reserved) == (8, 0)
+    completed = [r for r in gw.records() if r["event"] == "launch.completed"][-1]
+    assert completed["settlement"] == "used_unknown"
+
+
+async def test_body_too_large_is_413(start_gateway: StartGateway) -> None:
+    """A launch body over max_body_bytes gets 413 body_too_large and is not forwarded."""
+    gw = await start_gateway(server={"max_body_bytes": 1024})
+    body = json.dumps({"instance_type": H100_SKU, "pad": "x" * 2000}).encode()
+    async with gw.session.post(
+        f"{gw.url}/v1/instances", data=body, headers={"X-Account-Id": RESTRICTED}
+    ) as r:
+        assert r.status == 413
+        assert (await r.json(content_type=None))["reason"] == "body_too_large"
+
+    async def chunks() -> Any:
+        for _ in range(4):
+            yield b"x" * 512
+
+    async with gw.session.post(
+        f"{gw.url}/v1/instances", data=chunks(), headers={"X-Account-Id": RESTRICTED}
+    ) as r:
+        assert r.status == 413
+    assert await gw.stub_requests() == []
+
+
+async def test_shadow_mode_forwards_would_be_denials(start_gateway: StartGateway) -> None:
+    """Shadow mode decides and records, but forwards everything (enforced: false)."""
+    gw = await start_gateway(server={"mode": "shadow"})
+    status, _, _ = await gw.launch()
+    assert status == 201
+    decision = gw.decisions()[-1]
+    assert (decision["outcome"], decision["reason"], decision["enforced"], decision["mode"]) == (
+        "deny",
+        "license_required",
+        False,
+        "shadow",
+    )
+    assert gw.records()[-1]["event"] == "launch.completed"
+
+
+async def test_decision_record_fields(start_gateway: StartGateway, make_token: MakeToken) -> None:
+    """Each launch.decision record has every CONTRACT section 5 field, nulls where n/a."""
+    gw = await start_gateway()
+    await gw.launch(account=UNRESTRICTED, sku=CPU_SKU)
+    await gw.launch(token=make_token(), count=2)
+    required = {
+        "event",
+        "timestamp",
+        "decision_id",
+        "outcome",
+        "reason",
+        "enforced",
+        "mode",
+        "account",
+        "restricted",
+        "sku",
+        "count",
+        "accelerator",
+        "accelerators",
+        "eccn",
+        "controlled",
+        "region",
+        "license",
+        "method",
+        "path",
+        "seq",
+        "prev_hash",
+        "hash",
+    }
+    first, second = gw.decisions()
+    assert required <= set(first) and required <= set(second)
+    assert first["license"] is None and first["accelerator"] is None
+    assert second["accelerators"] == 16 and second["restricted"] is True
+    assert second["items"] == [
+        {
+            "sku": H100_SKU,
+            "count": 2,
+            "accelerator": "H100-SXM5-80GB",
+            "accelerators": 16,
+            "eccn": "3A090.a",
+            "controlled": True,
+        }
+    ]
+    assert [r["seq"] for r in gw.records()] == list(range(1, len(gw.records()) + 1))

@@ -1,0 +1,625 @@
+"""The license ledger: reservation lifecycle, revocation, concurrency, and store failures.
+
+Tests that take the ``ledger`` fixture are conformance tests for any ``Ledger``; add a
+PostgreSQL implementation to the fixture's params and they run against it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.ledger import (
+    Ledger,
+    ReserveOutcome,
+    ReserveResult,
+    SqliteLedger,
+    open_ledger,
+)
+
+T0 = 1_800_000_000.0
+EXPIRES = T0 + 90 * 86400
+
+
+@pytest.fixture(params=["sqlite"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    """An open, empty ledger of each implementation."""
+    store: Ledger
+    if request.param == "sqlite":
+        store = SqliteLedger(tmp_path / "data" / "ledger.sqlite3")
+    else:  # pragma: no cover - future implementations
+        raise NotImplementedError(request.param)
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_pair(tmp_path: Path) -> AsyncIterator[tuple[SqliteLedger, SqliteLedger]]:
+    """Two ledgers on one SQLite file, standing in for two processes (a gateway and the CLI)."""
+    path = tmp_path / "ledger.sqlite3"
+    first, second = SqliteLedger(path), SqliteLedger(path)
+    await first.open()
+    await second.open()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def reserve(
+    ledger: Ledger,
+    decision_id: str,
+    amount: int,
+    *,
+    jti: str = "lic-42",
+    max_accelerators: int = 64,
+    now: float = T0,
+) -> ReserveResult:
+    return await ledger.reserve(
+        jti=jti,
+        account="acct-2001",
+        max_accelerators=max_accelerators,
+        expires=EXPIRES,
+        amount=amount,
+        decision_id=decision_id,
+        now=now,
+    )
+
+
+# --- reserve ------------------------------------------------------------------------------
+
+
+async def test_first_reserve_records_the_license(ledger: Ledger) -> None:
+    """The first reservation stores account, maximum, expiry and first sighting, and reserves."""
+    result = await reserve(ledger, "d1", 16)
+    assert result == ReserveResult(ReserveOutcome.RESERVED, 64, used=0, reserved=16, requested=16)
+    assert result.remaining == 48
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.account, state.max_accelerators, state.expires, state.first_seen) == (
+        "acct-2001",
+        64,
+        EXPIRES,
+        T0,
+    )
+    assert (state.used, state.reserved, state.remaining, state.revoked) == (0, 16, 48, False)
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert (reservation.jti, reservation.amount, reservation.state) == ("lic-42", 16, "reserved")
+    assert reservation.created_at == T0
+    assert reservation.settled_at is None
+
+
+async def test_later_sightings_keep_the_first_maximum(ledger: Ledger) -> None:
+    """A jti is unique: a later reserve with another maximum does not change the stored one."""
+    await reserve(ledger, "d1", 8, max_accelerators=64)
+    result = await reserve(ledger, "d2", 8, max_accelerators=1000, now=T0 + 5)
+    assert result.max_accelerators == 64
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.max_accelerators, state.first_seen, state.reserved) == (64, T0, 16)
+
+
+@pytest.mark.parametrize(
+    ("already", "amount", "outcome", "reserved_after"),
+    [
+        (56, 8, ReserveOutcome.RESERVED, 64),  # exactly fits
+        (56, 16, ReserveOutcome.EXHAUSTED, 56),  # one unit over is refused whole
+        (64, 1, ReserveOutcome.EXHAUSTED, 64),
+        (64, 0, ReserveOutcome.RESERVED, 64),  # a template (count 0) always fits
+        (0, 65, ReserveOutcome.EXHAUSTED, 0),
+    ],
+)
+async def test_reserve_against_capacity(
+    ledger: Ledger, already: int, amount: int, outcome: ReserveOutcome, reserved_after: int
+) -> None:
+    """used + reserved + amount > max is exhausted and reserves nothing; otherwise it reserves."""
+    if already:
+        await reserve(ledger, "d0", already)
+    result = await reserve(ledger, "d1", amount)
+    assert (result.outcome, result.reserved, result.requested) == (outcome, reserved_after, amount)
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert state.reserved == reserved_after
+    reservation = await ledger.reservation("d1")
+    assert (reservation is not None) == (outcome is ReserveOutcome.RESERVED)
+
+
+async def test_committed_use_counts_against_capacity(ledger: Ledger) -> None:
+    """Accelerators already used are not available again."""
+    await reserve(ledger, "d1", 60)
+    await ledger.commit("d1", T0 + 1)
+    result = await reserve(ledger, "d2", 8)
+    assert (result.outcome, result.used, result.reserved, result.remaining) == (
+        ReserveOutcome.EXHAUSTED,
+        60,
+        0,
+        4,
+    )
+
+
+async def test_negative_amount_is_refused(ledger: Ledger) -> None:
+    """A negative reservation would mint capacity; it is a programming error."""
+    with pytest.raises(ValueError, match="negative"):
+        await reserve(ledger, "d1", -8)
+
+
+async def test_reusing_a_decision_id_is_refused_and_reserves_nothing(ledger: Ledger) -> None:
+    """One decision, one reservation: a second reserve under the same id raises, unchanged."""
+    await reserve(ledger, "d1", 8)
+    with pytest.raises(ValueError, match="d1"):
+        await reserve(ledger, "d1", 8)
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert state.reserved == 8
+
+
+# --- settlement ---------------------------------------------------------------------------
+
+
+def _settle(ledger: Ledger, how: str, decision_id: str) -> Awaitable[None]:
+    if how == "commit":
+        return ledger.commit(decision_id, T0 + 10)
+    if how == "release":
+        return ledger.release(decision_id, T0 + 10)
+    return ledger.settle_unknown(decision_id, T0 + 10, "upstream timed out")
+
+
+SETTLED_STATE = {"commit": "used", "release": "released", "settle_unknown": "settled_unknown"}
+
+
+@pytest.mark.parametrize(
+    ("how", "state", "used"),
+    [
+        ("commit", "used", 16),
+        ("release", "released", 0),
+        ("settle_unknown", "settled_unknown", 16),
+    ],
+)
+async def test_settlement_moves_the_reservation(
+    ledger: Ledger, how: str, state: str, used: int
+) -> None:
+    """commit and settle_unknown turn the reservation into use; release gives it back."""
+    await reserve(ledger, "d1", 16)
+    await _settle(ledger, how, "d1")
+    license_state = await ledger.license("lic-42")
+    assert license_state is not None
+    assert (license_state.used, license_state.reserved) == (used, 0)
+    assert license_state.remaining == 64 - used
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert (reservation.state, reservation.settled_at) == (state, T0 + 10)
+    if how == "settle_unknown":
+        assert reservation.note == "upstream timed out"
+
+
+@pytest.mark.parametrize("first", ["commit", "release", "settle_unknown"])
+@pytest.mark.parametrize("then", ["commit", "release", "settle_unknown"])
+async def test_a_settled_reservation_is_never_settled_again(
+    ledger: Ledger, first: str, then: str
+) -> None:
+    """Only a 'reserved' reservation moves: a second settlement of any kind is a no-op."""
+    await reserve(ledger, "d1", 16)
+    await _settle(ledger, first, "d1")
+    before = await ledger.license("lic-42")
+    await _settle(ledger, then, "d1")
+    assert await ledger.license("lic-42") == before
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert reservation.state == SETTLED_STATE[first]
+
+
+@pytest.mark.parametrize("how", ["commit", "release", "settle_unknown"])
+async def test_settling_an_unknown_decision_is_a_no_op(ledger: Ledger, how: str) -> None:
+    """Settling a decision that reserved nothing (e.g. an exhausted one) changes nothing."""
+    await reserve(ledger, "d1", 8)
+    await _settle(ledger, how, "never-reserved")
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.used, state.reserved) == (0, 8)
+
+
+async def test_expire_settles_old_reservations_as_used_and_keeps_young_ones(
+    ledger: Ledger,
+) -> None:
+    """A reservation older than the TTL is settled_unknown and counted as used; a younger one
+    stays reserved; settled ones are left alone."""
+    await reserve(ledger, "old", 8, now=T0)
+    await reserve(ledger, "young", 16, now=T0 + 250)
+    await reserve(ledger, "done", 4, now=T0)
+    await ledger.commit("done", T0 + 1)
+
+    expired = await ledger.expire_reservations(now=T0 + 301, ttl_s=300)
+
+    assert expired == ["old"]
+    old = await ledger.reservation("old")
+    young = await ledger.reservation("young")
+    assert old is not None
+    assert young is not None
+    assert (old.state, old.settled_at) == ("settled_unknown", T0 + 301)
+    assert old.note is not None
+    assert young.state == "reserved"
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.used, state.reserved) == (8 + 4, 16)
+    assert await ledger.expire_reservations(now=T0 + 301, ttl_s=300) == []
+
+
+async def test_late_commit_after_expiry_does_not_double_count(ledger: Ledger) -> None:
+    """A gateway that answers after its reservation was expired does not count it twice."""
+    await reserve(ledger, "d1", 16)
+    await ledger.expire_reservations(now=T0 + 1000, ttl_s=300)
+    await ledger.commit("d1", T0 + 1001)
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.used, state.reserved) == (16, 0)
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert reservation.state == "settled_unknown"
+
+
+# --- give back (licenses release) -----------------------------------------------------------
+
+
+async def test_give_back_returns_a_settled_unknown_reservation(ledger: Ledger) -> None:
+    """Staff give back an unknown outcome: it becomes released and leaves `used`."""
+    await reserve(ledger, "d1", 16)
+    await reserve(ledger, "d2", 8)
+    await ledger.commit("d2", T0 + 1)
+    await ledger.settle_unknown("d1", T0 + 1, "upstream timed out")
+
+    given = await ledger.give_back("d1", now=T0 + 3600, note="checked: nothing launched")
+
+    assert (given.decision_id, given.amount, given.state) == ("d1", 16, "released")
+    assert (given.settled_at, given.note) == (T0 + 3600, "checked: nothing launched")
+    assert await ledger.reservation("d1") == given
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.used, state.reserved, state.remaining) == (8, 0, 56)
+
+
+async def test_give_back_without_note_keeps_the_settlement_note(ledger: Ledger) -> None:
+    """note=None leaves the note recorded when the reservation was settled."""
+    await reserve(ledger, "d1", 16)
+    await ledger.settle_unknown("d1", T0 + 1, "upstream timed out")
+    given = await ledger.give_back("d1", now=T0 + 2, note=None)
+    assert given.note == "upstream timed out"
+
+
+@pytest.mark.parametrize(
+    ("settle", "state"),
+    [(None, "reserved"), ("commit", "used"), ("release", "released")],
+)
+async def test_give_back_refuses_any_other_state(
+    ledger: Ledger, settle: str | None, state: str
+) -> None:
+    """Only settled_unknown can be given back; the error names the reservation's state."""
+    await reserve(ledger, "d1", 16)
+    if settle:
+        await _settle(ledger, settle, "d1")
+    before = await ledger.license("lic-42")
+    with pytest.raises(ValueError, match=f"'{state}'"):
+        await ledger.give_back("d1", now=T0 + 5, note=None)
+    assert await ledger.license("lic-42") == before
+
+
+async def test_give_back_twice_is_refused(ledger: Ledger) -> None:
+    """A given-back reservation is released; giving it back again cannot lower `used` twice."""
+    await reserve(ledger, "d1", 16)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    await ledger.give_back("d1", now=T0 + 2, note=None)
+    with pytest.raises(ValueError, match="'released'"):
+        await ledger.give_back("d1", now=T0 + 3, note=None)
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert state.used == 0
+
+
+async def test_give_back_of_an_unknown_decision_raises_lookup_error(ledger: Ledger) -> None:
+    """A decision id with no reservation is a LookupError."""
+    with pytest.raises(LookupError, match="nope"):
+        await ledger.give_back("nope", now=T0, note=None)
+
+
+# --- revocation ---------------------------------------------------------------------------
+
+
+async def test_revoke_before_first_sight_denies_the_license_when_it_shows_up(
+    ledger: Ledger,
+) -> None:
+    """A jti revoked before any launch used it is recorded, then refused at first sight."""
+    assert await ledger.revoke("lic-42", reason="issued in error", now=T0) is True
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.revoked, state.revoked_reason, state.revoked_at) == (True, "issued in error", T0)
+    assert (state.account, state.max_accelerators, state.remaining, state.first_seen) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+    result = await reserve(ledger, "d1", 8, now=T0 + 10)
+
+    assert (result.outcome, result.reserved, result.max_accelerators) == (
+        ReserveOutcome.REVOKED,
+        0,
+        64,
+    )
+    assert await ledger.reservation("d1") is None
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.account, state.max_accelerators, state.first_seen) == ("acct-2001", 64, T0 + 10)
+    assert state.revoked
+
+
+async def test_revoke_after_use_denies_further_launches(ledger: Ledger) -> None:
+    """After revocation nothing more is reserved, not even a zero-accelerator item."""
+    await reserve(ledger, "d1", 8)
+    await ledger.commit("d1", T0 + 1)
+    assert await ledger.revoke("lic-42", reason=None, now=T0 + 2) is True
+    for decision_id, amount in [("d2", 8), ("d3", 0)]:
+        result = await reserve(ledger, decision_id, amount, now=T0 + 3)
+        assert result.outcome is ReserveOutcome.REVOKED
+        assert (result.used, result.reserved) == (8, 0)
+
+
+async def test_revoking_twice_reports_false_and_keeps_the_first_reason(ledger: Ledger) -> None:
+    """revoke is idempotent: the second call returns False and changes nothing."""
+    assert await ledger.revoke("lic-42", reason="first", now=T0) is True
+    assert await ledger.revoke("lic-42", reason="second", now=T0 + 1) is False
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.revoked_reason, state.revoked_at) == ("first", T0)
+
+
+async def test_licenses_lists_every_license_seen(ledger: Ledger) -> None:
+    """licenses() returns every license, seen or only revoked, ordered by jti."""
+    await reserve(ledger, "d1", 8, jti="lic-b")
+    await reserve(ledger, "d2", 4, jti="lic-a", max_accelerators=8)
+    await ledger.revoke("lic-c", reason=None, now=T0)
+    listed = await ledger.licenses()
+    assert [(s.jti, s.reserved, s.remaining, s.revoked) for s in listed] == [
+        ("lic-a", 4, 4, False),
+        ("lic-b", 8, 56, False),
+        ("lic-c", 0, None, True),
+    ]
+    assert await ledger.license("lic-unknown") is None
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+async def test_concurrent_reserves_never_overspend(ledger: Ledger) -> None:
+    """200 concurrent launches of 8 against a license of 64: exactly 8 win."""
+    results = await asyncio.gather(*(reserve(ledger, f"d{i}", 8) for i in range(200)))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(ReserveOutcome.RESERVED) == 8
+    assert outcomes.count(ReserveOutcome.EXHAUSTED) == 192
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.reserved, state.remaining) == (64, 0)
+
+
+async def test_two_processes_racing_never_overspend(
+    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
+) -> None:
+    """Two ledgers on one file (two processes) racing 100 launches each: exactly 8 win."""
+    first, second = sqlite_pair
+    results = await asyncio.gather(
+        *(reserve(first, f"a{i}", 8) for i in range(100)),
+        *(reserve(second, f"b{i}", 8) for i in range(100)),
+    )
+    assert [r.outcome for r in results].count(ReserveOutcome.RESERVED) == 8
+    for store in sqlite_pair:
+        state = await store.license("lic-42")
+        assert state is not None
+        assert state.reserved == 64
+
+
+async def test_revoke_from_another_process_is_seen_by_the_next_reserve(
+    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
+) -> None:
+    """`launchgate token revoke` writing through its own connection stops the gateway's next
+    reservation."""
+    gateway, cli = sqlite_pair
+    assert (await reserve(gateway, "d1", 8)).outcome is ReserveOutcome.RESERVED
+    assert await cli.revoke("lic-42", reason="compliance hold", now=T0 + 1) is True
+    assert (await reserve(gateway, "d2", 8)).outcome is ReserveOutcome.REVOKED
+
+
+async def test_give_back_from_another_process_frees_capacity(
+    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
+) -> None:
+    """`launchgate licenses release` in another process makes the units available again."""
+    gateway, cli = sqlite_pair
+    await reserve(gateway, "d1", 64)
+    await gateway.settle_unknown("d1", T0 + 1, "timeout")
+    assert (await reserve(gateway, "d2", 8)).outcome is ReserveOutcome.EXHAUSTED
+    await cli.give_back("d1", now=T0 + 2, note=None)
+    assert (await reserve(gateway, "d3", 8)).outcome is ReserveOutcome.RESERVED
+
+
+async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    """While another process holds the write lock, reserve waits off the loop, then succeeds."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        pending = asyncio.create_task(reserve(store, "d1", 8))
+        started = time.monotonic()
+        await asyncio.sleep(0.2)
+        assert time.monotonic() - started < 0.5  # the loop kept turning
+        assert not pending.done()
+        other.execute("COMMIT")
+        assert (await pending).outcome is ReserveOutcome.RESERVED
+    finally:
+        other.close()
+        await store.close()
+
+
+# --- store failures -----------------------------------------------------------------------
+
+
+async def test_a_lock_held_past_the_busy_timeout_is_store_unavailable(tmp_path: Path) -> None:
+    """A write lock that is not released in time fails closed as StoreUnavailable."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path, busy_timeout_s=0.2)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable) as caught:
+            await reserve(store, "d1", 8)
+        assert isinstance(caught.value.__cause__, sqlite3.Error)
+        other.execute("ROLLBACK")
+        # Once the lock is gone the same ledger works again.
+        assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
+    finally:
+        other.close()
+        await store.close()
+
+
+def _directory_in_place_of_the_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.sqlite3"
+    path.mkdir()
+    return path
+
+
+def _file_in_place_of_the_folder(tmp_path: Path) -> Path:
+    (tmp_path / "data").write_text("not a folder")
+    return tmp_path / "data" / "ledger.sqlite3"
+
+
+def _not_a_database(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
+    return path
+
+
+_CALLS: dict[str, Callable[[SqliteLedger], Awaitable[object]]] = {
+    "open": lambda store: store.open(),
+    "ping": lambda store: store.ping(),
+    "reserve": lambda store: reserve(store, "d1", 8),
+    "revoke": lambda store: store.revoke("lic-42", reason=None, now=T0),
+    "licenses": lambda store: store.licenses(),
+}
+
+
+@pytest.mark.parametrize(
+    "make_path", [_directory_in_place_of_the_file, _file_in_place_of_the_folder, _not_a_database]
+)
+@pytest.mark.parametrize("call", sorted(_CALLS))
+async def test_an_unusable_path_raises_store_unavailable(
+    tmp_path: Path, make_path: Callable[[Path], Path], call: str
+) -> None:
+    """Whatever makes the file unusable, every call raises StoreUnavailable, never sqlite3."""
+    store = SqliteLedger(make_path(tmp_path))
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await _CALLS[call](store)
+        assert isinstance(caught.value.__cause__, (sqlite3.Error, OSError))
+    finally:
+        await store.close()
+
+
+async def test_a_closed_ledger_is_unavailable(tmp_path: Path) -> None:
+    """After close() every call raises StoreUnavailable; close() twice is harmless."""
+    store = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await store.open()
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+
+
+async def test_data_survives_reopening(tmp_path: Path) -> None:
+    """A restarted gateway finds its ledger as it left it; open() on an existing schema is safe."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    await store.open()
+    await reserve(store, "d1", 8)
+    await store.close()
+    again = SqliteLedger(path)
+    await again.open()
+    try:
+        reservation = await again.reservation("d1")
+        assert reservation is not None
+        assert reservation.state == "reserved"
+    finally:
+        await again.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A ledger written by a newer launchgate is not used blindly."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    conn.close()
+    newer = SqliteLedger(path)
+    try:
+        with pytest.raises(StoreUnavailable, match="schema version 99"):
+            await newer.open()
+    finally:
+        await newer.close()
+
+
+# --- open_ledger --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:data/ledger.sqlite3", "BASE/data/ledger.sqlite3"),
+        ("sqlite:ledger.db", "BASE/ledger.db"),
+        ("sqlite:/var/lib/launchgate/ledger.db", "/var/lib/launchgate/ledger.db"),
+        ("sqlite:///var/lib/launchgate/ledger.db", "/var/lib/launchgate/ledger.db"),
+        ("SQLite:data/ledger.sqlite3", "BASE/data/ledger.sqlite3"),
+    ],
+)
+def test_open_ledger_resolves_sqlite_paths(tmp_path: Path, url: str, expected: str) -> None:
+    """A sqlite url is relative to the config file's folder unless absolute."""
+    store = open_ledger(url, tmp_path)
+    assert isinstance(store, SqliteLedger)
+    assert store.path == Path(expected.replace("BASE", str(tmp_path)))
+    assert not store.path.exists()  # open_ledger does not connect
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://gate@db:5432/launchgate", "PostgreSQL store not available yet"),
+        ("redis://localhost/0", "'redis://localhost/0'"),
+        ("ledger.sqlite3", "'ledger.sqlite3'"),
+        ("sqlite:", "no database file"),
+        ("sqlite://host/ledger.db", "not a host"),
+        ("sqlite::memory:", "in-memory"),
+    ],
+)
+def test_open_ledger_rejects_other_urls(tmp_path: Path, url: str, message: str) -> None:
+    """Unsupported or malformed store urls are a ConfigError naming the url."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        open_ledger(url, tmp_path)
+
+
+def test_open_ledger_never_shows_a_database_password(tmp_path: Path) -> None:
+    """A password in a PostgreSQL url does not reach the error message."""
+    with pytest.raises(ConfigError) as caught:
+        open_ledger("postgresql://gate:s3cret@db:5432/launchgate", tmp_path)
+    assert "s3cret" not in str(caught.value)
+    assert "gate:***@db:5432" in str(caught.value)

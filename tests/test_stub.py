@@ -1,0 +1,314 @@
+"""The stub instance-launch API (CONTRACT section 7), over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import re
+import signal
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from launchgate.stub import BODY_PREVIEW_BYTES, STUB_STATE_KEY, create_stub_app
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient) -> Client:
+    return await aiohttp_client(create_stub_app())
+
+
+async def _requests(client: Client) -> list[dict[str, Any]]:
+    response = await client.get("/_stub/requests")
+    assert response.status == 200
+    records: list[dict[str, Any]] = (await response.json())["requests"]
+    return records
+
+
+async def test_launch_answers_one_instance_per_count(client: Client) -> None:
+    """A launch with count 3 answers 201 with three distinct instance ids."""
+    response = await client.post(
+        "/v1/instances", json={"instance_type": "p5.48xlarge", "count": 3, "region": "us-east-1"}
+    )
+    assert response.status == 201
+    instances = (await response.json())["instances"]
+    assert len(instances) == 3
+    assert len({i["id"] for i in instances}) == 3
+    for instance in instances:
+        assert re.fullmatch(r"i-[0-9a-f]{17}", instance["id"])
+        assert instance["instance_type"] == "p5.48xlarge"
+        assert instance["region"] == "us-east-1"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_count"),
+    [
+        ({"instance_type": "m7i.large"}, 1),
+        ({"instance_type": "m7i.large", "count": 5000}, 1000),
+    ],
+    ids=["count-defaults-to-1", "count-capped-at-1000"],
+)
+async def test_launch_count_default_and_cap(
+    client: Client, body: dict[str, Any], expected_count: int
+) -> None:
+    """count defaults to 1 and is capped at 1000; a missing region answers null."""
+    response = await client.post("/v1/instances", json=body)
+    assert response.status == 201
+    instances = (await response.json())["instances"]
+    assert len(instances) == expected_count
+    assert instances[0]["region"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b'{"instance_type": "x", "count": 0}', b'{"count": true}', b"\xff"],
+    ids=["bad-json", "not-object", "zero-count", "bool-count", "not-utf8"],
+)
+async def test_launch_rejects_bad_body(client: Client, body: bytes) -> None:
+    """A launch body that is not a JSON object with a positive count answers 400 JSON."""
+    response = await client.post("/v1/instances", data=body)
+    assert response.status == 400
+    assert "error" in await response.json()
+    assert (await (await client.get("/v1/instances")).json()) == {"instances": []}
+
+
+async def test_list_instances_returns_everything_launched(client: Client) -> None:
+    """GET /v1/instances lists every instance launched so far, across launches."""
+    first = await client.post("/v1/instances", json={"instance_type": "a", "count": 2})
+    second = await client.post("/v1/instances", json={"instance_type": "b"})
+    launched = (await first.json())["instances"] + (await second.json())["instances"]
+    response = await client.get("/v1/instances")
+    assert response.status == 200
+    assert (await response.json())["instances"] == launched
+
+
+async def test_requests_are_recorded_with_headers_query_and_body(client: Client) -> None:
+    """A recorded request keeps raw path, query, duplicate headers in order and the body."""
+    body = b'{"instance_type": "p5.48xlarge"}'
+    headers = CIMultiDict([("X-Dup", "one"), ("X-Account-Id", "acct-1"), ("X-Dup", "two")])
+    await client.post("/v1/instances?dry=1&x=a%26b%20c", data=body, headers=headers)
+    [record] = await _requests(client)
+    assert record["method"] == "POST"
+    assert record["path"] == "/v1/instances"
+    assert record["query"] == "dry=1&x=a%26b%20c"
+    assert [v for n, v in record["headers"] if n == "X-Dup"] == ["one", "two"]
+    assert ["X-Account-Id", "acct-1"] in record["headers"]
+    assert record["body"] == body.decode()
+    assert record["body_length"] == len(body)
+    assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_recorded_body_is_truncated_but_hashed_whole(client: Client) -> None:
+    """A large body is recorded as a 64 KiB preview with the full length and SHA-256."""
+    body = b"a" * (3 * BODY_PREVIEW_BYTES + 7)
+    await client.put("/somewhere/else", data=body)
+    [record] = await _requests(client)
+    assert record["body"] == "a" * BODY_PREVIEW_BYTES
+    assert record["body_length"] == len(body)
+    assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_unknown_path_is_404_json_and_recorded(client: Client) -> None:
+    """Any other method or path answers 404 JSON naming the path, and is recorded."""
+    for method, path in [("GET", "/nope"), ("PUT", "/v1/instances")]:
+        response = await client.request(method, path)
+        assert response.status == 404
+        assert await response.json() == {"error": "not found", "path": path}
+    assert [(r["method"], r["path"]) for r in await _requests(client)] == [
+        ("GET", "/nope"),
+        ("PUT", "/v1/instances"),
+    ]
+
+
+async def test_injected_status_fails_times_then_succeeds(client: Client) -> None:
+    """fail with times 2: two launches get that status, the third succeeds; /_stub is exempt."""
+    response = await client.post("/_stub/fail", json={"status": 503, "times": 2})
+    assert response.status == 200
+    statuses = []
+    for _ in range(3):
+        launch = await client.post("/v1/instances", json={"instance_type": "x"})
+        statuses.append(launch.status)
+        if launch.status == 503:
+            assert await launch.json() == {"error": "injected failure"}
+        # /_stub calls in between neither fail nor use up the count.
+        assert (await client.get("/_stub/bytes?n=1")).status == 200
+    assert statuses == [503, 503, 201]
+    launches = [r for r in await _requests(client) if r["path"] == "/v1/instances"]
+    assert len(launches) == 3
+    assert len((await (await client.get("/v1/instances")).json())["instances"]) == 1
+
+
+async def test_injected_delay_without_times_lasts_until_reset(client: Client) -> None:
+    """delay_s slows every non-/_stub request until reset, then answers normally."""
+    await client.post("/_stub/fail", json={"delay_s": 0.2})
+    for _ in range(2):
+        started = time.monotonic()
+        response = await client.get("/v1/instances")
+        assert time.monotonic() - started >= 0.2
+        assert response.status == 200
+    await client.post("/_stub/reset")
+    started = time.monotonic()
+    await client.get("/v1/instances")
+    assert time.monotonic() - started < 0.2
+
+
+async def test_injected_delay_and_status_combine(client: Client) -> None:
+    """delay_s with status: the request is delayed, then answers the injected status once."""
+    await client.post("/_stub/fail", json={"delay_s": 0.2, "status": 500, "times": 1})
+    started = time.monotonic()
+    response = await client.post("/v1/instances", json={"instance_type": "x"})
+    assert time.monotonic() - started >= 0.2
+    assert response.status == 500
+    assert (await client.post("/v1/instances", json={"instance_type": "x"})).status == 201
+
+
+async def test_delayed_request_is_recorded_while_waiting(client: Client) -> None:
+    """A delayed request is already in /_stub/requests before its answer is sent."""
+    await client.post("/_stub/fail", json={"delay_s": 5})
+    pending = asyncio.create_task(client.post("/v1/instances", json={"instance_type": "x"}))
+    try:
+        for _ in range(100):
+            if any(r["path"] == "/v1/instances" for r in await _requests(client)):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("delayed request was never recorded")
+        assert not pending.done()
+    finally:
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"times": 2},
+        {"status": 200},
+        {"status": "500"},
+        {"status": True},
+        {"status": 500, "times": 0},
+        {"delay_s": -1},
+        {"delay_s": "2"},
+        {"status": 500, "bogus": 1},
+        [500],
+    ],
+)
+async def test_fail_rejects_invalid_settings(client: Client, body: Any) -> None:
+    """Invalid failure settings answer 400 JSON and inject nothing."""
+    response = await client.post("/_stub/fail", json=body)
+    assert response.status == 400
+    assert "error" in await response.json()
+    assert (await client.get("/v1/instances")).status == 200
+
+
+async def test_echo_streams_a_large_body_back_unchanged(client: Client) -> None:
+    """POST /_stub/echo returns a 5 MB body byte for byte, chunked, with its Content-Type."""
+    body = bytes(range(256)) * (5 * 1024 * 1024 // 256) + b"tail"
+    response = await client.post(
+        "/_stub/echo", data=io.BytesIO(body), headers={"Content-Type": "application/x-test"}
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/x-test"
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert await response.read() == body
+    [record] = await _requests(client)
+    assert record["path"] == "/_stub/echo"
+    assert record["body_length"] == len(body)
+    assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("n", [0, 1, 300, 64 * 1024, 3 * 64 * 1024 + 5])
+async def test_bytes_streams_n_bytes_of_pattern(client: Client, n: int) -> None:
+    """GET /_stub/bytes?n=N answers exactly N bytes of i % 256 with Content-Length N."""
+    response = await client.get(f"/_stub/bytes?n={n}")
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(n)
+    data = await response.read()
+    assert data == bytes(i % 256 for i in range(n))
+
+
+@pytest.mark.parametrize("query", ["", "?n=", "?n=-1", "?n=abc", "?n=%C2%B2"])
+async def test_bytes_rejects_bad_n(client: Client, query: str) -> None:
+    """GET /_stub/bytes without a non-negative integer n answers 400."""
+    assert (await client.get(f"/_stub/bytes{query}")).status == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("DELETE", "/_stub/requests"), ("POST", "/_stub/reset")]
+)
+async def test_reset_clears_records_instances_and_failures(
+    client: Client, method: str, path: str
+) -> None:
+    """Reset forgets recorded requests (itself included), instances and failure modes."""
+    await client.post("/v1/instances", json={"instance_type": "x"})
+    await client.post("/_stub/fail", json={"status": 500})
+    response = await client.request(method, path)
+    assert response.status == 200
+    assert await _requests(client) == []
+    launch = await client.post("/v1/instances", json={"instance_type": "x"})
+    assert launch.status == 201
+    assert len((await (await client.get("/v1/instances")).json())["instances"]) == 1
+    state = client.app[STUB_STATE_KEY]
+    assert state.failure is None
+
+
+async def test_listing_requests_is_not_recorded(client: Client) -> None:
+    """GET /_stub/requests never shows up in its own listing."""
+    await _requests(client)
+    await _requests(client)
+    assert await _requests(client) == []
+
+
+async def test_stub_over_a_real_socket(aiohttp_server: AiohttpServer) -> None:
+    """The app serves launches to an ordinary ClientSession over TCP on 127.0.0.1."""
+    server = await aiohttp_server(create_stub_app(), host="127.0.0.1")
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{server.port}/v1/instances"
+        async with session.post(url, json={"instance_type": "x", "count": 2}) as response:
+            assert response.status == 201
+            assert len((await response.json())["instances"]) == 2
+        async with session.get(url) as response:
+            assert len((await response.json())["instances"]) == 2
+
+
+_RUN_STUB = (
+    "import asyncio; from launchgate.stub import run_stub; asyncio.run(run_stub('127.0.0.1', 0))"
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_run_stub_prints_its_port_and_stops_on_signal(signum: signal.Signals) -> None:
+    """run_stub on port 0 prints the real bound URL, serves it, and exits 0 on SIGTERM/SIGINT."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RUN_STUB, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        match = re.fullmatch(r"stub-backend listening on (http://127\.0\.0\.1:(\d+))\n", line)
+        assert match, line
+        assert int(match[2]) > 0
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{match[1]}/v1/instances") as response,
+        ):
+            assert json.loads(await response.text()) == {"instances": []}
+        process.send_signal(signum)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
