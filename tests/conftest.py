@@ -67,8 +67,27 @@ def make_token(keys: Keys) -> MakeToken:
     return make
 
 
-def write_config(tmp_path: Path, upstream_url: str, keys: Keys, **sections: dict[str, Any]) -> Path:
-    """A main configuration in ``tmp_path`` over the shipped catalog, accounts and groups."""
+GENERIC_ROUTE: dict[str, Any] = {
+    "method": "POST",
+    "path": "/v1/instances",
+    "dialect": "generic-json",
+    "sku": "/instance_type",
+    "count": "/count",
+    "region": "/region",
+}
+
+
+def write_config(
+    tmp_path: Path,
+    upstream_url: str,
+    keys: Keys,
+    routes: list[dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
+) -> Path:
+    """A main configuration in ``tmp_path`` over the shipped catalog, accounts and groups.
+
+    ``routes`` replaces the default single generic-json route on ``/v1/instances``.
+    """
     base: dict[str, dict[str, Any]] = {
         "server": {
             "listen": "127.0.0.1:0",
@@ -102,15 +121,9 @@ def write_config(tmp_path: Path, upstream_url: str, keys: Keys, **sections: dict
     for name, values in base.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines += [
-        "[[routes]]",
-        'method = "POST"',
-        'path = "/v1/instances"',
-        'dialect = "generic-json"',
-        'sku = "/instance_type"',
-        'count = "/count"',
-        'region = "/region"',
-    ]
+    for route in routes if routes is not None else [GENERIC_ROUTE]:
+        lines.append("[[routes]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in route.items()]
     path = tmp_path / "launchgate.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -190,9 +203,13 @@ async def start_gateway(
     """Start a gateway (config sections overridable) in front of the stub backend."""
     sessions: list[aiohttp.ClientSession] = []
 
-    async def start(upstream_url: str | None = None, **sections: dict[str, Any]) -> Harness:
+    async def start(
+        upstream_url: str | None = None,
+        routes: list[dict[str, Any]] | None = None,
+        **sections: dict[str, Any],
+    ) -> Harness:
         stub_url = str(stub_server.make_url("")).rstrip("/")
-        path = write_config(tmp_path, upstream_url or stub_url, keys, **sections)
+        path = write_config(tmp_path, upstream_url or stub_url, keys, routes, **sections)
         gateway = Gateway(load_config(path))
         server: TestServer = await aiohttp_server(create_app(gateway))
         session = aiohttp.ClientSession()

@@ -7,6 +7,7 @@ parses a claimed request's bytes into a ``Launch``: the SKUs and counts it can s
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,23 +85,35 @@ def _under(path: str, prefix: str) -> bool:
     return path.startswith(prefix.rstrip("/") + "/")
 
 
-def _generic_json(table: Mapping[str, Any], where: str) -> Dialect:
-    from launchgate.dialects import generic_json
-
-    return generic_json.build(table, where)
-
-
-DIALECTS: dict[str, Callable[[Mapping[str, Any], str], Dialect]] = {
-    "generic-json": _generic_json,
+# Each dialect module exposes ``build(table, where) -> Dialect``; imported on first use.
+DIALECTS: dict[str, str] = {
+    "generic-json": "launchgate.dialects.generic_json",
+    "aws-ec2": "launchgate.dialects.aws_ec2",
+    "gcp-compute": "launchgate.dialects.gcp_compute",
+    "azure-arm": "launchgate.dialects.azure_arm",
+    "openstack-nova": "launchgate.dialects.openstack_nova",
+    "opaque": "launchgate.dialects.opaque",
 }
+
+
+def _factory(name: str) -> Callable[[Mapping[str, Any], str], Dialect] | None:
+    module_name = DIALECTS.get(name)
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        return None
+    build: Callable[[Mapping[str, Any], str], Dialect] = module.build
+    return build
 
 
 def build_route(table: Mapping[str, Any], where: str) -> Route:
     """Validate one ``[[routes]]`` entry; ConfigError names the entry and key at fault."""
     name = table.get("dialect", "generic-json")
-    factory = DIALECTS.get(name) if isinstance(name, str) else None
+    factory = _factory(name) if isinstance(name, str) else None
     if factory is None:
-        known = ", ".join(sorted(DIALECTS))
+        known = ", ".join(n for n in sorted(DIALECTS) if _factory(n) is not None)
         raise ConfigError(f"{where}.dialect: unknown dialect {name!r} (known: {known})")
     options = {k: v for k, v in table.items() if k != "dialect"}
     return Route(factory(options, where))
