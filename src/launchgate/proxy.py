@@ -18,7 +18,7 @@ from aiohttp import ClientConnectorError, ClientError, ClientTimeout, Connection
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
 from launchgate.config import Config
-from launchgate.dialects import Launch, LaunchRequest, Route
+from launchgate.dialects import LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import SKIP_AUTO_HEADERS, relay_response, target_url, upstream_headers
 from launchgate.gateway import Gateway
@@ -131,11 +131,12 @@ async def handle_launch(
 
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
-        launch: Launch | None = route.dialect.parse(launch_request)
+        launch = route.dialect.parse(launch_request)
     except MalformedLaunch as e:
-        launch = None
         decision = malformed(e.detail, account)
-    if launch is not None:
+    else:
+        if launch is None:  # claimed, but the body shows it launches nothing: not judged
+            return await forward(request, gateway, config, request.raw_path, body)
         token = request.headers.get(config.token_header, "").strip() or None
         now = time.time()
         decision = decide(

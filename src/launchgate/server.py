@@ -58,10 +58,12 @@ async def serve(config: Config, *, shutdown_timeout_s: float = 30.0) -> None:
         await stop.wait()
         log.info("gateway.stopping")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        # Signal handlers stay installed until in-flight requests are done, so a second
+        # SIGTERM during the graceful stop cannot kill the process half-way.
         await admin_runner.cleanup()
         await proxy_runner.cleanup()  # stops accepting, waits for in-flight, then gateway.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         log.info("gateway.stopped")
 
 

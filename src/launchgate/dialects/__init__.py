@@ -59,8 +59,11 @@ class Dialect(Protocol):
 
     def claims(self, method: str, path: str) -> bool: ...
 
-    def parse(self, request: LaunchRequest) -> Launch:
-        """Items of a claimed request; raises MalformedLaunch when it has no one meaning."""
+    def parse(self, request: LaunchRequest) -> Launch | None:
+        """Items of a claimed request, or None when its body shows it launches nothing.
+
+        Raises MalformedLaunch when the request has no one meaning.
+        """
         ...
 
 

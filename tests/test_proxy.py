@@ -1,0 +1,250 @@
+"""The gateway as a reverse proxy (CONTRACT section 6): pass-through, headers, paths, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from typing import Any
+
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from conftest import H100_SKU, RESTRICTED, UNRESTRICTED, Harness, MakeToken, StartGateway
+from launchgate.admin import create_admin_app
+
+MB = 1024 * 1024
+
+
+async def _raw_exchange(
+    host: str, port: int, request_head: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(request_head)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_non_launch_body_streams_both_ways(start_gateway: StartGateway) -> None:
+    """A non-launch body is streamed: the echo's first bytes come back before the rest is sent."""
+    gw = await start_gateway()
+    host, port = gw.url.removeprefix("http://").split(":")
+    head = (
+        b"POST /_stub/echo HTTP/1.1\r\nHost: upstream\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    reader, writer = await _raw_exchange(host, int(port), head)
+    first = b"a" * (128 * 1024)
+    writer.write(b"%x\r\n%s\r\n" % (len(first), first))
+    await writer.drain()
+    # If the gateway buffered the request whole, nothing would come back until the end.
+    status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+    assert status_line.startswith(b"HTTP/1.1 200")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    echoed = b""
+    while len(echoed) < len(first):
+        size = int((await asyncio.wait_for(reader.readline(), timeout=5)).strip(), 16)
+        echoed += await reader.readexactly(size)
+        await reader.readline()
+    assert echoed == first
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def test_multi_megabyte_bodies_pass_through(start_gateway: StartGateway) -> None:
+    """An 8 MB body (far over max_body_bytes, which binds launches only) goes up and back intact."""
+    gw = await start_gateway()
+    body = bytes(range(256)) * (8 * MB // 256)
+    async with gw.session.post(f"{gw.url}/_stub/echo", data=io.BytesIO(body)) as r:
+        assert r.status == 200
+        assert await r.read() == body
+    async with gw.session.get(f"{gw.url}/_stub/bytes?n={8 * MB}") as r:
+        assert r.status == 200
+        assert r.content_length == 8 * MB
+        data = await r.read()
+    assert (
+        hashlib.sha256(data).hexdigest()
+        == hashlib.sha256(bytes(range(256)) * (8 * MB // 256)).hexdigest()
+    )
+    recorded = next(q for q in await gw.stub_requests() if q["path"] == "/_stub/echo")
+    assert recorded["body_length"] == len(body)
+
+
+async def test_query_and_path_are_forwarded_byte_exact(start_gateway: StartGateway) -> None:
+    """A non-launch request keeps its method, raw path and raw query byte for byte."""
+    gw = await start_gateway()
+    raw = "/v1/things/a%3Ab;x?b=2&a=1&a=%2F&x=%7e&empty=&flag"
+    async with gw.session.request(
+        "PATCH", URL(f"{gw.url}{raw}", encoded=True), data=b"payload"
+    ) as r:
+        assert r.status == 404  # the stub does not know the path; the answer is relayed
+    recorded = (await gw.stub_requests())[-1]
+    assert (recorded["method"], recorded["path"], recorded["query"]) == (
+        "PATCH",
+        "/v1/things/a%3Ab;x",
+        "b=2&a=1&a=%2F&x=%7e&empty=&flag",
+    )
+    assert recorded["body"] == "payload"
+
+
+async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartGateway) -> None:
+    """Hop-by-hop, Connection-listed and token headers are dropped; forwarding headers are set."""
+    gw = await start_gateway()
+    headers: list[tuple[str, str]] = [
+        ("X-Dup", "one"),
+        ("X-Dup", "two"),
+        ("Connection", "X-Private-Hop"),
+        ("X-Private-Hop", "secret"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+        ("License-Token", "eyJhbGciOiJFZERTQSJ9.e30.c2ln"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("X-Forwarded-Proto", "gopher"),
+        ("Authorization", "Bearer provider-credential"),
+        ("User-Agent", "client/1.0"),
+    ]
+    async with gw.session.get(f"{gw.url}/v1/instances", headers=headers) as r:
+        assert r.status == 200
+    recorded = (await gw.stub_requests())[-1]
+    got = recorded["headers"]
+    names = [name.lower() for name, _ in got]
+    assert [v for n, v in got if n.lower() == "x-dup"] == ["one", "two"]
+    for dropped in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "license-token"):
+        assert dropped not in names
+    values = {n.lower(): v for n, v in got}
+    assert values["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert values["x-forwarded-proto"] == "http"
+    assert values["forwarded"] == "for=127.0.0.1;proto=http"
+    assert values["authorization"] == "Bearer provider-credential"
+    assert values["user-agent"] == "client/1.0"
+    assert "accept-encoding" not in names or ("Accept-Encoding", "gzip, deflate") not in got
+
+
+async def test_upstream_response_relayed_untouched(
+    start_gateway: StartGateway, aiohttp_server: Any
+) -> None:
+    """Status, headers (duplicates kept) and compressed bytes come back as the upstream sent them."""
+    import gzip
+
+    compressed = gzip.compress(b'{"hello": "world"}')
+
+    async def upstream(request: web.Request) -> web.Response:
+        response = web.Response(status=418, body=compressed, headers={"Content-Encoding": "gzip"})
+        response.headers.add("Set-Cookie", "a=1")
+        response.headers.add("Set-Cookie", "b=2")
+        response.headers["Connection"] = "close"
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream)
+    server = await aiohttp_server(app)
+    gw = await start_gateway(upstream_url=str(server.make_url("")).rstrip("/"))
+    async with gw.session.get(f"{gw.url}/anything", auto_decompress=False) as r:
+        assert r.status == 418
+        assert r.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert await r.read() == compressed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//v1/instances",
+        "/v1//instances",
+        "/v1/./instances",
+        "/v1/x/../instances",
+        "/v1/%69nstances",
+        "/v1/instances/",
+        "/%76%31/instances",
+    ],
+)
+async def test_path_variants_are_judged_as_launches(start_gateway: StartGateway, path: str) -> None:
+    """Spellings of the launch path are normalized before matching: a restricted launch is denied."""
+    gw = await start_gateway()
+    body = {"instance_type": H100_SKU}
+    async with gw.session.post(
+        f"{gw.url}{path}", json=body, headers={"X-Account-Id": RESTRICTED}
+    ) as r:
+        assert r.status == 403
+        assert (await r.json(content_type=None))["reason"] == "license_required"
+    assert await gw.stub_requests() == []
+
+
+async def test_launch_forwarded_with_the_path_it_was_judged_on(start_gateway: StartGateway) -> None:
+    """An allowed launch with an odd path spelling reaches the upstream normalized."""
+    gw = await start_gateway()
+    async with gw.session.post(
+        f"{gw.url}//v1/./%69nstances?dry=1",
+        json={"instance_type": H100_SKU},
+        headers={"X-Account-Id": UNRESTRICTED},
+    ) as r:
+        assert r.status == 201
+    recorded = (await gw.stub_requests())[-1]
+    assert (recorded["path"], recorded["query"]) == ("/v1/instances", "dry=1")
+
+
+@pytest.mark.parametrize(
+    "path", ["/../v1/instances", "/v1/inst%2Fances", "/v1/%zz", "/v1/a%00b", "/v1\\instances"]
+)
+async def test_unsafe_paths_get_400(start_gateway: StartGateway, path: str) -> None:
+    """A path that cannot be normalized safely is refused before anything else."""
+    gw = await start_gateway()
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await _raw_exchange(
+        host, int(port), f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    response = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 400"), response[:200]
+    assert b"application/problem+json" in response
+    assert await gw.stub_requests() == []
+
+
+async def _admin(gw: Harness, aiohttp_client: Any) -> Any:
+    return await aiohttp_client(create_admin_app(gw.gateway))
+
+
+async def test_admin_health_ready_and_metrics(
+    start_gateway: StartGateway, make_token: MakeToken, aiohttp_client: Any
+) -> None:
+    """/healthz and /readyz answer 200; /metrics counts decisions by outcome and reason."""
+    gw = await start_gateway()
+    admin = await _admin(gw, aiohttp_client)
+    assert (await admin.get("/healthz")).status == 200
+    ready = await admin.get("/readyz")
+    assert ready.status == 200, await ready.text()
+    await gw.launch()
+    await gw.launch()
+    await gw.launch(token=make_token())
+    text = await (await admin.get("/metrics")).text()
+    assert 'launchgate_decisions_total{outcome="deny",reason="license_required"} 2.0' in text
+    assert 'launchgate_decisions_total{outcome="allow",reason="licensed"} 1.0' in text
+    assert "launchgate_decision_seconds_bucket" in text
+    assert "launchgate_decision_seconds_count 3.0" in text
+
+
+async def test_readyz_503_when_store_unusable(
+    start_gateway: StartGateway, aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """/readyz says 503 while the ledger cannot be used."""
+    (tmp_path / "not-a-db").mkdir()
+    gw = await start_gateway(store={"url": f"sqlite:{tmp_path / 'not-a-db'}"})
+    admin = await _admin(gw, aiohttp_client)
+    response = await admin.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["checks"]["store"].startswith("unavailable")
+
+
+async def test_readyz_503_without_trusted_keys(
+    start_gateway: StartGateway, aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """/readyz says 503 while the JWK Set holds no key (nothing can be licensed)."""
+    empty = tmp_path / "empty-jwks.json"
+    empty.write_text('{"keys": []}')
+    gw = await start_gateway(tokens={"jwks": str(empty)})
+    admin = await _admin(gw, aiohttp_client)
+    assert (await admin.get("/readyz")).status == 503

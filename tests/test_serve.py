@@ -1,0 +1,232 @@
+"""`launchgate serve` as a real process: signals, reload, restart, structured logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import H100_SKU, RESTRICTED, SHIPPED, UNRESTRICTED, Keys, MakeToken, write_config
+from launchgate.audit import verify_file
+
+LAUNCHGATE = [sys.executable, "-m", "launchgate"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Process:
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    async def wait_for_line(self, needle: str, within_s: float = 10) -> str:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while asyncio.get_running_loop().time() < deadline:
+            for line in self.lines:
+                if needle in line:
+                    return line
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{needle!r} not seen in output: {self.lines[-20:]}")
+
+    async def stop(self, sig: int = signal.SIGTERM, within_s: float = 15) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), within_s)
+        if self.reader is not None:
+            await self.reader
+        return code
+
+
+async def spawn(*args: str) -> Process:
+    proc = await asyncio.create_subprocess_exec(
+        *LAUNCHGATE,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    process = Process(proc)
+    process.reader = asyncio.create_task(process._pump())
+    return process
+
+
+@dataclass
+class Deployment:
+    stub_url: str
+    url: str
+    admin_url: str
+    config_path: Path
+    gateway: Process
+    session: aiohttp.ClientSession
+
+    async def launch(
+        self, account: str, token: str | None = None, sku: str = H100_SKU
+    ) -> tuple[int, dict[str, Any]]:
+        headers = {"X-Account-Id": account}
+        if token:
+            headers["License-Token"] = token
+        async with self.session.post(
+            f"{self.url}/v1/instances",
+            json={"instance_type": sku, "region": "us-east-1"},
+            headers=headers,
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def start_serve(config_path: Path, admin_url: str) -> Process:
+    gateway = await spawn("serve", "--config", str(config_path))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"{admin_url}/healthz") as r:
+                    if r.status == 200:
+                        return gateway
+            except aiohttp.ClientConnectionError:
+                pass
+            if gateway.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"gateway did not start: {gateway.lines[-20:]}")
+
+
+@pytest.fixture
+async def deployment(tmp_path: Path, keys: Keys) -> AsyncIterator[Deployment]:
+    """The stub backend and `launchgate serve`, each in its own process, on free ports."""
+    stub = await spawn("stub-backend", "--listen", "127.0.0.1:0")
+    line = await stub.wait_for_line("listening on")
+    stub_url = line.rsplit(" ", 1)[-1]
+    listen, admin = free_port(), free_port()
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text((SHIPPED / "accounts.toml").read_text())
+    config_path = write_config(
+        tmp_path,
+        stub_url,
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+        accounts={"file": str(accounts)},
+    )
+    admin_url = f"http://127.0.0.1:{admin}"
+    gateway = await start_serve(config_path, admin_url)
+    async with aiohttp.ClientSession() as session:
+        yield Deployment(
+            stub_url, f"http://127.0.0.1:{listen}", admin_url, config_path, gateway, session
+        )
+    await gateway.stop()
+    await stub.stop()
+
+
+async def test_serve_enforces_and_logs_json(deployment: Deployment, make_token: MakeToken) -> None:
+    """The real process: 201 unrestricted, 403 license_required, 201 licensed; JSON decision events."""
+    d = deployment
+    assert (await d.launch(UNRESTRICTED))[0] == 201
+    status, body = await d.launch(RESTRICTED)
+    assert (status, body["reason"]) == (403, "license_required")
+    assert (await d.launch(RESTRICTED, make_token()))[0] == 201
+    await d.gateway.wait_for_line('"reason": "licensed"')
+    decisions = [e for e in d.gateway.events() if e.get("event") == "launch.decision"]
+    assert [e["reason"] for e in decisions] == [
+        "account_not_restricted",
+        "license_required",
+        "licensed",
+    ]
+    assert all({"seq", "hash", "prev_hash", "decision_id"} <= set(e) for e in decisions)
+    assert await d.gateway.stop() == 0
+    assert any(e.get("event") == "gateway.stopped" for e in d.gateway.events())
+
+
+async def test_sigterm_finishes_in_flight_launch(
+    deployment: Deployment, make_token: MakeToken
+) -> None:
+    """SIGTERM stops accepting but lets an in-flight launch finish and settle before exit."""
+    d = deployment
+    async with d.session.post(f"{d.stub_url}/_stub/fail", json={"delay_s": 1.0, "times": 1}) as r:
+        assert r.status == 200
+    in_flight = asyncio.create_task(d.launch(RESTRICTED, make_token(jti="lic-inflight")))
+    await d.gateway.wait_for_line('"reason": "licensed"')
+    d.gateway.proc.send_signal(signal.SIGTERM)
+    status, _ = await in_flight
+    assert status == 201
+    assert await d.gateway.stop() == 0
+    records = [
+        json.loads(x)
+        for x in Path(d.config_path.parent / "decisions.jsonl").read_text().splitlines()
+    ]
+    completed = [r for r in records if r["event"] == "launch.completed"]
+    assert [(c["upstream_status"], c["settlement"]) for c in completed] == [(201, "used")]
+
+
+async def test_sighup_reloads_and_keeps_good_config_on_error(deployment: Deployment) -> None:
+    """SIGHUP re-reads the accounts file; a broken reload keeps the running configuration."""
+    d = deployment
+    accounts = d.config_path.parent / "accounts.toml"
+    accounts.write_text(
+        accounts.read_text() + '\n[accounts."acct-9001"]\nbilling_country = "US"\n'
+        'headquarters_country = "US"\nultimate_parent_country = "US"\n'
+    )
+    d.gateway.proc.send_signal(signal.SIGHUP)
+    await d.gateway.wait_for_line("config.reloaded")
+    assert (await d.launch("acct-9001"))[0] == 201
+    accounts.write_text(
+        accounts.read_text().replace(
+            'ultimate_parent_country = "US"\n', 'ultimate_parent_country = "CN"\n'
+        )
+    )
+    d.gateway.proc.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if sum("config.reloaded" in line for line in d.gateway.lines) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    status, body = await d.launch("acct-9001")
+    assert (status, body["reason"]) == (403, "license_required")
+    accounts.write_text("this is [not toml")
+    d.gateway.proc.send_signal(signal.SIGHUP)
+    line = await d.gateway.wait_for_line("config.reload_failed")
+    assert "accounts.toml" in line
+    status, body = await d.launch("acct-9001")
+    assert (status, body["reason"]) == (403, "license_required")
+
+
+async def test_restart_continues_the_chain(deployment: Deployment) -> None:
+    """A restarted gateway continues the decision log's chain; `audit verify` passes."""
+    d = deployment
+    await d.launch(UNRESTRICTED)
+    await d.launch(RESTRICTED)
+    assert await d.gateway.stop() == 0
+    d.gateway = await start_serve(d.config_path, d.admin_url)
+    await d.launch(RESTRICTED)
+    log = d.config_path.parent / "decisions.jsonl"
+    result = verify_file(log)
+    assert result.ok, result.detail
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert records[-1]["event"] == "launch.decision" and records[-1]["seq"] >= 4
