@@ -1,0 +1,195 @@
+"""Configuration is validated once; every error names the file and the key at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import GENERIC_ROUTE, SHIPPED, Keys, write_config
+from launchgate.config import load_config
+from launchgate.errors import ConfigError
+from launchgate.gateway import Gateway
+from launchgate.paths import UnsafePath, normalize_path
+
+
+def test_shipped_config_loads() -> None:
+    """config/launchgate.toml and every file it names are valid as shipped."""
+    config = load_config(SHIPPED / "launchgate.toml")
+    assert config.mode == "enforce"
+    assert config.catalog.skus["p5.48xlarge"].accelerators_per_instance == 8
+    assert config.reservation_ttl_s == 300
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"server": {"mode": "audit"}}, r"\[server\]\.mode"),
+        ({"server": {"listen": "8080"}}, r"\[server\]\.listen"),
+        ({"server": {"max_body_bytes": 0}}, r"\[server\]\.max_body_bytes"),
+        ({"server": {"colour": "blue"}}, r"\[server\]: unknown key 'colour'"),
+        ({"upstream": {"url": "ftp://x"}}, r"\[upstream\]\.url"),
+        ({"upstream": {"timeout_s": -1}}, r"\[upstream\]\.timeout_s"),
+        ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
+        ({"tokens": {"jwks": "/nonexistent/jwks.json"}}, r"/nonexistent/jwks\.json"),
+        (
+            {"policy": {"restricted_country_groups": ["D:9"]}},
+            r"restricted_country_groups: no country group 'D:9'",
+        ),
+        ({"policy": {"controlled_eccns": ["3A090.z"]}}, r"controlled_eccns"),
+        (
+            {"catalog": {"file": "/nonexistent/catalog.toml"}},
+            r"/nonexistent/catalog\.toml: file not found",
+        ),
+        ({"store": {"url": "mysql://x"}}, r"mysql"),
+        ({"surprise": {"a": 1}}, r"unknown table 'surprise'"),
+    ],
+)
+def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], message: str) -> None:
+    """A bad value in the main file is a ConfigError naming file, table and key."""
+    path = write_config(tmp_path, "http://127.0.0.1:9", keys, **sections)
+    with pytest.raises(ConfigError, match=message) as caught:
+        from launchgate.gateway import Gateway
+
+        Gateway(load_config(path))
+    assert (
+        str(path) in str(caught.value)
+        or "nonexistent" in str(caught.value)
+        or "mysql" in str(caught.value)
+    )
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ([], r"\[\[routes\]\]"),
+        ([GENERIC_ROUTE | {"dialect": "soap"}], r"routes\[0\]\.dialect: unknown dialect 'soap'"),
+        ([GENERIC_ROUTE | {"sku": "instance_type"}], r"routes\[0\]\.sku"),
+        ([GENERIC_ROUTE | {"sku": "/a~2b"}], r"routes\[0\]\.sku"),
+        (
+            [{k: v for k, v in GENERIC_ROUTE.items() if k != "sku"}],
+            r"routes\[0\]: missing key 'sku'",
+        ),
+        ([GENERIC_ROUTE | {"path": "/v1//x"}], r"routes\[0\]\.path"),
+        ([GENERIC_ROUTE | {"extra": 1}], r"routes\[0\]: unknown key 'extra'"),
+        (
+            [GENERIC_ROUTE, GENERIC_ROUTE | {"sku": "/type"}],
+            r"routes\[1\] claims the same requests as routes\[0\]",
+        ),
+    ],
+)
+def test_bad_routes(tmp_path: Path, keys: Keys, routes: list[dict[str, Any]], message: str) -> None:
+    """Routes are validated: dialect, pointers, paths, keys, and no two claiming one request."""
+    path = write_config(tmp_path, "http://127.0.0.1:9", keys, routes)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "message"),
+    [
+        (
+            "catalog.toml",
+            "[accelerators.X]\ndie_area_mm2 = 1\n",
+            r"accelerators\.'X': missing key 'tpp'",
+        ),
+        ("catalog.toml", "[accelerators.X]\ntpp = 1\n", r"accelerators\.'X': needs 'die_area_mm2'"),
+        (
+            "catalog.toml",
+            '[accelerators.X]\ntpp = 5000\neccn = "3A090.q"\n',
+            r"accelerators\.'X'\.eccn",
+        ),
+        (
+            "catalog.toml",
+            '[skus.s]\naccelerator = "nope"\naccelerators_per_instance = 1\n',
+            r"skus\.'s'\.accelerator: no accelerator 'nope'",
+        ),
+        (
+            "catalog.toml",
+            '[accelerators.X]\ntpp = 1\ndie_area_mm2 = 1\n[skus.s]\naccelerator = "X"\n',
+            r"skus\.'s'\.accelerators_per_instance",
+        ),
+        (
+            "accounts.toml",
+            '[accounts.a]\nbilling_country = "DE"\nheadquarters_country = "DE"\n',
+            r"accounts\.'a': missing key 'ultimate_parent_country'",
+        ),
+        (
+            "accounts.toml",
+            '[accounts.a]\nbilling_country = "Germany"\nheadquarters_country = "DE"\nultimate_parent_country = "DE"\n',
+            r"accounts\.'a'\.billing_country",
+        ),
+        ("country_groups.toml", '[groups]\n"D:5" = "CN"\n', r"groups\.'D:5'"),
+        ("accounts.toml", "not toml [", r"not valid TOML"),
+    ],
+)
+def test_bad_referenced_file(
+    tmp_path: Path, keys: Keys, file: str, text: str, message: str
+) -> None:
+    """An error in a referenced file names that file and its key."""
+    target = tmp_path / file
+    target.write_text(text)
+    key = {"catalog.toml": "catalog", "accounts.toml": "accounts", "country_groups.toml": "policy"}[
+        file
+    ]
+    field = "country_groups_file" if key == "policy" else "file"
+    path = write_config(tmp_path, "http://127.0.0.1:9", keys, **{key: {field: str(target)}})
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert str(target) in str(caught.value)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, keys: Keys) -> None:
+    """Paths in the main file are relative to its folder, not to the working directory."""
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "catalog.toml").write_text((SHIPPED / "catalog.toml").read_text())
+    path = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        keys,
+        catalog={"file": "cat/catalog.toml"},
+        audit={"path": "logs/d.jsonl"},
+    )
+    config = load_config(path)
+    assert config.audit_path == tmp_path / "logs" / "d.jsonl"
+    assert "p5.48xlarge" in config.catalog.skus
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("/v1/instances", "/v1/instances"),
+        ("//v1///instances//", "/v1/instances"),
+        ("/v1/./a/../instances", "/v1/instances"),
+        ("/v1/%69%6E%73tances", "/v1/instances"),
+        ("/a%7e%2a", "/a~%2A"),
+        ("/", "/"),
+        ("/a/..", "/"),
+    ],
+)
+def test_normalize_path(raw: str, normalized: str) -> None:
+    """Paths are brought to one form before matching."""
+    assert normalize_path(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/..",
+        "/a/../..",
+        "/%2e%2e/x",
+        "/a%2Fb",
+        "/a%5cb",
+        "/a%00",
+        "/a%zz",
+        "/a%4",
+        "a/b",
+        "/a b",
+        "/a\\b",
+    ],
+)
+def test_unsafe_paths(raw: str) -> None:
+    """What could be read two ways by an upstream is refused."""
+    with pytest.raises(UnsafePath):
+        normalize_path(raw)

@@ -1,0 +1,268 @@
+"""The decision table (CONTRACT section 3) as a pure function, row by row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_SKU, H100_SKU, RESTRICTED, UNRESTRICTED, Keys, write_config
+from launchgate.config import Config, load_config
+from launchgate.dialects import Item, Launch
+from launchgate.errors import TokenError
+from launchgate.ledger import LicenseState, ReserveOutcome, ReserveResult
+from launchgate.policy import (
+    after_reservation,
+    decide,
+    malformed,
+    store_unavailable,
+    with_ledger_state,
+)
+from launchgate.tokens import License
+
+A100_SKU = "p4d.24xlarge"  # 8x A100 40GB
+
+
+@pytest.fixture
+def config(tmp_path: Path, keys: Keys) -> Config:
+    return load_config(write_config(tmp_path, "http://127.0.0.1:9", keys))
+
+
+def lic(**changes: object) -> License:
+    fields: dict[str, object] = {
+        "jti": "lic-1",
+        "sub": RESTRICTED,
+        "iss": "compliance.example-cloud",
+        "aud": ("launchgate",),
+        "iat": 0.0,
+        "exp": 2e9,
+        "nbf": None,
+        "skus": (H100_SKU,),
+        "max_accelerators": 64,
+        "regions": None,
+        "license_ref": None,
+        "kid": "k-ed",
+        "alg": "EdDSA",
+    }
+    fields.update(changes)
+    return License(**fields)  # type: ignore[arg-type]  # test factory over the dataclass fields
+
+
+def verifier(result: License | TokenError) -> Callable[[str], License]:
+    def verify(token: str) -> License:
+        if isinstance(result, TokenError):
+            raise result
+        return result
+
+    return verify
+
+
+def never(token: str) -> License:
+    raise AssertionError("the token must not be verified for this launch")
+
+
+def one(sku: str = H100_SKU, count: int = 1, region: str | None = "us-east-1") -> Launch:
+    return Launch((Item(sku, count),), region)
+
+
+@pytest.mark.parametrize(
+    ("launch", "account", "token", "verify", "outcome", "reason", "status"),
+    [
+        (one(), None, None, never, "deny", "missing_account", 400),
+        (one(), "", "t", never, "deny", "missing_account", 400),
+        (one(CPU_SKU), RESTRICTED, None, never, "allow", "sku_not_controlled", None),
+        (one(CPU_SKU), "acct-nobody", None, never, "allow", "sku_not_controlled", None),
+        (one(), UNRESTRICTED, None, never, "allow", "account_not_restricted", None),
+        (one("x9.unknown"), UNRESTRICTED, None, never, "allow", "account_not_restricted", None),
+        (one(), "acct-nobody", None, never, "deny", "unknown_account", 403),
+        (one("x9.unknown"), RESTRICTED, "t", never, "deny", "unknown_sku", 403),
+        (
+            Launch((), None, "launch template without a type"),
+            RESTRICTED,
+            "t",
+            never,
+            "deny",
+            "unresolvable_launch",
+            403,
+        ),
+        (
+            Launch((), None, "opaque route"),
+            "acct-nobody",
+            None,
+            never,
+            "deny",
+            "unknown_account",
+            403,
+        ),
+        (
+            Launch((), None, "opaque route"),
+            UNRESTRICTED,
+            None,
+            never,
+            "allow",
+            "account_not_restricted",
+            None,
+        ),
+        (one(), RESTRICTED, None, never, "deny", "license_required", 403),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_invalid", "x")),
+            "deny",
+            "token_invalid",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_unknown_key", "x")),
+            "deny",
+            "token_unknown_key",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_expired", "x")),
+            "deny",
+            "token_expired",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_not_yet_valid", "x")),
+            "deny",
+            "token_not_yet_valid",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_wrong_issuer", "x")),
+            "deny",
+            "token_wrong_issuer",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(TokenError("token_wrong_audience", "x")),
+            "deny",
+            "token_wrong_audience",
+            403,
+        ),
+        (
+            one(),
+            RESTRICTED,
+            "t",
+            verifier(lic(sub="acct-2002")),
+            "deny",
+            "token_account_mismatch",
+            403,
+        ),
+        (one(A100_SKU), RESTRICTED, "t", verifier(lic()), "deny", "token_sku_not_covered", 403),
+        (
+            one(region="eu-west-1"),
+            RESTRICTED,
+            "t",
+            verifier(lic(regions=("us-east-1",))),
+            "deny",
+            "token_region_not_covered",
+            403,
+        ),
+        (
+            one(region=None),
+            RESTRICTED,
+            "t",
+            verifier(lic(regions=("us-east-1",))),
+            "deny",
+            "token_region_not_covered",
+            403,
+        ),
+        (one(), RESTRICTED, "t", verifier(lic(regions=("us-east-1",))), "allow", "licensed", None),
+        (one(), RESTRICTED, "t", verifier(lic()), "allow", "licensed", None),
+    ],
+)
+def test_decision_table(
+    config: Config,
+    launch: Launch,
+    account: str | None,
+    token: str | None,
+    verify: Callable[[str], License],
+    outcome: str,
+    reason: str,
+    status: int | None,
+) -> None:
+    """Each row of the table gives its outcome, reason and status; earlier rows win."""
+    decision = decide(launch, account, token, config, verify)
+    assert (decision.outcome, decision.reason, decision.status) == (outcome, reason, status)
+    assert decision.detail
+
+
+def test_malformed_is_row_one() -> None:
+    """Row 1 is a 400 whatever else the request says."""
+    decision = malformed("bad JSON", RESTRICTED)
+    assert (decision.outcome, decision.reason, decision.status) == (
+        "deny",
+        "malformed_request",
+        400,
+    )
+
+
+def test_licensed_reserves_count_times_accelerators(config: Config) -> None:
+    """A licensed launch reserves count x accelerators_per_instance over controlled items."""
+    launch = Launch((Item(H100_SKU, 3), Item(CPU_SKU, 5), Item(A100_SKU, 0)), "us-east-1")
+    decision = decide(launch, RESTRICTED, "t", config, verifier(lic(skus=(H100_SKU, A100_SKU))))
+    assert (decision.reason, decision.reserve) == ("licensed", 24)
+    assert decision.deciding is not None and decision.deciding.sku == H100_SKU
+    assert [i.accelerators for i in decision.items] == [24, 0, 0]
+
+
+def test_first_denying_item_decides(config: Config) -> None:
+    """Every controlled item needs the token; the first uncovered one is the deciding item."""
+    launch = Launch((Item(H100_SKU, 1), Item(A100_SKU, 0)), None)
+    decision = decide(launch, RESTRICTED, "t", config, verifier(lic()))
+    assert decision.reason == "token_sku_not_covered"
+    assert decision.deciding is not None and decision.deciding.sku == A100_SKU
+
+
+def test_unknown_sku_among_items_denies(config: Config) -> None:
+    """An item outside the catalog denies a restricted launch even beside known ones."""
+    launch = Launch((Item(CPU_SKU, 1), Item("x9.unknown", 1)), None)
+    decision = decide(launch, RESTRICTED, None, config, never)
+    assert decision.reason == "unknown_sku"
+
+
+def test_ledger_rows(config: Config) -> None:
+    """Rows 18-21: store down is 503; revoked and exhausted are 403; reserved stays licensed."""
+    licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))
+    assert store_unavailable(licensed).status == 503
+    revoked = after_reservation(licensed, ReserveResult(ReserveOutcome.REVOKED, 64, 0, 0, 16))
+    assert (revoked.reason, revoked.status) == ("license_revoked", 403)
+    exhausted = after_reservation(licensed, ReserveResult(ReserveOutcome.EXHAUSTED, 64, 56, 0, 16))
+    assert (exhausted.reason, exhausted.status) == ("license_exhausted", 403)
+    assert exhausted.detail == "license lic-1 has 8 of 64 accelerators left; this launch needs 16"
+    assert after_reservation(
+        licensed, ReserveResult(ReserveOutcome.RESERVED, 64, 0, 16, 16)
+    ).allowed
+
+
+def test_offline_ledger_view(config: Config) -> None:
+    """`decide` judges rows 19-20 from the ledger's state without reserving."""
+    licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))
+
+    def state(used: int, revoked: bool = False) -> LicenseState:
+        return LicenseState("lic-1", RESTRICTED, 64, used, 0, revoked, None, None, 2e9, 0.0)
+
+    assert with_ledger_state(licensed, None).reason == "licensed"
+    assert with_ledger_state(licensed, state(48)).reason == "licensed"
+    assert with_ledger_state(licensed, state(49)).reason == "license_exhausted"
+    assert with_ledger_state(licensed, state(0, revoked=True)).reason == "license_revoked"
