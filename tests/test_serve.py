@@ -138,10 +138,11 @@ async def deployment(tmp_path: Path, keys: Keys) -> AsyncIterator[Deployment]:
     admin_url = f"http://127.0.0.1:{admin}"
     gateway = await start_serve(config_path, admin_url)
     async with aiohttp.ClientSession() as session:
-        yield Deployment(
+        d = Deployment(
             stub_url, f"http://127.0.0.1:{listen}", admin_url, config_path, gateway, session
         )
-    await gateway.stop()
+        yield d
+    await d.gateway.stop()  # the test may have restarted the gateway
     await stub.stop()
 
 
