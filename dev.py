@@ -143,8 +143,8 @@ Ctrl-C stops both.
 def test(extra: list[str]) -> int:
     setup()
     steps = [
-        [str(BIN / "ruff"), "check", "src", "tests", "dev.py"],
-        [str(BIN / "ruff"), "format", "--check", "src", "tests", "dev.py"],
+        [str(BIN / "ruff"), "check", "src", "tests", "bench", "dev.py"],
+        [str(BIN / "ruff"), "format", "--check", "src", "tests", "bench", "dev.py"],
         [str(BIN / "mypy")],
         [str(PY), "-m", "pytest", *extra],
     ]

@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""launchgate benchmark: every target driven by the same load generator in one run.
+
+Starts the stub backend, the reference pass-through proxy (bench/refproxy.py) and
+launchgate (SQLite ledger; PostgreSQL too when LAUNCHGATE_BENCH_POSTGRES_DSN or
+LAUNCHGATE_TEST_POSTGRES_DSN is set), then drives each scenario with wrk (Debian's
+package) when it is on PATH, else with the bundled async client, and prints requests/s,
+p50 and p99 latency, and the ratios to the reference pass-through.
+
+    .venv/bin/python bench/run.py [--duration 5] [--connections 16] [--client wrk|python]
+
+Run it on a quiet machine; it only talks to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAUNCH_BODY = json.dumps({"instance_type": "p5.48xlarge", "count": 1, "region": "us-east-1"})
+THROUGH_PATH = "/_stub/bytes?n=256"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    url: str
+    method: str = "GET"
+    body: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+@contextmanager
+def process(*args: str, ready: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(ready)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def launchgate(*args: str, **kwargs: object) -> str:
+    out = subprocess.run(
+        [str(BIN / "launchgate"), *args], check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def write_config(folder: Path, store_url: str, upstream: str) -> tuple[Path, str, str, str]:
+    """A launchgate configuration over the shipped data; returns (path, url, admin, token)."""
+    keys = folder / "keys"
+    if not (keys / "bench.pem").exists():
+        launchgate("keys", "generate", "--kid", "bench", "--out-dir", str(keys))
+    token = launchgate(
+        "token",
+        "issue",
+        "--key",
+        str(keys / "bench.pem"),
+        "--kid",
+        "bench",
+        "--issuer",
+        "compliance.example-cloud",
+        "--account",
+        "acct-2001",
+        "--sku",
+        "p5.48xlarge",
+        "--max-accelerators",
+        "100000000",
+        "--expires-in",
+        "1d",
+    )
+    listen, admin = free_port(), free_port()
+    shipped = ROOT / "config"
+    path = folder / f"launchgate-{listen}.toml"
+    path.write_text(f"""
+[server]
+listen = "127.0.0.1:{listen}"
+admin_listen = "127.0.0.1:{admin}"
+max_body_bytes = 1048576
+[upstream]
+url = "{upstream}"
+[tokens]
+jwks = "{keys / "jwks.json"}"
+issuers = ["compliance.example-cloud"]
+[store]
+url = "{store_url}"
+[audit]
+path = "{folder / f"decisions-{listen}.jsonl"}"
+[catalog]
+file = "{shipped / "catalog.toml"}"
+[accounts]
+file = "{shipped / "accounts.toml"}"
+[policy]
+country_groups_file = "{shipped / "country_groups.toml"}"
+restricted_country_groups = ["D:5"]
+restricted_countries = ["MO"]
+[[routes]]
+method = "POST"
+path = "/v1/instances"
+dialect = "generic-json"
+sku = "/instance_type"
+count = "/count"
+region = "/region"
+""")
+    return path, f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", token
+
+
+# --- load generators ----------------------------------------------------------------------
+
+_WRK_LUA = """
+wrk.method = {method}
+wrk.body = {body}
+{headers}
+"""
+
+
+def _lua(text: str | None) -> str:
+    return "nil" if text is None else json.dumps(text)
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(s: Scenario, duration: float, connections: int) -> Result:
+    headers = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in s.headers)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_WRK_LUA.format(method=json.dumps(s.method), body=_lua(s.body), headers=headers))
+        script = f.name
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{duration:g}s",
+                "--latency",
+                "-s",
+                script,
+                s.url,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        os.unlink(script)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+(?:us|ms|s))", out, re.M))
+    p50 = re.match(r"([\d.]+)(us|ms|s)", lat["50"])
+    p99 = re.match(r"([\d.]+)(us|ms|s)", lat["99"])
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    if socket_errors:
+        errors += sum(int(x) for x in socket_errors.groups())
+    return Result(rps, _ms(*p50.groups()), _ms(*p99.groups()), errors)  # type: ignore[union-attr]
+
+
+async def _python_load(s: Scenario, duration: float, connections: int) -> Result:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                async with session.request(
+                    s.method, s.url, data=s.body, headers=list(s.headers)
+                ) as r:
+                    await r.read()
+                    if r.status >= 300:
+                        errors += 1
+                latencies.append(time.perf_counter() - started)
+
+        begun = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - begun
+    latencies.sort()
+    return Result(
+        len(latencies) / elapsed,
+        latencies[len(latencies) // 2] * 1000,
+        latencies[int(len(latencies) * 0.99)] * 1000,
+        errors,
+    )
+
+
+def run_python(s: Scenario, duration: float, connections: int) -> Result:
+    return asyncio.run(_python_load(s, duration, connections))
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def build_scenarios(
+    stub: str, ref: str, lg_sqlite: str, lg_pg: str | None, token: str
+) -> list[Scenario]:
+    json_type = ("Content-Type", "application/json")
+    licensed = (json_type, ("X-Account-Id", "acct-2001"), ("License-Token", token))
+    post = {"method": "POST", "body": LAUNCH_BODY}
+    scenarios = [
+        Scenario("upstream direct: GET", f"{stub}{THROUGH_PATH}"),
+        Scenario("reference pass-through: GET", f"{ref}{THROUGH_PATH}"),
+        Scenario("launchgate pass-through: GET", f"{lg_sqlite}{THROUGH_PATH}"),
+        Scenario("upstream direct: launch", f"{stub}/v1/instances", **post, headers=(json_type,)),
+        Scenario(
+            "reference pass-through: launch", f"{ref}/v1/instances", **post, headers=(json_type,)
+        ),
+        Scenario(
+            "launchgate unrestricted launch",
+            f"{lg_sqlite}/v1/instances",
+            **post,
+            headers=(json_type, ("X-Account-Id", "acct-1001")),
+        ),
+        Scenario(
+            "launchgate licensed launch (SQLite)",
+            f"{lg_sqlite}/v1/instances",
+            **post,
+            headers=licensed,
+        ),
+    ]
+    if lg_pg:
+        name = "launchgate licensed launch (PostgreSQL)"
+        scenarios.append(Scenario(name, f"{lg_pg}/v1/instances", **post, headers=licensed))
+    return scenarios
+
+
+def report(results: dict[str, Result]) -> None:
+    ref_get = results["reference pass-through: GET"]
+    ref_launch = results["reference pass-through: launch"]
+    print("\nratios to the reference pass-through (requests/s), and p50 overhead:")
+    targets = {
+        "launchgate pass-through: GET": (ref_get, 1.0),
+        "launchgate unrestricted launch": (ref_launch, None),
+        "launchgate licensed launch (SQLite)": (ref_launch, 0.7),
+        "launchgate licensed launch (PostgreSQL)": (ref_launch, 0.5),
+    }
+    for name, (base, target) in targets.items():
+        if name not in results:
+            continue
+        r = results[name]
+        goal = f"  (target >= {target:.1f}x)" if target else ""
+        print(f"  {name:42s} {r.rps / base.rps:5.2f}x  p50 {r.p50_ms - base.p50_ms:+6.2f} ms{goal}")
+    print("\nlatencies are under load (every connection busy), not single round trips;")
+    print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    args = parser.parse_args()
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    load = run_wrk if client == "wrk" else run_python
+    pg_dsn = os.environ.get("LAUNCHGATE_BENCH_POSTGRES_DSN") or os.environ.get(
+        "LAUNCHGATE_TEST_POSTGRES_DSN"
+    )
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="launchgate-bench-") as tmp, ExitStack() as stack:
+        folder = Path(tmp)
+        stub_port, ref_port = free_port(), free_port()
+        stub, ref = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{ref_port}"
+        sqlite_store = f"sqlite:{folder / 'ledger.sqlite3'}"
+        sqlite_cfg, lg_sqlite, admin_sqlite, token = write_config(folder, sqlite_store, stub)
+        targets = [(sqlite_cfg, admin_sqlite)]
+        lg_pg = None
+        if pg_dsn:
+            pg_cfg, lg_pg, admin_pg, _ = write_config(folder, pg_dsn, stub)
+            targets.append((pg_cfg, admin_pg))
+        stub_cmd = [str(BIN / "launchgate"), "stub-backend", "--listen", f"127.0.0.1:{stub_port}"]
+        stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances"))
+        refproxy = str(Path(__file__).with_name("refproxy.py"))
+        ref_cmd = [
+            sys.executable,
+            refproxy,
+            "--listen",
+            f"127.0.0.1:{ref_port}",
+            "--upstream",
+            stub,
+        ]
+        stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}"))
+        stack.enter_context(_gateways(targets))
+        print(f"load generator: {client}, {args.connections} connections, {args.duration:g} s each")
+        for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
+            load(s, 1.0, args.connections)  # warm-up: connections, caches, the license row
+            results[s.name] = r = load(s, args.duration, args.connections)
+            print(
+                f"  {s.name:42s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
+                f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
+                flush=True,
+            )
+    report(results)
+    return 0
+
+
+@contextmanager
+def _gateways(targets: list[tuple[Path, str]]) -> Iterator[None]:
+    procs = []
+    try:
+        for config, admin in targets:
+            proc = subprocess.Popen(
+                [str(BIN / "launchgate"), "serve", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(proc)
+            wait_http(f"{admin}/healthz")
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
