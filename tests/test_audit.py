@@ -504,3 +504,30 @@ def test_a_missing_final_newline_is_reported_as_a_cut_short_line(tmp_path: Path)
     assert (result.bad_seq, "newline" in result.detail) == (2, True)
     with pytest.raises(ConfigError, match="newline"):
         AuditLog.open(path)
+
+
+async def test_a_bad_record_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    """Appends written together: one record JSON cannot hold fails, the others are written."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    results = await asyncio.gather(
+        log.append(decision(1)),
+        log.append({"event": "x", "value": float("nan")}),
+        log.append(decision(2)),
+        return_exceptions=True,
+    )
+    await log.aclose()
+    assert isinstance(results[1], ValueError)
+    assert [r["seq"] for r in (results[0], results[2]) if isinstance(r, dict)] == [1, 2]
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+async def test_on_written_sees_each_line_as_written(tmp_path: Path) -> None:
+    """The on_written hook gets every record with the exact line that went into the file."""
+    path = tmp_path / "decisions.jsonl"
+    seen: list[tuple[int, bytes]] = []
+    log = AuditLog.open(path, on_written=lambda record, line: seen.append((record["seq"], line)))
+    await asyncio.gather(*(log.append(decision(i)) for i in range(1, 6)))
+    await log.aclose()
+    assert [seq for seq, _ in seen] == [1, 2, 3, 4, 5]
+    assert b"".join(line for _, line in seen) == path.read_bytes()

@@ -127,7 +127,7 @@ def test_bad_referenced_file(
         file
     ]
     field = "country_groups_file" if key == "policy" else "file"
-    path = write_config(tmp_path, "http://127.0.0.1:9", keys, **{key: {field: str(target)}})
+    path = write_config(tmp_path, "http://127.0.0.1:9", keys, None, **{key: {field: str(target)}})
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(path)
     assert str(target) in str(caught.value)

@@ -153,7 +153,7 @@ async def test_serve_enforces_and_logs_json(deployment: Deployment, make_token: 
     status, body = await d.launch(RESTRICTED)
     assert (status, body["reason"]) == (403, "license_required")
     assert (await d.launch(RESTRICTED, make_token()))[0] == 201
-    await d.gateway.wait_for_line('"reason": "licensed"')
+    await d.gateway.wait_for_line('"reason":"licensed"')
     decisions = [e for e in d.gateway.events() if e.get("event") == "launch.decision"]
     assert [e["reason"] for e in decisions] == [
         "account_not_restricted",
@@ -173,7 +173,7 @@ async def test_sigterm_finishes_in_flight_launch(
     async with d.session.post(f"{d.stub_url}/_stub/fail", json={"delay_s": 1.0, "times": 1}) as r:
         assert r.status == 200
     in_flight = asyncio.create_task(d.launch(RESTRICTED, make_token(jti="lic-inflight")))
-    await d.gateway.wait_for_line('"reason": "licensed"')
+    await d.gateway.wait_for_line('"reason":"licensed"')
     d.gateway.proc.send_signal(signal.SIGTERM)
     status, _ = await in_flight
     assert status == 201

@@ -19,7 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -192,16 +192,26 @@ def _truncate_quietly(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+Written = Callable[[dict[str, Any], bytes], None]
+
+
 class AuditLog:
     """Append-only, hash-chained JSON-lines decision log.
 
     Records are written by one dedicated thread, in call order, each line flushed to
-    the operating system (not fsynced) before ``append`` returns.
+    the operating system (not fsynced) before ``append`` returns. Appends that arrive
+    while a write is under way are written together in the next one (group commit):
+    one lock, one size check and one ``write`` for the batch.
     """
 
-    def __init__(self, path: Path, fd: int, seq: int, head: str, size: int) -> None:
+    def __init__(
+        self, path: Path, fd: int, seq: int, head: str, size: int, on_written: Written | None = None
+    ) -> None:
         """Use ``AuditLog.open``."""
         self._path = path
+        self._on_written = on_written
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._fd = fd
         # The chain as this process last saw it: the last record's seq and hash, and the
         # file size just after it. A different size means another writer appended.
@@ -212,8 +222,11 @@ class AuditLog:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launchgate-audit")
 
     @classmethod
-    def open(cls, path: Path) -> AuditLog:
+    def open(cls, path: Path, *, on_written: Written | None = None) -> AuditLog:
         """Open (creating it and its folders if missing) the log at ``path`` to append.
+
+        ``on_written(record, line)`` is called on the writer thread after each record is
+        in the file (the gateway echoes it to its structured log there, off the loop).
 
         Continues the chain from the file's last record. Raises ConfigError naming the
         file when it cannot be opened or its last line is not an intact record (a torn
@@ -238,7 +251,7 @@ class AuditLog:
         except OSError as e:
             os.close(fd)
             raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
-        return cls(path, fd, seq, head, size)
+        return cls(path, fd, seq, head, size, on_written)
 
     @property
     def path(self) -> Path:
@@ -255,15 +268,43 @@ class AuditLog:
         TypeError for values JSON cannot represent.
         """
         entry = self._prepare(record)
-        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
         # Shielded: once asked for, a record is written even if the caller is cancelled
         # (a client hanging up), since records are never to be dropped.
-        return await asyncio.shield(loop.run_in_executor(self._writer, self._write, entry))
+        return await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        """Write pending records, batch after batch, until none are left."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                written = await loop.run_in_executor(
+                    self._writer, self._write_batch, [entry for entry, _ in batch]
+                )
+            except Exception as e:  # the whole batch failed and was undone: tell every caller
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for (_, done), result in zip(batch, written, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
 
     def append_sync(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """``append`` for blocking callers (CLI commands); shares the chain and its order."""
         entry = self._prepare(record)
-        return self._writer.submit(self._write, entry).result()
+        result = self._writer.submit(self._write_batch, [entry]).result()[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def close(self) -> None:
         """Finish the appends already asked for, then close the file. Idempotent."""
@@ -274,7 +315,9 @@ class AuditLog:
         os.close(self._fd)
 
     async def aclose(self) -> None:
-        """``close`` without blocking the event loop."""
+        """Write what is pending, then ``close`` without blocking the event loop."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
         await asyncio.to_thread(self.close)
 
     def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,7 +330,7 @@ class AuditLog:
             raise ValueError(f"a record may not set the chain fields {sorted(clash)}")
         return dict(record)
 
-    def _write(self, entry: dict[str, Any]) -> dict[str, Any]:
+    def _write_batch(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         # Runs on the writer thread only. The chain head is computed here, under the
         # lock, because only there is it certain which record is last in the file.
         with _exclusive_lock(self._fd):
@@ -302,17 +345,32 @@ class AuditLog:
                         f"intact ({e}); run `launchgate audit verify {self._path}`",
                     ) from e
                 self._size = size
-            entry["seq"] = self._seq + 1
-            entry["prev_hash"] = self._head
-            entry["hash"] = record_hash(entry)
-            line = canonical_json(entry) + b"\n"
+            seq, head = self._seq, self._head
+            lines: list[bytes] = []
+            results: list[dict[str, Any] | Exception] = []
+            for entry in entries:
+                chained = {**entry, "seq": seq + 1, "prev_hash": head}
+                try:  # one record JSON cannot represent must not cost the others their write
+                    chained["hash"] = record_hash(chained)
+                    line = canonical_json(chained) + b"\n"
+                except (ValueError, TypeError) as e:
+                    results.append(e)
+                    continue
+                seq, head = seq + 1, chained["hash"]
+                lines.append(line)
+                results.append(chained)
+            data = b"".join(lines)
             try:
-                _write_all(self._fd, line)
+                _write_all(self._fd, data)
             except OSError:
                 _truncate_quietly(self._fd, size)
                 raise
-            self._seq, self._head, self._size = entry["seq"], entry["hash"], size + len(line)
-            return entry
+            self._seq, self._head, self._size = seq, head, size + len(data)
+        if self._on_written is not None:
+            written = (r for r in results if not isinstance(r, Exception))
+            for record, line in zip(written, lines, strict=True):
+                self._on_written(record, line)
+        return results
 
 
 def verify_file(path: Path) -> VerifyResult:

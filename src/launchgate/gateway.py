@@ -14,7 +14,6 @@ from pathlib import Path
 import structlog
 from aiohttp import ClientSession
 
-from launchgate.audit import AuditLog
 from launchgate.config import Config, load_config
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.forward import create_session
@@ -38,7 +37,6 @@ class Gateway:
         self.verifier = make_verifier(config)
         self.metrics = Metrics()
         self.ledger: Ledger = open_ledger(config.store_url, config.base_dir)
-        self._audit: AuditLog | None = None
         self._recorder: Recorder | None = None
         self._session: ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -62,8 +60,7 @@ class Gateway:
         An unreachable ledger does not stop the start: restricted launches fail closed
         with ``store_unavailable`` until it is back, and /readyz says so.
         """
-        self._audit = AuditLog.open(self.config.audit_path)
-        self._recorder = Recorder(self._audit)
+        self._recorder = Recorder(self.config.audit_path)
         try:
             await self.ledger.open()
         except StoreUnavailable as e:
@@ -81,8 +78,8 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
         await self.ledger.close()
-        if self._audit is not None:
-            await self._audit.aclose()
+        if self._recorder is not None:
+            await self._recorder.aclose()
 
     async def _sweep_reservations(self) -> None:
         """Settle, as used, reservations whose gateway died before the upstream answered."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import structlog
 
@@ -18,6 +19,24 @@ def _timestamp(_: object, __: str, event: structlog.types.EventDict) -> structlo
     return event
 
 
+PRERENDERED = "_prerendered"
+
+
+class _Renderer:
+    """JSON rendering, except for events that carry their own rendered JSON line.
+
+    A decision record is already canonical JSON in the decision log; echoing that exact
+    line keeps stdout and the file byte-identical and renders each record once.
+    """
+
+    def __init__(self, inner: structlog.types.Processor) -> None:
+        self.inner = inner
+
+    def __call__(self, logger: object, name: str, event: structlog.types.EventDict) -> Any:
+        line = event.get(PRERENDERED)
+        return line if line is not None else self.inner(logger, name, event)
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
@@ -28,7 +47,7 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
             structlog.processors.add_log_level,
             _timestamp,
             structlog.processors.format_exc_info,
-            renderer,
+            _Renderer(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),

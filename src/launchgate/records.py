@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from launchgate.audit import AuditLog, utc_timestamp
+from launchgate.logsetup import PRERENDERED
 from launchgate.policy import Decision
 
 
@@ -57,19 +59,26 @@ def decision_record(
 
 
 class Recorder:
-    """Writes records to the decision log and the same events to the structured log."""
+    """Writes records to the decision log and the same events to the structured log.
 
-    def __init__(self, audit: AuditLog) -> None:
-        self.audit = audit
+    The structured-log line is the very line written to the file, emitted on the log's
+    writer thread once it is in the file, so the event loop renders each record once.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.log = structlog.get_logger("launchgate")
+        self.audit = AuditLog.open(path, on_written=self._echo)
+
+    def _echo(self, record: dict[str, Any], line: bytes) -> None:
+        self.log.info(record["event"], **{PRERENDERED: line.decode().rstrip("\n")})
 
     async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Append ``record`` to the chain (flushed before return) and log it."""
-        chained = await self.audit.append(record)
-        fields = dict(chained)
-        self.log.info(fields.pop("event"), **fields)
-        return chained
+        """Append ``record`` to the chain (in the file before this returns) and log it."""
+        return await self.audit.append(record)
 
     async def event(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write a record of ``event`` stamped with the current time."""
         return await self.write({"event": event, "timestamp": utc_timestamp(time.time()), **fields})
+
+    async def aclose(self) -> None:
+        await self.audit.aclose()
