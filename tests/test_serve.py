@@ -231,3 +231,58 @@ async def test_restart_continues_the_chain(deployment: Deployment) -> None:
     records = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert records[-1]["event"] == "launch.decision" and records[-1]["seq"] >= 4
+
+
+async def test_workers_share_port_store_log_and_metrics(
+    tmp_path: Path, keys: Keys, make_token: MakeToken
+) -> None:
+    """`serve --workers 2`: two processes on one port, one ledger and one chain; metrics summed."""
+    stub = await spawn("stub-backend", "--listen", "127.0.0.1:0")
+    stub_url = (await stub.wait_for_line("listening on")).rsplit(" ", 1)[-1]
+    listen, admin = free_port(), free_port()
+    config_path = write_config(
+        tmp_path,
+        stub_url,
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+    )
+    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
+    try:
+        for index in (0, 1):
+            await gateway.wait_for_line(f'"worker": {index}')
+        token = make_token(jti="lic-workers", max_accelerators=80)
+        url = f"http://127.0.0.1:{listen}/v1/instances"
+        body = {"instance_type": H100_SKU, "region": "us-east-1"}
+        headers = {"X-Account-Id": RESTRICTED, "License-Token": token}
+
+        async def launch() -> int:
+            # A new connection each time, so SO_REUSEPORT spreads them over the workers.
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, json=body, headers=headers) as r,
+            ):
+                return r.status
+
+        statuses = await asyncio.gather(*(launch() for _ in range(30)))
+        assert sorted(statuses).count(201) == 10  # 80 accelerators = ten 8-GPU launches
+        assert statuses.count(403) == 20
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{admin}/metrics") as r,
+        ):
+            metrics = await r.text()
+        assert 'launchgate_decisions_total{outcome="allow",reason="licensed"} 10.0' in metrics
+        assert (
+            'launchgate_decisions_total{outcome="deny",reason="license_exhausted"} 20.0' in metrics
+        )
+        gateway.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if sum("config.reloaded" in line for line in gateway.lines) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sum("config.reloaded" in line for line in gateway.lines) == 2
+    finally:
+        assert await gateway.stop() == 0
+        await stub.stop()
+    result = verify_file(tmp_path / "decisions.jsonl")
+    assert result.ok and result.records == 30 + 10, result.detail  # decisions + completions

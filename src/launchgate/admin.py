@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from launchgate.errors import StoreUnavailable
 from launchgate.gateway import Gateway
@@ -29,7 +31,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[GATEWAY_KEY].metrics.registry
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: sum over all of them
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+    else:
+        registry = request.app[GATEWAY_KEY].metrics.registry
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # main() prints the "launchgate: error:" prefix
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -39,12 +41,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from launchgate.server import run
 
     configure_logging()
-    run(_config(args))
+    if args.workers < 1:
+        raise UsageError("--workers: must be at least 1")
+    config = _config(args)
+    if args.workers > 1 and args.worker_index is None:
+        from launchgate.workers import supervise
+
+        return supervise(config.source, args.workers)
+    try:
+        run(config, worker=args.worker_index)
+    except OSError as e:
+        # Binding a listener is the usual failure here (address in use, no permission).
+        raise UsageError(f"{config.source}: cannot serve: {e.strerror or e}") from None
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from launchgate.ledger import migrate_store
+
+    config = _config(args)
+    version = _run(lambda: migrate_store(config.store_url, config.base_dir))
+    print(f"ok schema version {version}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    _config(args)
+    from launchgate.ledger import open_ledger
+
+    config = _config(args)
+    # load_config takes [store] url as text; building the ledger (without connecting)
+    # rejects a url no store understands, as `serve` would at start.
+    try:
+        open_ledger(config.store_url, config.base_dir)
+    except ConfigError as e:
+        raise ConfigError(f"{config.source}: {e}") from None
     print("ok")
     return 0
 
@@ -79,9 +109,17 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         raise UsageError(f"--expires-in: {e}") from None
     if args.max_accelerators < 1:
         raise UsageError("--max-accelerators: must be at least 1")
+    # Name the flag at fault; issue_token would only name the claim.
+    texts = {"--kid": [args.kid], "--issuer": [args.issuer], "--account": [args.account]}
+    texts |= {"--sku": args.sku, "--audience": [args.audience], "--region": args.region or []}
+    for flag, values in texts.items():
+        if not all(v.strip() for v in values):
+            raise UsageError(f"{flag}: must not be empty")
+    not_before = _iso_time(args.not_before) if args.not_before is not None else None
+    private_key = load_private_key(Path(args.key))
     try:
         token = issue_token(
-            private_key=load_private_key(Path(args.key)),
+            private_key=private_key,
             kid=args.kid,
             issuer=args.issuer,
             account=args.account,
@@ -91,7 +129,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             audience=args.audience,
             regions=args.region,
             license_ref=args.license_ref,
-            not_before=_iso_time(args.not_before) if args.not_before else None,
+            not_before=not_before,
         )
     except ValueError as e:
         raise UsageError(f"token issue: {e}") from None
@@ -209,11 +247,17 @@ def cmd_licenses_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     columns = ["jti", "account", "used", "reserved", "max", "remaining", "revoked", "expires"]
-    table = [columns] + [["-" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    table = [columns] + [[_cell(r[c]) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def cmd_licenses_release(args: argparse.Namespace) -> int:
@@ -221,6 +265,9 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
     from launchgate.ledger import open_ledger
 
     config = _config(args)
+    # Opened before the ledger is touched: a log that cannot take the record (unwritable,
+    # torn last line) must stop the release, not leave a give-back without its record.
+    audit = AuditLog.open(config.audit_path)
 
     async def give_back() -> Any:
         ledger = open_ledger(config.store_url, config.base_dir)
@@ -231,13 +278,12 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
             await ledger.close()
 
     try:
-        reservation = _run(give_back)
-    except LookupError:
-        raise UsageError(f"--decision: no reservation for decision {args.decision}") from None
-    except ValueError as e:
-        raise UsageError(f"--decision: {e}") from None
-    audit = AuditLog.open(config.audit_path)
-    try:
+        try:
+            reservation = _run(give_back)
+        except LookupError:
+            raise UsageError(f"--decision: no reservation for decision {args.decision}") from None
+        except ValueError as e:
+            raise UsageError(f"--decision: {e}") from None
         audit.append_sync(
             {
                 "event": "license.released",
@@ -305,8 +351,10 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from launchgate.catalog import classify
 
-    if args.tpp <= 0 or args.die_area <= 0:
-        raise UsageError("--tpp and --die-area must be positive")
+    for flag, value in (("--tpp", args.tpp), ("--die-area", args.die_area)):
+        # NaN compares false with everything, so it would slip through to not-controlled.
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag}: must be a positive number, got {value:g}")
     print(classify(args.tpp, args.die_area, datacenter=not args.not_datacenter))
     return 0
 
@@ -315,8 +363,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from launchgate.audit import verify_file
 
     path = Path(args.file)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{path}: file not found")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file")
     result = verify_file(path)
     if result.ok:
         print(f"ok {result.records} records")
@@ -330,7 +380,10 @@ def cmd_stub_backend(args: argparse.Namespace) -> int:
     from launchgate.stub import run_stub
 
     where = parse_host_port(args.listen, "--listen")
-    asyncio.run(run_stub(where.host, where.port))
+    try:
+        asyncio.run(run_stub(where.host, where.port))
+    except OSError as e:
+        raise UsageError(f"--listen {args.listen}: cannot listen: {e.strerror or e}") from None
     return 0
 
 
@@ -338,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="launchgate", description="Export-control enforcement gateway for instance launches."
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # No dest: a missing sub-command is then named by its choices, not by an internal name.
+    sub = parser.add_subparsers(required=True, parser_class=_Parser)
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], help: str, group: Any = sub
@@ -353,11 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(command("serve", cmd_serve, "run the gateway until SIGTERM/SIGINT; SIGHUP reloads"))
+    serve = with_config(
+        command("serve", cmd_serve, "run the gateway until SIGTERM/SIGINT; SIGHUP reloads")
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="N processes sharing the port"
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    store = command("store", _group_help, "the license store").add_subparsers(
+        required=True, parser_class=_Parser
+    )
+    with_config(
+        command("migrate", cmd_store_migrate, "create or upgrade the store's schema", store)
+    )
     with_config(command("check", cmd_check, "validate the whole configuration and print ok"))
 
     keys = command("keys", _group_help, "signing keys").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        required=True, parser_class=_Parser
     )
     gen = command(
         "generate", cmd_keys_generate, "create a signing key pair and add it to DIR/jwks.json", keys
@@ -367,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--alg", choices=["EdDSA", "ES256"], default="EdDSA")
 
     token = command("token", _group_help, "license tokens").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        required=True, parser_class=_Parser
     )
     issue = command("issue", cmd_token_issue, "print one signed license token", token)
     issue.add_argument("--key", required=True, metavar="PEM")
@@ -399,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--reason", metavar="TEXT")
 
     lic = command("licenses", _group_help, "the license ledger").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        required=True, parser_class=_Parser
     )
     ls = with_config(command("list", cmd_licenses_list, "every license the ledger has seen", lic))
     ls.add_argument("--json", action="store_true")
@@ -424,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--not-datacenter", action="store_true")
 
     audit = command("audit", _group_help, "the decision log").add_subparsers(
-        dest="sub", required=True, parser_class=_Parser
+        required=True, parser_class=_Parser
     )
     ver = command("verify", cmd_audit_verify, "check the hash chain of a decision log", audit)
     ver.add_argument("file", metavar="FILE")
@@ -440,7 +506,11 @@ def _group_help(args: argparse.Namespace) -> int:  # pragma: no cover - subparse
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:
+            # argparse exits after --help; main() returns the status instead.
+            return e.code if isinstance(e.code, int) else 0
         result: int = args.func(args)
         return result
     except (UsageError, ConfigError) as e:

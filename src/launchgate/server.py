@@ -17,8 +17,15 @@ from launchgate.proxy import create_app
 log = structlog.get_logger("launchgate")
 
 
-async def serve(config: Config, *, shutdown_timeout_s: float = 30.0) -> None:
-    """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, flush."""
+async def serve(
+    config: Config, *, shutdown_timeout_s: float = 30.0, worker: int | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, flush.
+
+    As one of several workers (``worker`` set), the proxy port is shared through
+    SO_REUSEPORT and only worker 0 serves the admin listener, with metrics summed over
+    all workers.
+    """
     gateway = Gateway(config)
     proxy_runner = web.AppRunner(
         create_app(gateway), access_log=None, shutdown_timeout=shutdown_timeout_s
@@ -40,15 +47,19 @@ async def serve(config: Config, *, shutdown_timeout_s: float = 30.0) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         proxy_site = web.TCPSite(
-            proxy_runner, config.listen.host, config.listen.port, reuse_address=True
-        )
-        admin_site = web.TCPSite(
-            admin_runner, config.admin_listen.host, config.admin_listen.port, reuse_address=True
+            proxy_runner,
+            config.listen.host,
+            config.listen.port,
+            reuse_address=True,
+            reuse_port=worker is not None,
         )
         await proxy_site.start()
-        await admin_site.start()
+        if worker in (None, 0):
+            admin = config.admin_listen
+            await web.TCPSite(admin_runner, admin.host, admin.port, reuse_address=True).start()
         log.info(
             "gateway.started",
+            worker=worker,
             listen=_bound(proxy_runner),
             admin_listen=_bound(admin_runner),
             mode=config.mode,
@@ -80,10 +91,10 @@ def _redact(url: str) -> str:
     return url
 
 
-def run(config: Config) -> None:
+def run(config: Config, *, worker: int | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without it
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, worker=worker))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, worker=worker))

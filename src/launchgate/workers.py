@@ -1,0 +1,65 @@
+"""``launchgate serve --workers N``: N gateway processes sharing one port (SO_REUSEPORT).
+
+The parent only supervises: it starts the workers, forwards SIGHUP (reload) and
+SIGTERM/SIGINT (graceful stop) to them, restarts a worker that died, and exits when
+they have all stopped. Workers share the configured store and decision log, both of
+which are safe for several processes. Metrics are summed over the workers through
+prometheus-client's multiprocess mode; worker 0 serves the admin listener.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+log = structlog.get_logger("launchgate")
+
+RESTART_DELAY_S = 1.0
+
+
+def _spawn(config_path: Path, index: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "launchgate", "serve", "--config", str(config_path)]
+    return subprocess.Popen([*command, "--worker-index", str(index)], env=env)
+
+
+def supervise(config_path: Path, workers: int) -> int:
+    """Run ``workers`` worker processes until SIGTERM/SIGINT; returns the exit status."""
+    stopping = False
+    with tempfile.TemporaryDirectory(prefix="launchgate-metrics-") as metrics_dir:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        procs = {i: _spawn(config_path, i, env) for i in range(workers)}
+
+        def forward(signum: int, _: FrameType | None) -> None:
+            nonlocal stopping
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                stopping = True
+                signum = signal.SIGTERM
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        log.info("workers.started", workers=workers, pids=[p.pid for p in procs.values()])
+        while True:
+            time.sleep(0.2)
+            for index, proc in list(procs.items()):
+                code = proc.poll()
+                if code is None or stopping:
+                    continue
+                log.error("worker.died", worker=index, pid=proc.pid, exit_code=code)
+                time.sleep(RESTART_DELAY_S)
+                procs[index] = _spawn(config_path, index, env)
+            if stopping and all(p.poll() is not None for p in procs.values()):
+                break
+    failed = [p.returncode for p in procs.values() if p.returncode not in (0, -signal.SIGTERM)]
+    log.info("workers.stopped", exit_codes=[p.returncode for p in procs.values()])
+    return 1 if failed else 0
