@@ -192,7 +192,7 @@ StartGateway = Callable[..., Awaitable[Harness]]
 
 @pytest.fixture
 async def stub_server(aiohttp_server: Any) -> TestServer:
-    server: TestServer = await aiohttp_server(create_stub_app())
+    server: TestServer = await aiohttp_server(create_stub_app(), auto_decompress=False)
     return server
 
 
@@ -211,7 +211,7 @@ async def start_gateway(
         stub_url = str(stub_server.make_url("")).rstrip("/")
         path = write_config(tmp_path, upstream_url or stub_url, keys, routes, **sections)
         gateway = Gateway(load_config(path))
-        server: TestServer = await aiohttp_server(create_app(gateway))
+        server: TestServer = await aiohttp_server(create_app(gateway), auto_decompress=False)
         session = aiohttp.ClientSession()
         sessions.append(session)
         return Harness(str(server.make_url("")).rstrip("/"), stub_url, gateway, path, session)

@@ -266,3 +266,14 @@ def test_offline_ledger_view(config: Config) -> None:
     assert with_ledger_state(licensed, state(48)).reason == "licensed"
     assert with_ledger_state(licensed, state(49)).reason == "license_exhausted"
     assert with_ledger_state(licensed, state(0, revoked=True)).reason == "license_revoked"
+
+
+def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:
+    """An ARM size in other letter case is the catalog's SKU, recorded and licensed as such."""
+    launch = Launch((Item("standard_nd96isr_h100_v5", 1, fold_case=True),), "eastus")
+    license = lic(skus=("Standard_ND96isr_H100_v5",), regions=None)
+    decision = decide(launch, RESTRICTED, "t", config, verifier(license))
+    assert (decision.reason, decision.reserve) == ("licensed", 8)
+    assert decision.items[0].sku == "Standard_ND96isr_H100_v5"
+    strict = decide(Launch((Item("standard_nd96isr_h100_v5", 1),), None), RESTRICTED, "t", config, never)
+    assert strict.reason == "unknown_sku"  # other APIs' SKU names are case-sensitive

@@ -248,3 +248,16 @@ async def test_readyz_503_without_trusted_keys(
     gw = await start_gateway(tokens={"jwks": str(empty)})
     admin = await _admin(gw, aiohttp_client)
     assert (await admin.get("/readyz")).status == 503
+
+
+async def test_compressed_non_launch_body_forwarded_as_sent(start_gateway: StartGateway) -> None:
+    """A gzip request body is passed through compressed, with its Content-Encoding."""
+    import gzip
+
+    gw = await start_gateway()
+    packed = gzip.compress(b"x" * 10_000)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"}
+    async with gw.session.post(f"{gw.url}/_stub/echo", data=packed, headers=headers) as r:
+        assert await r.read() == packed
+    recorded = next(q for q in await gw.stub_requests() if q["path"] == "/_stub/echo")
+    assert recorded["body_length"] == len(packed)

@@ -59,9 +59,14 @@ class Sku:
 class Catalog:
     accelerators: Mapping[str, Accelerator]
     skus: Mapping[str, Sku]
+    skus_folded: Mapping[str, Sku]  # by lower-cased name, for APIs that ignore case
 
-    def sku(self, name: str) -> Sku | None:
-        return self.skus.get(name)
+    def sku(self, name: str, *, fold_case: bool = False) -> Sku | None:
+        """The SKU called ``name``; with ``fold_case``, whatever the letter case."""
+        found = self.skus.get(name)
+        if found is None and fold_case:
+            found = self.skus_folded.get(name.lower())
+        return found
 
 
 def _number(value: object, where: str) -> float:
@@ -119,7 +124,14 @@ def parse_catalog(data: Mapping[str, Any], source: str) -> Catalog:
         if isinstance(per, bool) or not isinstance(per, int) or per < 1:
             raise ConfigError(f"{where}.accelerators_per_instance: must be an integer >= 1")
         skus[name] = Sku(name, accelerator, per)
-    return Catalog(accelerators, skus)
+    folded: dict[str, Sku] = {}
+    for name, sku in skus.items():
+        other = folded.setdefault(name.lower(), sku)
+        if other is not sku:
+            raise ConfigError(
+                f"{source}: skus.{name!r} and skus.{other.name!r} differ only in letter case"
+            )
+    return Catalog(accelerators, skus, folded)
 
 
 def load_catalog(path: Path) -> Catalog:

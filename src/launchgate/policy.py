@@ -115,7 +115,7 @@ def classify_items(
 ) -> tuple[ItemFacts, ...]:
     facts = []
     for item in launch.items:
-        sku = catalog.sku(item.sku)
+        sku = catalog.sku(item.sku, fold_case=item.fold_case)
         if sku is None:
             facts.append(ItemFacts(item.sku, item.count, None, 0, None, None))
             continue
@@ -123,9 +123,9 @@ def classify_items(
         eccn = acc.eccn if acc is not None else None
         controlled = eccn is not None and eccn in controlled_eccns
         name = acc.name if acc is not None else None
-        facts.append(
-            ItemFacts(item.sku, item.count, name, sku.accelerators_per_instance, eccn, controlled)
-        )
+        # The catalog's spelling: the token is checked and the record written with it.
+        per = sku.accelerators_per_instance
+        facts.append(ItemFacts(sku.name, item.count, name, per, eccn, controlled))
     return tuple(facts)
 
 

@@ -28,7 +28,10 @@ async def serve(
     """
     gateway = Gateway(config)
     proxy_runner = web.AppRunner(
-        create_app(gateway), access_log=None, shutdown_timeout=shutdown_timeout_s
+        create_app(gateway),
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        auto_decompress=False,  # judge and forward the bytes as sent, never inflated
     )
     admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None)
     await proxy_runner.setup()

@@ -7,7 +7,12 @@ non-UTF-8 bytes, NaN, trailing data) is refused rather than guessed at.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from multidict import MultiMapping
 
 MAX_COUNT: Final = 100_000
 
@@ -111,3 +116,91 @@ def parse_count(
     if not low <= value <= MAX_COUNT:
         raise MalformedLaunch(f"{where} must be an integer from {low} to {MAX_COUNT}, got {value}")
     return value
+
+
+# ---------------------------------------------------------------------------------------
+# Framing shared by the JSON dialects: what the body is, and the query beside it.
+
+_JSON_TYPES: Final = frozenset({"application/json"})
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def require_identity_encoding(headers: MultiMapping[str]) -> None:
+    """MalformedLaunch unless every ``Content-Encoding`` is identity (or there is none).
+
+    The gateway judges the bytes it sees; a body the upstream would decompress first
+    would be judged on bytes that mean nothing.
+    """
+    for value in headers.getall("Content-Encoding", ()):
+        for coding in value.split(","):
+            coding = coding.strip().lower()
+            if coding not in ("", "identity"):
+                raise MalformedLaunch(f"Content-Encoding {coding!r} is not decoded by the gateway")
+
+
+def require_json_content_type(headers: MultiMapping[str]) -> None:
+    """MalformedLaunch unless ``Content-Type`` is absent or one ``application/json``.
+
+    A ``charset`` parameter, when given, must be UTF-8: the body is judged as UTF-8, and
+    an upstream told another charset (or another media type, such as Google's
+    ``application/json+protobuf``) would read other values from the same bytes.
+    """
+    values = headers.getall("Content-Type", ())
+    if not values:
+        return
+    if len(values) > 1:
+        raise MalformedLaunch("more than one Content-Type header")
+    media, *params = (part.strip() for part in values[0].split(";"))
+    if media.lower() not in _JSON_TYPES:
+        raise MalformedLaunch(f"Content-Type {media!r} is not application/json")
+    for param in params:
+        name, _, value = param.partition("=")
+        name = name.strip().lower()
+        value = value.strip().strip('"').lower()
+        if name == "charset" and value not in ("utf-8", "utf8"):
+            raise MalformedLaunch(f"charset {value!r} is not UTF-8")
+
+
+def _unquote(text: str) -> str:
+    if _BAD_ESCAPE.search(text):
+        raise MalformedLaunch("bad percent-escape in the query")
+    try:
+        return unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedLaunch("the query is not UTF-8 once percent-decoded") from None
+
+
+def parse_query(query: str) -> tuple[tuple[str, str], ...]:
+    """The query's ``(name, value)`` pairs, each percent-decoded exactly once.
+
+    ``&`` separates pairs and empty pairs are skipped. A ``;`` anywhere, a bad escape,
+    or bytes that are not UTF-8 once decoded make the query malformed: some servers
+    split on ``;`` too, and a lax decoder would read other names than a strict one.
+    Repeated names are the caller's to judge (see ``single_params``).
+    """
+    if ";" in query:
+        raise MalformedLaunch("';' in the query (some servers separate parameters with it)")
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        pairs.append((_unquote(name), _unquote(value)))
+    return tuple(pairs)
+
+
+def single_params(
+    pairs: tuple[tuple[str, str], ...], fold: Callable[[str], str] = str.lower
+) -> dict[str, tuple[str, str]]:
+    """``fold(name) -> (name, value)``; MalformedLaunch when two names fold alike.
+
+    A parameter given twice, or twice in spellings the upstream may treat as one
+    (letter case, by default), has no one meaning.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for name, value in pairs:
+        key = fold(name)
+        if key in seen:
+            raise MalformedLaunch(f"query parameter {name!r} is given more than once")
+        seen[key] = (name, value)
+    return seen

@@ -24,6 +24,7 @@ __all__ = ["DIALECTS", "Dialect", "Item", "Launch", "LaunchRequest", "MalformedL
 class Item:
     sku: str
     count: int  # the most instances the request can launch; 0 for a template
+    fold_case: bool = False  # the API compares SKU names case-insensitively (ARM)
 
 
 @dataclass(frozen=True, slots=True)
