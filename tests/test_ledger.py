@@ -1,17 +1,22 @@
 """The license ledger: reservation lifecycle, revocation, concurrency, and store failures.
 
-Tests that take the ``ledger`` fixture are conformance tests for any ``Ledger``; add a
-PostgreSQL implementation to the fixture's params and they run against it too.
+Tests that take the ``ledger`` or ``ledger_pair`` fixture are conformance tests, run against
+SQLite and against PostgreSQL (``LAUNCHGATE_TEST_POSTGRES_DSN``; skipped without it). Tests of
+SQLite files stay here; PostgreSQL-only tests live in test_pgledger.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
 
 from launchgate.errors import ConfigError, StoreUnavailable
@@ -20,36 +25,75 @@ from launchgate.ledger import (
     ReserveOutcome,
     ReserveResult,
     SqliteLedger,
+    migrate_store,
     open_ledger,
 )
+from launchgate.pgledger import PostgresLedger
 
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 90 * 86400
+POSTGRES_DSN_VAR = "LAUNCHGATE_TEST_POSTGRES_DSN"
 
 
-@pytest.fixture(params=["sqlite"])
+@contextlib.asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store url on a fresh schema of the test database (skips without one); dropped after."""
+    dsn = os.environ.get(POSTGRES_DSN_VAR)
+    if not dsn:
+        pytest.skip(f"set {POSTGRES_DSN_VAR} to run the PostgreSQL ledger tests")
+    schema = f"lg_test_{secrets.token_hex(6)}"
+    try:
+        yield f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+    finally:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def open_stores(*stores: Ledger) -> AsyncIterator[None]:
+    """Open every store, and close them all afterwards."""
+    try:
+        for store in stores:
+            await store.open()
+        yield
+    finally:
+        for store in stores:
+            await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
     """An open, empty ledger of each implementation."""
-    store: Ledger
     if request.param == "sqlite":
         store = SqliteLedger(tmp_path / "data" / "ledger.sqlite3")
-    else:  # pragma: no cover - future implementations
-        raise NotImplementedError(request.param)
-    await store.open()
-    yield store
-    await store.close()
+        async with open_stores(store):
+            yield store
+        return
+    async with postgres_schema() as url:
+        pg = PostgresLedger(url)
+        async with open_stores(pg):
+            yield pg
 
 
-@pytest.fixture
-async def sqlite_pair(tmp_path: Path) -> AsyncIterator[tuple[SqliteLedger, SqliteLedger]]:
-    """Two ledgers on one SQLite file, standing in for two processes (a gateway and the CLI)."""
-    path = tmp_path / "ledger.sqlite3"
-    first, second = SqliteLedger(path), SqliteLedger(path)
-    await first.open()
-    await second.open()
-    yield first, second
-    await first.close()
-    await second.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger_pair(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Ledger, Ledger]]:
+    """Two ledgers on one store, standing in for two processes (a gateway and the CLI, or two
+    replicas): two connections to one SQLite file, or two PostgreSQL pools."""
+    if request.param == "sqlite":
+        path = tmp_path / "ledger.sqlite3"
+        first, second = SqliteLedger(path), SqliteLedger(path)
+        async with open_stores(first, second):
+            yield first, second
+        return
+    async with postgres_schema() as url:
+        pg_first, pg_second = PostgresLedger(url), PostgresLedger(url)
+        async with open_stores(pg_first, pg_second):
+            yield pg_first, pg_second
 
 
 async def reserve(
@@ -393,6 +437,13 @@ async def test_licenses_lists_every_license_seen(ledger: Ledger) -> None:
     assert await ledger.license("lic-unknown") is None
 
 
+async def test_licenses_are_listed_in_byte_order(ledger: Ledger) -> None:
+    """Ordering by jti compares bytes, as SQLite does, whatever a database's locale says."""
+    for jti in ["lic-b", "LIC-Z", "lic-a", "lic_a", "lic-A"]:
+        await ledger.revoke(jti, reason=None, now=T0)
+    assert [s.jti for s in await ledger.licenses()] == ["LIC-Z", "lic-A", "lic-a", "lic-b", "lic_a"]
+
+
 # --- concurrency --------------------------------------------------------------------------
 
 
@@ -407,38 +458,36 @@ async def test_concurrent_reserves_never_overspend(ledger: Ledger) -> None:
     assert (state.reserved, state.remaining) == (64, 0)
 
 
-async def test_two_processes_racing_never_overspend(
-    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
-) -> None:
-    """Two ledgers on one file (two processes) racing 100 launches each: exactly 8 win."""
-    first, second = sqlite_pair
+async def test_two_processes_racing_never_overspend(ledger_pair: tuple[Ledger, Ledger]) -> None:
+    """Two ledgers on one store (two processes) racing 100 launches each: exactly 8 win."""
+    first, second = ledger_pair
     results = await asyncio.gather(
         *(reserve(first, f"a{i}", 8) for i in range(100)),
         *(reserve(second, f"b{i}", 8) for i in range(100)),
     )
     assert [r.outcome for r in results].count(ReserveOutcome.RESERVED) == 8
-    for store in sqlite_pair:
+    for store in ledger_pair:
         state = await store.license("lic-42")
         assert state is not None
         assert state.reserved == 64
 
 
 async def test_revoke_from_another_process_is_seen_by_the_next_reserve(
-    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
+    ledger_pair: tuple[Ledger, Ledger],
 ) -> None:
     """`launchgate token revoke` writing through its own connection stops the gateway's next
     reservation."""
-    gateway, cli = sqlite_pair
+    gateway, cli = ledger_pair
     assert (await reserve(gateway, "d1", 8)).outcome is ReserveOutcome.RESERVED
     assert await cli.revoke("lic-42", reason="compliance hold", now=T0 + 1) is True
     assert (await reserve(gateway, "d2", 8)).outcome is ReserveOutcome.REVOKED
 
 
 async def test_give_back_from_another_process_frees_capacity(
-    sqlite_pair: tuple[SqliteLedger, SqliteLedger],
+    ledger_pair: tuple[Ledger, Ledger],
 ) -> None:
     """`launchgate licenses release` in another process makes the units available again."""
-    gateway, cli = sqlite_pair
+    gateway, cli = ledger_pair
     await reserve(gateway, "d1", 64)
     await gateway.settle_unknown("d1", T0 + 1, "timeout")
     assert (await reserve(gateway, "d2", 8)).outcome is ReserveOutcome.EXHAUSTED
@@ -601,9 +650,28 @@ def test_open_ledger_resolves_sqlite_paths(tmp_path: Path, url: str, expected: s
 
 
 @pytest.mark.parametrize(
+    ("url", "schema"),
+    [
+        ("postgresql://gate@db:5432/launchgate", None),
+        ("postgres://gate:pw@db/launchgate?sslmode=disable", None),
+        ("PostgreSQL://gate@db/launchgate?schema=gate_ledger", "gate_ledger"),
+        ("postgresql:///launchgate?host=/run/postgresql&schema=_x1", "_x1"),
+    ],
+)
+def test_open_ledger_selects_postgresql(tmp_path: Path, url: str, schema: str | None) -> None:
+    """A postgresql:// or postgres:// url selects PostgreSQL, with its ?schema=; no connection."""
+    store = open_ledger(url, tmp_path)
+    assert isinstance(store, PostgresLedger)
+    assert store.schema == schema
+
+
+@pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://gate@db:5432/launchgate", "PostgreSQL store not available yet"),
+        ("postgresql://gate@db/launchgate?schema=Ledger", "'schema' must be one lower-case"),
+        ("postgresql://gate@db/launchgate?schema=a;b", "'schema' must be one lower-case"),
+        ("postgresql://gate@db/launchgate?schema=", "'schema' must be one lower-case"),
+        ("postgresql://gate@db/launchgate?schema=a&schema=b", "'schema' must be one lower-case"),
         ("redis://localhost/0", "'redis://localhost/0'"),
         ("ledger.sqlite3", "'ledger.sqlite3'"),
         ("sqlite:", "no database file"),
@@ -620,6 +688,27 @@ def test_open_ledger_rejects_other_urls(tmp_path: Path, url: str, message: str) 
 def test_open_ledger_never_shows_a_database_password(tmp_path: Path) -> None:
     """A password in a PostgreSQL url does not reach the error message."""
     with pytest.raises(ConfigError) as caught:
-        open_ledger("postgresql://gate:s3cret@db:5432/launchgate", tmp_path)
+        open_ledger("postgresql://gate:s3cret@db:5432/launchgate?schema=Bad", tmp_path)
     assert "s3cret" not in str(caught.value)
     assert "gate:***@db:5432" in str(caught.value)
+
+
+# --- migrate_store (launchgate store migrate) ------------------------------------------------
+
+
+async def test_migrate_store_creates_a_sqlite_ledger(tmp_path: Path) -> None:
+    """Migrating a SQLite store creates the file at the latest schema; again is a no-op."""
+    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == 1
+    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == 1
+    with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    conn.close()
+
+
+async def test_migrate_store_reports_an_unusable_store(tmp_path: Path) -> None:
+    """A store that cannot be opened is StoreUnavailable; a bad url is a ConfigError."""
+    (tmp_path / "ledger.sqlite3").mkdir()
+    with pytest.raises(StoreUnavailable):
+        await migrate_store("sqlite:ledger.sqlite3", tmp_path)
+    with pytest.raises(ConfigError):
+        await migrate_store("redis://localhost/0", tmp_path)

@@ -275,5 +275,7 @@ def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:
     decision = decide(launch, RESTRICTED, "t", config, verifier(license))
     assert (decision.reason, decision.reserve) == ("licensed", 8)
     assert decision.items[0].sku == "Standard_ND96isr_H100_v5"
-    strict = decide(Launch((Item("standard_nd96isr_h100_v5", 1),), None), RESTRICTED, "t", config, never)
+    strict = decide(
+        Launch((Item("standard_nd96isr_h100_v5", 1),), None), RESTRICTED, "t", config, never
+    )
     assert strict.reason == "unknown_sku"  # other APIs' SKU names are case-sensitive

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import sys
 import time
 from typing import Any
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -312,3 +314,211 @@ async def test_run_stub_prints_its_port_and_stops_on_signal(signum: signal.Signa
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --- the providers' own launch APIs (reference launch_apis.md §1-§4) -------------------------
+
+_EC2_FORM = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+
+
+def _parse_xml(data: bytes) -> ElementTree.Element:
+    return ElementTree.fromstring(data)  # noqa: S314 -- the stub's own answer, built in this test
+
+
+async def test_ec2_run_instances_answers_run_instances_response_xml(client: Client) -> None:
+    """RunInstances answers 200 text/xml RunInstancesResponse with MaxCount instances."""
+    body = (
+        "Action=RunInstances&Version=2016-11-15&ImageId=ami-60a54009&InstanceType=p5.48xlarge"
+        "&MinCount=1&MaxCount=3&Placement.AvailabilityZone=us-east-1d"
+    )
+    response = await client.post("/", data=body, headers=_EC2_FORM)
+    assert response.status == 200
+    assert response.content_type == "text/xml"
+    root = _parse_xml(await response.read())
+    ns = {"ec2": "http://ec2.amazonaws.com/doc/2016-11-15/"}
+    assert root.tag == "{http://ec2.amazonaws.com/doc/2016-11-15/}RunInstancesResponse"
+    assert root.findtext("ec2:requestId", namespaces=ns)
+    assert re.fullmatch(r"r-[0-9a-f]{17}", root.findtext("ec2:reservationId", "", ns))
+    instances = root.findall("ec2:instancesSet/ec2:item", ns)
+    assert len(instances) == 3
+    assert {i.findtext("ec2:instanceType", namespaces=ns) for i in instances} == {"p5.48xlarge"}
+    ids = [i.findtext("ec2:instanceId", namespaces=ns) for i in instances]
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert [i["id"] for i in listed] == ids
+    assert listed[0]["region"] == "us-east-1"
+
+
+@pytest.mark.parametrize(
+    ("action", "element"),
+    [
+        ("RequestSpotInstances&InstanceCount=2", "spotInstanceRequestSet"),
+        ("CreateFleet", "fleetId"),
+        ("RequestSpotFleet", "spotFleetRequestId"),
+        ("CreateLaunchTemplate&LaunchTemplateName=t", "launchTemplate"),
+        ("DescribeInstances", "return"),
+    ],
+)
+async def test_ec2_query_actions_answer_their_response(
+    client: Client, action: str, element: str
+) -> None:
+    """Any Action at any path, by GET query, answers <{Action}Response> with its key element."""
+    response = await client.get(f"/any/path?Action={action}")
+    assert response.status == 200
+    root = _parse_xml(await response.read())
+    name = action.split("&")[0]
+    assert root.tag == f"{{http://ec2.amazonaws.com/doc/2016-11-15/}}{name}Response"
+    assert root.find(f"{{http://ec2.amazonaws.com/doc/2016-11-15/}}{element}") is not None
+
+
+async def test_ec2_bad_action_answers_an_ec2_error(client: Client) -> None:
+    """An Action that is not an operation name answers 400 with EC2's error shape."""
+    response = await client.get("/?Action=%3Cx%3E")
+    assert response.status == 400
+    root = _parse_xml(await response.read())
+    assert root.findtext("Errors/Error/Code") == "InvalidAction"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "operation", "instances"),
+    [
+        (
+            "/compute/v1/projects/my-project/zones/us-central1-a/instances",
+            {"name": "train-1", "machineType": "zones/us-central1-a/machineTypes/a2-highgpu-1g"},
+            "insert",
+            [("a2-highgpu-1g", "us-central1")],
+        ),
+        (
+            "/compute/v1/projects/my-project/regions/us-central1/instances/bulkInsert",
+            {
+                "count": "2",
+                "namePattern": "t-##",
+                "instanceProperties": {"machineType": "a3-highgpu-8g"},
+            },
+            "bulkInsert",
+            [("a3-highgpu-8g", "us-central1")] * 2,
+        ),
+        (
+            "/compute/v1/projects/p/zones/us-central1-a/instances/train-1/setMachineType",
+            {"machineType": "zones/us-central1-a/machineTypes/a2-highgpu-1g"},
+            "setMachineType",
+            [],
+        ),
+        (
+            "/compute/v1/projects/p/global/instanceTemplates",
+            {"name": "gpu-tmpl", "properties": {"machineType": "a2-highgpu-1g"}},
+            "compute.instanceTemplates.insert",
+            [],
+        ),
+    ],
+    ids=["insert", "regional-bulk-insert", "set-machine-type", "template"],
+)
+async def test_gce_calls_answer_compute_operations(
+    client: Client,
+    path: str,
+    body: dict[str, Any],
+    operation: str,
+    instances: list[tuple[str, str]],
+) -> None:
+    """Compute Engine calls answer 200 compute#operation (libcloud GCE fixture shape)."""
+    response = await client.post(path, json=body)
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["kind"] == "compute#operation"
+    assert answer["operationType"] == operation
+    assert answer["status"] == "RUNNING"
+    assert answer["targetLink"].startswith("https://compute.googleapis.com/compute/v1/projects/")
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert [(i["instance_type"], i["region"]) for i in listed] == instances
+
+
+async def test_arm_put_answers_201_with_the_resource(client: Client) -> None:
+    """An ARM VM PUT answers 201 with the resource echoed, its id and provisioningState."""
+    path = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    hardware = {"vmSize": "Standard_ND96isr_H100_v5"}
+    resource = {"location": "eastus", "properties": {"hardwareProfile": hardware}}
+    response = await client.put(f"{path}?api-version=2024-07-01", json=resource)
+    assert response.status == 201
+    answer = await response.json()
+    assert answer["id"] == path and answer["name"] == "vm1"
+    assert answer["type"] == "Microsoft.Compute/virtualMachines"
+    assert answer["location"] == "eastus"
+    assert answer["properties"]["hardwareProfile"] == hardware
+    assert answer["properties"]["provisioningState"] == "Creating"
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert [(i["instance_type"], i["region"]) for i in listed] == [
+        ("Standard_ND96isr_H100_v5", "eastus")
+    ]
+
+
+async def test_arm_patch_of_a_scale_set_answers_200_any_case(client: Client) -> None:
+    """ARM paths are case-insensitive; a PATCH answers 200 with provisioningState Updating."""
+    path = (
+        "/SUBSCRIPTIONS/s/RESOURCEGROUPS/g/PROVIDERS/MICROSOFT.COMPUTE/VIRTUALMACHINESCALESETS/ss"
+    )
+    response = await client.patch(
+        path, json={"sku": {"name": "Standard_NC24ads_A100_v4", "capacity": 4}}
+    )
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["sku"]["capacity"] == 4
+    assert answer["properties"]["provisioningState"] == "Updating"
+
+
+async def test_nova_create_answers_202_with_the_server(client: Client) -> None:
+    """Nova create answers 202 {"server": {id, links, adminPass}} and a Location header."""
+    body = {"server": {"name": "t", "imageRef": "70a5", "flavorRef": "g1.a100x4", "max_count": "2"}}
+    response = await client.post("/v2.1/servers", json=body)
+    assert response.status == 202
+    created = (await response.json())["server"]
+    assert created["adminPass"] and created["OS-DCF:diskConfig"] == "AUTO"
+    assert created["links"][0]["href"].endswith(f"/v2.1/servers/{created['id']}")
+    assert response.headers["Location"] == created["links"][0]["href"]
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert [i["instance_type"] for i in listed] == ["g1.a100x4", "g1.a100x4"]
+
+
+async def test_nova_reservation_id_and_actions(client: Client) -> None:
+    """return_reservation_id answers a reservation id; a server action answers 202, empty."""
+    body = {"server": {"flavorRef": "1", "return_reservation_id": "True", "min_count": "2"}}
+    response = await client.post("/v2.1/p1/servers", json=body)
+    assert response.status == 202
+    assert re.fullmatch(r"r-[0-9a-f]{8}", (await response.json())["reservation_id"])
+    response = await client.post("/v2.1/servers/abc/action", json={"resize": {"flavorRef": "2"}})
+    assert (response.status, await response.read()) == (202, b"")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/compute/v1/projects/p/zones/z/instances"),
+        ("PUT", "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v"),
+        ("POST", "/v2.1/servers"),
+    ],
+)
+async def test_provider_bodies_must_be_json_objects(client: Client, method: str, path: str) -> None:
+    """A provider launch whose body is not a JSON object answers 400 and launches nothing."""
+    response = await client.request(method, path, data=b"[1]")
+    assert response.status == 400
+    assert (await (await client.get("/v1/instances")).json())["instances"] == []
+
+
+async def test_run_stub_records_compressed_bodies_as_sent() -> None:
+    """The served stub does not decompress: it records the bytes that arrived."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RUN_STUB, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        base = line.rsplit(" ", 1)[-1].strip()
+        body = gzip.compress(b"Action=DescribeInstances")
+        async with aiohttp.ClientSession() as session:
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"}
+            async with session.post(f"{base}/x", data=body, headers=headers) as response:
+                assert response.status == 404
+            async with session.get(f"{base}/_stub/requests") as response:
+                [record] = (await response.json())["requests"]
+        assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 10)

@@ -6,7 +6,8 @@ not reached: given back) or ``settle_unknown`` (outcome unknown: counted as used
 never over-spent). Staff can later ``give_back`` what they have checked was not launched.
 
 ``Ledger`` is the storage-neutral interface; ``SqliteLedger`` keeps it in one SQLite file that
-several processes (gateways, the ``launchgate`` CLI) may share. All SQL lives in this module.
+several processes (gateways, the ``launchgate`` CLI) may share. ``PostgresLedger``
+(``launchgate.pgledger``) keeps it in PostgreSQL for replicas on several hosts.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "ReserveOutcome",
     "ReserveResult",
     "SqliteLedger",
+    "migrate_store",
     "open_ledger",
 ]
 
@@ -172,21 +174,40 @@ def open_ledger(url: str, base_dir: Path) -> Ledger:
     """Build the ledger named by ``[store] url``; does not connect (call ``open()``).
 
     ``sqlite:PATH`` (relative to ``base_dir``, the config file's folder, unless absolute) and
-    ``sqlite:///abs/path`` select SQLite. Raises ``ConfigError`` for a PostgreSQL url (not
-    available yet) and for anything else.
+    ``sqlite:///abs/path`` select SQLite; ``postgresql://...`` (or ``postgres://``, optionally
+    with ``?schema=NAME``) selects PostgreSQL. Raises ``ConfigError`` for anything else.
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
         return SqliteLedger(_sqlite_path(url, rest, base_dir))
     if sep and scheme in ("postgresql", "postgres"):
-        raise ConfigError(
-            f"[store] url {_redact(url)!r}: PostgreSQL store not available yet; use a 'sqlite:' url"
-        )
+        # Imported here: asyncpg is loaded only where a PostgreSQL store is configured.
+        from launchgate.pgledger import PostgresLedger
+
+        return PostgresLedger(url)
     raise ConfigError(
         f"[store] url {_redact(url)!r}: unsupported store; expected 'sqlite:PATH'"
         " or 'postgresql://...'"
     )
+
+
+async def migrate_store(url: str, base_dir: Path) -> int:
+    """Create or upgrade the schema of the ledger named by ``[store] url``; return its version.
+
+    Safe while gateways run and from several hosts at once. Raises ``ConfigError`` for a bad url
+    and ``StoreUnavailable`` when the store cannot be used or has a newer schema.
+    """
+    store = open_ledger(url, base_dir)
+    try:
+        await store.open()  # migrates to the latest version, or raises
+        if isinstance(store, SqliteLedger):
+            return _SCHEMA_VERSION
+        from launchgate.pgledger import PostgresLedger
+
+        return await cast(PostgresLedger, store).migrate()
+    finally:
+        await store.close()
 
 
 def _sqlite_path(url: str, rest: str, base_dir: Path) -> Path:

@@ -14,6 +14,20 @@ Routes:
   ``{"error": "injected failure"}``. Each call replaces the previous failure mode.
 - ``POST /_stub/echo`` streams the request body back, chunk by chunk.
 - ``GET /_stub/bytes?n=N`` streams N bytes of the pattern ``i % 256``.
+- the providers' own launch APIs, each answering with its own success shape
+  (reference launch_apis.md), at any path prefix:
+
+  - EC2 Query (GET or POST, any path, an ``Action`` parameter): 200 ``text/xml``
+    ``<{Action}Response>``; ``RunInstances`` lists ``MaxCount`` instances;
+  - Compute Engine (POST ``…/projects/{p}/zones/{z}/instances``, ``…/bulkInsert``,
+    ``…/instances/{i}/setMachineType|setMachineResources``, ``…/instanceTemplates``):
+    200 ``compute#operation``;
+  - Azure Resource Manager (PUT/PATCH ``…/providers/Microsoft.Compute/virtualMachines/{vm}``
+    or ``…/virtualMachineScaleSets/{name}``): the resource echoed with ``id`` and
+    ``provisioningState``, 201 for PUT, 200 for PATCH;
+  - Nova (POST ``…/servers``): 202 ``{"server": {"id", "links", "adminPass", …}}``;
+    POST ``…/servers/{id}/action``: 202, empty.
+
 - anything else: 404 ``{"error": "not found", "path": ...}``.
 """
 
@@ -23,16 +37,23 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import secrets
 import signal
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import parse_qsl
+from xml.sax.saxutils import escape
 
 from aiohttp import web
 
 MAX_INSTANCES_PER_LAUNCH: Final = 1000
 BODY_PREVIEW_BYTES: Final = 64 * 1024
+KEEP_BYTES: Final = 16 * 1024 * 1024  # the most of a body the stub keeps to parse
 _CHUNK_BYTES: Final = 64 * 1024
 _PATTERN_BLOCK: Final = bytes(range(256)) * (_CHUNK_BYTES // 256)
 _MAX_DELAY_S: Final = 3600.0
@@ -112,12 +133,17 @@ STUB_STATE_KEY: Final = web.AppKey("stub_state", StubState)
 
 
 class _BodyTap:
-    """Hashes and measures a body as it streams past, keeping a bounded preview."""
+    """Hashes and measures a body as it streams past, keeping a bounded preview.
+
+    With ``keep_all`` it also keeps the whole body for the route to parse, up to
+    ``KEEP_BYTES``; a larger body is measured and hashed but not kept.
+    """
 
     def __init__(self, *, keep_all: bool) -> None:
         self._sha = hashlib.sha256()
         self._preview = bytearray()
         self._kept = bytearray() if keep_all else None
+        self._overflow = False
         self.length = 0
 
     def feed(self, chunk: bytes) -> None:
@@ -127,9 +153,13 @@ class _BodyTap:
             self._preview += chunk[: BODY_PREVIEW_BYTES - len(self._preview)]
         if self._kept is not None:
             self._kept += chunk
+            if len(self._kept) > KEEP_BYTES:
+                self._kept, self._overflow = None, True
 
     @property
     def body(self) -> bytes:
+        if self._overflow:
+            raise _json_error(web.HTTPBadRequest, f"body over {KEEP_BYTES} bytes")
         if self._kept is None:
             raise RuntimeError("this body was not kept")
         return bytes(self._kept)
@@ -272,13 +302,236 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _not_found(request: web.Request) -> web.Response:
+# --- The providers' own launch APIs (reference launch_apis.md §1-§4) -------------------------
+
+_EC2_XMLNS: Final = "http://ec2.amazonaws.com/doc/2016-11-15/"
+_EC2_ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
+_GCE = re.compile(
+    r"(?P<base>.*)/projects/(?P<project>[^/]+)/(?:"
+    r"(?P<scope>zones|regions)/(?P<location>[^/]+)/(?:"
+    r"instances(?:/(?P<bulk>bulkInsert)|/(?P<instance>[^/]+)/(?P<verb>setMachineType|setMachineResources))?"
+    r"|(?P<regional_template>instanceTemplates))"
+    r"|global/(?P<template>instanceTemplates))"
+)
+_ARM = re.compile(
+    r".*/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Compute/"
+    r"(?P<kind>virtualMachines|virtualMachineScaleSets)/(?P<name>[^/]+)",
+    re.IGNORECASE,
+)
+_NOVA = re.compile(r"(?P<base>.*)/(?:servers|os-volumes_boot)(?:/(?P<server>[^/]+)/action)?")
+
+
+def _ec2_params(request: web.Request) -> dict[str, str]:
+    """The Query parameters, read as a lenient server would (the last of a repeat wins)."""
+    params = dict(parse_qsl(request.query_string, keep_blank_values=True))
+    if request.method == "POST" and request.content_type == "application/x-www-form-urlencoded":
+        body = request[_BODY_KEY].body.decode("utf-8", errors="replace")
+        params.update(parse_qsl(body, keep_blank_values=True))
+    return params
+
+
+def _xml(text: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text='<?xml version="1.0" encoding="UTF-8"?>\n' + text,
+        status=status,
+        content_type="text/xml",
+        charset="UTF-8",
+    )
+
+
+def _how_many(value: object) -> int:
+    """A count as a lenient server reads one (digits or an integer), 1 otherwise, capped."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 7):
+        return 1
+    return max(1, min(int(text), MAX_INSTANCES_PER_LAUNCH))
+
+
+def _ec2_body(request: web.Request, action: str, params: dict[str, str]) -> str:
+    """The inner elements of ``<{action}Response>`` for the launch Actions."""
+    if action == "RunInstances":
+        itype = params.get("InstanceType", "m1.small")
+        zone = params.get("Placement.AvailabilityZone", "us-east-1a")
+        launched = [
+            Instance(f"i-{secrets.token_hex(9)[:17]}", itype, zone[:-1] or None)
+            for _ in range(_how_many(params.get("MaxCount", 1)))
+        ]
+        request.app[STUB_STATE_KEY].instances.extend(launched)
+        items = "".join(
+            f"<item><instanceId>{i.id}</instanceId>"
+            f"<imageId>{escape(params.get('ImageId', ''))}</imageId>"
+            "<instanceState><code>0</code><name>pending</name></instanceState>"
+            f"<instanceType>{escape(itype)}</instanceType>"
+            f"<placement><availabilityZone>{escape(zone)}</availabilityZone></placement></item>"
+            for i in launched
+        )
+        return (
+            f"<reservationId>r-{secrets.token_hex(9)[:17]}</reservationId>"
+            "<ownerId>123456789012</ownerId><groupSet/>"
+            f"<instancesSet>{items}</instancesSet>"
+        )
+    if action == "RequestSpotInstances":
+        itype = escape(params.get("LaunchSpecification.InstanceType", ""))
+        items = "".join(
+            f"<item><spotInstanceRequestId>sir-{secrets.token_hex(4)}</spotInstanceRequestId>"
+            "<state>open</state>"
+            f"<launchSpecification><instanceType>{itype}</instanceType></launchSpecification></item>"
+            for _ in range(_how_many(params.get("InstanceCount", 1)))
+        )
+        return f"<spotInstanceRequestSet>{items}</spotInstanceRequestSet>"
+    if action == "CreateFleet":
+        return f"<fleetId>fleet-{uuid.uuid4()}</fleetId><errorSet/><fleetInstanceSet/>"
+    if action == "RequestSpotFleet":
+        return f"<spotFleetRequestId>sfr-{uuid.uuid4()}</spotFleetRequestId>"
+    if action in ("CreateLaunchTemplate", "CreateLaunchTemplateVersion"):
+        template = params.get("LaunchTemplateId", f"lt-{secrets.token_hex(9)[:17]}")
+        name = escape(params.get("LaunchTemplateName", "stub"))
+        return (
+            f"<launchTemplate><launchTemplateId>{escape(template)}</launchTemplateId>"
+            f"<launchTemplateName>{name}</launchTemplateName>"
+            "<defaultVersionNumber>1</defaultVersionNumber>"
+            "<latestVersionNumber>1</latestVersionNumber></launchTemplate>"
+        )
+    return "<return>true</return>"
+
+
+def _ec2(request: web.Request) -> web.Response | None:
+    params = _ec2_params(request)
+    action = params.get("Action")
+    if action is None:
+        return None
+    request_id = uuid.uuid4()
+    if not _EC2_ACTION.fullmatch(action):
+        return _xml(
+            "<Response><Errors><Error><Code>InvalidAction</Code>"
+            "<Message>The action is not valid for this web service.</Message></Error></Errors>"
+            f"<RequestID>{request_id}</RequestID></Response>",
+            status=400,
+        )
+    inner = _ec2_body(request, action, params)
+    return _xml(
+        f'<{action}Response xmlns="{_EC2_XMLNS}">'
+        f"<requestId>{request_id}</requestId>{inner}</{action}Response>"
+    )
+
+
+def _last_segment(value: Any) -> Any:
+    return value.rsplit("/", 1)[-1] if isinstance(value, str) else value
+
+
+def _gce(request: web.Request) -> web.Response | None:
+    match = _GCE.fullmatch(request.path)
+    if request.method != "POST" or match is None:
+        return None
+    body = _json_object(request)
+    parts = match.groupdict()
+    base = f"https://compute.googleapis.com{parts['base']}/projects/{parts['project']}"
+    scope = f"{parts['scope']}/{parts['location']}" if parts["scope"] else "global"
+    if parts["template"] or parts["regional_template"]:
+        kind, target = "compute.instanceTemplates.insert", f"instanceTemplates/{body.get('name')}"
+    elif parts["verb"]:
+        kind, target = parts["verb"], f"instances/{parts['instance']}"
+    else:
+        kind = "bulkInsert" if parts["bulk"] else "insert"
+        target = f"instances/{body.get('name') or body.get('namePattern')}"
+        properties = body.get("instanceProperties") if parts["bulk"] else body
+        properties = properties if isinstance(properties, dict) else {}
+        count = _how_many(body.get("count", 1)) if parts["bulk"] else 1
+        location = parts["location"]
+        region = location.rsplit("-", 1)[0] if parts["scope"] == "zones" else location
+        machine = _last_segment(properties.get("machineType"))
+        request.app[STUB_STATE_KEY].instances.extend(
+            Instance(str(secrets.randbits(63)), machine, region) for _ in range(count)
+        )
+    operation_id = str(secrets.randbits(63))
+    name = f"operation-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    operation: dict[str, Any] = {
+        "kind": "compute#operation",
+        "id": operation_id,
+        "name": name,
+        "operationType": kind,
+        "targetLink": f"{base}/{scope}/{target}",
+        "targetId": str(secrets.randbits(63)),
+        "status": "RUNNING",
+        "user": "stub@launchgate.invalid",
+        "progress": 0,
+        "insertTime": now,
+        "startTime": now,
+        "selfLink": f"{base}/{scope}/operations/{name}",
+    }
+    if parts["scope"]:
+        operation[parts["scope"][:-1]] = f"{base}/{scope}"
+    return web.json_response(operation)
+
+
+def _arm(request: web.Request) -> web.Response | None:
+    match = _ARM.fullmatch(request.path)
+    if request.method not in ("PUT", "PATCH") or match is None:
+        return None
+    resource = _json_object(request)
+    vm = match["kind"].lower() == "virtualmachines"
+    properties = resource.get("properties")
+    properties = dict(properties) if isinstance(properties, dict) else {}
+    created = request.method == "PUT"
+    properties["provisioningState"] = "Creating" if created else "Updating"
+    if vm:
+        properties.setdefault("vmId", str(uuid.uuid4()))
+    answer = {
+        **resource,
+        "id": request.path,
+        "name": match["name"],
+        "type": f"Microsoft.Compute/{'virtualMachines' if vm else 'virtualMachineScaleSets'}",
+        "properties": properties,
+    }
+    if created and vm:
+        size = properties.get("hardwareProfile", {})
+        size = size.get("vmSize") if isinstance(size, dict) else None
+        instance = Instance(f"vm-{secrets.token_hex(8)}", size, resource.get("location"))
+        request.app[STUB_STATE_KEY].instances.append(instance)
+    return web.json_response(answer, status=201 if created else 200)
+
+
+def _nova(request: web.Request) -> web.Response | None:
+    match = _NOVA.fullmatch(request.path)
+    if request.method != "POST" or match is None:
+        return None
+    body = _json_object(request)
+    if match["server"] is not None:
+        return web.Response(status=202)  # resize and the other actions answer 202, no body
+    server = body.get("server")
+    server = server if isinstance(server, dict) else {}
+    count = max(_how_many(server.get("min_count", 1)), _how_many(server.get("max_count", 1)))
+    flavor = _last_segment(server.get("flavorRef"))
+    launched = [Instance(str(uuid.uuid4()), flavor, None) for _ in range(count)]
+    request.app[STUB_STATE_KEY].instances.extend(launched)
+    if str(server.get("return_reservation_id", "")).lower() in ("true", "1", "yes", "on"):
+        return web.json_response({"reservation_id": f"r-{secrets.token_hex(4)}"}, status=202)
+    href = f"http://{request.host}{match['base']}/servers/{launched[0].id}"
+    answer = {
+        "server": {
+            "id": launched[0].id,
+            "links": [{"href": href, "rel": "self"}, {"href": href, "rel": "bookmark"}],
+            "adminPass": secrets.token_urlsafe(9),
+            "OS-DCF:diskConfig": "AUTO",
+            "security_groups": [{"name": "default"}],
+        }
+    }
+    return web.json_response(answer, status=202, headers={"Location": href})
+
+
+async def _provider(request: web.Request) -> web.Response:
+    """A provider launch API's own answer, or 404 for a path no provider serves."""
+    for answer in (_ec2, _gce, _arm, _nova):
+        response = answer(request)
+        if response is not None:
+            return response
     raise _json_error(web.HTTPNotFound, "not found", path=request.path)
 
 
 _UNRECORDED: Final = frozenset({_list_requests})
 _RECORDS_ITSELF: Final = frozenset({_echo})
-_PARSES_BODY: Final = frozenset({_launch, _set_failure})
+_PARSES_BODY: Final = frozenset({_launch, _set_failure, _provider})
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -324,8 +577,8 @@ def create_stub_app() -> web.Application:
     app.router.add_post("/_stub/fail", _set_failure)
     app.router.add_post("/_stub/echo", _echo)
     app.router.add_get("/_stub/bytes", _bytes)
-    # Catch-all last: unknown paths and unknown methods on known paths alike get 404.
-    app.router.add_route("*", "/{tail:.*}", _not_found)
+    # Catch-all last: the providers' APIs; unknown paths and methods alike get 404.
+    app.router.add_route("*", "/{tail:.*}", _provider)
     return app
 
 
@@ -335,7 +588,8 @@ async def run_stub(host: str, port: int) -> None:
     Once listening, prints ``stub-backend listening on http://HOST:PORT`` (the real
     port when ``port`` is 0) as one line on stdout. Raises OSError if it cannot bind.
     """
-    runner = web.AppRunner(create_stub_app(), access_log=None)
+    # Bodies are recorded as they arrived: aiohttp would otherwise decompress them first.
+    runner = web.AppRunner(create_stub_app(), access_log=None, auto_decompress=False)
     await runner.setup()
     try:
         # A short grace period: a stub holding shutdown for an injected delay helps nobody.

@@ -1,0 +1,385 @@
+"""``aws-ec2``: the EC2 Query protocol, dispatched on ``Action`` (CONTRACT §9).
+
+Parameters come from the query string (GET), or the query string and an
+``application/x-www-form-urlencoded`` body together (POST), read strictly by
+``dialects.query``. EC2 serves its API on any path, so the route claims every GET and
+POST under its ``path`` (default ``/``); an Action that cannot launch anything is no
+launch (``parse`` returns None) and is forwarded unjudged.
+
+Items per Action (reference launch_apis.md §1):
+
+- ``RunInstances``: ``InstanceType`` x max(``MinCount``, ``MaxCount``), and every
+  ``ElasticGpuSpecification.N.Type`` / ``ElasticInferenceAccelerator.N.Type`` it attaches;
+- ``RequestSpotInstances``: ``LaunchSpecification.InstanceType`` x ``InstanceCount`` (1);
+- ``CreateFleet`` / ``RequestSpotFleet``: every override or launch specification type x
+  the target capacity (divided by a ``WeightedCapacity`` below 1, which launches more
+  instances than the target);
+- ``ModifyInstanceAttribute`` changing the type: that type x 1;
+- ``CreateLaunchTemplate(Version)``: ``LaunchTemplateData.InstanceType`` x 0;
+- ``CreateCapacityReservation``: ``InstanceType`` x ``InstanceCount``.
+
+What the request does not resolve (a template without a type, ``InstanceRequirements``,
+capacity in vCPU or MiB, a fleet or reservation changed by id) is ``unresolvable``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final, NoReturn
+
+from launchgate.dialects import Item, Launch, LaunchRequest
+from launchgate.dialects.query import Node, nest, parse_params
+from launchgate.errors import ConfigError
+from launchgate.paths import UnsafePath, normalize_path
+from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
+
+_KEYS: Final = frozenset({"path", "region"})
+_ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
+_FORM: Final = "application/x-www-form-urlencoded"
+_HOST = re.compile(r"ec2\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2})\.amazonaws\.com")
+_WEIGHT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
+
+
+@dataclass(frozen=True, slots=True)
+class AwsEc2:
+    path: str
+    region: str | None
+    name: str = "aws-ec2"
+    prefix: bool = True  # EC2 ignores the path: every request under it is an EC2 call
+    methods: frozenset[str] = field(default=frozenset({"GET", "POST"}))
+
+    def claims(self, method: str, path: str) -> bool:
+        if method not in self.methods:
+            return False
+        return path == self.path or path.startswith(self.path.rstrip("/") + "/")
+
+    def parse(self, request: LaunchRequest) -> Launch | None:
+        """The items of a launch Action; None for an Action that launches nothing.
+
+        Raises MalformedLaunch when the request has no one meaning (see ``dialects.query``).
+        """
+        params = parse_params(request.query, _form_body(request))
+        if not params:
+            return None  # names no Action: EC2 answers MissingAction
+        action = params.get("Action")
+        if action is None:
+            raise MalformedLaunch("parameters without an Action")
+        if not _ACTION.fullmatch(action):
+            raise MalformedLaunch("Action is not a plain operation name")
+        reader = _READERS.get(action)
+        if reader is None:
+            if action.lower() in _FOLDED_ACTIONS:
+                raise MalformedLaunch(f"Action {action} differs only in letter case from a launch")
+            return None
+        _refuse_case_variants(params)
+        reading = _Reading()
+        reader(nest(params), reading)
+        if not reading.items and not reading.unresolved:
+            return None
+        unresolvable = "; ".join(reading.unresolved) or None
+        return Launch(tuple(reading.items), self.region or _host_region(request), unresolvable)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What one request launches, gathered by an Action's reader."""
+
+    items: list[Item] = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)
+
+    def add(self, sku: str, count: int) -> None:
+        if count > MAX_COUNT:
+            raise MalformedLaunch(f"{sku} would be launched {count} times, over {MAX_COUNT}")
+        self.items.append(Item(sku, count))
+
+
+def _type(node: Node, key: str) -> str | None:
+    value = node.value(key)
+    if value == "":
+        raise MalformedLaunch(f"{node.name or 'request'}: {key} is empty")
+    return value
+
+
+def _count(node: Node, key: str, *, allow_zero: bool = False) -> int | None:
+    """A count parameter: ASCII digits only, 1..MAX_COUNT (0 too when ``allow_zero``)."""
+    value = node.value(key)
+    if value is None:
+        return None
+    where = f"{node.name}.{key}" if node.name else key
+    return parse_count(value, where, allow_zero=allow_zero, digit_strings=True)
+
+
+def _need(node: Node, key: str, what: str) -> Node:
+    child = node.node(key)
+    if child is None:
+        raise MalformedLaunch(f"{what} without {key}")
+    return child
+
+
+def _weighted(total: int, node: Node) -> int:
+    """Instances one entry can add: the target, or more when its weight is below 1."""
+    raw = node.value("WeightedCapacity")
+    if raw is None:
+        return total
+    if not _WEIGHT.fullmatch(raw) or Decimal(raw) == 0:
+        raise MalformedLaunch(f"{node.name}.WeightedCapacity must be a positive decimal")
+    weight = Decimal(raw)
+    return total if weight >= 1 else math.ceil(Decimal(total) / weight)
+
+
+def _unit(spec: Node, reading: _Reading) -> None:
+    unit = spec.value("TargetCapacityUnitType")
+    if unit is not None and unit != "units":
+        reading.unresolved.append(f"capacity in {unit!r} units, not instances")
+
+
+def _attachments(node: Node, count: int, reading: _Reading) -> None:
+    """Accelerators attached beside the instance type (deprecated but still in the model)."""
+    for _, spec in node.members("ElasticGpuSpecification"):
+        reading.add(_type(spec, "Type") or _missing(spec, "Type"), count)
+    for _, spec in node.members("ElasticInferenceAccelerator"):
+        each = _count(spec, "Count") or 1
+        reading.add(_type(spec, "Type") or _missing(spec, "Type"), count * each)
+
+
+def _missing(node: Node, key: str) -> NoReturn:
+    raise MalformedLaunch(f"{node.name} without {key}")
+
+
+def _run_instances(t: Node, reading: _Reading) -> None:
+    count = max(_count(t, "MinCount") or 1, _count(t, "MaxCount") or 1)
+    sku = _type(t, "InstanceType")
+    if sku is not None:
+        reading.add(sku, count)  # a request-level type overrides the template's
+    elif "LaunchTemplate" in t:
+        reading.unresolved.append("RunInstances takes its instance type from a launch template")
+    else:
+        reading.unresolved.append("RunInstances names no InstanceType (the default applies)")
+    _attachments(t, count, reading)
+
+
+def _request_spot_instances(t: Node, reading: _Reading) -> None:
+    count = _count(t, "InstanceCount") or 1
+    spec = t.node("LaunchSpecification")
+    sku = _type(spec, "InstanceType") if spec is not None else None
+    if sku is None:
+        reading.unresolved.append("RequestSpotInstances names no LaunchSpecification.InstanceType")
+    else:
+        reading.add(sku, count)
+
+
+def _overrides(config: Node, total: int, reading: _Reading) -> None:
+    overrides = list(config.members("Overrides"))
+    if not overrides:
+        reading.unresolved.append(f"{config.name} takes its instance type from a launch template")
+    for _, override in overrides:
+        _typed_entry(override, total, reading)
+
+
+def _typed_entry(entry: Node, total: int, reading: _Reading) -> None:
+    if "InstanceRequirements" in entry:
+        reading.unresolved.append(f"{entry.name} selects types by InstanceRequirements")
+    sku = _type(entry, "InstanceType")
+    if sku is not None:
+        reading.add(sku, _weighted(total, entry))
+    elif "InstanceRequirements" not in entry:
+        reading.unresolved.append(f"{entry.name} names no InstanceType")
+
+
+def _create_fleet(t: Node, reading: _Reading) -> None:
+    spec = _need(t, "TargetCapacitySpecification", "CreateFleet")
+    total = _count(spec, "TotalTargetCapacity", allow_zero=True)
+    if total is None:
+        raise MalformedLaunch("CreateFleet without TotalTargetCapacity")
+    for key in ("OnDemandTargetCapacity", "SpotTargetCapacity"):
+        total = max(total, _count(spec, key, allow_zero=True) or 0)
+    _unit(spec, reading)
+    configs = list(t.members("LaunchTemplateConfigs"))
+    if not configs:
+        reading.unresolved.append("CreateFleet names no LaunchTemplateConfigs")
+    for _, config in configs:
+        _overrides(config, total, reading)
+
+
+def _request_spot_fleet(t: Node, reading: _Reading) -> None:
+    config = _need(t, "SpotFleetRequestConfig", "RequestSpotFleet")
+    total = _count(config, "TargetCapacity", allow_zero=True)
+    if total is None:
+        raise MalformedLaunch("RequestSpotFleet without SpotFleetRequestConfig.TargetCapacity")
+    total = max(total, _count(config, "OnDemandTargetCapacity", allow_zero=True) or 0)
+    _unit(config, reading)
+    specs = list(config.members("LaunchSpecifications"))
+    templates = list(config.members("LaunchTemplateConfigs"))
+    if not specs and not templates:
+        reading.unresolved.append("RequestSpotFleet names no launch specification or template")
+    for _, spec in specs:
+        _typed_entry(spec, total, reading)
+    for _, template in templates:
+        _overrides(template, total, reading)
+
+
+def _modify_instance_attribute(t: Node, reading: _Reading) -> None:
+    direct = t.node("InstanceType")
+    sku = None
+    if direct is not None:
+        sku = _type(direct, "Value") or _missing(direct, "Value")
+    attribute = t.value("Attribute")
+    if attribute is not None and attribute.lower() == "instancetype":
+        if attribute != "instanceType":
+            raise MalformedLaunch(f"Attribute {attribute} is not spelled 'instanceType'")
+        if sku is not None:
+            raise MalformedLaunch("the instance type is given both as InstanceType.Value and Value")
+        sku = _type(t, "Value") or _missing(t, "Value")
+    if sku is not None:
+        reading.add(sku, 1)
+
+
+def _create_launch_template(t: Node, reading: _Reading) -> None:
+    data = t.node("LaunchTemplateData")
+    if data is None:
+        return  # a version copied from a judged one, or no template at all
+    if "InstanceRequirements" in data:
+        reading.unresolved.append("the launch template selects types by InstanceRequirements")
+    sku = _type(data, "InstanceType")
+    if sku is not None:
+        reading.add(sku, 0)  # a template launches nothing, but needs a covering license
+    _attachments(data, 0, reading)
+
+
+def _create_capacity_reservation(t: Node, reading: _Reading) -> None:
+    sku = _type(t, "InstanceType")
+    if sku is None:
+        reading.unresolved.append("CreateCapacityReservation names no InstanceType")
+    else:
+        reading.add(sku, _count(t, "InstanceCount") or 1)
+
+
+def _by_reference(why: str) -> Callable[[Node, _Reading], None]:
+    def read(_: Node, reading: _Reading) -> None:
+        reading.unresolved.append(why)
+
+    return read
+
+
+# Auto Scaling speaks the same protocol (reference §1.6, §7 item 5): should an endpoint behind
+# this route serve it too, group capacity is never readable from one request.
+_AUTO_SCALING: Final = (
+    "CreateAutoScalingGroup", "UpdateAutoScalingGroup", "SetDesiredCapacity",
+    "PutScheduledUpdateGroupAction", "BatchPutScheduledUpdateGroupAction", "ExecutePolicy",
+    "PutWarmPool", "StartInstanceRefresh", "AttachInstances", "CreateLaunchConfiguration",
+)  # fmt: skip
+_READERS: Final[Mapping[str, Callable[[Node, _Reading], None]]] = {
+    "RunInstances": _run_instances,
+    "RequestSpotInstances": _request_spot_instances,
+    "CreateFleet": _create_fleet,
+    "RequestSpotFleet": _request_spot_fleet,
+    "ModifyInstanceAttribute": _modify_instance_attribute,
+    "CreateLaunchTemplate": _create_launch_template,
+    "CreateLaunchTemplateVersion": _create_launch_template,
+    "CreateCapacityReservation": _create_capacity_reservation,
+    # Capacity named only by id or offering (reference §1.3, §1.5, §1.8, §7 items 3 and 9).
+    "ModifyFleet": _by_reference("ModifyFleet changes a fleet by id"),
+    "ModifySpotFleetRequest": _by_reference("ModifySpotFleetRequest changes a fleet by id"),
+    "ModifyCapacityReservation": _by_reference("ModifyCapacityReservation changes one by id"),
+    "CreateCapacityReservationFleet": _by_reference("a capacity reservation fleet"),
+    "ModifyCapacityReservationFleet": _by_reference("a capacity reservation fleet changed by id"),
+    "PurchaseCapacityBlock": _by_reference("a capacity block bought by offering id"),
+    "AllocateHosts": _by_reference("dedicated hosts hold an unknown number of instances"),
+    "RunScheduledInstances": _by_reference("scheduled instances launched by id"),
+    "PurchaseScheduledInstances": _by_reference("scheduled capacity bought by id"),
+    "ImportInstance": _by_reference("an imported instance"),
+    **{
+        action: _by_reference(f"Auto Scaling {action} sets group capacity")
+        for action in _AUTO_SCALING
+    },
+}
+_FOLDED_ACTIONS: Final = frozenset(action.lower() for action in _READERS)
+# Every name part the readers look at; a part spelled otherwise in case is malformed.
+_READ_PARTS: Final = (
+    "Action", "InstanceType", "MinCount", "MaxCount", "LaunchTemplate", "ElasticGpuSpecification",
+    "ElasticInferenceAccelerator", "Type", "Count", "InstanceCount", "LaunchSpecification",
+    "TargetCapacitySpecification", "TotalTargetCapacity", "OnDemandTargetCapacity",
+    "SpotTargetCapacity", "TargetCapacityUnitType", "LaunchTemplateConfigs", "Overrides",
+    "InstanceRequirements", "WeightedCapacity", "SpotFleetRequestConfig", "TargetCapacity",
+    "LaunchSpecifications", "Attribute", "Value", "LaunchTemplateData",
+)  # fmt: skip
+_FOLDED_PARTS: Final = {part.lower(): part for part in _READ_PARTS}
+
+
+def _refuse_case_variants(params: Mapping[str, str]) -> None:
+    """A name part that differs only in case from one the dialect reads is malformed:
+    EC2 names are case-sensitive, but a backend or proxy that folds case would launch."""
+    for name in params:
+        for part in name.split("."):
+            expected = _FOLDED_PARTS.get(part.lower())
+            if expected is not None and part != expected:
+                raise MalformedLaunch(f"parameter {name}: {part!r} is not spelled {expected!r}")
+
+
+def _form_body(request: LaunchRequest) -> str | None:
+    """The form body of a POST as text (None for a GET); malformed when it is anything else."""
+    require_identity_encoding(request.headers)
+    if request.method != "POST":
+        if request.body:
+            raise MalformedLaunch(f"a {request.method} request with a body")
+        return None
+    types = request.headers.getall("Content-Type", [])
+    if not request.body and not types:
+        return None
+    if len(types) != 1 or not _is_form(types[0]):
+        raise MalformedLaunch(f"an EC2 POST body must be {_FORM} (UTF-8)")
+    try:
+        return request.body.decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedLaunch("form body holds bytes that are not percent-encoded") from None
+
+
+def _is_form(content_type: str) -> bool:
+    media, *options = (part.strip().lower() for part in content_type.split(";"))
+    return media == _FORM and all(o.replace('"', "") == "charset=utf-8" for o in options)
+
+
+def _host_region(request: LaunchRequest) -> str | None:
+    """The region of an ``ec2.<region>.amazonaws.com`` Host (``ec2.amazonaws.com``: us-east-1)."""
+    hosts = request.headers.getall("Host", [])
+    if len(hosts) != 1:
+        return None
+    host, _, port = hosts[0].strip().lower().rpartition(":")
+    if not (host and port.isdigit()):
+        host = hosts[0].strip().lower()
+    if host == "ec2.amazonaws.com":
+        return "us-east-1"
+    match = _HOST.fullmatch(host)
+    return match.group("region") if match else None
+
+
+def build(table: Mapping[str, Any], where: str) -> AwsEc2:
+    """The ``aws-ec2`` route of ``table``; ConfigError names ``where`` and the key at fault."""
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for dialect aws-ec2")
+    return AwsEc2(path=_route_path(table, where, "/"), region=_route_region(table, where))
+
+
+def _route_path(table: Mapping[str, Any], where: str, default: str) -> str:
+    """The route's ``path`` (``default`` when absent), which must already be normalized."""
+    path = table.get("path", default)
+    try:
+        normal = normalize_path(path) if isinstance(path, str) else None
+    except UnsafePath:
+        normal = None
+    if normal is None or normal != path:
+        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
+    return normal
+
+
+def _route_region(table: Mapping[str, Any], where: str) -> str | None:
+    """The route's optional literal ``region``."""
+    region = table.get("region")
+    if region is not None and (not isinstance(region, str) or not region.strip()):
+        raise ConfigError(f"{where}.region: must be a non-empty string")
+    return region

@@ -1,0 +1,537 @@
+"""The PostgreSQL ledger: one ``Ledger`` shared by every gateway replica, on any host.
+
+Selected by ``[store] url = "postgresql://user@host:5432/db"``. An optional ``?schema=NAME`` puts
+the tables in that schema (created when missing) so one database can hold several ledgers; the
+tables are named ``launchgate_*`` either way.
+
+Concurrency: a reservation (one call of the ``launchgate_reserve`` function) locks its license row
+with the upsert that records the license, until it commits; so reservations from any number of
+pools queue per license and the capacity check sees the latest counters and revocation. A
+settlement is one ``UPDATE ... WHERE state = 'reserved'``, so each reservation is settled once
+however many replicas try.
+
+Durability: a reservation commits without waiting for the WAL flush, so the license row is locked
+only while the function runs (not for a disk flush: one license's launches would otherwise queue
+behind each other's fsyncs), and is then made durable by a second, synchronous transaction
+(``_DURABLE``) before ``reserve`` returns. Settlements commit asynchronously (see ``_SETTLE``):
+losing one in a database crash can only count a launch as used.
+
+Availability: every asyncpg, OS and timeout error leaves as ``StoreUnavailable``; connecting,
+waiting for a pooled connection and each statement are bounded by ``timeout_s``. After a
+connection failure the ledger answers ``StoreUnavailable`` at once for ``retry_interval_s``, then
+lets one call through as a probe (creating the pool if it never was); calls arriving while the
+probe runs fail at once too. A database that is down thus costs callers no waiting beyond one
+probe, and the ledger recovers by itself when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+
+from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.ledger import (
+    LicenseState,
+    Reservation,
+    ReservationState,
+    ReserveOutcome,
+    ReserveResult,
+    _license_state,
+    _redact,
+    _reservation,
+)
+
+__all__ = ["SCHEMA_VERSION", "PostgresLedger"]
+
+# pg_advisory_xact_lock key ('launchga'): replicas starting together migrate one after another.
+_MIGRATION_LOCK: Final = 0x6C61756E63686761
+
+_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """
+            CREATE TABLE launchgate_licenses (
+                jti              text PRIMARY KEY,
+                account          text,
+                max_accelerators bigint,
+                expires          double precision,
+                first_seen       double precision,
+                used             bigint NOT NULL DEFAULT 0 CHECK (used >= 0),
+                reserved         bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0),
+                revoked          boolean NOT NULL DEFAULT false,
+                revoked_reason   text,
+                revoked_at       double precision
+            )
+            """,
+            """
+            CREATE TABLE launchgate_reservations (
+                decision_id text PRIMARY KEY,
+                jti         text NOT NULL REFERENCES launchgate_licenses (jti),
+                amount      bigint NOT NULL CHECK (amount >= 0),
+                state       text NOT NULL
+                            CHECK (state IN ('reserved', 'used', 'released', 'settled_unknown')),
+                created_at  double precision NOT NULL,
+                settled_at  double precision,
+                note        text
+            )
+            """,
+            # The sweeper only looks at open reservations, however many settled ones accumulate.
+            "CREATE INDEX launchgate_reservations_open ON launchgate_reservations (created_at)"
+            " WHERE state = 'reserved'",
+            # A function, so the locked part of a reservation is one round trip instead of four
+            # (BEGIN, lock and read, insert, COMMIT): it is the hot path of every licensed launch.
+            """
+            CREATE FUNCTION launchgate_reserve(
+                p_jti text, p_account text, p_max bigint, p_expires double precision,
+                p_amount bigint, p_decision_id text, p_now double precision,
+                OUT o_outcome text, OUT o_max bigint, OUT o_used bigint, OUT o_reserved bigint
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                is_revoked boolean;
+            BEGIN
+                -- Commit without waiting for the WAL flush, so the license row is locked only
+                -- while this runs; the caller then waits for durability with _DURABLE.
+                PERFORM set_config('synchronous_commit', 'off', true);
+                -- The first sighting fixes account, maximum and expiry; a row made by an earlier
+                -- revoke has them NULL and gets them now. ON CONFLICT DO UPDATE locks the row and
+                -- returns its latest version: the counters read here hold until COMMIT.
+                INSERT INTO launchgate_licenses AS l
+                    (jti, account, max_accelerators, expires, first_seen)
+                VALUES (p_jti, p_account, p_max, p_expires, p_now)
+                ON CONFLICT (jti) DO UPDATE SET
+                    account = COALESCE(l.account, EXCLUDED.account),
+                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
+                    expires = COALESCE(l.expires, EXCLUDED.expires),
+                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
+                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked
+                INTO o_max, o_used, o_reserved, is_revoked;
+                IF is_revoked THEN
+                    o_outcome := 'revoked';
+                ELSIF o_used + o_reserved + p_amount > o_max THEN
+                    o_outcome := 'exhausted';
+                ELSE
+                    INSERT INTO launchgate_reservations
+                        (decision_id, jti, amount, state, created_at)
+                    VALUES (p_decision_id, p_jti, p_amount, 'reserved', p_now);
+                    UPDATE launchgate_licenses SET reserved = reserved + p_amount
+                    WHERE jti = p_jti;
+                    o_reserved := o_reserved + p_amount;
+                    o_outcome := 'reserved';
+                END IF;
+            END
+            $$
+            """,
+        ),
+    ),
+)
+SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
+
+_LICENSE_COLUMNS = (
+    "jti, account, max_accelerators, used, reserved, revoked, revoked_reason, revoked_at,"
+    " expires, first_seen"
+)
+_RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
+
+_RESERVE = (
+    "SELECT o_outcome, o_max, o_used, o_reserved"
+    " FROM launchgate_reserve($1, $2, $3, $4, $5, $6, $7)"
+)
+# The durability barrier after a reservation. A synchronous commit that wrote WAL flushes the WAL
+# up to its commit record, which lies after the reservation's: once this returns, the reservation
+# survives a crash. (A transaction that writes nothing is not flushed, hence the no-op write.) Any
+# durable decision taken by another replica after seeing the reservation lies later in the WAL
+# still, so a crash can lose the reservation only together with everything that relied on it.
+_DURABLE = "UPDATE launchgate_reservations SET state = state WHERE decision_id = $1"
+# One statement: a second settlement of the same reservation finds it no longer 'reserved'.
+# Committed asynchronously (no wait for the WAL flush, which is on the launch's response path):
+# a settlement lost in a database crash leaves the reservation open, and the sweeper then settles
+# it as used - the direction that never over-spends. Reservations and revocations stay synchronous.
+_SETTLE = """
+    WITH async_commit AS MATERIALIZED (
+        SELECT set_config('synchronous_commit', 'off', true)
+    ), settled AS (
+        UPDATE launchgate_reservations SET state = $2, settled_at = $3, note = $4
+        WHERE decision_id = $1 AND state = 'reserved'
+        RETURNING jti, amount
+    )
+    UPDATE launchgate_licenses AS l
+    SET reserved = l.reserved - settled.amount,
+        used = l.used + CASE WHEN $2 = 'released' THEN 0 ELSE settled.amount END
+    FROM settled, async_commit WHERE l.jti = settled.jti
+"""
+# SKIP LOCKED: a reservation another replica (or a late commit) is settling right now is theirs.
+_EXPIRE = """
+    UPDATE launchgate_reservations AS r
+    SET state = 'settled_unknown', settled_at = $2, note = $3
+    WHERE r.state = 'reserved' AND r.decision_id IN (
+        SELECT decision_id FROM launchgate_reservations
+        WHERE state = 'reserved' AND created_at < $1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING r.decision_id, r.jti, r.amount, r.created_at
+"""
+_REVOKE = """
+    INSERT INTO launchgate_licenses AS l (jti, revoked, revoked_reason, revoked_at)
+    VALUES ($1, true, $2, $3)
+    ON CONFLICT (jti) DO UPDATE
+        SET revoked = true, revoked_reason = EXCLUDED.revoked_reason,
+            revoked_at = EXCLUDED.revoked_at
+        WHERE NOT l.revoked
+    RETURNING 1
+"""
+
+# Everything asyncpg, the network or a timeout can raise; all of it becomes StoreUnavailable.
+_STORE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+# The subset that says the database cannot be reached (rather than that one statement failed).
+_CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    OSError,
+    TimeoutError,
+)
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _split_url(url: str) -> tuple[str, str | None]:
+    """The DSN for asyncpg and the schema named by ``?schema=``; ConfigError for a bad schema."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in query if key == "schema"]
+    if not schemas:
+        return url, None
+    if len(schemas) > 1 or not _SCHEMA_NAME.fullmatch(schemas[0]):
+        raise ConfigError(
+            f"[store] url {_redact(url)!r}: 'schema' must be one lower-case SQL name"
+            " ([a-z_][a-z0-9_]*, at most 63 characters)"
+        )
+    rest = [(key, value) for key, value in query if key != "schema"]
+    return parts._replace(query=urlencode(rest)).geturl(), schemas[0]
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+async def _keep_session(conn: object) -> None:
+    """Pool reset hook. This module leaves no session state behind (settings are only ever
+    transaction-local; no LISTEN, cursors or session locks; asyncpg still rolls back an open
+    transaction), so the default reset query would only cost a round trip per call."""
+
+
+class PostgresLedger:
+    """``Ledger`` in PostgreSQL through an asyncpg pool, shared by any number of replicas.
+
+    Raises ``ConfigError`` at construction for a malformed ``?schema=``; does not connect.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 2.0,
+        retry_interval_s: float = 0.5,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        self._dsn, self._schema = _split_url(url)
+        self._name = _redact(url)
+        self._timeout_s = timeout_s
+        self._retry_interval_s = retry_interval_s
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: Any = None  # asyncpg.Pool once connected and migrated
+        self._connecting = asyncio.Lock()
+        self._closed = False
+        self._failure: BaseException | None = None  # why the store is down, until a probe works
+        self._retry_at = 0.0  # time.monotonic() before which calls fail without trying
+        self._probing = False
+
+    @property
+    def schema(self) -> str | None:
+        """The schema named by the url's ``?schema=``, or None for the connection's default."""
+        return self._schema
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        """Connect and migrate now, whatever the retry interval; on failure the ledger stays
+        usable and later calls retry."""
+        async with self._connection(force=True):
+            pass
+
+    async def close(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self._timeout_s)
+        except _STORE_ERRORS:
+            pool.terminate()  # abandoning the pool either way; do not wait on a dead server
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def migrate(self) -> int:
+        """Apply pending migrations (safe from several replicas at once); return the version.
+
+        Raises ``StoreUnavailable`` when the schema is newer than this launchgate knows.
+        """
+        async with self._connection(force=True) as conn:
+            return await self._migrate(conn)
+
+    # -- the reservation lifecycle --
+
+    async def reserve(
+        self,
+        *,
+        jti: str,
+        account: str,
+        max_accelerators: int,
+        expires: float,
+        amount: int,
+        decision_id: str,
+        now: float,
+    ) -> ReserveResult:
+        if amount < 0:
+            raise ValueError(f"reservation amount must not be negative, got {amount}")
+        async with self._connection() as conn:
+            try:
+                outcome, max_acc, used, reserved = await conn.fetchrow(
+                    _RESERVE, jti, account, max_accelerators, expires, amount, decision_id, now
+                )
+            except asyncpg.UniqueViolationError as e:
+                raise ValueError(f"decision {decision_id} already has a reservation") from e
+            if outcome == ReserveOutcome.RESERVED.value:
+                await conn.execute(_DURABLE, decision_id)
+        return ReserveResult(
+            outcome=ReserveOutcome(outcome),
+            max_accelerators=max_acc,
+            used=used,
+            reserved=reserved,
+            requested=amount,
+        )
+
+    async def commit(self, decision_id: str, now: float) -> None:
+        await self._settle(decision_id, "used", now, None)
+
+    async def release(self, decision_id: str, now: float) -> None:
+        await self._settle(decision_id, "released", now, None)
+
+    async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
+        await self._settle(decision_id, "settled_unknown", now, note)
+
+    async def _settle(
+        self, decision_id: str, to: ReservationState, now: float, note: str | None
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(_SETTLE, decision_id, to, now, note)
+
+    async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
+        note = f"outcome unknown: still reserved after {ttl_s:g} s"
+        async with self._connection() as conn, conn.transaction():
+            rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note)
+            totals: dict[str, int] = {}
+            for row in rows:
+                totals[row["jti"]] = totals.get(row["jti"], 0) + row["amount"]
+            if totals:
+                # In jti order, so replicas sweeping at once lock license rows in one order.
+                await conn.executemany(
+                    "UPDATE launchgate_licenses SET reserved = reserved - $2, used = used + $2"
+                    " WHERE jti = $1",
+                    sorted(totals.items()),
+                )
+        rows = sorted(rows, key=lambda row: (row["created_at"], row["decision_id"]))
+        return [str(row["decision_id"]) for row in rows]
+
+    # -- staff operations --
+
+    async def revoke(self, jti: str, *, reason: str | None, now: float) -> bool:
+        async with self._connection() as conn:
+            return await conn.fetchval(_REVOKE, jti, reason, now) is not None
+
+    async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
+        async with self._connection() as conn, conn.transaction():
+            state = await conn.fetchval(
+                "SELECT state FROM launchgate_reservations WHERE decision_id = $1 FOR UPDATE",
+                decision_id,
+            )
+            if state is None:
+                raise LookupError(f"no reservation for decision {decision_id}")
+            if state != "settled_unknown":
+                raise ValueError(
+                    f"reservation for decision {decision_id} is {state!r}; only one settled"
+                    " as used because its outcome was unknown ('settled_unknown') can be"
+                    " given back"
+                )
+            reservation = _reservation(
+                await conn.fetchrow(
+                    "UPDATE launchgate_reservations SET state = 'released', settled_at = $2,"  # noqa: S608 - constant column list
+                    " note = COALESCE($3, note) WHERE decision_id = $1"
+                    f" RETURNING {_RESERVATION_COLUMNS}",
+                    decision_id,
+                    now,
+                    note,
+                )
+            )
+            await conn.execute(
+                "UPDATE launchgate_licenses SET used = used - $2 WHERE jti = $1",
+                reservation.jti,
+                reservation.amount,
+            )
+        return reservation
+
+    # -- reads --
+
+    async def license(self, jti: str) -> LicenseState | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_LICENSE_COLUMNS} FROM launchgate_licenses WHERE jti = $1",  # noqa: S608 - constant column list
+                jti,
+            )
+        return None if row is None else _license_state(row)
+
+    async def licenses(self) -> list[LicenseState]:
+        async with self._connection() as conn:
+            # COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+            rows = await conn.fetch(
+                f'SELECT {_LICENSE_COLUMNS} FROM launchgate_licenses ORDER BY jti COLLATE "C"'  # noqa: S608 - constant column list
+            )
+        return [_license_state(row) for row in rows]
+
+    async def reservation(self, decision_id: str) -> Reservation | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_RESERVATION_COLUMNS} FROM launchgate_reservations"  # noqa: S608 - constant column list
+                " WHERE decision_id = $1",
+                decision_id,
+            )
+        return None if row is None else _reservation(row)
+
+    # -- connections, failure and recovery --
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, force: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection, creating the pool on first use; every store error leaves as
+        ``StoreUnavailable``. ``force`` ignores the retry interval (open, migrate)."""
+        probe = self._admit(force=force)
+        try:
+            pool = self._pool if self._pool is not None else await self._connect()
+            async with pool.acquire(timeout=self._timeout_s) as conn:
+                if probe:
+                    self._failure, self._probing, probe = None, False, False
+                yield conn
+        except _STORE_ERRORS as e:
+            if probe or isinstance(e, _CONNECTION_ERRORS):
+                await self._trip(e)
+            raise StoreUnavailable(f"ledger {self._name}: {_describe(e)}") from e
+        except StoreUnavailable as e:  # a schema newer than this launchgate, or closed meanwhile
+            if probe:
+                await self._trip(e)
+            raise
+        finally:
+            if probe:  # cancelled before a verdict: the next call probes again
+                self._probing = False
+
+    def _admit(self, *, force: bool) -> bool:
+        """Whether this call is the probe; raise ``StoreUnavailable`` if it must not try."""
+        if self._closed:
+            raise StoreUnavailable(f"ledger {self._name} is closed")
+        if self._pool is not None and self._failure is None:
+            return False
+        if not force and (self._probing or time.monotonic() < self._retry_at):
+            raise StoreUnavailable(
+                f"ledger {self._name} is unavailable; retrying shortly"
+            ) from self._failure
+        self._probing = True
+        return True
+
+    async def _trip(self, error: BaseException) -> None:
+        """Remember the failure, fail fast until the retry time, and have stale pooled
+        connections replaced (one that outlived a restart would fail one call after another)."""
+        self._failure = error
+        self._retry_at = time.monotonic() + self._retry_interval_s
+        self._probing = False
+        if self._pool is not None:
+            await self._pool.expire_connections()
+
+    async def _connect(self) -> Any:
+        """Create the pool and migrate the schema; one caller at a time."""
+        async with self._connecting:
+            if self._pool is not None:
+                return self._pool
+            settings = {"application_name": "launchgate"}
+            if self._schema is not None:
+                settings["search_path"] = self._schema
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._timeout_s,
+                command_timeout=self._timeout_s,
+                server_settings=settings,
+                reset=_keep_session,
+            )
+            try:
+                async with pool.acquire(timeout=self._timeout_s) as conn:
+                    await self._migrate(conn)
+                if self._closed:
+                    raise StoreUnavailable(f"ledger {self._name} is closed")
+            except BaseException:
+                pool.terminate()
+                raise
+            self._pool = pool
+            return pool
+
+    async def _migrate(self, conn: Any) -> int:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            if self._schema is not None:
+                # Only when missing: CREATE SCHEMA IF NOT EXISTS would still need CREATE rights.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = $1", self._schema
+                )
+                if found is None:
+                    await conn.execute(f'CREATE SCHEMA "{self._schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS launchgate_schema_version (version integer NOT NULL)"
+            )
+            current = int(
+                await conn.fetchval(
+                    "SELECT COALESCE(MAX(version), 0) FROM launchgate_schema_version"
+                )
+            )
+            if current > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"ledger {self._name} has schema version {current}; this launchgate"
+                    f" knows up to {SCHEMA_VERSION}"
+                )
+            for version, statements in _MIGRATIONS:
+                if version <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("DELETE FROM launchgate_schema_version")
+                await conn.execute(
+                    "INSERT INTO launchgate_schema_version (version) VALUES ($1)", version
+                )
+        return SCHEMA_VERSION

@@ -1,0 +1,450 @@
+"""The PostgreSQL ledger beyond the conformance suite: schema migrations, several replicas at once,
+an unreachable database, and recovery without a restart.
+
+Needs ``LAUNCHGATE_TEST_POSTGRES_DSN`` (a TCP url on 127.0.0.1); every test here that touches a
+database skips without it. Each test works in a fresh schema that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+import pytest
+
+from launchgate.errors import StoreUnavailable
+from launchgate.ledger import ReserveOutcome, migrate_store
+from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger
+from test_ledger import POSTGRES_DSN_VAR, T0, open_stores, postgres_schema, reserve
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    """A store url on a fresh, not yet created schema of the test database."""
+    async with postgres_schema() as schema_url:
+        yield schema_url
+
+
+def postgres_dsn() -> str:
+    """The test database's url; skips the test without one."""
+    dsn = os.environ.get(POSTGRES_DSN_VAR)
+    if not dsn:
+        pytest.skip(f"set {POSTGRES_DSN_VAR} to run the PostgreSQL ledger tests")
+    return dsn
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database in ``url``'s schema, to look behind the ledger's
+    back."""
+    conn = await asyncpg.connect(
+        postgres_dsn(), timeout=5, server_settings={"search_path": schema_of(url)}
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def schema_of(url: str) -> str:
+    return url.rpartition("schema=")[2]
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+async def test_open_creates_the_schema_and_its_tables(url: str) -> None:
+    """open() creates the ?schema= schema and the launchgate_* tables in it, at the latest
+    version; nothing lands in the default schema."""
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        tables = await conn.fetch(
+            "SELECT table_schema, table_name FROM information_schema.tables"
+            " WHERE table_name LIKE 'launchgate%' AND table_schema = $1 ORDER BY table_name",
+            schema_of(url),
+        )
+        assert [row["table_name"] for row in tables] == [
+            "launchgate_licenses",
+            "launchgate_reservations",
+            "launchgate_schema_version",
+        ]
+        version = await conn.fetch("SELECT version FROM launchgate_schema_version")
+        assert [row["version"] for row in version] == [SCHEMA_VERSION]
+
+
+async def test_migrate_is_idempotent(url: str) -> None:
+    """migrate() on a migrated store changes nothing and reports the same version."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        await reserve(store, "d1", 8)
+        assert await store.migrate() == SCHEMA_VERSION
+        assert await store.migrate() == SCHEMA_VERSION
+        reservation = await store.reservation("d1")
+        assert reservation is not None
+        assert reservation.state == "reserved"
+
+
+async def test_replicas_migrating_at_once_all_succeed(url: str) -> None:
+    """Five replicas starting together on an empty database: each migrates (in turn), none
+    fails, and the schema is recorded once."""
+    replicas = [PostgresLedger(url) for _ in range(5)]
+    try:
+        versions = await asyncio.gather(*(replica.migrate() for replica in replicas))
+        assert versions == [SCHEMA_VERSION] * 5
+    finally:
+        for replica in replicas:
+            await replica.close()
+    async with connect(url) as conn:
+        rows = await conn.fetch("SELECT version FROM launchgate_schema_version")
+        assert [row["version"] for row in rows] == [SCHEMA_VERSION]
+
+
+async def test_migrate_store_migrates_a_postgresql_store(url: str, tmp_path: Path) -> None:
+    """`launchgate store migrate` on a PostgreSQL url creates the schema, and again is a no-op."""
+    assert await migrate_store(url, tmp_path) == SCHEMA_VERSION
+    assert await migrate_store(url, tmp_path) == SCHEMA_VERSION
+    async with connect(url) as conn:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
+            schema_of(url),
+        )
+        assert found == 3
+
+
+async def test_a_newer_schema_is_refused(url: str) -> None:
+    """A ledger written by a newer launchgate is not used blindly."""
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        await conn.execute("UPDATE launchgate_schema_version SET version = 99")
+    newer = PostgresLedger(url)
+    try:
+        with pytest.raises(StoreUnavailable, match="schema version 99"):
+            await newer.open()
+        with pytest.raises(StoreUnavailable):
+            await newer.ping()
+    finally:
+        await newer.close()
+
+
+async def test_data_survives_reopening(url: str) -> None:
+    """A restarted gateway finds its ledger as it left it."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        await reserve(store, "d1", 8)
+    again = PostgresLedger(url)
+    async with open_stores(again):
+        reservation = await again.reservation("d1")
+        assert reservation is not None
+        assert (reservation.state, reservation.amount) == ("reserved", 8)
+
+
+async def test_a_closed_ledger_is_unavailable(url: str) -> None:
+    """After close() every call raises StoreUnavailable; close() twice is harmless."""
+    store = PostgresLedger(url)
+    await store.open()
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.ping()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.open()
+
+
+async def test_asynchronous_commits_do_not_leak_into_the_session(url: str) -> None:
+    """A reservation and a settlement commit without waiting for the WAL flush, but only their
+    own transactions: the pooled connection goes on committing synchronously (a revoke after
+    them is durable)."""
+    store = PostgresLedger(url, min_size=1, max_size=1)
+    async with open_stores(store):
+        await reserve(store, "d1", 8)
+        await store.commit("d1", T0 + 1)
+        # White-box: the one pooled connection that ran both.
+        async with store._connection() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
+# --- several replicas ---------------------------------------------------------------------
+
+
+async def test_replicas_sweeping_at_once_settle_each_reservation_once(url: str) -> None:
+    """Three replicas expiring the same 60 reservations concurrently: each is settled exactly
+    once and counted as used exactly once."""
+    replicas = [PostgresLedger(url) for _ in range(3)]
+    async with open_stores(*replicas):
+        first = replicas[0]
+        for i in range(60):
+            await reserve(first, f"d{i}", 1 + i % 3, jti=f"lic-{i % 6}", now=T0 + i)
+        swept = await asyncio.gather(
+            *(r.expire_reservations(now=T0 + 1000, ttl_s=300) for r in replicas * 2)
+        )
+        settled = [decision_id for batch in swept for decision_id in batch]
+        assert sorted(settled) == sorted(f"d{i}" for i in range(60))
+        for n in range(6):
+            state = await first.license(f"lic-{n}")
+            assert state is not None
+            assert (state.reserved, state.used) == (0, sum(1 + i % 3 for i in range(n, 60, 6)))
+
+
+async def test_a_commit_racing_the_sweep_counts_once(url: str) -> None:
+    """A late commit and another replica's sweep on the same reservations: each ends either used
+    or settled_unknown, and the license counts every accelerator once."""
+    gateway, sweeper = PostgresLedger(url), PostgresLedger(url)
+    async with open_stores(gateway, sweeper):
+        for i in range(40):
+            await reserve(gateway, f"d{i}", 1, now=T0)
+        await asyncio.gather(
+            *(gateway.commit(f"d{i}", T0 + 400) for i in range(40)),
+            sweeper.expire_reservations(now=T0 + 400, ttl_s=300),
+        )
+        state = await gateway.license("lic-42")
+        assert state is not None
+        assert (state.reserved, state.used) == (0, 40)
+        for i in range(40):
+            reservation = await gateway.reservation(f"d{i}")
+            assert reservation is not None
+            assert reservation.state in ("used", "settled_unknown")
+
+
+# --- an unreachable database --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["open", "ping", "reserve", "revoke", "licenses"])
+async def test_a_closed_port_is_store_unavailable_at_once(call: str) -> None:
+    """Nothing listening: every call raises StoreUnavailable (caused by the OSError) quickly,
+    and the password in the url never shows."""
+    store = PostgresLedger("postgresql://postgres:s3cret@127.0.0.1:1/test")
+    calls = {
+        "open": store.open,
+        "ping": store.ping,
+        "reserve": lambda: reserve(store, "d1", 8),
+        "revoke": lambda: store.revoke("lic-42", reason=None, now=T0),
+        "licenses": store.licenses,
+    }
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await calls[call]()
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 1.0
+    assert isinstance(caught.value.__cause__, OSError)
+    assert "s3cret" not in str(caught.value)
+
+
+async def test_a_database_that_is_not_there_is_store_unavailable() -> None:
+    """A server that refuses the connection (no such database) is StoreUnavailable too."""
+    store = PostgresLedger(
+        urlsplit(postgres_dsn())._replace(path="/launchgate_no_such_db").geturl()
+    )
+    try:
+        with pytest.raises(StoreUnavailable, match="launchgate_no_such_db") as caught:
+            await store.open()
+    finally:
+        await store.close()
+    assert isinstance(caught.value.__cause__, asyncpg.PostgresError)
+
+
+class Forwarder:
+    """A TCP forwarder on 127.0.0.1 standing in front of PostgreSQL, to take it away and bring it
+    back. ``mode`` "reject" closes each connection at once; "silent" accepts and never answers."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.mode: Literal["forward", "reject", "silent"] = "forward"
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen (again, on the same port once it has one)."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection, as a database that went away."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def url(self, url: str) -> str:
+        """``url`` pointed at this forwarder instead of the database."""
+        parts = urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]
+        return parts._replace(
+            netloc=f"{user}@127.0.0.1:{self.port}" if user else f"127.0.0.1:{self.port}"
+        ).geturl()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.add(writer)
+        try:
+            if self.mode == "reject":
+                return
+            if self.mode == "silent":
+                while await reader.read(65536):
+                    pass
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            self._writers.discard(writer)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[Forwarder]:
+    """A running forwarder in front of the test database."""
+    parts = urlsplit(postgres_dsn())
+    proxy = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+async def until_available(store: PostgresLedger, *, within_s: float) -> float:
+    """Ping until the store answers; how long that took. Fails the test after ``within_s``."""
+    started = time.monotonic()
+    while True:
+        try:
+            await store.ping()
+            return time.monotonic() - started
+        except StoreUnavailable:
+            assert time.monotonic() - started < within_s, "the ledger did not recover"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_silent_server_is_store_unavailable_within_the_connect_timeout(
+    forwarder: Forwarder, url: str
+) -> None:
+    """A database that accepts but never answers: open() gives up after the 2 s connect
+    timeout, then calls fail at once instead of piling up behind it."""
+    forwarder.mode = "silent"
+    store = PostgresLedger(forwarder.url(url))
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.open()
+        assert 1.5 < time.monotonic() - started < 3.0
+        assert isinstance(caught.value.__cause__, TimeoutError)
+
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(50)), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        assert time.monotonic() - started < 0.5  # not 50 waits of 2 s
+    finally:
+        await store.close()
+
+
+async def test_only_one_call_probes_a_database_that_is_down(forwarder: Forwarder, url: str) -> None:
+    """After the retry interval one call tries the database while the others fail at once."""
+    forwarder.mode = "silent"
+    store = PostgresLedger(forwarder.url(url), timeout_s=1.0, retry_interval_s=0.2)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.open()
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+
+        async def timed_ping() -> float:
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            return time.monotonic() - started
+
+        took = sorted(await asyncio.gather(*(timed_ping() for _ in range(20))))
+        assert took[-2] < 0.3  # 19 answered without trying
+        assert 0.9 < took[-1] < 2.0  # the probe waited for the connect timeout
+    finally:
+        await store.close()
+
+
+async def test_reconnect_attempts_are_spaced_by_the_retry_interval(
+    forwarder: Forwarder, url: str
+) -> None:
+    """Hammered while the database turns every connection away, the ledger tries to connect
+    about once per retry interval, not once per call."""
+    forwarder.mode = "reject"
+    store = PostgresLedger(forwarder.url(url), retry_interval_s=0.5)
+    calls = 0
+    try:
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            calls += 1
+            with pytest.raises(StoreUnavailable):
+                await reserve(store, f"d{calls}", 8)
+            await asyncio.sleep(0.005)
+    finally:
+        await store.close()
+    assert calls > 100
+    # Attempts at about 0, 0.5 and 1.0 s (asyncpg may retry once without TLS within one).
+    assert 2 <= forwarder.accepted <= 6
+
+
+async def test_recovers_when_the_database_comes_back(forwarder: Forwarder, url: str) -> None:
+    """Database gone: reservations fail closed at once. Back: the same ledger works again
+    within about the retry interval, on fresh connections, without being reopened."""
+    store = PostgresLedger(forwarder.url(url))
+    async with open_stores(store):
+        assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
+
+        await forwarder.stop()
+        started = time.monotonic()
+        for call in (lambda: reserve(store, "d2", 8), store.ping, store.licenses):
+            with pytest.raises(StoreUnavailable):
+                await call()
+        assert time.monotonic() - started < 1.0
+
+        await forwarder.start()
+        assert await until_available(store, within_s=3.0) < 1.5
+        assert (await reserve(store, "d3", 8)).outcome is ReserveOutcome.RESERVED
+        state = await store.license("lic-42")
+        assert state is not None
+        assert state.reserved == 16  # d1 and d3; d2 never reached the database
+        assert await store.reservation("d2") is None
+
+
+async def test_a_database_down_at_start_is_used_once_it_is_up(
+    forwarder: Forwarder, url: str
+) -> None:
+    """open() fails while the database is away, the ledger stays usable, and once the database
+    is there the next calls create the pool and the schema by themselves."""
+    await forwarder.stop()
+    store = PostgresLedger(forwarder.url(url))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.open()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d1", 8)
+        await forwarder.start()
+        assert await until_available(store, within_s=3.0) < 1.5
+        assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
+    finally:
+        await store.close()
