@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import GENERIC_ROUTE, SHIPPED, Keys, write_config
 from launchgate.config import load_config
 from launchgate.errors import ConfigError
 from launchgate.gateway import Gateway
-from launchgate.paths import UnsafePath, normalize_path
+from launchgate.paths import UnsafePath, normalize_path, normalize_path_slowly
 
 
 def test_shipped_config_loads() -> None:
@@ -186,3 +188,15 @@ def test_unsafe_paths(raw: str) -> None:
     """What could be read two ways by an upstream is refused."""
     with pytest.raises(UnsafePath):
         normalize_path(raw)
+
+
+@given(st.text(alphabet="/.%2fFe5cA0az~ -\\", max_size=24))
+def test_normalize_path_shortcut_agrees(raw: str) -> None:
+    """The shortcut for already-normal paths never changes what normalization gives."""
+    try:
+        expected = normalize_path_slowly(raw)
+    except UnsafePath:
+        with pytest.raises(UnsafePath):
+            normalize_path(raw)
+        return
+    assert normalize_path(raw) == expected

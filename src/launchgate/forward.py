@@ -8,7 +8,7 @@ gateway sets itself. Responses come back as the upstream sent them, bytes untouc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
 from typing import Final
 
 import structlog
@@ -54,21 +54,32 @@ def create_session(connect_timeout_s: float, timeout_s: float) -> ClientSession:
     )
 
 
-def _dropped(headers: CIMultiDictProxy[str], extra: Iterable[str]) -> set[str]:
-    dropped = set(HOP_BY_HOP) | GATEWAY_SET | {e.lower() for e in extra}
-    for value in headers.getall(hdrs.CONNECTION, ()):
-        dropped |= {token.strip().lower() for token in value.split(",") if token.strip()}
-    return dropped
+@functools.cache
+def _never_forwarded(*extra: str) -> frozenset[str]:
+    """Header names (lower case) never passed on: hop-by-hop, the gateway's own, ``extra``."""
+    return HOP_BY_HOP | GATEWAY_SET | {e.lower() for e in extra}
+
+
+def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
+    """``always`` plus the headers this message's ``Connection`` names as hop-by-hop."""
+    listed = headers.getall(hdrs.CONNECTION, ())
+    if not listed:
+        return always
+    named = {token.strip().lower() for value in listed for token in value.split(",")}
+    return always | (named - {""})
 
 
 def upstream_headers(
     request: web.Request, token_header: str, *, body_known: bool
 ) -> CIMultiDict[str]:
     """Headers to send upstream: the client's, less hop-by-hop and token, plus forwarding."""
-    extra = [token_header]
-    if body_known:  # the body is sent as bytes; the client session sets its length
-        extra += [hdrs.CONTENT_LENGTH]
-    dropped = _dropped(request.headers, extra)
+    # A body sent as bytes gets its length from the client session.
+    always = (
+        _never_forwarded(token_header, hdrs.CONTENT_LENGTH)
+        if body_known
+        else _never_forwarded(token_header)
+    )
+    dropped = _dropped(request.headers, always)
     out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
     peer = request.remote or "unknown"
     chain = ", ".join([*request.headers.getall("X-Forwarded-For", ()), peer])
@@ -81,7 +92,7 @@ def upstream_headers(
 
 
 def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
-    dropped = _dropped(upstream.headers, ())
+    dropped = _dropped(upstream.headers, HOP_BY_HOP)
     return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
 
 

@@ -35,8 +35,19 @@ def _unescape(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else f"%{pair}"
 
 
+# Anything that normalization could change or refuse; a path without any is already normal.
+_NOT_PLAIN = re.compile(r"%|//|/\.|.\Z(?<=/)|[\\\x00-\x20\x7f]")
+
+
 def normalize_path(raw: str) -> str:
     """The one form of ``raw`` (a path without query) that routes are matched on."""
+    if raw.startswith("/") and (raw == "/" or _NOT_PLAIN.search(raw) is None):
+        return raw  # the common case, checked in one pass
+    return normalize_path_slowly(raw)
+
+
+def normalize_path_slowly(raw: str) -> str:
+    """``normalize_path`` without its shortcut for paths that are already normal."""
     if not raw.startswith("/"):
         raise UnsafePath("path must start with '/'")
     if any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in raw):

@@ -1,0 +1,28 @@
+"""Decision ids are ULIDs: 26 Crockford base32 characters, ordered by time."""
+
+from __future__ import annotations
+
+from launchgate.ids import new_ulid
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def decode(ulid: str) -> int:
+    value = 0
+    for char in ulid:
+        value = value * 32 + CROCKFORD.index(char)
+    return value
+
+
+def test_ulid_carries_the_millisecond_timestamp() -> None:
+    """The first 48 bits are the milliseconds since the epoch; the id is 26 characters."""
+    ulid = new_ulid(1_795_000_000.123)
+    assert len(ulid) == 26 and set(ulid) <= set(CROCKFORD)
+    assert decode(ulid) >> 80 == 1_795_000_000_123
+
+
+def test_ulids_sort_by_time_and_are_unique() -> None:
+    """Later ids sort after earlier ones; random bits keep ids of one millisecond apart."""
+    ids = [new_ulid(1_795_000_000 + i) for i in range(50)]
+    assert ids == sorted(ids)
+    assert len({new_ulid(1_795_000_000.0) for _ in range(1000)}) == 1000
