@@ -261,3 +261,25 @@ async def test_compressed_non_launch_body_forwarded_as_sent(start_gateway: Start
         assert await r.read() == packed
     recorded = next(q for q in await gw.stub_requests() if q["path"] == "/_stub/echo")
     assert recorded["body_length"] == len(packed)
+
+
+async def test_chunked_launch_body_is_read_whole_and_judged(start_gateway: StartGateway) -> None:
+    """A launch sent in chunks is read whole (within max_body_bytes) before it is judged."""
+    gw = await start_gateway()
+
+    async def chunks() -> Any:
+        yield b'{"instance_type": '
+        await asyncio.sleep(0.05)
+        yield b'"p5.48xlarge", "count": 2}'
+
+    headers = {"X-Account-Id": RESTRICTED, "Content-Type": "application/json"}
+    async with gw.session.post(f"{gw.url}/v1/instances", data=chunks(), headers=headers) as r:
+        assert r.status == 403
+        assert (await r.json(content_type=None))["reason"] == "license_required"
+    assert gw.decisions()[-1]["accelerators"] == 16
+    async with gw.session.post(
+        f"{gw.url}/v1/instances", data=chunks(), headers=headers | {"X-Account-Id": UNRESTRICTED}
+    ) as r:
+        assert r.status == 201
+    forwarded = (await gw.stub_requests())[-1]
+    assert forwarded["body"] == '{"instance_type": "p5.48xlarge", "count": 2}'

@@ -240,3 +240,19 @@ async def test_store_outage_fails_closed_and_heals(
         while await ready() != 200:
             assert time.monotonic() < deadline, "/readyz did not recover"
             await asyncio.sleep(0.2)
+
+
+async def test_store_migrate_command(pg_url: str, tmp_path: Path, keys: Keys) -> None:
+    """`launchgate store migrate` creates the schema on PostgreSQL and SQLite, and is idempotent."""
+    for name, url in (("pg", pg_url), ("sqlite", f"sqlite:{tmp_path / 'ledger.sqlite3'}")):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(folder, "http://127.0.0.1:9", keys, None, store={"url": url})
+        outputs = []
+        for _ in range(2):
+            code, out = await cli("store", "migrate", "--config", str(config))
+            assert code == 0, out
+            outputs.append(out.strip())
+        assert outputs[0] == outputs[1] and outputs[0].startswith("ok schema version "), outputs
+                "ok schema version"
+            ), out
