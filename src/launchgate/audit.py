@@ -14,6 +14,7 @@ left at the end, so the chain never forks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -211,7 +212,7 @@ class AuditLog:
         self._path = path
         self._on_written = on_written
         self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._idle: asyncio.Future[None] | None = None  # set while a batch is being written
         self._fd = fd
         # The chain as this process last saw it: the last record's seq and hash, and the
         # file size just after it. A different size means another writer appended.
@@ -268,35 +269,47 @@ class AuditLog:
         TypeError for values JSON cannot represent.
         """
         entry = self._prepare(record)
-        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending.append((entry, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        if self._idle is None:
+            self._idle = loop.create_future()
+            self._write_pending(loop)
         # Shielded: once asked for, a record is written even if the caller is cancelled
         # (a client hanging up), since records are never to be dropped.
         return await asyncio.shield(done)
 
-    async def _flush(self) -> None:
-        """Write pending records, batch after batch, until none are left."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                written = await loop.run_in_executor(
-                    self._writer, self._write_batch, [entry for entry, _ in batch]
-                )
-            except Exception as e:  # the whole batch failed and was undone: tell every caller
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(e)
+    def _write_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand every pending record to the writer thread as one batch."""
+        batch, self._pending = self._pending, []
+        written = self._writer.submit(self._write_batch, [entry for entry, _ in batch])
+        written.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._batch_written, loop, batch, f)
+        )
+
+    def _batch_written(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]],
+        written: concurrent.futures.Future[list[dict[str, Any] | Exception]],
+    ) -> None:
+        """On the loop: answer the batch's callers, then write what queued up meanwhile."""
+        error = written.exception()
+        results: list[dict[str, Any] | Exception] = (
+            [error] * len(batch) if isinstance(error, Exception) else written.result()
+        )
+        for (_, done), result in zip(batch, results, strict=True):
+            if done.done():
                 continue
-            for (_, done), result in zip(batch, written, strict=True):
-                if done.done():
-                    continue
-                if isinstance(result, Exception):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+            if isinstance(result, Exception):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+        if self._pending:
+            self._write_pending(loop)
+        elif self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
 
     def append_sync(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """``append`` for blocking callers (CLI commands); shares the chain and its order."""
@@ -316,8 +329,8 @@ class AuditLog:
 
     async def aclose(self) -> None:
         """Write what is pending, then ``close`` without blocking the event loop."""
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        if self._idle is not None:
+            await asyncio.shield(self._idle)
         await asyncio.to_thread(self.close)
 
     def _prepare(self, record: Mapping[str, Any]) -> dict[str, Any]:
