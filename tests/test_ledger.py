@@ -15,24 +15,30 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
 
 from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.ledger import _MIGRATIONS as sqlite_migrations
 from launchgate.ledger import (
+    IdempotencyKey,
     Ledger,
+    LicenseState,
     ReserveOutcome,
     ReserveResult,
     SqliteLedger,
     migrate_store,
     open_ledger,
 )
+from launchgate.pgledger import _MIGRATIONS as pg_migrations
 from launchgate.pgledger import PostgresLedger
 
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 90 * 86400
 POSTGRES_DSN_VAR = "LAUNCHGATE_TEST_POSTGRES_DSN"
+SQLITE_SCHEMA_VERSION = 2
 
 
 @contextlib.asynccontextmanager
@@ -515,6 +521,475 @@ async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) 
         await store.close()
 
 
+# --- idempotency keys -----------------------------------------------------------------------
+
+
+async def reserve_keyed(
+    ledger: Ledger,
+    decision_id: str,
+    amount: int = 8,
+    *,
+    key: str = "key-1",
+    fingerprint: str = "fp-a",
+    account: str = "acct-2001",
+    jti: str = "lic-42",
+    max_accelerators: int = 64,
+    now: float = T0,
+) -> ReserveResult:
+    return await ledger.reserve(
+        jti=jti,
+        account=account,
+        max_accelerators=max_accelerators,
+        expires=EXPIRES,
+        amount=amount,
+        decision_id=decision_id,
+        now=now,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+    )
+
+
+async def counters(ledger: Ledger, jti: str = "lic-42") -> tuple[int, int]:
+    state = await ledger.license(jti)
+    assert state is not None
+    return state.used, state.reserved
+
+
+async def test_a_new_key_reserves_and_is_bound_to_the_reservation(ledger: Ledger) -> None:
+    """A key never seen reserves as usual and remembers (account, key) -> fingerprint, decision."""
+    result = await reserve_keyed(ledger, "d1", 16)
+    assert result == ReserveResult(ReserveOutcome.RESERVED, 64, used=0, reserved=16, requested=16)
+    assert await ledger.idempotency_key("acct-2001", "key-1") == IdempotencyKey(
+        "acct-2001", "key-1", "fp-a", "d1", T0
+    )
+    assert await ledger.idempotency_key("acct-2001", "key-2") is None
+
+
+@pytest.mark.parametrize(
+    ("first", "outcome", "used", "reserved"),
+    [
+        (None, ReserveOutcome.IN_PROGRESS, 0, 8),  # the first attempt is still in flight
+        ("commit", ReserveOutcome.REPLAYED, 8, 0),  # retried after a 2xx
+        ("settle_unknown", ReserveOutcome.REPLAYED, 8, 0),  # retried after a timeout
+    ],
+)
+async def test_a_retry_with_the_same_request_is_never_counted_twice(
+    ledger: Ledger, first: str | None, outcome: ReserveOutcome, used: int, reserved: int
+) -> None:
+    """Same key, same fingerprint: nothing is reserved again, and the answer names the first
+    decision; the key stays bound to it."""
+    await reserve_keyed(ledger, "d1", 8)
+    if first:
+        await _settle(ledger, first, "d1")
+    result = await reserve_keyed(ledger, "d2", 8, now=T0 + 20)
+    assert (result.outcome, result.replay_of) == (outcome, "d1")
+    assert (result.used, result.reserved) == (used, reserved)
+    assert await counters(ledger) == (used, reserved)
+    assert await ledger.reservation("d2") is None
+    bound = await ledger.idempotency_key("acct-2001", "key-1")
+    assert bound is not None
+    assert (bound.decision_id, bound.bound_at) == ("d1", T0)
+
+
+async def test_a_retry_after_a_release_reserves_anew_and_moves_the_key(ledger: Ledger) -> None:
+    """The first attempt failed upstream (released, nothing counted): the retry reserves, and
+    the key points at it, so the retry's own retry replays the retry."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.release("d1", T0 + 1)
+    result = await reserve_keyed(ledger, "d2", 8, now=T0 + 20)
+    assert (result.outcome, result.replay_of, result.reserved) == (ReserveOutcome.RESERVED, None, 8)
+    assert await ledger.idempotency_key("acct-2001", "key-1") == IdempotencyKey(
+        "acct-2001", "key-1", "fp-a", "d2", T0 + 20
+    )
+    await ledger.commit("d2", T0 + 21)
+    again = await reserve_keyed(ledger, "d3", 8, now=T0 + 30)
+    assert (again.outcome, again.replay_of) == (ReserveOutcome.REPLAYED, "d2")
+    assert await counters(ledger) == (8, 0)
+
+
+async def test_a_retry_after_give_back_reserves_anew(ledger: Ledger) -> None:
+    """Staff gave back an unknown outcome (nothing launched): a retry is a new launch."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    await ledger.give_back("d1", now=T0 + 2, note=None)
+    result = await reserve_keyed(ledger, "d2", 8, now=T0 + 3)
+    assert result.outcome is ReserveOutcome.RESERVED
+    assert await counters(ledger) == (0, 8)
+
+
+@pytest.mark.parametrize("first", [None, "commit", "release", "settle_unknown"])
+async def test_the_same_key_on_another_request_is_a_conflict(
+    ledger: Ledger, first: str | None
+) -> None:
+    """Same key, different fingerprint: CONFLICT whatever became of the first reservation;
+    nothing reserved, the key keeps its binding."""
+    await reserve_keyed(ledger, "d1", 8)
+    if first:
+        await _settle(ledger, first, "d1")
+    before = await counters(ledger)
+    result = await reserve_keyed(ledger, "d2", 8, fingerprint="fp-b", now=T0 + 20)
+    assert (result.outcome, result.replay_of) == (ReserveOutcome.CONFLICT, "d1")
+    assert await counters(ledger) == before
+    assert await ledger.reservation("d2") is None
+    bound = await ledger.idempotency_key("acct-2001", "key-1")
+    assert bound is not None
+    assert (bound.fingerprint, bound.decision_id) == ("fp-a", "d1")
+
+
+async def test_a_replay_needs_no_capacity(ledger: Ledger) -> None:
+    """The retry of a launch that used the last units is allowed: it was counted already."""
+    await reserve_keyed(ledger, "d1", 64)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    result = await reserve_keyed(ledger, "d2", 64, now=T0 + 2)
+    assert (result.outcome, result.remaining) == (ReserveOutcome.REPLAYED, 0)
+
+
+async def test_revocation_denies_a_replay_too(ledger: Ledger) -> None:
+    """A revoked license is revoked for retries as well; the key is left as it was."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.commit("d1", T0 + 1)
+    await ledger.revoke("lic-42", reason=None, now=T0 + 2)
+    result = await reserve_keyed(ledger, "d2", 8, now=T0 + 3)
+    assert (result.outcome, result.replay_of) == (ReserveOutcome.REVOKED, None)
+
+
+async def test_an_exhausted_launch_binds_no_key(ledger: Ledger) -> None:
+    """Only a reservation binds a key: after an exhausted attempt, the key is free for any
+    request."""
+    await reserve(ledger, "d0", 64)
+    result = await reserve_keyed(ledger, "d1", 8)
+    assert (result.outcome, result.replay_of) == (ReserveOutcome.EXHAUSTED, None)
+    assert await ledger.idempotency_key("acct-2001", "key-1") is None
+    await ledger.release("d0", T0 + 1)
+    other = await reserve_keyed(ledger, "d2", 8, fingerprint="fp-b", now=T0 + 2)
+    assert other.outcome is ReserveOutcome.RESERVED
+
+
+async def test_an_exhausted_retry_after_a_release_keeps_the_old_binding(ledger: Ledger) -> None:
+    """A retry that finds no capacity leaves the key on the released reservation."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.release("d1", T0 + 1)
+    await reserve(ledger, "d0", 64)
+    result = await reserve_keyed(ledger, "d2", 8, now=T0 + 2)
+    assert result.outcome is ReserveOutcome.EXHAUSTED
+    bound = await ledger.idempotency_key("acct-2001", "key-1")
+    assert bound is not None
+    assert bound.decision_id == "d1"
+
+
+async def test_keys_are_scoped_per_account(ledger: Ledger) -> None:
+    """Two accounts may use one key string: each reserves, each has its own binding."""
+    first = await reserve_keyed(ledger, "d1", 8, account="acct-2001", jti="lic-a")
+    second = await reserve_keyed(
+        ledger, "d2", 8, account="acct-2002", jti="lic-b", fingerprint="fp-b"
+    )
+    assert (first.outcome, second.outcome) == (ReserveOutcome.RESERVED, ReserveOutcome.RESERVED)
+    bound_a = await ledger.idempotency_key("acct-2001", "key-1")
+    bound_b = await ledger.idempotency_key("acct-2002", "key-1")
+    assert bound_a is not None
+    assert bound_b is not None
+    assert (bound_a.decision_id, bound_b.decision_id) == ("d1", "d2")
+
+
+async def test_a_key_without_a_fingerprint_is_refused(ledger: Ledger) -> None:
+    """A key is only meaningful with the request it names; one without the other is a bug."""
+    with pytest.raises(ValueError, match="fingerprint"):
+        await ledger.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=EXPIRES,
+            amount=8,
+            decision_id="d1",
+            now=T0,
+            idempotency_key="key-1",
+        )
+    assert await ledger.license("lic-42") is None
+
+
+async def test_a_reused_decision_id_binds_no_key(ledger: Ledger) -> None:
+    """A reserve that fails on a reused decision id leaves no key behind."""
+    await reserve(ledger, "d1", 8)
+    with pytest.raises(ValueError, match="d1"):
+        await reserve_keyed(ledger, "d1", 8, key="key-2")
+    assert await ledger.idempotency_key("acct-2001", "key-2") is None
+
+
+async def test_concurrent_attempts_with_one_key_reserve_once(ledger: Ledger) -> None:
+    """50 concurrent attempts with one key: exactly one reserves; the rest are told the first
+    is in progress, naming it."""
+    results = await asyncio.gather(*(reserve_keyed(ledger, f"d{i}", 8) for i in range(50)))
+    winners = [f"d{i}" for i, r in enumerate(results) if r.outcome is ReserveOutcome.RESERVED]
+    assert len(winners) == 1
+    losers = [r for r in results if r.outcome is not ReserveOutcome.RESERVED]
+    assert {(r.outcome, r.replay_of) for r in losers} == {(ReserveOutcome.IN_PROGRESS, winners[0])}
+    assert await counters(ledger) == (0, 8)
+
+
+async def test_concurrent_attempts_with_one_key_under_two_licenses_reserve_once(
+    ledger: Ledger,
+) -> None:
+    """Retries presenting different licenses still share the key: one reservation in all."""
+    results = await asyncio.gather(
+        *(reserve_keyed(ledger, f"d{i}", 8, jti="lic-a" if i % 2 else "lic-b") for i in range(40))
+    )
+    assert [r.outcome for r in results].count(ReserveOutcome.RESERVED) == 1
+    totals = [await counters(ledger, jti) for jti in ("lic-a", "lic-b")]
+    assert sorted(totals) == [(0, 0), (0, 8)]
+
+
+async def test_two_processes_racing_with_one_key_reserve_once(
+    ledger_pair: tuple[Ledger, Ledger],
+) -> None:
+    """Two replicas receiving the same retried launch at once: one reservation."""
+    first, second = ledger_pair
+    results = await asyncio.gather(
+        *(reserve_keyed(first, f"a{i}", 8) for i in range(25)),
+        *(reserve_keyed(second, f"b{i}", 8) for i in range(25)),
+    )
+    assert [r.outcome for r in results].count(ReserveOutcome.RESERVED) == 1
+    assert await counters(first) == (0, 8)
+
+
+async def test_confirm_turns_an_unknown_outcome_into_use(ledger: Ledger) -> None:
+    """A retry's 2xx confirms a settled_unknown reservation as used; counters do not move and
+    it can no longer be given back."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.settle_unknown("d1", T0 + 1, "upstream timed out")
+    assert await ledger.confirm("d1", T0 + 5, "confirmed by retry d2") is True
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert (reservation.state, reservation.settled_at, reservation.note) == (
+        "used",
+        T0 + 5,
+        "upstream timed out; confirmed by retry d2",
+    )
+    assert await counters(ledger) == (8, 0)
+    assert await ledger.confirm("d1", T0 + 6, "again") is False
+    with pytest.raises(ValueError, match="'used'"):
+        await ledger.give_back("d1", now=T0 + 7, note=None)
+
+
+@pytest.mark.parametrize("settle", [None, "commit", "release"])
+async def test_confirm_changes_nothing_else(ledger: Ledger, settle: str | None) -> None:
+    """Only settled_unknown is confirmed: reserved, used and released stay as they are."""
+    await reserve_keyed(ledger, "d1", 8)
+    if settle:
+        await _settle(ledger, settle, "d1")
+    before = (await ledger.reservation("d1"), await ledger.license("lic-42"))
+    assert await ledger.confirm("d1", T0 + 50, "confirmed") is False
+    assert await ledger.confirm("never-reserved", T0 + 50, "confirmed") is False
+    assert (await ledger.reservation("d1"), await ledger.license("lic-42")) == before
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path, store: str) -> None:
+    """A ledger written before idempotency keys is migrated on open, keeping its data."""
+    if store == "sqlite":
+        path = tmp_path / "ledger.sqlite3"
+        with sqlite3.connect(path) as conn:
+            for statement in sqlite_migrations[0][1]:
+                conn.execute(statement)
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+            for statement in V1_ROWS:
+                conn.execute(statement.replace("launchgate_", ""))
+        conn.close()
+        await _reserve_then_upgrade(SqliteLedger(path))
+        return
+    async with postgres_schema() as url:
+        dsn = os.environ[POSTGRES_DSN_VAR]
+        schema = url.rpartition("schema=")[2]
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(f'SET search_path = "{schema}"')
+            for statement in pg_migrations[0][1]:
+                await conn.execute(statement)
+            await conn.execute("CREATE TABLE launchgate_schema_version (version integer NOT NULL)")
+            await conn.execute("INSERT INTO launchgate_schema_version (version) VALUES (1)")
+            for statement in V1_ROWS:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+        await _reserve_then_upgrade(PostgresLedger(url))
+
+
+# A license with one used reservation, as a version 1 store holds it (times are T0, EXPIRES).
+V1_ROWS = (
+    "INSERT INTO launchgate_licenses (jti, account, max_accelerators, expires, first_seen, used)"
+    " VALUES ('lic-42', 'acct-2001', 64, 1807776000.0, 1800000000.0, 8)",
+    "INSERT INTO launchgate_reservations (decision_id, jti, amount, state, created_at)"
+    " VALUES ('d0', 'lic-42', 8, 'used', 1800000000.0)",
+)
+
+
+async def _reserve_then_upgrade(store: Ledger) -> None:
+    async with open_stores(store):
+        old = await store.reservation("d0")
+        assert old is not None
+        assert (old.amount, old.state) == (8, "used")
+        await reserve_keyed(store, "d1", 8)
+        await store.commit("d1", T0 + 1)
+        replay = await reserve_keyed(store, "d2", 8, now=T0 + 2)
+        assert (replay.outcome, replay.replay_of) == (ReserveOutcome.REPLAYED, "d1")
+        assert await counters(store) == (16, 0)
+
+
+# --- SQLite group commit --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def held_ledger_thread(
+    store: SqliteLedger, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[int]]:
+    """Keep the ledger thread busy (a first reserve waiting for a write lock held by another
+    process) while the body queues calls; release on exit. Yields the sizes of the batches that
+    then run together."""
+    sizes: list[int] = []
+    run_together = store._run_together
+
+    def spy(batch: list[Any]) -> Any:
+        sizes.append(len(batch))
+        return run_together(batch)
+
+    monkeypatch.setattr(store, "_run_together", spy)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        first = asyncio.create_task(reserve(store, "first", 8))
+        await asyncio.sleep(0.1)  # the first call is on the thread, waiting for the lock
+        yield sizes
+        await asyncio.sleep(0)  # let the body's tasks queue their calls
+        other.execute("COMMIT")
+        assert (await first).outcome is ReserveOutcome.RESERVED
+    finally:
+        other.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    store = SqliteLedger(tmp_path / "ledger.sqlite3")
+    async with open_stores(store):
+        yield store
+
+
+async def test_calls_queued_behind_a_busy_thread_run_as_one_batch_each_with_its_own_answer(
+    sqlite_store: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queued calls run together in arrival order; a refused one (ValueError, LookupError) rolls
+    back only itself, and each caller gets its own result or exception."""
+
+    def revoke_then_refuse(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE licenses SET revoked = 1")
+        raise ValueError("refused after writing")
+
+    async with held_ledger_thread(sqlite_store, sqlite_store.path, monkeypatch) as sizes:
+        calls = [
+            reserve(sqlite_store, "a", 48),
+            sqlite_store._call(revoke_then_refuse),  # its write is undone with it
+            reserve(sqlite_store, "a", 8),  # decision id reused: ValueError, nothing reserved
+            reserve(sqlite_store, "b", 8),  # fits exactly after 'first' (8) and 'a' (48)
+            sqlite_store.give_back("nope", now=T0, note=None),  # LookupError
+            reserve(sqlite_store, "c", 1),  # the license is full by now
+            sqlite_store.commit("b", T0 + 1),
+            sqlite_store.license("lic-42"),
+        ]
+        tasks = [asyncio.create_task(call) for call in calls]
+    a, refused, a_again, b, nope, c, _, state = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sizes == [len(calls)]
+    assert isinstance(refused, ValueError)
+    assert isinstance(a, ReserveResult)
+    assert isinstance(b, ReserveResult)
+    assert isinstance(c, ReserveResult)
+    assert (a.outcome, b.outcome, c.outcome) == (
+        ReserveOutcome.RESERVED,
+        ReserveOutcome.RESERVED,
+        ReserveOutcome.EXHAUSTED,
+    )
+    assert isinstance(a_again, ValueError)
+    assert isinstance(nope, LookupError)
+    assert isinstance(state, LicenseState)
+    assert (state.used, state.reserved) == (8, 56)  # the read saw the batch's earlier writes
+    assert await counters(sqlite_store) == (8, 56)
+
+
+async def test_a_store_error_in_one_batched_call_leaves_the_others_their_answers(
+    sqlite_store: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sqlite3 error inside one call rolls the batch back; every call then runs alone, so
+    only the failing one is StoreUnavailable."""
+    broken = sqlite_store._call(lambda conn: conn.execute("SELECT * FROM no_such_table"))
+    async with held_ledger_thread(sqlite_store, sqlite_store.path, monkeypatch) as sizes:
+        tasks = [
+            asyncio.create_task(reserve(sqlite_store, "a", 8)),
+            asyncio.create_task(broken),
+            asyncio.create_task(reserve(sqlite_store, "b", 8)),
+        ]
+    a, error, b = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sizes == [3]
+    assert isinstance(error, StoreUnavailable)
+    assert isinstance(error.__cause__, sqlite3.Error)
+    assert isinstance(a, ReserveResult)
+    assert isinstance(b, ReserveResult)
+    assert (a.outcome, b.outcome) == (ReserveOutcome.RESERVED, ReserveOutcome.RESERVED)
+    assert await counters(sqlite_store) == (0, 24)
+
+
+async def test_a_caller_cancelled_before_its_batch_is_never_run(
+    sqlite_store: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with a thread pool: a call cancelled while it waits for the thread does nothing."""
+    async with held_ledger_thread(sqlite_store, sqlite_store.path, monkeypatch):
+        gone = asyncio.create_task(reserve(sqlite_store, "gone", 8))
+        kept = asyncio.create_task(reserve(sqlite_store, "kept", 8))
+        await asyncio.sleep(0)
+        gone.cancel()
+    assert (await kept).outcome is ReserveOutcome.RESERVED
+    assert gone.cancelled()
+    assert await sqlite_store.reservation("gone") is None
+
+
+async def test_close_lets_queued_calls_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while calls wait for the thread: they complete, then the ledger is closed."""
+    store = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await store.open()
+    async with held_ledger_thread(store, store.path, monkeypatch):
+        queued = asyncio.create_task(reserve(store, "queued", 8))
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(store.close())
+    await closing
+    assert (await queued).outcome is ReserveOutcome.RESERVED
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.ping()
+    again = SqliteLedger(store.path)
+    async with open_stores(again):
+        assert await again.reservation("queued") is not None
+
+
+async def test_a_batch_that_cannot_begin_fails_at_once(tmp_path: Path) -> None:
+    """A write lock held past the busy timeout fails a whole batch after one wait, not one wait
+    per call."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path, busy_timeout_s=0.2)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(20)), return_exceptions=True
+        )
+        elapsed = time.monotonic() - started
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        assert elapsed < 2.0  # one call alone, then one batch; 20 waits would take 4 s
+    finally:
+        other.close()
+        await store.close()
+
+
 # --- store failures -----------------------------------------------------------------------
 
 
@@ -606,7 +1081,9 @@ async def test_data_survives_reopening(tmp_path: Path) -> None:
     finally:
         await again.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (SQLITE_SCHEMA_VERSION,)
+        ]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
 
@@ -698,10 +1175,12 @@ def test_open_ledger_never_shows_a_database_password(tmp_path: Path) -> None:
 
 async def test_migrate_store_creates_a_sqlite_ledger(tmp_path: Path) -> None:
     """Migrating a SQLite store creates the file at the latest schema; again is a no-op."""
-    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == 1
-    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == 1
+    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == SQLITE_SCHEMA_VERSION
+    assert await migrate_store("sqlite:data/ledger.sqlite3", tmp_path) == SQLITE_SCHEMA_VERSION
     with sqlite3.connect(tmp_path / "data" / "ledger.sqlite3") as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (SQLITE_SCHEMA_VERSION,)
+        ]
     conn.close()
 
 

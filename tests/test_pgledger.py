@@ -71,6 +71,7 @@ async def test_open_creates_the_schema_and_its_tables(url: str) -> None:
             schema_of(url),
         )
         assert [row["table_name"] for row in tables] == [
+            "launchgate_idempotency_keys",
             "launchgate_licenses",
             "launchgate_reservations",
             "launchgate_schema_version",
@@ -115,7 +116,7 @@ async def test_migrate_store_migrates_a_postgresql_store(url: str, tmp_path: Pat
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1",
             schema_of(url),
         )
-        assert found == 3
+        assert found == 4
 
 
 async def test_a_newer_schema_is_refused(url: str) -> None:

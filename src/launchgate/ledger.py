@@ -5,6 +5,10 @@ settled exactly once: ``commit`` (upstream answered 2xx: used), ``release`` (ups
 not reached: given back) or ``settle_unknown`` (outcome unknown: counted as used, so a license is
 never over-spent). Staff can later ``give_back`` what they have checked was not launched.
 
+A launch may carry an *idempotency key* (scoped per account): ``reserve`` binds the key to the
+reservation it makes, and a retry of the same request under the same key is then counted once
+(``REPLAYED``) instead of reserving again; the same key on another request is a ``CONFLICT``.
+
 ``Ledger`` is the storage-neutral interface; ``SqliteLedger`` keeps it in one SQLite file that
 several processes (gateways, the ``launchgate`` CLI) may share. ``PostgresLedger``
 (``launchgate.pgledger``) keeps it in PostgreSQL for replicas on several hosts.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import sqlite3
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ from urllib.parse import urlsplit
 from launchgate.errors import ConfigError, StoreUnavailable
 
 __all__ = [
+    "IdempotencyKey",
     "Ledger",
     "LicenseState",
     "Reservation",
@@ -44,11 +50,19 @@ ReservationState = Literal["reserved", "used", "released", "settled_unknown"]
 
 
 class ReserveOutcome(enum.Enum):
-    """What ``Ledger.reserve`` did."""
+    """What ``Ledger.reserve`` did. Only RESERVED reserves anything."""
 
     RESERVED = "reserved"
     REVOKED = "revoked"
     EXHAUSTED = "exhausted"
+    # The idempotency key is bound to an earlier reservation that was counted (used, or
+    # settled as used): this is a retry of that launch, allowed without reserving again.
+    REPLAYED = "replayed"
+    # The idempotency key is bound to an earlier reservation for a different request.
+    CONFLICT = "conflict"
+    # The idempotency key is bound to an earlier reservation still reserved: its first attempt
+    # has not completed, so whether to count this one is not yet known.
+    IN_PROGRESS = "in_progress"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,8 @@ class ReserveResult:
     used: int  # committed use, after this call
     reserved: int  # outstanding reservations after this call (including this one if RESERVED)
     requested: int
+    # The earlier decision the idempotency key is bound to (REPLAYED, CONFLICT, IN_PROGRESS).
+    replay_of: str | None = None
 
     @property
     def remaining(self) -> int:
@@ -107,6 +123,18 @@ class Reservation:
     note: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An idempotency key as the ledger remembers it: bound to the latest reservation made under
+    it, with the fingerprint of the request that made the first one."""
+
+    account: str
+    key: str
+    fingerprint: str
+    decision_id: str
+    bound_at: float
+
+
 class Ledger(Protocol):
     """Storage-neutral license ledger. Every method raises ``StoreUnavailable`` when the store
     cannot be used; no storage-specific exception leaves an implementation."""
@@ -130,11 +158,22 @@ class Ledger(Protocol):
         amount: int,
         decision_id: str,
         now: float,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> ReserveResult:
         """Atomically check the license and, if it is not revoked and ``amount`` fits, reserve it.
 
         The first call for a ``jti`` records its account, maximum and expiry; later calls keep
-        those. Raises ``ValueError`` for a negative amount or a decision id already used.
+        those. Raises ``ValueError`` for a negative amount, a decision id already used, or an
+        ``idempotency_key`` without a ``fingerprint`` (or the other way round).
+
+        With an ``idempotency_key`` (scoped to ``account``), after the revocation check and in
+        the same transaction: a key never seen reserves as usual and is bound to this decision
+        (only when RESERVED); a key bound to another ``fingerprint`` is CONFLICT; a key bound to
+        a reservation still reserved is IN_PROGRESS; to one used or settled_unknown, REPLAYED
+        (counted once: nothing reserved, capacity not checked); to one released, this call
+        reserves anew and the key moves to ``decision_id``. Two calls with one key never both
+        reserve, whichever licenses they present.
         """
 
     async def commit(self, decision_id: str, now: float) -> None:
@@ -145,6 +184,10 @@ class Ledger(Protocol):
 
     async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
         """Reserved -> settled_unknown, counted as used. No-op unless still reserved."""
+
+    async def confirm(self, decision_id: str, now: float, note: str) -> bool:
+        """Settled_unknown -> used (a retry of the launch got a 2xx: it was spent), ``note``
+        appended. Counters do not change; False, and a no-op, in any other state."""
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         """Settle as unknown every reservation still reserved and older than ``ttl_s``;
@@ -161,6 +204,9 @@ class Ledger(Protocol):
 
     async def reservation(self, decision_id: str) -> Reservation | None:
         """The reservation made for ``decision_id``, or None."""
+
+    async def idempotency_key(self, account: str, key: str) -> IdempotencyKey | None:
+        """The idempotency ``key`` of ``account``, or None if no reservation was made under it."""
 
     async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
         """Settled_unknown -> released: its amount leaves ``used``. Returns the updated reservation.
@@ -276,6 +322,22 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX reservations_by_state ON reservations (state, created_at)",
         ),
     ),
+    (
+        2,
+        (
+            # One row per (account, key): bound to the latest reservation made under the key.
+            """
+            CREATE TABLE idempotency_keys (
+                account     TEXT NOT NULL,
+                key         TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                decision_id TEXT NOT NULL REFERENCES reservations (decision_id),
+                bound_at    REAL NOT NULL,
+                PRIMARY KEY (account, key)
+            )
+            """,
+        ),
+    ),
 )
 _SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -284,6 +346,26 @@ _LICENSE_COLUMNS = (
     " expires, first_seen"
 )
 _RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
+_KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
+
+
+def _check_key(idempotency_key: str | None, fingerprint: str | None) -> None:
+    if (idempotency_key is None) != (fingerprint is None):
+        raise ValueError("an idempotency key and a request fingerprint go together")
+
+
+def _bound_outcome(
+    bound_fingerprint: str, bound_state: str | None, fingerprint: str
+) -> ReserveOutcome | None:
+    """What an idempotency key bound to an earlier reservation decides; None: reserve anew
+    (the earlier reservation was released, so nothing was counted under the key)."""
+    if bound_fingerprint != fingerprint:
+        return ReserveOutcome.CONFLICT
+    if bound_state == "reserved":
+        return ReserveOutcome.IN_PROGRESS
+    if bound_state in ("used", "settled_unknown"):
+        return ReserveOutcome.REPLAYED
+    return None
 
 
 @contextmanager
@@ -328,12 +410,220 @@ def _reservation(row: Any) -> Reservation:
     )
 
 
+def _idempotency_key(row: Any) -> IdempotencyKey:
+    account, key, fingerprint, decision_id, bound_at = row
+    return IdempotencyKey(account, key, fingerprint, decision_id, bound_at)
+
+
+# Operations on the ledger thread. A write runs inside a transaction opened by its caller (alone,
+# or with others in a batch); none opens or ends one itself.
+
+
+def _reserve(
+    conn: sqlite3.Connection,
+    *,
+    jti: str,
+    account: str,
+    max_accelerators: int,
+    expires: float,
+    amount: int,
+    decision_id: str,
+    now: float,
+    idempotency_key: str | None,
+    fingerprint: str | None,
+) -> ReserveResult:
+    # The first sighting fixes account, maximum and expiry (a jti is unique); a row created by
+    # an earlier revoke has them NULL and gets them now.
+    conn.execute(
+        "INSERT INTO licenses (jti, account, max_accelerators, expires, first_seen)"
+        " VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (jti) DO UPDATE SET"
+        "  account = COALESCE(account, excluded.account),"
+        "  max_accelerators = COALESCE(max_accelerators, excluded.max_accelerators),"
+        "  expires = COALESCE(expires, excluded.expires),"
+        "  first_seen = COALESCE(first_seen, excluded.first_seen)",
+        (jti, account, max_accelerators, expires, now),
+    )
+    # Read inside the write transaction: a revoke committed by another process before this lock
+    # was taken is seen here, and so is a reservation made under the same idempotency key.
+    max_acc, used, reserved, revoked = conn.execute(
+        "SELECT max_accelerators, used, reserved, revoked FROM licenses WHERE jti = ?", (jti,)
+    ).fetchone()
+    outcome: ReserveOutcome | None = None
+    bound: str | None = None
+    if revoked:
+        outcome = ReserveOutcome.REVOKED
+    elif idempotency_key is not None and fingerprint is not None:
+        row = conn.execute(
+            "SELECT k.fingerprint, k.decision_id, r.state FROM idempotency_keys AS k"
+            " LEFT JOIN reservations AS r ON r.decision_id = k.decision_id"
+            " WHERE k.account = ? AND k.key = ?",
+            (account, idempotency_key),
+        ).fetchone()
+        if row is not None:
+            bound_fingerprint, bound, bound_state = row
+            outcome = _bound_outcome(bound_fingerprint, bound_state, fingerprint)
+    if outcome is None and used + reserved + amount > max_acc:
+        outcome = ReserveOutcome.EXHAUSTED
+    if outcome is None:
+        taken = conn.execute("SELECT 1 FROM reservations WHERE decision_id = ?", (decision_id,))
+        if taken.fetchone():
+            raise ValueError(f"decision {decision_id} already has a reservation")
+        conn.execute(
+            f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
+            " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
+            (decision_id, jti, amount, now),
+        )
+        conn.execute("UPDATE licenses SET reserved = reserved + ? WHERE jti = ?", (amount, jti))
+        if idempotency_key is not None:
+            conn.execute(
+                f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?)"  # noqa: S608 - constant column list
+                " ON CONFLICT (account, key) DO UPDATE SET"
+                "  decision_id = excluded.decision_id, bound_at = excluded.bound_at",
+                (account, idempotency_key, fingerprint, decision_id, now),
+            )
+        outcome = ReserveOutcome.RESERVED
+        reserved += amount
+    keyed = outcome in (
+        ReserveOutcome.REPLAYED,
+        ReserveOutcome.CONFLICT,
+        ReserveOutcome.IN_PROGRESS,
+    )
+    return ReserveResult(
+        outcome=outcome,
+        max_accelerators=max_acc,
+        used=used,
+        reserved=reserved,
+        requested=amount,
+        replay_of=bound if keyed else None,
+    )
+
+
+def _settle(
+    conn: sqlite3.Connection, decision_id: str, to: ReservationState, now: float, note: str | None
+) -> None:
+    """Move a reservation out of 'reserved'; a no-op for any other state, so a late commit after
+    TTL settlement never counts the same accelerators twice."""
+    # fetchall(), not fetchone(): a RETURNING statement must run to completion before COMMIT.
+    rows = conn.execute(
+        "UPDATE reservations SET state = ?, settled_at = ?, note = ?"
+        " WHERE decision_id = ? AND state = 'reserved' RETURNING jti, amount",
+        (to, now, note, decision_id),
+    ).fetchall()
+    if not rows:
+        return
+    [(jti, amount)] = rows
+    used_delta = 0 if to == "released" else amount
+    conn.execute(
+        "UPDATE licenses SET reserved = reserved - ?, used = used + ? WHERE jti = ?",
+        (amount, used_delta, jti),
+    )
+
+
+def _confirm(conn: sqlite3.Connection, decision_id: str, now: float, note: str) -> bool:
+    # Counters stay: settled_unknown already counts as used.
+    cursor = conn.execute(
+        "UPDATE reservations SET state = 'used', settled_at = ?,"
+        " note = COALESCE(note || '; ', '') || ?"
+        " WHERE decision_id = ? AND state = 'settled_unknown'",
+        (now, note, decision_id),
+    )
+    return cursor.rowcount == 1
+
+
+def _expire(conn: sqlite3.Connection, now: float, ttl_s: float) -> list[str]:
+    note = f"outcome unknown: still reserved after {ttl_s:g} s"
+    rows = conn.execute(
+        "SELECT decision_id FROM reservations"
+        " WHERE state = 'reserved' AND created_at < ? ORDER BY created_at",
+        (now - ttl_s,),
+    ).fetchall()
+    expired = [decision_id for (decision_id,) in rows]
+    for decision_id in expired:
+        _settle(conn, decision_id, "settled_unknown", now, note)
+    return expired
+
+
+def _revoke(conn: sqlite3.Connection, jti: str, reason: str | None, now: float) -> bool:
+    # A jti never seen gets a row now, so it is denied when it first shows up.
+    conn.execute("INSERT INTO licenses (jti) VALUES (?) ON CONFLICT DO NOTHING", (jti,))
+    cursor = conn.execute(
+        "UPDATE licenses SET revoked = 1, revoked_reason = ?, revoked_at = ?"
+        " WHERE jti = ? AND revoked = 0",
+        (reason, now, jti),
+    )
+    return cursor.rowcount == 1
+
+
+def _give_back(
+    conn: sqlite3.Connection, decision_id: str, now: float, note: str | None
+) -> Reservation:
+    row = conn.execute(
+        "SELECT state FROM reservations WHERE decision_id = ?", (decision_id,)
+    ).fetchone()
+    if row is None:
+        raise LookupError(f"no reservation for decision {decision_id}")
+    if row[0] != "settled_unknown":
+        raise ValueError(
+            f"reservation for decision {decision_id} is {row[0]!r}; only one settled as used"
+            " because its outcome was unknown ('settled_unknown') can be given back"
+        )
+    [updated] = conn.execute(
+        "UPDATE reservations SET state = 'released', settled_at = ?,"  # noqa: S608 - constant column list
+        f" note = COALESCE(?, note) WHERE decision_id = ? RETURNING {_RESERVATION_COLUMNS}",
+        (now, note, decision_id),
+    ).fetchall()
+    reservation = _reservation(updated)
+    conn.execute(
+        "UPDATE licenses SET used = used - ? WHERE jti = ?", (reservation.amount, reservation.jti)
+    )
+    return reservation
+
+
+def _one(
+    query: str, params: tuple[object, ...], row_to: Callable[[Any], _T]
+) -> Callable[[sqlite3.Connection], _T | None]:
+    def read(conn: sqlite3.Connection) -> _T | None:
+        row = conn.execute(query, params).fetchone()
+        return None if row is None else row_to(row)
+
+    return read
+
+
+# --- the ledger thread and group commit -------------------------------------------------------
+
+# The most operations one transaction takes: bounds how long the write lock is held at a time.
+_MAX_BATCH = 128
+
+_Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """A call waiting for the ledger thread. The thread reads ``fn`` and ``write`` only; the
+    future belongs to the event loop."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    write: bool
+    future: asyncio.Future[Any]
+
+
 class SqliteLedger:
     """``Ledger`` in one SQLite file (WAL), safe to share between processes.
 
     Every sqlite3 call runs on one dedicated thread that owns the connection, so the event loop
-    never blocks on the database. If the caller is cancelled mid-call, the call still completes on
-    that thread: a reservation may then exist that nobody settles, and ``expire_reservations``
+    never blocks on the database.
+
+    Group commit: calls that arrive while the thread is busy queue up, and then run together in
+    arrival order in one transaction (at most ``_MAX_BATCH``), each inside its own SAVEPOINT. An
+    operation that raises (``ValueError``, ``LookupError``) rolls back only itself; every caller
+    gets its own result or exception, after the transaction has committed. A store error inside
+    an operation rolls the batch back whole and its operations run again one by one, so each
+    succeeds or fails as it would have alone; a transaction that cannot begin or commit fails
+    every operation in it with ``StoreUnavailable``. An idle ledger runs a call at once, alone.
+
+    A caller cancelled before its batch starts is never run; one cancelled later still completes
+    on the thread: a reservation may then exist that nobody settles, and ``expire_reservations``
     settles it as used - the safe direction.
     """
 
@@ -343,6 +633,10 @@ class SqliteLedger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
         self._closed = False
+        # On the event loop only:
+        self._queue: list[_Op] = []
+        self._busy = False  # a batch is on the ledger thread
+        self._idle: asyncio.Future[None] | None = None  # close() waiting for the queue to drain
 
     @property
     def path(self) -> Path:
@@ -352,18 +646,21 @@ class SqliteLedger:
     # -- lifecycle --
 
     async def open(self) -> None:
-        await self._call(lambda conn: None)
+        await self._call(lambda conn: None, write=False)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        if self._busy:  # what was asked before close still runs, then the connection goes
+            self._idle = loop.create_future()
+            await self._idle
         await loop.run_in_executor(self._executor, self._disconnect)
         self._executor.shutdown(wait=False)
 
     async def ping(self) -> None:
-        await self._call(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)
 
     # -- the reservation lifecycle --
 
@@ -377,217 +674,185 @@ class SqliteLedger:
         amount: int,
         decision_id: str,
         now: float,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> ReserveResult:
         if amount < 0:
             raise ValueError(f"reservation amount must not be negative, got {amount}")
-
-        def run(conn: sqlite3.Connection) -> ReserveResult:
-            with _write_transaction(conn):
-                # The first sighting fixes account, maximum and expiry (a jti is unique); a row
-                # created by an earlier revoke has them NULL and gets them now.
-                conn.execute(
-                    "INSERT INTO licenses (jti, account, max_accelerators, expires, first_seen)"
-                    " VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (jti) DO UPDATE SET"
-                    "  account = COALESCE(account, excluded.account),"
-                    "  max_accelerators = COALESCE(max_accelerators, excluded.max_accelerators),"
-                    "  expires = COALESCE(expires, excluded.expires),"
-                    "  first_seen = COALESCE(first_seen, excluded.first_seen)",
-                    (jti, account, max_accelerators, expires, now),
-                )
-                # Read inside the write transaction: a revoke committed by another process
-                # before this lock was taken is seen here.
-                max_acc, used, reserved, revoked = conn.execute(
-                    "SELECT max_accelerators, used, reserved, revoked FROM licenses WHERE jti = ?",
-                    (jti,),
-                ).fetchone()
-                if revoked:
-                    outcome = ReserveOutcome.REVOKED
-                elif used + reserved + amount > max_acc:
-                    outcome = ReserveOutcome.EXHAUSTED
-                else:
-                    taken = conn.execute(
-                        "SELECT 1 FROM reservations WHERE decision_id = ?", (decision_id,)
-                    ).fetchone()
-                    if taken:
-                        raise ValueError(f"decision {decision_id} already has a reservation")
-                    conn.execute(
-                        f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
-                        " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
-                        (decision_id, jti, amount, now),
-                    )
-                    conn.execute(
-                        "UPDATE licenses SET reserved = reserved + ? WHERE jti = ?", (amount, jti)
-                    )
-                    outcome = ReserveOutcome.RESERVED
-                    reserved += amount
-                return ReserveResult(
-                    outcome=outcome,
-                    max_accelerators=max_acc,
-                    used=used,
-                    reserved=reserved,
-                    requested=amount,
-                )
-
-        return await self._call(run)
+        _check_key(idempotency_key, fingerprint)
+        return await self._call(
+            lambda conn: _reserve(
+                conn,
+                jti=jti,
+                account=account,
+                max_accelerators=max_accelerators,
+                expires=expires,
+                amount=amount,
+                decision_id=decision_id,
+                now=now,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+            )
+        )
 
     async def commit(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: self._settle(conn, decision_id, "used", now, None))
+        await self._call(lambda conn: _settle(conn, decision_id, "used", now, None))
 
     async def release(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: self._settle(conn, decision_id, "released", now, None))
+        await self._call(lambda conn: _settle(conn, decision_id, "released", now, None))
 
     async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
-        await self._call(lambda conn: self._settle(conn, decision_id, "settled_unknown", now, note))
+        await self._call(lambda conn: _settle(conn, decision_id, "settled_unknown", now, note))
+
+    async def confirm(self, decision_id: str, now: float, note: str) -> bool:
+        return await self._call(lambda conn: _confirm(conn, decision_id, now, note))
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
-        note = f"outcome unknown: still reserved after {ttl_s:g} s"
-
-        def run(conn: sqlite3.Connection) -> list[str]:
-            with _write_transaction(conn):
-                rows = conn.execute(
-                    "SELECT decision_id FROM reservations"
-                    " WHERE state = 'reserved' AND created_at < ? ORDER BY created_at",
-                    (now - ttl_s,),
-                ).fetchall()
-                expired = [decision_id for (decision_id,) in rows]
-                for decision_id in expired:
-                    self._settle_in_transaction(conn, decision_id, "settled_unknown", now, note)
-                return expired
-
-        return await self._call(run)
-
-    @staticmethod
-    def _settle(
-        conn: sqlite3.Connection,
-        decision_id: str,
-        to: ReservationState,
-        now: float,
-        note: str | None,
-    ) -> None:
-        with _write_transaction(conn):
-            SqliteLedger._settle_in_transaction(conn, decision_id, to, now, note)
-
-    @staticmethod
-    def _settle_in_transaction(
-        conn: sqlite3.Connection,
-        decision_id: str,
-        to: ReservationState,
-        now: float,
-        note: str | None,
-    ) -> None:
-        """Move a reservation out of 'reserved'; a no-op for any other state, so a late commit
-        after TTL settlement never counts the same accelerators twice."""
-        # fetchall(), not fetchone(): a RETURNING statement must run to completion before COMMIT.
-        rows = conn.execute(
-            "UPDATE reservations SET state = ?, settled_at = ?, note = ?"
-            " WHERE decision_id = ? AND state = 'reserved' RETURNING jti, amount",
-            (to, now, note, decision_id),
-        ).fetchall()
-        if not rows:
-            return
-        [(jti, amount)] = rows
-        used_delta = 0 if to == "released" else amount
-        conn.execute(
-            "UPDATE licenses SET reserved = reserved - ?, used = used + ? WHERE jti = ?",
-            (amount, used_delta, jti),
-        )
+        return await self._call(lambda conn: _expire(conn, now, ttl_s))
 
     # -- staff operations --
 
     async def revoke(self, jti: str, *, reason: str | None, now: float) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            with _write_transaction(conn):
-                # A jti never seen gets a row now, so it is denied when it first shows up.
-                conn.execute("INSERT INTO licenses (jti) VALUES (?) ON CONFLICT DO NOTHING", (jti,))
-                cursor = conn.execute(
-                    "UPDATE licenses SET revoked = 1, revoked_reason = ?, revoked_at = ?"
-                    " WHERE jti = ? AND revoked = 0",
-                    (reason, now, jti),
-                )
-                return cursor.rowcount == 1
-
-        return await self._call(run)
+        return await self._call(lambda conn: _revoke(conn, jti, reason, now))
 
     async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
-        def run(conn: sqlite3.Connection) -> Reservation:
-            with _write_transaction(conn):
-                row = conn.execute(
-                    "SELECT state FROM reservations WHERE decision_id = ?", (decision_id,)
-                ).fetchone()
-                if row is None:
-                    raise LookupError(f"no reservation for decision {decision_id}")
-                if row[0] != "settled_unknown":
-                    raise ValueError(
-                        f"reservation for decision {decision_id} is {row[0]!r}; only one settled"
-                        " as used because its outcome was unknown ('settled_unknown') can be"
-                        " given back"
-                    )
-                [updated] = conn.execute(
-                    "UPDATE reservations SET state = 'released', settled_at = ?,"  # noqa: S608 - constant column list
-                    " note = COALESCE(?, note) WHERE decision_id = ?"
-                    f" RETURNING {_RESERVATION_COLUMNS}",
-                    (now, note, decision_id),
-                ).fetchall()
-                reservation = _reservation(updated)
-                conn.execute(
-                    "UPDATE licenses SET used = used - ? WHERE jti = ?",
-                    (reservation.amount, reservation.jti),
-                )
-                return reservation
-
-        return await self._call(run)
+        return await self._call(lambda conn: _give_back(conn, decision_id, now, note))
 
     # -- reads --
 
     async def license(self, jti: str) -> LicenseState | None:
-        def run(conn: sqlite3.Connection) -> LicenseState | None:
-            row = conn.execute(
-                f"SELECT {_LICENSE_COLUMNS} FROM licenses WHERE jti = ?",  # noqa: S608 - constant column list
-                (jti,),
-            ).fetchone()
-            return None if row is None else _license_state(row)
-
-        return await self._call(run)
+        query = f"SELECT {_LICENSE_COLUMNS} FROM licenses WHERE jti = ?"  # noqa: S608 - constant column list
+        return await self._call(_one(query, (jti,), _license_state), write=False)
 
     async def licenses(self) -> list[LicenseState]:
-        def run(conn: sqlite3.Connection) -> list[LicenseState]:
-            rows = conn.execute(
-                f"SELECT {_LICENSE_COLUMNS} FROM licenses ORDER BY jti"  # noqa: S608 - constant column list
-            ).fetchall()
-            return [_license_state(row) for row in rows]
-
-        return await self._call(run)
+        query = f"SELECT {_LICENSE_COLUMNS} FROM licenses ORDER BY jti"  # noqa: S608 - constant column list
+        return await self._call(
+            lambda conn: [_license_state(row) for row in conn.execute(query).fetchall()],
+            write=False,
+        )
 
     async def reservation(self, decision_id: str) -> Reservation | None:
-        def run(conn: sqlite3.Connection) -> Reservation | None:
-            row = conn.execute(
-                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE decision_id = ?",  # noqa: S608 - constant column list
-                (decision_id,),
-            ).fetchone()
-            return None if row is None else _reservation(row)
+        query = f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE decision_id = ?"  # noqa: S608 - constant column list
+        return await self._call(_one(query, (decision_id,), _reservation), write=False)
 
-        return await self._call(run)
+    async def idempotency_key(self, account: str, key: str) -> IdempotencyKey | None:
+        query = f"SELECT {_KEY_COLUMNS} FROM idempotency_keys WHERE account = ? AND key = ?"  # noqa: S608 - constant column list
+        return await self._call(_one(query, (account, key), _idempotency_key), write=False)
 
-    # -- the database thread --
+    # -- on the event loop: queueing and batches --
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
+        """Run ``fn`` on the ledger thread, inside a write transaction when ``write``."""
         if self._closed:
             raise StoreUnavailable(f"ledger {self._path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, fn)
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Op(fn, write, future))
+        if not self._busy:
+            self._dispatch()
+        return await future
 
-    def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """On the ledger thread: (re)connect if needed, run ``fn``, turn store errors into
-        ``StoreUnavailable``. Reconnecting lazily lets a store that was briefly unusable at
-        start-up recover without a restart."""
+    def _dispatch(self) -> None:
+        """Send what has queued up to the ledger thread as one batch, or note that it is idle."""
+        while self._queue:
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            # A caller cancelled before its batch starts is never run, as with run_in_executor.
+            batch = [op for op in batch if not op.future.cancelled()]
+            if batch:
+                self._busy = True
+                work = self._executor.submit(self._run_batch, batch)
+                work.add_done_callback(
+                    functools.partial(self._hand_back, batch[0].future.get_loop(), batch)
+                )
+                return
+        self._busy = False
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _hand_back(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Op], done: Future[list[_Outcome]]
+    ) -> None:
+        """On the ledger thread, once a batch is done: deliver on the event loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(self._deliver, batch, done)
+
+    def _deliver(self, batch: list[_Op], done: Future[list[_Outcome]]) -> None:
         try:
-            return fn(self._connection())
-        except sqlite3.Error as e:
+            outcomes = done.result()
+        except BaseException as e:  # the thread itself failed: every caller hears of it
+            outcomes = [(False, e)] * len(batch)
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            if op.future.done():  # its caller was cancelled meanwhile
+                continue
+            if ok:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(value)
+        self._dispatch()
+
+    # -- on the ledger thread --
+
+    def _run_batch(self, batch: list[_Op]) -> list[_Outcome]:
+        if len(batch) > 1 and any(op.write for op in batch):
+            outcomes = self._run_together(batch)
+            if outcomes is not None:
+                return outcomes
+        return [self._run_alone(op) for op in batch]
+
+    def _run_alone(self, op: _Op) -> _Outcome:
+        try:
+            conn = self._connection()
+            if not op.write:
+                return True, op.fn(conn)
+            with _write_transaction(conn):
+                return True, op.fn(conn)
+        except (sqlite3.Error, OSError) as e:
+            return False, self._unavailable(e)
+        except Exception as e:  # the operation's own refusal (ValueError, LookupError, ...)
+            return False, e
+
+    def _run_together(self, batch: list[_Op]) -> list[_Outcome] | None:
+        """The batch in one transaction, each operation in a savepoint; None when a store error
+        inside an operation rolled it all back (each then runs alone)."""
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError, StoreUnavailable) as e:
+            return [(False, self._unavailable(e)) for _ in batch]
+        outcomes: list[_Outcome] = []
+        try:
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn)
+                except sqlite3.Error:
+                    raise
+                except Exception as e:  # its own refusal: undo it alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, e))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((True, value))
+        except sqlite3.Error:
             self._recover()
-            raise StoreUnavailable(f"ledger {self._path}: {e}") from e
-        except OSError as e:  # creating the folder, or a file where a folder should be
-            raise StoreUnavailable(f"ledger {self._path}: {e}") from e
+            return None
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            return [(False, self._unavailable(e)) for _ in batch]
+        return outcomes
+
+    def _unavailable(self, error: Exception) -> Exception:
+        """``StoreUnavailable`` for a store error, chained to it, after making sure no transaction
+        is left open. Reconnecting lazily lets a store that was briefly unusable at start-up
+        recover without a restart."""
+        if isinstance(error, StoreUnavailable):  # a schema newer than this launchgate
+            return error
+        if isinstance(error, sqlite3.Error):
+            self._recover()
+        unavailable = StoreUnavailable(f"ledger {self._path}: {error}")
+        unavailable.__cause__ = error
+        return unavailable
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:

@@ -38,11 +38,14 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import (
+    IdempotencyKey,
     LicenseState,
     Reservation,
     ReservationState,
     ReserveOutcome,
     ReserveResult,
+    _check_key,
+    _idempotency_key,
     _license_state,
     _redact,
     _reservation,
@@ -131,6 +134,115 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        2,
+        (
+            # One row per (account, key): bound to the latest reservation made under the key.
+            # The foreign key is checked at commit, so a reservation can claim its key first.
+            """
+            CREATE TABLE launchgate_idempotency_keys (
+                account     text NOT NULL,
+                key         text NOT NULL,
+                fingerprint text NOT NULL,
+                decision_id text NOT NULL REFERENCES launchgate_reservations (decision_id)
+                            DEFERRABLE INITIALLY DEFERRED,
+                bound_at    double precision NOT NULL,
+                PRIMARY KEY (account, key)
+            )
+            """,
+            # launchgate_reserve with an optional idempotency key (see Ledger.reserve). The
+            # license row is locked first, then the key row: every caller takes them in this
+            # order, so two attempts with one key queue on the key even under two licenses.
+            """
+            CREATE FUNCTION launchgate_reserve_keyed(
+                p_jti text, p_account text, p_max bigint, p_expires double precision,
+                p_amount bigint, p_decision_id text, p_now double precision,
+                p_key text, p_fingerprint text,
+                OUT o_outcome text, OUT o_max bigint, OUT o_used bigint, OUT o_reserved bigint,
+                OUT o_replay_of text
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                is_revoked boolean;
+                claimed boolean := false;
+                bound_fingerprint text;
+                bound_state text;
+            BEGIN
+                -- As in launchgate_reserve: the caller waits for durability with _DURABLE.
+                PERFORM set_config('synchronous_commit', 'off', true);
+                INSERT INTO launchgate_licenses AS l
+                    (jti, account, max_accelerators, expires, first_seen)
+                VALUES (p_jti, p_account, p_max, p_expires, p_now)
+                ON CONFLICT (jti) DO UPDATE SET
+                    account = COALESCE(l.account, EXCLUDED.account),
+                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
+                    expires = COALESCE(l.expires, EXCLUDED.expires),
+                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
+                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked
+                INTO o_max, o_used, o_reserved, is_revoked;
+                IF is_revoked THEN
+                    o_outcome := 'revoked';
+                    RETURN;
+                END IF;
+                IF p_key IS NOT NULL THEN
+                    -- Claim the key, or lock the row of the reservation that holds it. An
+                    -- insert that meets an uncommitted claim waits for it to end, then inserts
+                    -- (the claim was withdrawn) or finds the committed row.
+                    LOOP
+                        INSERT INTO launchgate_idempotency_keys
+                            (account, key, fingerprint, decision_id, bound_at)
+                        VALUES (p_account, p_key, p_fingerprint, p_decision_id, p_now)
+                        ON CONFLICT (account, key) DO NOTHING;
+                        IF FOUND THEN
+                            claimed := true;
+                            EXIT;
+                        END IF;
+                        SELECT k.fingerprint, k.decision_id, r.state
+                        INTO bound_fingerprint, o_replay_of, bound_state
+                        FROM launchgate_idempotency_keys AS k
+                        LEFT JOIN launchgate_reservations AS r USING (decision_id)
+                        WHERE k.account = p_account AND k.key = p_key
+                        FOR UPDATE OF k;
+                        EXIT WHEN FOUND;
+                    END LOOP;
+                    IF NOT claimed THEN
+                        IF bound_fingerprint <> p_fingerprint THEN
+                            o_outcome := 'conflict';
+                            RETURN;
+                        ELSIF bound_state = 'reserved' THEN
+                            o_outcome := 'in_progress';
+                            RETURN;
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            o_outcome := 'replayed';
+                            RETURN;
+                        END IF;
+                        -- Released: nothing was counted under the key; reserve anew.
+                        o_replay_of := NULL;
+                    END IF;
+                END IF;
+                IF o_used + o_reserved + p_amount > o_max THEN
+                    IF claimed THEN  -- only a reservation binds a key
+                        DELETE FROM launchgate_idempotency_keys
+                        WHERE account = p_account AND key = p_key;
+                    END IF;
+                    o_outcome := 'exhausted';
+                    RETURN;
+                END IF;
+                INSERT INTO launchgate_reservations
+                    (decision_id, jti, amount, state, created_at)
+                VALUES (p_decision_id, p_jti, p_amount, 'reserved', p_now);
+                UPDATE launchgate_licenses SET reserved = reserved + p_amount WHERE jti = p_jti;
+                IF p_key IS NOT NULL AND NOT claimed THEN
+                    UPDATE launchgate_idempotency_keys
+                    SET decision_id = p_decision_id, bound_at = p_now
+                    WHERE account = p_account AND key = p_key;
+                END IF;
+                o_reserved := o_reserved + p_amount;
+                o_outcome := 'reserved';
+            END
+            $$
+            """,
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
@@ -139,10 +251,11 @@ _LICENSE_COLUMNS = (
     " expires, first_seen"
 )
 _RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
+_KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
 
 _RESERVE = (
-    "SELECT o_outcome, o_max, o_used, o_reserved"
-    " FROM launchgate_reserve($1, $2, $3, $4, $5, $6, $7)"
+    "SELECT o_outcome, o_max, o_used, o_reserved, o_replay_of"
+    " FROM launchgate_reserve_keyed($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 )
 # The durability barrier after a reservation. A synchronous commit that wrote WAL flushes the WAL
 # up to its commit record, which lies after the reservation's: once this returns, the reservation
@@ -166,6 +279,17 @@ _SETTLE = """
     SET reserved = l.reserved - settled.amount,
         used = l.used + CASE WHEN $2 = 'released' THEN 0 ELSE settled.amount END
     FROM settled, async_commit WHERE l.jti = settled.jti
+"""
+# Counters do not change (settled_unknown already counts as used); asynchronous like _SETTLE:
+# losing it leaves the reservation settled_unknown, which counts the same.
+_CONFIRM = """
+    WITH async_commit AS MATERIALIZED (
+        SELECT set_config('synchronous_commit', 'off', true)
+    )
+    UPDATE launchgate_reservations
+    SET state = 'used', settled_at = $2, note = COALESCE(note || '; ', '') || $3
+    FROM async_commit WHERE decision_id = $1 AND state = 'settled_unknown'
+    RETURNING 1
 """
 # SKIP LOCKED: a reservation another replica (or a late commit) is settling right now is theirs.
 _EXPIRE = """
@@ -311,13 +435,25 @@ class PostgresLedger:
         amount: int,
         decision_id: str,
         now: float,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> ReserveResult:
         if amount < 0:
             raise ValueError(f"reservation amount must not be negative, got {amount}")
+        _check_key(idempotency_key, fingerprint)
         async with self._connection() as conn:
             try:
-                outcome, max_acc, used, reserved = await conn.fetchrow(
-                    _RESERVE, jti, account, max_accelerators, expires, amount, decision_id, now
+                outcome, max_acc, used, reserved, replay_of = await conn.fetchrow(
+                    _RESERVE,
+                    jti,
+                    account,
+                    max_accelerators,
+                    expires,
+                    amount,
+                    decision_id,
+                    now,
+                    idempotency_key,
+                    fingerprint,
                 )
             except asyncpg.UniqueViolationError as e:
                 raise ValueError(f"decision {decision_id} already has a reservation") from e
@@ -329,6 +465,7 @@ class PostgresLedger:
             used=used,
             reserved=reserved,
             requested=amount,
+            replay_of=replay_of,
         )
 
     async def commit(self, decision_id: str, now: float) -> None:
@@ -339,6 +476,10 @@ class PostgresLedger:
 
     async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
         await self._settle(decision_id, "settled_unknown", now, note)
+
+    async def confirm(self, decision_id: str, now: float, note: str) -> bool:
+        async with self._connection() as conn:
+            return await conn.fetchval(_CONFIRM, decision_id, now, note) is not None
 
     async def _settle(
         self, decision_id: str, to: ReservationState, now: float, note: str | None
@@ -426,6 +567,16 @@ class PostgresLedger:
                 decision_id,
             )
         return None if row is None else _reservation(row)
+
+    async def idempotency_key(self, account: str, key: str) -> IdempotencyKey | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_KEY_COLUMNS} FROM launchgate_idempotency_keys"  # noqa: S608 - constant column list
+                " WHERE account = $1 AND key = $2",
+                account,
+                key,
+            )
+        return None if row is None else _idempotency_key(row)
 
     # -- connections, failure and recovery --
 

@@ -4,26 +4,36 @@ Every request goes through ``handle``. Non-launches stream to the upstream untou
 launches are read whole (within ``max_body_bytes``), judged, recorded, and forwarded
 only when allowed (or in shadow mode). Any unexpected error answers a problem and
 never forwards.
+
+Idempotent retries: a licensed launch carrying an ``Idempotency-Key`` header (else the
+dialect's own client token) reserves under that key, scoped to the account, with a
+fingerprint of the request. A retry of a launch already counted is forwarded without
+reserving again (its record says ``replay_of``); the key on another request, or while
+the first attempt is still in flight, is a 409 ``idempotency_conflict``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
+from multidict import CIMultiDictProxy
 
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
 from launchgate.config import Config
-from launchgate.dialects import LaunchRequest, Route
+from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import SKIP_AUTO_HEADERS, relay_response, target_url, upstream_headers
 from launchgate.gateway import Gateway
 from launchgate.ids import new_ulid
-from launchgate.ledger import ReserveOutcome
+from launchgate.ledger import ReserveOutcome, ReserveResult
 from launchgate.paths import UnsafePath, normalize_path
 from launchgate.policy import (
     TITLES,
@@ -35,11 +45,14 @@ from launchgate.policy import (
 )
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
+from launchgate.tokens import License
 
 log = structlog.get_logger("launchgate")
 
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 DECISION_HEADER = "Launchgate-Decision-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 def problem(reason: str, status: int, detail: str, decision_id: str | None = None) -> web.Response:
@@ -142,25 +155,21 @@ async def handle_launch(
         decision = decide(
             launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
         )
-    reserved = False
-    if decision.reason == "licensed" and decision.license is not None:
-        try:
-            result = await gateway.ledger.reserve(
-                jti=decision.license.jti,
-                account=decision.license.sub,
-                max_accelerators=decision.license.max_accelerators,
-                expires=decision.license.exp,
-                amount=decision.reserve,
-                decision_id=decision_id,
-                now=time.time(),
-            )
-            decision = after_reservation(decision, result)
-            reserved = result.outcome is ReserveOutcome.RESERVED
-        except StoreUnavailable:
-            decision = store_unavailable(decision)
-
+    result: ReserveResult | None = None
+    if decision.reason == "licensed" and decision.license is not None and launch is not None:
+        decision, result = await reserve_license(
+            gateway, decision, decision.license, decision_id, launch_request, launch
+        )
+    outcome = result.outcome if result is not None else None
+    reserved = outcome is ReserveOutcome.RESERVED
+    replay_of = (
+        result.replay_of if result is not None and outcome is ReserveOutcome.REPLAYED else None
+    )
+    extra = {"replay_of": replay_of} if replay_of else {}
     try:
-        await record_decision(gateway, config, decision, decision_id, request.method, path, started)
+        await record_decision(
+            gateway, config, decision, decision_id, request.method, path, started, extra
+        )
     except BaseException:
         if reserved:  # nothing was forwarded: give the units back
             await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
@@ -169,7 +178,96 @@ async def handle_launch(
         return problem(decision.reason, decision.status or 403, decision.detail, decision_id)
     target = path + (f"?{query}" if query else "")
     return await forward(
-        request, gateway, config, target, body, decision_id=decision_id, reserved=reserved
+        request,
+        gateway,
+        config,
+        target,
+        body,
+        decision_id=decision_id,
+        reserved=reserved,
+        replay_of=replay_of,
+    )
+
+
+async def reserve_license(
+    gateway: Gateway,
+    decision: Decision,
+    license: License,
+    decision_id: str,
+    request: LaunchRequest,
+    launch: Launch,
+) -> tuple[Decision, ReserveResult | None]:
+    """Rows 18-21 for a licensed launch, under its idempotency key when it has one; the
+    ledger's answer is None when nothing could be asked."""
+    try:
+        key = idempotency_key(request.headers, launch)
+    except MalformedLaunch as e:
+        return replace(
+            decision, outcome="deny", reason="malformed_request", status=400, detail=e.detail
+        ), None
+    try:
+        result = await gateway.ledger.reserve(
+            jti=license.jti,
+            account=license.sub,
+            max_accelerators=license.max_accelerators,
+            expires=license.exp,
+            amount=decision.reserve,
+            decision_id=decision_id,
+            now=time.time(),
+            idempotency_key=key,
+            fingerprint=None if key is None else fingerprint(request),
+        )
+    except StoreUnavailable:
+        return store_unavailable(decision), None
+    return after_keyed_reservation(decision, result), result
+
+
+def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | None:
+    """The launch's idempotency key: the ``Idempotency-Key`` header, else the dialect's client
+    token; None when neither is given (or empty).
+
+    Raises MalformedLaunch for a header given twice or a key over 255 characters.
+    """
+    values = headers.getall(IDEMPOTENCY_HEADER, [])
+    if len(values) > 1:
+        raise MalformedLaunch(f"{IDEMPOTENCY_HEADER} is given more than once")
+    key = (values[0].strip() if values else "") or launch.client_token
+    if key and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise MalformedLaunch(f"the idempotency key is over {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    return key or None
+
+
+def fingerprint(request: LaunchRequest) -> str:
+    """SHA-256 (hex) over the method, the normalized path, the raw query and the body: what a
+    retry must repeat exactly. Headers are left out (the token header, tracing, dates)."""
+    digest = hashlib.sha256()
+    # Method, path and query hold no newline (HTTP forbids it), so the parts cannot run together.
+    digest.update(f"{request.method}\n{request.path}\n{request.query}\n".encode())
+    digest.update(request.body)
+    return digest.hexdigest()
+
+
+def after_keyed_reservation(decision: Decision, result: ReserveResult) -> Decision:
+    """The decision after the ledger's answer, including the idempotency outcomes: a conflict or
+    a first attempt still in flight denies with 409; a replay stays ``licensed``, reserving 0."""
+    outcome = result.outcome
+    if outcome is ReserveOutcome.CONFLICT:
+        detail = (
+            f"the idempotency key was used by decision {result.replay_of} for a different"
+            " request; use a new key for a new launch"
+        )
+    elif outcome is ReserveOutcome.IN_PROGRESS:
+        detail = (
+            f"the first attempt with this idempotency key (decision {result.replay_of}) is still"
+            " in progress; retry once it has completed"
+        )
+    elif outcome is ReserveOutcome.REPLAYED:
+        detail = f"{decision.detail}; a retry of decision {result.replay_of}, counted once"
+        return replace(decision, detail=detail, reserve=0)
+    else:
+        return after_reservation(decision, result)
+    return replace(
+        decision, outcome="deny", reason="idempotency_conflict", status=409, detail=detail
     )
 
 
@@ -181,6 +279,7 @@ async def record_decision(
     method: str,
     path: str,
     started: float,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     record = decision_record(
         decision,
@@ -191,6 +290,8 @@ async def record_decision(
         path=path,
         now=time.time(),
     )
+    if extra:
+        record.update(extra)
     await gateway.recorder.write(record)
     gateway.metrics.decisions.labels(decision.outcome, decision.reason).inc()
     gateway.metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -205,12 +306,14 @@ async def forward(
     *,
     decision_id: str | None = None,
     reserved: bool = False,
+    replay_of: str | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and relay the answer; settle a launch's reservation.
 
     A reservation becomes use on a 2xx, is released on another status or when no
     connection could be made, and is settled as used when the outcome is unknown (the
-    upstream took the request, then timed out or vanished).
+    upstream took the request, then timed out or vanished). A retry (``replay_of``) that
+    gets a 2xx confirms the earlier reservation as used if its outcome was unknown.
     """
     started = time.perf_counter()
     is_launch = decision_id is not None
@@ -261,6 +364,8 @@ async def forward(
         settlement = await _settle(
             gateway, decision_id, reserved, "commit" if 200 <= status < 300 else "release"
         )
+        if replay_of is not None and decision_id is not None and 200 <= status < 300:
+            settlement = await _confirm(gateway, replay_of, decision_id)
         if is_launch:
             await _completed(gateway, decision_id, status, started, settlement, None)
         extra = {DECISION_HEADER: decision_id} if decision_id else {}
@@ -293,6 +398,20 @@ async def _settle(
         log.error("store.settle_failed", decision_id=decision_id, settlement=settled, error=str(e))
         return "pending"
     return settled
+
+
+async def _confirm(gateway: Gateway, replay_of: str, decision_id: str) -> str | None:
+    """A retry got a 2xx: the earlier reservation, if settled as used for want of an answer,
+    is confirmed used. Failing to is harmless (it is counted as used either way)."""
+    note = f"confirmed by retry {decision_id}"
+    try:
+        confirmed = await asyncio.shield(
+            gateway.ledger.confirm(replay_of, now=time.time(), note=note)
+        )
+    except StoreUnavailable as e:
+        log.warning("store.confirm_failed", decision_id=replay_of, error=str(e))
+        return None
+    return "confirmed" if confirmed else None
 
 
 async def _completed(

@@ -32,6 +32,8 @@ class Launch:
     items: tuple[Item, ...]
     region: str | None
     unresolvable: str | None = None  # why the launch cannot be resolved to SKUs (row 6b)
+    # The API's own idempotency token (EC2 ClientToken, GCE requestId), if the request has one.
+    client_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

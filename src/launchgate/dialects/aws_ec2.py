@@ -20,6 +20,9 @@ Items per Action (reference launch_apis.md §1):
 
 What the request does not resolve (a template without a type, ``InstanceRequirements``,
 capacity in vCPU or MiB, a fleet or reservation changed by id) is ``unresolvable``.
+
+``ClientToken``, EC2's idempotency token (the SDKs send one with every launch and keep it
+over retries), is the launch's ``client_token``.
 """
 
 from __future__ import annotations
@@ -77,11 +80,13 @@ class AwsEc2:
             return None
         _refuse_case_variants(params)
         reading = _Reading()
-        reader(nest(params), reading)
+        tree = nest(params)
+        reader(tree, reading)
         if not reading.items and not reading.unresolved:
             return None
         unresolvable = "; ".join(reading.unresolved) or None
-        return Launch(tuple(reading.items), self.region or _host_region(request), unresolvable)
+        region = self.region or _host_region(request)
+        return Launch(tuple(reading.items), region, unresolvable, _client_token(tree))
 
 
 @dataclass(slots=True)
@@ -144,6 +149,14 @@ def _attachments(node: Node, count: int, reading: _Reading) -> None:
     for _, spec in node.members("ElasticInferenceAccelerator"):
         each = _count(spec, "Count") or 1
         reading.add(_type(spec, "Type") or _missing(spec, "Type"), count * each)
+
+
+def _client_token(t: Node) -> str | None:
+    """The Action's ``ClientToken`` (RequestSpotFleet: ``SpotFleetRequestConfig.ClientToken``),
+    EC2's idempotency token; None when absent or empty."""
+    config = t.node("SpotFleetRequestConfig")
+    token = t.value("ClientToken") or (config.value("ClientToken") if config else None)
+    return token or None
 
 
 def _missing(node: Node, key: str) -> NoReturn:
@@ -305,7 +318,7 @@ _READ_PARTS: Final = (
     "TargetCapacitySpecification", "TotalTargetCapacity", "OnDemandTargetCapacity",
     "SpotTargetCapacity", "TargetCapacityUnitType", "LaunchTemplateConfigs", "Overrides",
     "InstanceRequirements", "WeightedCapacity", "SpotFleetRequestConfig", "TargetCapacity",
-    "LaunchSpecifications", "Attribute", "Value", "LaunchTemplateData",
+    "LaunchSpecifications", "Attribute", "Value", "LaunchTemplateData", "ClientToken",
 )  # fmt: skip
 _FOLDED_PARTS: Final = {part.lower(): part for part in _READ_PARTS}
 

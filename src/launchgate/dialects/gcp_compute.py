@@ -23,13 +23,16 @@ Compute Engine maps JSON onto protobuf, so a field may also be spelled snake_cas
 (``machine_type``); both spellings are read, and a key that matches one only up to
 letter case or both spellings at once is malformed. Everything else (GET, DELETE,
 ``start``, ...) is not claimed and passes untouched.
+
+The ``requestId`` query parameter, Compute Engine's idempotency token, is the launch's
+``client_token``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from launchgate.dialects import Item, Launch, LaunchRequest
@@ -374,7 +377,20 @@ class GcpCompute:
         params = single_params(parse_query(request.query), fold=_fold)
         zone = captured.get("zone")
         region = _region_of(zone) if zone is not None else captured.get("region", self.region)
-        return reader(_Call(request, params, captured["project"], zone, region))
+        launch = reader(_Call(request, params, captured["project"], zone, region))
+        token = _request_id(params)
+        return launch if launch is None or token is None else replace(launch, client_token=token)
+
+
+def _request_id(params: Mapping[str, tuple[str, str]]) -> str | None:
+    """The ``requestId`` query parameter (either spelling); None when absent or empty."""
+    param = params.get(_fold("requestId"))
+    if param is None:
+        return None
+    name, value = param
+    if name not in ("requestId", "request_id"):
+        raise MalformedLaunch(f"query parameter {name!r} differs from 'requestId' in case")
+    return value or None
 
 
 def _normalized(path: object) -> bool:
