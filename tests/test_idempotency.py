@@ -19,7 +19,7 @@ from conftest import CPU_SKU, RESTRICTED, UNRESTRICTED, Harness, MakeToken, Star
 from launchgate.dialects import Launch, LaunchRequest
 from launchgate.dialects.aws_ec2 import build as build_ec2
 from launchgate.dialects.gcp_compute import build as build_gcp
-from launchgate.proxy import fingerprint, idempotency_key
+from launchgate.idempotency import fingerprint, idempotency_key
 from launchgate.strict import MalformedLaunch
 from test_ledger import postgres_schema
 

@@ -217,16 +217,37 @@ def store_unavailable(decision: Decision) -> Decision:
 
 
 def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
-    """Rows 19-21 from the ledger's answer to the reservation of a licensed launch."""
+    """Rows 19-21 from the ledger's answer to the reservation of a licensed launch.
+
+    With an idempotency key the ledger may also answer that the key belongs to another
+    request or to a first attempt still in flight (409 ``idempotency_conflict``), or that
+    this is a retry of a launch already counted: it stays ``licensed``, reserving 0.
+    """
     jti = decision.license.jti if decision.license else "?"
-    if result.outcome is ReserveOutcome.REVOKED:
+    outcome = result.outcome
+    if outcome is ReserveOutcome.REVOKED:
         return _verdict(decision, "license_revoked", 403, f"license {jti} has been revoked")
-    if result.outcome is ReserveOutcome.EXHAUSTED:
+    if outcome is ReserveOutcome.EXHAUSTED:
         detail = (
             f"license {jti} has {result.remaining} of {result.max_accelerators} accelerators left; "
             f"this launch needs {result.requested}"
         )
         return _verdict(decision, "license_exhausted", 403, detail)
+    if outcome is ReserveOutcome.CONFLICT:
+        detail = (
+            f"the idempotency key was used by decision {result.replay_of} for a different"
+            " request; use a new key for a new launch"
+        )
+        return _verdict(decision, "idempotency_conflict", 409, detail)
+    if outcome is ReserveOutcome.IN_PROGRESS:
+        detail = (
+            f"the first attempt with this idempotency key (decision {result.replay_of}) is still"
+            " in progress; retry once it has completed"
+        )
+        return _verdict(decision, "idempotency_conflict", 409, detail)
+    if outcome is ReserveOutcome.REPLAYED:
+        detail = f"{decision.detail}; a retry of decision {result.replay_of}, counted once"
+        return replace(decision, detail=detail, reserve=0)
     return decision
 
 

@@ -5,17 +5,14 @@ launches are read whole (within ``max_body_bytes``), judged, recorded, and forwa
 only when allowed (or in shadow mode). Any unexpected error answers a problem and
 never forwards.
 
-Idempotent retries: a licensed launch carrying an ``Idempotency-Key`` header (else the
-dialect's own client token) reserves under that key, scoped to the account, with a
-fingerprint of the request. A retry of a launch already counted is forwarded without
-reserving again (its record says ``replay_of``); the key on another request, or while
-the first attempt is still in flight, is a 409 ``idempotency_conflict``.
+Idempotent retries (``idempotency.py``): a licensed launch with a key reserves under it;
+a retry of a launch already counted is forwarded without reserving again (its record
+says ``replay_of``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -23,7 +20,6 @@ from typing import Any
 
 import structlog
 from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
-from multidict import CIMultiDictProxy
 
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
@@ -32,6 +28,7 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import SKIP_AUTO_HEADERS, relay_response, target_url, upstream_headers
 from launchgate.gateway import Gateway
+from launchgate.idempotency import fingerprint, idempotency_key
 from launchgate.ids import new_ulid
 from launchgate.ledger import ReserveOutcome, ReserveResult
 from launchgate.paths import UnsafePath, normalize_path
@@ -51,8 +48,6 @@ log = structlog.get_logger("launchgate")
 
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 DECISION_HEADER = "Launchgate-Decision-Id"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 def problem(reason: str, status: int, detail: str, decision_id: str | None = None) -> web.Response:
@@ -219,56 +214,7 @@ async def reserve_license(
         )
     except StoreUnavailable:
         return store_unavailable(decision), None
-    return after_keyed_reservation(decision, result), result
-
-
-def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | None:
-    """The launch's idempotency key: the ``Idempotency-Key`` header, else the dialect's client
-    token; None when neither is given (or empty).
-
-    Raises MalformedLaunch for a header given twice or a key over 255 characters.
-    """
-    values = headers.getall(IDEMPOTENCY_HEADER, [])
-    if len(values) > 1:
-        raise MalformedLaunch(f"{IDEMPOTENCY_HEADER} is given more than once")
-    key = (values[0].strip() if values else "") or launch.client_token
-    if key and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise MalformedLaunch(f"the idempotency key is over {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-    return key or None
-
-
-def fingerprint(request: LaunchRequest) -> str:
-    """SHA-256 (hex) over the method, the normalized path, the raw query and the body: what a
-    retry must repeat exactly. Headers are left out (the token header, tracing, dates)."""
-    digest = hashlib.sha256()
-    # Method, path and query hold no newline (HTTP forbids it), so the parts cannot run together.
-    digest.update(f"{request.method}\n{request.path}\n{request.query}\n".encode())
-    digest.update(request.body)
-    return digest.hexdigest()
-
-
-def after_keyed_reservation(decision: Decision, result: ReserveResult) -> Decision:
-    """The decision after the ledger's answer, including the idempotency outcomes: a conflict or
-    a first attempt still in flight denies with 409; a replay stays ``licensed``, reserving 0."""
-    outcome = result.outcome
-    if outcome is ReserveOutcome.CONFLICT:
-        detail = (
-            f"the idempotency key was used by decision {result.replay_of} for a different"
-            " request; use a new key for a new launch"
-        )
-    elif outcome is ReserveOutcome.IN_PROGRESS:
-        detail = (
-            f"the first attempt with this idempotency key (decision {result.replay_of}) is still"
-            " in progress; retry once it has completed"
-        )
-    elif outcome is ReserveOutcome.REPLAYED:
-        detail = f"{decision.detail}; a retry of decision {result.replay_of}, counted once"
-        return replace(decision, detail=detail, reserve=0)
-    else:
-        return after_reservation(decision, result)
-    return replace(
-        decision, outcome="deny", reason="idempotency_conflict", status=409, detail=detail
-    )
+    return after_reservation(decision, result), result
 
 
 async def record_decision(

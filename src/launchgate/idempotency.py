@@ -1,0 +1,46 @@
+"""Idempotent retries: which key a launch carries, and what a retry must repeat.
+
+A licensed launch carrying an ``Idempotency-Key`` header (else the dialect's own client
+token: EC2 ``ClientToken``, GCE ``requestId``) reserves under that key, scoped to the
+account, with a fingerprint of the request. The ledger then tells a first attempt from a
+retry (counted once), a reuse of the key for another request, or a first attempt still in
+flight (both 409 ``idempotency_conflict``; see ``policy.after_reservation``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+from multidict import CIMultiDictProxy
+
+from launchgate.dialects import Launch, LaunchRequest
+from launchgate.strict import MalformedLaunch
+
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+
+
+def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | None:
+    """The launch's idempotency key: the ``Idempotency-Key`` header, else the dialect's client
+    token; None when neither is given (or empty).
+
+    Raises MalformedLaunch for a header given twice or a key over 255 characters.
+    """
+    values = headers.getall(IDEMPOTENCY_HEADER, [])
+    if len(values) > 1:
+        raise MalformedLaunch(f"{IDEMPOTENCY_HEADER} is given more than once")
+    key = (values[0].strip() if values else "") or launch.client_token
+    if key and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise MalformedLaunch(f"the idempotency key is over {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    return key or None
+
+
+def fingerprint(request: LaunchRequest) -> str:
+    """SHA-256 (hex) over the method, the normalized path, the raw query and the body: what a
+    retry must repeat exactly. Headers are left out (the token header, tracing, dates)."""
+    digest = hashlib.sha256()
+    # Method, path and query hold no newline (HTTP forbids it), so the parts cannot run together.
+    digest.update(f"{request.method}\n{request.path}\n{request.query}\n".encode())
+    digest.update(request.body)
+    return digest.hexdigest()
