@@ -279,3 +279,22 @@ def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:
         Launch((Item("standard_nd96isr_h100_v5", 1),), None), RESTRICTED, "t", config, never
     )
     assert strict.reason == "unknown_sku"  # other APIs' SKU names are case-sensitive
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason", "status", "reserve"),
+    [
+        (ReserveOutcome.CONFLICT, "idempotency_conflict", 409, 16),
+        (ReserveOutcome.IN_PROGRESS, "idempotency_conflict", 409, 16),
+        (ReserveOutcome.REPLAYED, "licensed", None, 0),
+    ],
+)
+def test_idempotency_answers(
+    config: Config, outcome: ReserveOutcome, reason: str, status: int | None, reserve: int
+) -> None:
+    """A reused key is 409 idempotency_conflict; a retry of a counted launch stays licensed, reserving 0."""
+    licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))
+    result = ReserveResult(outcome, 64, 16, 0, 16, replay_of="01FIRST")
+    decided = after_reservation(licensed, result)
+    assert (decided.reason, decided.status, decided.reserve) == (reason, status, reserve)
+    assert "01FIRST" in decided.detail
