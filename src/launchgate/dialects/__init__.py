@@ -15,9 +15,21 @@ from typing import Any, Protocol
 from multidict import CIMultiDictProxy
 
 from launchgate.errors import ConfigError
+from launchgate.paths import UnsafePath, normalize_path
 from launchgate.strict import MalformedLaunch
 
-__all__ = ["DIALECTS", "Dialect", "Item", "Launch", "LaunchRequest", "MalformedLaunch", "Route"]
+__all__ = [
+    "DIALECTS",
+    "Dialect",
+    "Item",
+    "Launch",
+    "LaunchRequest",
+    "MalformedLaunch",
+    "Route",
+    "check_keys",
+    "route_path",
+    "route_region",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +69,10 @@ class Dialect(Protocol):
 
     @property
     def prefix(self) -> bool:
-        """True when the dialect claims everything under ``path``."""
+        """True when the dialect claims requests under ``path``, not only ``path`` itself.
+
+        The overlap check between routes reads it.
+        """
         ...
 
     def claims(self, method: str, path: str) -> bool: ...
@@ -89,6 +104,33 @@ class Route:
 
 def _under(path: str, prefix: str) -> bool:
     return path.startswith(prefix.rstrip("/") + "/")
+
+
+def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str, dialect: str) -> None:
+    """Raise ConfigError naming ``where`` and the first key of ``table`` not in ``allowed``."""
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for dialect {dialect}")
+
+
+def route_path(table: Mapping[str, Any], where: str, default: str | None) -> str:
+    """The route's ``path`` (``default`` when absent; required when None), already normalized."""
+    path = table.get("path", default)
+    try:
+        normal = normalize_path(path) if isinstance(path, str) else None
+    except UnsafePath:
+        normal = None
+    if normal is None or normal != path:
+        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
+    return normal
+
+
+def route_region(table: Mapping[str, Any], where: str) -> str | None:
+    """The route's optional literal ``region``: a string that is not blank."""
+    region = table.get("region")
+    if region is not None and (not isinstance(region, str) or not region.strip()):
+        raise ConfigError(f"{where}.region: must be a non-empty string")
+    return region
 
 
 # Each dialect module exposes ``build(table, where) -> Dialect``; imported on first use.

@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, NoReturn
 
-from launchgate.dialects import Item, Launch, LaunchRequest
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
 from launchgate.dialects.query import Node, nest, parse_params
-from launchgate.errors import ConfigError
-from launchgate.paths import UnsafePath, normalize_path
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
 _KEYS: Final = frozenset({"path", "region"})
@@ -372,27 +370,5 @@ def _host_region(request: LaunchRequest) -> str | None:
 
 def build(table: Mapping[str, Any], where: str) -> AwsEc2:
     """The ``aws-ec2`` route of ``table``; ConfigError names ``where`` and the key at fault."""
-    unknown = sorted(set(table) - _KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for dialect aws-ec2")
-    return AwsEc2(path=_route_path(table, where, "/"), region=_route_region(table, where))
-
-
-def _route_path(table: Mapping[str, Any], where: str, default: str) -> str:
-    """The route's ``path`` (``default`` when absent), which must already be normalized."""
-    path = table.get("path", default)
-    try:
-        normal = normalize_path(path) if isinstance(path, str) else None
-    except UnsafePath:
-        normal = None
-    if normal is None or normal != path:
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
-    return normal
-
-
-def _route_region(table: Mapping[str, Any], where: str) -> str | None:
-    """The route's optional literal ``region``."""
-    region = table.get("region")
-    if region is not None and (not isinstance(region, str) or not region.strip()):
-        raise ConfigError(f"{where}.region: must be a non-empty string")
-    return region
+    check_keys(table, _KEYS, where, "aws-ec2")
+    return AwsEc2(path=route_path(table, where, "/"), region=route_region(table, where))

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from launchgate.dialects import Item, Launch, LaunchRequest
-from launchgate.errors import ConfigError
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
 from launchgate.paths import UnsafePath, normalize_path
 from launchgate.strict import (
     MISSING,
@@ -312,22 +311,7 @@ class AzureArm:
         return reader(_Call(request, base, self.region))
 
 
-def _normalized(path: object) -> bool:
-    try:
-        return isinstance(path, str) and normalize_path(path) == path
-    except UnsafePath:
-        return False
-
-
 def build(table: Mapping[str, Any], where: str) -> AzureArm:
     """The dialect for one ``[[routes]]`` entry; ConfigError names ``where`` and the key."""
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    path = table.get("path", DEFAULT_PATH)
-    if not _normalized(path):
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
-    region = table.get("region")
-    if region is not None and (not isinstance(region, str) or not region):
-        raise ConfigError(f"{where}.region: must be a non-empty string")
-    return AzureArm(path=path, region=region)
+    check_keys(table, _KEYS, where, "azure-arm")
+    return AzureArm(path=route_path(table, where, DEFAULT_PATH), region=route_region(table, where))

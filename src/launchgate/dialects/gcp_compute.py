@@ -35,9 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from launchgate.dialects import Item, Launch, LaunchRequest
-from launchgate.errors import ConfigError
-from launchgate.paths import UnsafePath, normalize_path
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
@@ -393,22 +391,8 @@ def _request_id(params: Mapping[str, tuple[str, str]]) -> str | None:
     return value or None
 
 
-def _normalized(path: object) -> bool:
-    try:
-        return isinstance(path, str) and normalize_path(path) == path
-    except UnsafePath:
-        return False
-
-
 def build(table: Mapping[str, Any], where: str) -> GcpCompute:
     """The dialect for one ``[[routes]]`` entry; ConfigError names ``where`` and the key."""
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    path = table.get("path", DEFAULT_PATH)
-    if not _normalized(path):
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
-    region = table.get("region")
-    if region is not None and (not isinstance(region, str) or not region):
-        raise ConfigError(f"{where}.region: must be a non-empty string")
-    return GcpCompute(path=path, region=region)
+    check_keys(table, _KEYS, where, "gcp-compute")
+    path = route_path(table, where, DEFAULT_PATH)
+    return GcpCompute(path=path, region=route_region(table, where))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from launchgate.dialects import Item, Launch, LaunchRequest
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path
 from launchgate.errors import ConfigError
-from launchgate.paths import normalize_path
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
@@ -18,7 +17,7 @@ from launchgate.strict import (
     resolve_pointer,
 )
 
-_KEYS = {"method", "path", "sku", "count", "region", "default_region"}
+_KEYS: Final = frozenset({"method", "path", "sku", "count", "region", "default_region"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +73,11 @@ def _pointer(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] 
 
 
 def build(table: Mapping[str, Any], where: str) -> GenericJson:
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    check_keys(table, _KEYS, where, "generic-json")
     method = table.get("method", "POST")
     if not isinstance(method, str) or not method.isalpha():
         raise ConfigError(f"{where}.method: must be an HTTP method")
-    path = table.get("path")
-    if not isinstance(path, str) or not path.startswith("/") or normalize_path(path) != path:
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
+    path = route_path(table, where, None)
     sku = _pointer(table, "sku", where)
     if sku is None:
         raise ConfigError(f"{where}: missing key 'sku' (a JSON Pointer)")

@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from launchgate.dialects import Launch, LaunchRequest
+from launchgate.dialects import Launch, LaunchRequest, check_keys, route_path, route_region
 from launchgate.errors import ConfigError
-from launchgate.paths import UnsafePath, normalize_path
 
 _KEYS: Final = frozenset({"path", "methods", "region", "ignore_case"})
 
@@ -49,16 +48,8 @@ def build(table: Mapping[str, Any], where: str) -> Opaque:
 
     ConfigError names ``where`` and the key at fault.
     """
-    unknown = sorted(set(table) - _KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for dialect opaque")
-    path = table.get("path")
-    try:
-        normal = normalize_path(path) if isinstance(path, str) else None
-    except UnsafePath:
-        normal = None
-    if normal is None or normal != path:
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
+    check_keys(table, _KEYS, where, "opaque")
+    path = route_path(table, where, None)
     methods = table.get("methods")
     if (
         not isinstance(methods, list)
@@ -66,14 +57,12 @@ def build(table: Mapping[str, Any], where: str) -> Opaque:
         or not all(isinstance(m, str) and m.isascii() and m.isalpha() for m in methods)
     ):
         raise ConfigError(f"{where}.methods: must be a non-empty list of HTTP methods")
-    region = table.get("region")
-    if region is not None and (not isinstance(region, str) or not region.strip()):
-        raise ConfigError(f"{where}.region: must be a non-empty string")
+    region = route_region(table, where)
     ignore_case = table.get("ignore_case", False)
     if not isinstance(ignore_case, bool):
         raise ConfigError(f"{where}.ignore_case: must be true or false")
     return Opaque(
-        path=normal,
+        path=path,
         methods=frozenset(m.upper() for m in methods),
         region=region,
         ignore_case=ignore_case,

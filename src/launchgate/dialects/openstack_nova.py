@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from launchgate.dialects import Item, Launch, LaunchRequest
-from launchgate.errors import ConfigError
-from launchgate.paths import UnsafePath, normalize_path
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
 from launchgate.strict import (
     MalformedLaunch,
     loads_json,
@@ -133,17 +131,5 @@ def _refuse_case_variants(obj: Mapping[str, Any], read: tuple[str, ...], where: 
 
 def build(table: Mapping[str, Any], where: str) -> OpenstackNova:
     """The ``openstack-nova`` route of ``table``; ConfigError names ``where`` and the key."""
-    unknown = sorted(set(table) - _KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} for dialect openstack-nova")
-    path = table.get("path", "/v2.1")
-    try:
-        normal = normalize_path(path) if isinstance(path, str) else None
-    except UnsafePath:
-        normal = None
-    if normal is None or normal != path:
-        raise ConfigError(f"{where}.path: must be a normalized absolute path, got {path!r}")
-    region = table.get("region")
-    if region is not None and (not isinstance(region, str) or not region.strip()):
-        raise ConfigError(f"{where}.region: must be a non-empty string")
-    return OpenstackNova(path=normal, region=region)
+    check_keys(table, _KEYS, where, "openstack-nova")
+    return OpenstackNova(path=route_path(table, where, "/v2.1"), region=route_region(table, where))
