@@ -21,19 +21,19 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 import pytest
 
 from launchgate.errors import ConfigError, StoreUnavailable
-from launchgate.ledger import _MIGRATIONS as sqlite_migrations
 from launchgate.ledger import (
     IdempotencyKey,
     Ledger,
     LicenseState,
     ReserveOutcome,
     ReserveResult,
-    SqliteLedger,
     migrate_store,
     open_ledger,
 )
 from launchgate.pgledger import _MIGRATIONS as pg_migrations
 from launchgate.pgledger import PostgresLedger
+from launchgate.sqliteledger import _MIGRATIONS as sqlite_migrations
+from launchgate.sqliteledger import SqliteLedger
 
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 90 * 86400

@@ -9,24 +9,19 @@ A launch may carry an *idempotency key* (scoped per account): ``reserve`` binds 
 reservation it makes, and a retry of the same request under the same key is then counted once
 (``REPLAYED``) instead of reserving again; the same key on another request is a ``CONFLICT``.
 
-``Ledger`` is the storage-neutral interface; ``SqliteLedger`` keeps it in one SQLite file that
-several processes (gateways, the ``launchgate`` CLI) may share. ``PostgresLedger``
-(``launchgate.pgledger``) keeps it in PostgreSQL for replicas on several hosts.
+This module is the storage-neutral part: the ``Ledger`` interface, its data types, ``open_ledger``
+and the checks and row conversions both stores share. ``SqliteLedger``
+(``launchgate.sqliteledger``) keeps the ledger in one SQLite file that several processes
+(gateways, the ``launchgate`` CLI) may share; ``PostgresLedger`` (``launchgate.pgledger``) keeps
+it in PostgreSQL for replicas on several hosts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import functools
-import sqlite3
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
 from launchgate.errors import ConfigError, StoreUnavailable
@@ -39,12 +34,9 @@ __all__ = [
     "ReservationState",
     "ReserveOutcome",
     "ReserveResult",
-    "SqliteLedger",
     "migrate_store",
     "open_ledger",
 ]
-
-_T = TypeVar("_T")
 
 ReservationState = Literal["reserved", "used", "released", "settled_unknown"]
 
@@ -226,6 +218,9 @@ def open_ledger(url: str, base_dir: Path) -> Ledger:
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
+        # Imported here: each store module imports this one for the types it implements.
+        from launchgate.sqliteledger import SqliteLedger
+
         return SqliteLedger(_sqlite_path(url, rest, base_dir))
     if sep and scheme in ("postgresql", "postgres"):
         # Imported here: asyncpg is loaded only where a PostgreSQL store is configured.
@@ -247,9 +242,11 @@ async def migrate_store(url: str, base_dir: Path) -> int:
     store = open_ledger(url, base_dir)
     try:
         await store.open()  # migrates to the latest version, or raises
-        if isinstance(store, SqliteLedger):
-            return _SCHEMA_VERSION
         from launchgate.pgledger import PostgresLedger
+        from launchgate.sqliteledger import SCHEMA_VERSION, SqliteLedger
+
+        if isinstance(store, SqliteLedger):
+            return SCHEMA_VERSION
 
         return await cast(PostgresLedger, store).migrate()
     finally:
@@ -287,60 +284,9 @@ def _redact(url: str) -> str:
         return "<unparseable url>"
 
 
-# --- SQLite ---------------------------------------------------------------------------------
+# --- shared by the stores -------------------------------------------------------------------
 
-_MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (
-        1,
-        (
-            """
-            CREATE TABLE licenses (
-                jti              TEXT PRIMARY KEY,
-                account          TEXT,
-                max_accelerators INTEGER,
-                expires          REAL,
-                first_seen       REAL,
-                used             INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0),
-                reserved         INTEGER NOT NULL DEFAULT 0 CHECK (reserved >= 0),
-                revoked          INTEGER NOT NULL DEFAULT 0,
-                revoked_reason   TEXT,
-                revoked_at       REAL
-            )
-            """,
-            """
-            CREATE TABLE reservations (
-                decision_id TEXT PRIMARY KEY,
-                jti         TEXT NOT NULL REFERENCES licenses (jti),
-                amount      INTEGER NOT NULL CHECK (amount >= 0),
-                state       TEXT NOT NULL
-                            CHECK (state IN ('reserved', 'used', 'released', 'settled_unknown')),
-                created_at  REAL NOT NULL,
-                settled_at  REAL,
-                note        TEXT
-            )
-            """,
-            "CREATE INDEX reservations_by_state ON reservations (state, created_at)",
-        ),
-    ),
-    (
-        2,
-        (
-            # One row per (account, key): bound to the latest reservation made under the key.
-            """
-            CREATE TABLE idempotency_keys (
-                account     TEXT NOT NULL,
-                key         TEXT NOT NULL,
-                fingerprint TEXT NOT NULL,
-                decision_id TEXT NOT NULL REFERENCES reservations (decision_id),
-                bound_at    REAL NOT NULL,
-                PRIMARY KEY (account, key)
-            )
-            """,
-        ),
-    ),
-)
-_SCHEMA_VERSION = _MIGRATIONS[-1][0]
-
+# Column orders the row conversions below expect; each store selects them in this order.
 _LICENSE_COLUMNS = (
     "jti, account, max_accelerators, used, reserved, revoked, revoked_reason, revoked_at,"
     " expires, first_seen"
@@ -349,36 +295,41 @@ _RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at,
 _KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
 
 
-def _check_key(idempotency_key: str | None, fingerprint: str | None) -> None:
+def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | None) -> None:
+    """The argument checks of ``Ledger.reserve``, made before the store is touched."""
+    if amount < 0:
+        raise ValueError(f"reservation amount must not be negative, got {amount}")
     if (idempotency_key is None) != (fingerprint is None):
         raise ValueError("an idempotency key and a request fingerprint go together")
 
 
-def _bound_outcome(
-    bound_fingerprint: str, bound_state: str | None, fingerprint: str
-) -> ReserveOutcome | None:
-    """What an idempotency key bound to an earlier reservation decides; None: reserve anew
-    (the earlier reservation was released, so nothing was counted under the key)."""
-    if bound_fingerprint != fingerprint:
-        return ReserveOutcome.CONFLICT
-    if bound_state == "reserved":
-        return ReserveOutcome.IN_PROGRESS
-    if bound_state in ("used", "settled_unknown"):
-        return ReserveOutcome.REPLAYED
-    return None
+def _decision_taken(decision_id: str) -> ValueError:
+    """The error ``reserve`` raises for a decision id that already has a reservation."""
+    return ValueError(f"decision {decision_id} already has a reservation")
 
 
-@contextmanager
-def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE: take the write lock up front, so read-then-write cannot race another
-    process (a deferred transaction would fail with SQLITE_BUSY on upgrade instead of waiting)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+def _check_give_back(decision_id: str, state: str | None) -> None:
+    """Raise as ``Ledger.give_back`` does unless the reservation's ``state`` (None: there is no
+    such reservation) is 'settled_unknown'."""
+    if state is None:
+        raise LookupError(f"no reservation for decision {decision_id}")
+    if state != "settled_unknown":
+        raise ValueError(
+            f"reservation for decision {decision_id} is {state!r}; only one settled as used"
+            " because its outcome was unknown ('settled_unknown') can be given back"
+        )
+
+
+def _expiry_note(ttl_s: float) -> str:
+    """The note ``expire_reservations`` leaves on each reservation it settles."""
+    return f"outcome unknown: still reserved after {ttl_s:g} s"
+
+
+def _newer_schema(name: object, current: int, known: int) -> StoreUnavailable:
+    """The error for a store whose schema is newer than this launchgate knows."""
+    return StoreUnavailable(
+        f"ledger {name} has schema version {current}; this launchgate knows up to {known}"
+    )
 
 
 def _license_state(row: Any) -> LicenseState:
@@ -416,499 +367,3 @@ def _idempotency_key(row: Any) -> IdempotencyKey:
 
 
 # Operations on the ledger thread. A write runs inside a transaction opened by its caller (alone,
-# or with others in a batch); none opens or ends one itself.
-
-
-def _reserve(
-    conn: sqlite3.Connection,
-    *,
-    jti: str,
-    account: str,
-    max_accelerators: int,
-    expires: float,
-    amount: int,
-    decision_id: str,
-    now: float,
-    idempotency_key: str | None,
-    fingerprint: str | None,
-) -> ReserveResult:
-    # The first sighting fixes account, maximum and expiry (a jti is unique); a row created by
-    # an earlier revoke has them NULL and gets them now.
-    conn.execute(
-        "INSERT INTO licenses (jti, account, max_accelerators, expires, first_seen)"
-        " VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (jti) DO UPDATE SET"
-        "  account = COALESCE(account, excluded.account),"
-        "  max_accelerators = COALESCE(max_accelerators, excluded.max_accelerators),"
-        "  expires = COALESCE(expires, excluded.expires),"
-        "  first_seen = COALESCE(first_seen, excluded.first_seen)",
-        (jti, account, max_accelerators, expires, now),
-    )
-    # Read inside the write transaction: a revoke committed by another process before this lock
-    # was taken is seen here, and so is a reservation made under the same idempotency key.
-    max_acc, used, reserved, revoked = conn.execute(
-        "SELECT max_accelerators, used, reserved, revoked FROM licenses WHERE jti = ?", (jti,)
-    ).fetchone()
-    outcome: ReserveOutcome | None = None
-    bound: str | None = None
-    if revoked:
-        outcome = ReserveOutcome.REVOKED
-    elif idempotency_key is not None and fingerprint is not None:
-        row = conn.execute(
-            "SELECT k.fingerprint, k.decision_id, r.state FROM idempotency_keys AS k"
-            " LEFT JOIN reservations AS r ON r.decision_id = k.decision_id"
-            " WHERE k.account = ? AND k.key = ?",
-            (account, idempotency_key),
-        ).fetchone()
-        if row is not None:
-            bound_fingerprint, bound, bound_state = row
-            outcome = _bound_outcome(bound_fingerprint, bound_state, fingerprint)
-    if outcome is None and used + reserved + amount > max_acc:
-        outcome = ReserveOutcome.EXHAUSTED
-    if outcome is None:
-        taken = conn.execute("SELECT 1 FROM reservations WHERE decision_id = ?", (decision_id,))
-        if taken.fetchone():
-            raise ValueError(f"decision {decision_id} already has a reservation")
-        conn.execute(
-            f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
-            " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
-            (decision_id, jti, amount, now),
-        )
-        conn.execute("UPDATE licenses SET reserved = reserved + ? WHERE jti = ?", (amount, jti))
-        if idempotency_key is not None:
-            conn.execute(
-                f"INSERT INTO idempotency_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?)"  # noqa: S608 - constant column list
-                " ON CONFLICT (account, key) DO UPDATE SET"
-                "  decision_id = excluded.decision_id, bound_at = excluded.bound_at",
-                (account, idempotency_key, fingerprint, decision_id, now),
-            )
-        outcome = ReserveOutcome.RESERVED
-        reserved += amount
-    keyed = outcome in (
-        ReserveOutcome.REPLAYED,
-        ReserveOutcome.CONFLICT,
-        ReserveOutcome.IN_PROGRESS,
-    )
-    return ReserveResult(
-        outcome=outcome,
-        max_accelerators=max_acc,
-        used=used,
-        reserved=reserved,
-        requested=amount,
-        replay_of=bound if keyed else None,
-    )
-
-
-def _settle(
-    conn: sqlite3.Connection, decision_id: str, to: ReservationState, now: float, note: str | None
-) -> None:
-    """Move a reservation out of 'reserved'; a no-op for any other state, so a late commit after
-    TTL settlement never counts the same accelerators twice."""
-    # fetchall(), not fetchone(): a RETURNING statement must run to completion before COMMIT.
-    rows = conn.execute(
-        "UPDATE reservations SET state = ?, settled_at = ?, note = ?"
-        " WHERE decision_id = ? AND state = 'reserved' RETURNING jti, amount",
-        (to, now, note, decision_id),
-    ).fetchall()
-    if not rows:
-        return
-    [(jti, amount)] = rows
-    used_delta = 0 if to == "released" else amount
-    conn.execute(
-        "UPDATE licenses SET reserved = reserved - ?, used = used + ? WHERE jti = ?",
-        (amount, used_delta, jti),
-    )
-
-
-def _confirm(conn: sqlite3.Connection, decision_id: str, now: float, note: str) -> bool:
-    # Counters stay: settled_unknown already counts as used.
-    cursor = conn.execute(
-        "UPDATE reservations SET state = 'used', settled_at = ?,"
-        " note = COALESCE(note || '; ', '') || ?"
-        " WHERE decision_id = ? AND state = 'settled_unknown'",
-        (now, note, decision_id),
-    )
-    return cursor.rowcount == 1
-
-
-def _expire(conn: sqlite3.Connection, now: float, ttl_s: float) -> list[str]:
-    note = f"outcome unknown: still reserved after {ttl_s:g} s"
-    rows = conn.execute(
-        "SELECT decision_id FROM reservations"
-        " WHERE state = 'reserved' AND created_at < ? ORDER BY created_at",
-        (now - ttl_s,),
-    ).fetchall()
-    expired = [decision_id for (decision_id,) in rows]
-    for decision_id in expired:
-        _settle(conn, decision_id, "settled_unknown", now, note)
-    return expired
-
-
-def _revoke(conn: sqlite3.Connection, jti: str, reason: str | None, now: float) -> bool:
-    # A jti never seen gets a row now, so it is denied when it first shows up.
-    conn.execute("INSERT INTO licenses (jti) VALUES (?) ON CONFLICT DO NOTHING", (jti,))
-    cursor = conn.execute(
-        "UPDATE licenses SET revoked = 1, revoked_reason = ?, revoked_at = ?"
-        " WHERE jti = ? AND revoked = 0",
-        (reason, now, jti),
-    )
-    return cursor.rowcount == 1
-
-
-def _give_back(
-    conn: sqlite3.Connection, decision_id: str, now: float, note: str | None
-) -> Reservation:
-    row = conn.execute(
-        "SELECT state FROM reservations WHERE decision_id = ?", (decision_id,)
-    ).fetchone()
-    if row is None:
-        raise LookupError(f"no reservation for decision {decision_id}")
-    if row[0] != "settled_unknown":
-        raise ValueError(
-            f"reservation for decision {decision_id} is {row[0]!r}; only one settled as used"
-            " because its outcome was unknown ('settled_unknown') can be given back"
-        )
-    [updated] = conn.execute(
-        "UPDATE reservations SET state = 'released', settled_at = ?,"  # noqa: S608 - constant column list
-        f" note = COALESCE(?, note) WHERE decision_id = ? RETURNING {_RESERVATION_COLUMNS}",
-        (now, note, decision_id),
-    ).fetchall()
-    reservation = _reservation(updated)
-    conn.execute(
-        "UPDATE licenses SET used = used - ? WHERE jti = ?", (reservation.amount, reservation.jti)
-    )
-    return reservation
-
-
-def _one(
-    query: str, params: tuple[object, ...], row_to: Callable[[Any], _T]
-) -> Callable[[sqlite3.Connection], _T | None]:
-    def read(conn: sqlite3.Connection) -> _T | None:
-        row = conn.execute(query, params).fetchone()
-        return None if row is None else row_to(row)
-
-    return read
-
-
-# --- the ledger thread and group commit -------------------------------------------------------
-
-# The most operations one transaction takes: bounds how long the write lock is held at a time.
-_MAX_BATCH = 128
-
-_Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
-
-
-@dataclass(frozen=True, slots=True)
-class _Op:
-    """A call waiting for the ledger thread. The thread reads ``fn`` and ``write`` only; the
-    future belongs to the event loop."""
-
-    fn: Callable[[sqlite3.Connection], Any]
-    write: bool
-    future: asyncio.Future[Any]
-
-
-class SqliteLedger:
-    """``Ledger`` in one SQLite file (WAL), safe to share between processes.
-
-    Every sqlite3 call runs on one dedicated thread that owns the connection, so the event loop
-    never blocks on the database.
-
-    Group commit: calls that arrive while the thread is busy queue up, and then run together in
-    arrival order in one transaction (at most ``_MAX_BATCH``), each inside its own SAVEPOINT. An
-    operation that raises (``ValueError``, ``LookupError``) rolls back only itself; every caller
-    gets its own result or exception, after the transaction has committed. A store error inside
-    an operation rolls the batch back whole and its operations run again one by one, so each
-    succeeds or fails as it would have alone; a transaction that cannot begin or commit fails
-    every operation in it with ``StoreUnavailable``. An idle ledger runs a call at once, alone.
-
-    A caller cancelled before its batch starts is never run; one cancelled later still completes
-    on the thread: a reservation may then exist that nobody settles, and ``expire_reservations``
-    settles it as used - the safe direction.
-    """
-
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout_s = busy_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
-        self._closed = False
-        # On the event loop only:
-        self._queue: list[_Op] = []
-        self._busy = False  # a batch is on the ledger thread
-        self._idle: asyncio.Future[None] | None = None  # close() waiting for the queue to drain
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
-
-    # -- lifecycle --
-
-    async def open(self) -> None:
-        await self._call(lambda conn: None, write=False)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        if self._busy:  # what was asked before close still runs, then the connection goes
-            self._idle = loop.create_future()
-            await self._idle
-        await loop.run_in_executor(self._executor, self._disconnect)
-        self._executor.shutdown(wait=False)
-
-    async def ping(self) -> None:
-        await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)
-
-    # -- the reservation lifecycle --
-
-    async def reserve(
-        self,
-        *,
-        jti: str,
-        account: str,
-        max_accelerators: int,
-        expires: float,
-        amount: int,
-        decision_id: str,
-        now: float,
-        idempotency_key: str | None = None,
-        fingerprint: str | None = None,
-    ) -> ReserveResult:
-        if amount < 0:
-            raise ValueError(f"reservation amount must not be negative, got {amount}")
-        _check_key(idempotency_key, fingerprint)
-        return await self._call(
-            lambda conn: _reserve(
-                conn,
-                jti=jti,
-                account=account,
-                max_accelerators=max_accelerators,
-                expires=expires,
-                amount=amount,
-                decision_id=decision_id,
-                now=now,
-                idempotency_key=idempotency_key,
-                fingerprint=fingerprint,
-            )
-        )
-
-    async def commit(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "used", now, None))
-
-    async def release(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "released", now, None))
-
-    async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "settled_unknown", now, note))
-
-    async def confirm(self, decision_id: str, now: float, note: str) -> bool:
-        return await self._call(lambda conn: _confirm(conn, decision_id, now, note))
-
-    async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
-        return await self._call(lambda conn: _expire(conn, now, ttl_s))
-
-    # -- staff operations --
-
-    async def revoke(self, jti: str, *, reason: str | None, now: float) -> bool:
-        return await self._call(lambda conn: _revoke(conn, jti, reason, now))
-
-    async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
-        return await self._call(lambda conn: _give_back(conn, decision_id, now, note))
-
-    # -- reads --
-
-    async def license(self, jti: str) -> LicenseState | None:
-        query = f"SELECT {_LICENSE_COLUMNS} FROM licenses WHERE jti = ?"  # noqa: S608 - constant column list
-        return await self._call(_one(query, (jti,), _license_state), write=False)
-
-    async def licenses(self) -> list[LicenseState]:
-        query = f"SELECT {_LICENSE_COLUMNS} FROM licenses ORDER BY jti"  # noqa: S608 - constant column list
-        return await self._call(
-            lambda conn: [_license_state(row) for row in conn.execute(query).fetchall()],
-            write=False,
-        )
-
-    async def reservation(self, decision_id: str) -> Reservation | None:
-        query = f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE decision_id = ?"  # noqa: S608 - constant column list
-        return await self._call(_one(query, (decision_id,), _reservation), write=False)
-
-    async def idempotency_key(self, account: str, key: str) -> IdempotencyKey | None:
-        query = f"SELECT {_KEY_COLUMNS} FROM idempotency_keys WHERE account = ? AND key = ?"  # noqa: S608 - constant column list
-        return await self._call(_one(query, (account, key), _idempotency_key), write=False)
-
-    # -- on the event loop: queueing and batches --
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
-        """Run ``fn`` on the ledger thread, inside a write transaction when ``write``."""
-        if self._closed:
-            raise StoreUnavailable(f"ledger {self._path} is closed")
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(fn, write, future))
-        if not self._busy:
-            self._dispatch()
-        return await future
-
-    def _dispatch(self) -> None:
-        """Send what has queued up to the ledger thread as one batch, or note that it is idle."""
-        while self._queue:
-            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-            # A caller cancelled before its batch starts is never run, as with run_in_executor.
-            batch = [op for op in batch if not op.future.cancelled()]
-            if batch:
-                self._busy = True
-                work = self._executor.submit(self._run_batch, batch)
-                work.add_done_callback(
-                    functools.partial(self._hand_back, batch[0].future.get_loop(), batch)
-                )
-                return
-        self._busy = False
-        if self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-
-    def _hand_back(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Op], done: Future[list[_Outcome]]
-    ) -> None:
-        """On the ledger thread, once a batch is done: deliver on the event loop."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(self._deliver, batch, done)
-
-    def _deliver(self, batch: list[_Op], done: Future[list[_Outcome]]) -> None:
-        try:
-            outcomes = done.result()
-        except BaseException as e:  # the thread itself failed: every caller hears of it
-            outcomes = [(False, e)] * len(batch)
-        for op, (ok, value) in zip(batch, outcomes, strict=True):
-            if op.future.done():  # its caller was cancelled meanwhile
-                continue
-            if ok:
-                op.future.set_result(value)
-            else:
-                op.future.set_exception(value)
-        self._dispatch()
-
-    # -- on the ledger thread --
-
-    def _run_batch(self, batch: list[_Op]) -> list[_Outcome]:
-        if len(batch) > 1 and any(op.write for op in batch):
-            outcomes = self._run_together(batch)
-            if outcomes is not None:
-                return outcomes
-        return [self._run_alone(op) for op in batch]
-
-    def _run_alone(self, op: _Op) -> _Outcome:
-        try:
-            conn = self._connection()
-            if not op.write:
-                return True, op.fn(conn)
-            with _write_transaction(conn):
-                return True, op.fn(conn)
-        except (sqlite3.Error, OSError) as e:
-            return False, self._unavailable(e)
-        except Exception as e:  # the operation's own refusal (ValueError, LookupError, ...)
-            return False, e
-
-    def _run_together(self, batch: list[_Op]) -> list[_Outcome] | None:
-        """The batch in one transaction, each operation in a savepoint; None when a store error
-        inside an operation rolled it all back (each then runs alone)."""
-        try:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-        except (sqlite3.Error, OSError, StoreUnavailable) as e:
-            return [(False, self._unavailable(e)) for _ in batch]
-        outcomes: list[_Outcome] = []
-        try:
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op.fn(conn)
-                except sqlite3.Error:
-                    raise
-                except Exception as e:  # its own refusal: undo it alone
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, e))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((True, value))
-        except sqlite3.Error:
-            self._recover()
-            return None
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            return [(False, self._unavailable(e)) for _ in batch]
-        return outcomes
-
-    def _unavailable(self, error: Exception) -> Exception:
-        """``StoreUnavailable`` for a store error, chained to it, after making sure no transaction
-        is left open. Reconnecting lazily lets a store that was briefly unusable at start-up
-        recover without a restart."""
-        if isinstance(error, StoreUnavailable):  # a schema newer than this launchgate
-            return error
-        if isinstance(error, sqlite3.Error):
-            self._recover()
-        unavailable = StoreUnavailable(f"ledger {self._path}: {error}")
-        unavailable.__cause__ = error
-        return unavailable
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout_s,
-            isolation_level=None,  # autocommit: transactions are explicit BEGIN IMMEDIATE/COMMIT
-            check_same_thread=False,  # only the ledger thread ever uses it
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        with _write_transaction(conn):
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            (current,) = conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_version"
-            ).fetchone()
-            if current > _SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"ledger {self._path} has schema version {current}; this launchgate"
-                    f" knows up to {_SCHEMA_VERSION}"
-                )
-            for version, statements in _MIGRATIONS:
-                if version <= current:
-                    continue
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-
-    def _recover(self) -> None:
-        """After an error, leave no transaction open; drop a connection that cannot even roll
-        back, so the next call reconnects."""
-        conn = self._conn
-        if conn is None or not conn.in_transaction:
-            return
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            self._disconnect()
-
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            # Closing is best effort: the connection is being abandoned either way.
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()

@@ -38,15 +38,22 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import (
+    _KEY_COLUMNS,
+    _LICENSE_COLUMNS,
+    _RESERVATION_COLUMNS,
     IdempotencyKey,
     LicenseState,
     Reservation,
     ReservationState,
     ReserveOutcome,
     ReserveResult,
-    _check_key,
+    _check_give_back,
+    _check_reserve,
+    _decision_taken,
+    _expiry_note,
     _idempotency_key,
     _license_state,
+    _newer_schema,
     _redact,
     _reservation,
 )
@@ -246,13 +253,6 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
-_LICENSE_COLUMNS = (
-    "jti, account, max_accelerators, used, reserved, revoked, revoked_reason, revoked_at,"
-    " expires, first_seen"
-)
-_RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
-_KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
-
 _RESERVE = (
     "SELECT o_outcome, o_max, o_used, o_reserved, o_replay_of"
     " FROM launchgate_reserve_keyed($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -438,9 +438,7 @@ class PostgresLedger:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
     ) -> ReserveResult:
-        if amount < 0:
-            raise ValueError(f"reservation amount must not be negative, got {amount}")
-        _check_key(idempotency_key, fingerprint)
+        _check_reserve(amount, idempotency_key, fingerprint)
         async with self._connection() as conn:
             try:
                 outcome, max_acc, used, reserved, replay_of = await conn.fetchrow(
@@ -456,7 +454,7 @@ class PostgresLedger:
                     fingerprint,
                 )
             except asyncpg.UniqueViolationError as e:
-                raise ValueError(f"decision {decision_id} already has a reservation") from e
+                raise _decision_taken(decision_id) from e
             if outcome == ReserveOutcome.RESERVED.value:
                 await conn.execute(_DURABLE, decision_id)
         return ReserveResult(
@@ -488,7 +486,7 @@ class PostgresLedger:
             await conn.execute(_SETTLE, decision_id, to, now, note)
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
-        note = f"outcome unknown: still reserved after {ttl_s:g} s"
+        note = _expiry_note(ttl_s)
         async with self._connection() as conn, conn.transaction():
             rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note)
             totals: dict[str, int] = {}
@@ -516,14 +514,7 @@ class PostgresLedger:
                 "SELECT state FROM launchgate_reservations WHERE decision_id = $1 FOR UPDATE",
                 decision_id,
             )
-            if state is None:
-                raise LookupError(f"no reservation for decision {decision_id}")
-            if state != "settled_unknown":
-                raise ValueError(
-                    f"reservation for decision {decision_id} is {state!r}; only one settled"
-                    " as used because its outcome was unknown ('settled_unknown') can be"
-                    " given back"
-                )
+            _check_give_back(decision_id, state)
             reservation = _reservation(
                 await conn.fetchrow(
                     "UPDATE launchgate_reservations SET state = 'released', settled_at = $2,"  # noqa: S608 - constant column list
@@ -672,10 +663,7 @@ class PostgresLedger:
                 )
             )
             if current > SCHEMA_VERSION:
-                raise StoreUnavailable(
-                    f"ledger {self._name} has schema version {current}; this launchgate"
-                    f" knows up to {SCHEMA_VERSION}"
-                )
+                raise _newer_schema(self._name, current, SCHEMA_VERSION)
             for version, statements in _MIGRATIONS:
                 if version <= current:
                     continue
