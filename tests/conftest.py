@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from launchgate.config import Config, load_config
 from launchgate.gateway import Gateway
@@ -27,6 +28,15 @@ RESTRICTED = "acct-2001"  # CN (config/accounts.toml)
 UNRESTRICTED = "acct-1001"  # DE
 H100_SKU = "p5.48xlarge"  # 8x H100, 3A090.a
 CPU_SKU = "m7i.large"  # no accelerator
+# Every launch.decision record has these (CONTRACT section 5; items from section 9).
+RECORD_FIELDS = frozenset(
+    {
+        *("event", "timestamp", "decision_id", "outcome", "reason", "enforced", "mode"),
+        *("account", "restricted", "sku", "count", "accelerator", "accelerators", "eccn"),
+        *("controlled", "region", "license", "method", "path", "items"),
+        *("seq", "prev_hash", "hash"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,31 @@ class Harness:
             f"{self.url}/v1/instances", json=body, headers=all_headers
         ) as r:
             return r.status, await r.json(content_type=None), r.headers
+
+    async def send(
+        self,
+        method: str,
+        raw_path: str,
+        body: Mapping[str, Any] | bytes,
+        *,
+        account: str | None = RESTRICTED,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Any request, raw path kept as written (JSON body unless bytes); status and JSON answer."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        all_headers = dict({"Content-Type": "application/json"} if headers is None else headers)
+        if account is not None:
+            all_headers["X-Account-Id"] = account
+        if token is not None:
+            all_headers["License-Token"] = token
+        url = URL(f"{self.url}{raw_path}", encoded=True)
+        async with self.session.request(method, url, data=data, headers=all_headers) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text)
+            except ValueError:
+                return r.status, {"text": text}
 
     async def stub_requests(self) -> list[dict[str, Any]]:
         async with self.session.get(f"{self.stub_url}/_stub/requests") as r:

@@ -35,6 +35,7 @@ from conftest import (
     CPU_SKU,
     H100_SKU,
     ISSUER,
+    RECORD_FIELDS,
     RESTRICTED,
     SHIPPED,
     UNRESTRICTED,
@@ -54,30 +55,7 @@ T = TypeVar("T")
 NOWHERE = "http://127.0.0.1:9"  # an upstream no CLI command ever calls
 COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # CONTRACT section 5's required fields without the chain fields (seq, prev_hash, hash).
-DECISION_FIELDS = frozenset(
-    {
-        "event",
-        "timestamp",
-        "decision_id",
-        "outcome",
-        "reason",
-        "enforced",
-        "mode",
-        "account",
-        "restricted",
-        "sku",
-        "count",
-        "accelerator",
-        "accelerators",
-        "eccn",
-        "controlled",
-        "region",
-        "license",
-        "method",
-        "path",
-        "items",  # section 9
-    }
-)
+DECISION_FIELDS = RECORD_FIELDS - {"seq", "prev_hash", "hash"}  # `decide` chains nothing
 
 
 # --- running the command line ------------------------------------------------------------

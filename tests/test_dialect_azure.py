@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from conftest import RESTRICTED, UNRESTRICTED, Harness, MakeToken, StartGateway
+from conftest import UNRESTRICTED, MakeToken, StartGateway
 from launchgate.dialects import Launch, LaunchRequest
 from launchgate.dialects.azure_arm import AzureArm, build
 from launchgate.errors import ConfigError
@@ -704,31 +703,6 @@ def test_build_rejects_bad_routes(table: dict[str, Any], message: str) -> None:
 ROUTE = {"dialect": "azure-arm"}
 
 
-async def send(
-    gw: Harness,
-    method: str,
-    raw_path: str,
-    body: Mapping[str, Any] | bytes,
-    *,
-    account: str | None = RESTRICTED,
-    token: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    all_headers = dict(JSON_HEADERS if headers is None else headers)
-    if account is not None:
-        all_headers["X-Account-Id"] = account
-    if token is not None:
-        all_headers["License-Token"] = token
-    url = URL(f"{gw.url}{raw_path}", encoded=True)
-    async with gw.session.request(method, url, data=data, headers=all_headers) as r:
-        text = await r.text()
-        try:
-            return r.status, json.loads(text)
-        except ValueError:
-            return r.status, {"text": text}
-
-
 def sha256(data: Mapping[str, Any] | bytes) -> str:
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
     return hashlib.sha256(raw).hexdigest()
@@ -737,7 +711,7 @@ def sha256(data: Mapping[str, Any] | bytes) -> str:
 async def test_unrestricted_account_reaches_the_upstream(start_gateway: StartGateway) -> None:
     """Row 4: an unrestricted account's A100 VM is forwarded byte for byte."""
     gw = await start_gateway(routes=[ROUTE])
-    status, _ = await send(gw, "PUT", f"{VM}?{API}", VM_CREATE_A100, account=UNRESTRICTED)
+    status, _ = await gw.send("PUT", f"{VM}?{API}", VM_CREATE_A100, account=UNRESTRICTED)
     assert status in (200, 201)  # the stub answers as the provider does (stub.py)
     [got] = await gw.stub_requests()
     assert (got["method"], got["path"], got["query"]) == ("PUT", VM, API)
@@ -751,7 +725,7 @@ async def test_uncontrolled_size_passes_for_restricted_account(start_gateway: St
     """Row 3: a Dsv5 VM needs no license, even for a restricted account."""
     gw = await start_gateway(routes=[ROUTE])
     body = {"location": "eastus", "properties": {"hardwareProfile": {"vmSize": "Standard_D2s_v5"}}}
-    status, _ = await send(gw, "PUT", f"{VM}?{API}", body)
+    status, _ = await gw.send("PUT", f"{VM}?{API}", body)
     assert status in (200, 201)
     assert [r["body_sha256"] for r in await gw.stub_requests()] == [sha256(body)]
     assert gw.decisions()[-1]["reason"] == "sku_not_controlled"
@@ -760,7 +734,7 @@ async def test_uncontrolled_size_passes_for_restricted_account(start_gateway: St
 async def test_restricted_account_without_token_is_denied(start_gateway: StartGateway) -> None:
     """Row 7: a restricted account's VM resize without a token is 403 and never forwarded."""
     gw = await start_gateway(routes=[ROUTE])
-    status, problem = await send(gw, "PATCH", f"{VM}?{API}", VM_RESIZE)
+    status, problem = await gw.send("PATCH", f"{VM}?{API}", VM_RESIZE)
     assert (status, problem["reason"]) == (403, "license_required")
     assert await gw.stub_requests() == []
 
@@ -772,7 +746,7 @@ async def test_licensed_scale_set_reserves_every_size(
     gw = await start_gateway(routes=[ROUTE])
     sizes = ["Standard_ND96isr_H100_v5", "Standard_ND96asr_v4"]
     token = make_token(skus=sizes, max_accelerators=32, regions=["westeurope"])
-    status, _ = await send(gw, "PUT", f"{VMSS}?{API}", VMSS_MIX, token=token)
+    status, _ = await gw.send("PUT", f"{VMSS}?{API}", VMSS_MIX, token=token)
     assert status in (200, 201)  # the stub answers as the provider does (stub.py)
     [got] = await gw.stub_requests()
     assert got["body_sha256"] == sha256(VMSS_MIX)
@@ -795,7 +769,7 @@ async def test_token_must_cover_every_size_of_a_mix(
     """One size of the mix not in the token: token_sku_not_covered, not forwarded."""
     gw = await start_gateway(routes=[ROUTE])
     token = make_token(skus=["Standard_ND96isr_H100_v5"], max_accelerators=64)
-    status, problem = await send(gw, "PUT", f"{VMSS}?{API}", VMSS_MIX, token=token)
+    status, problem = await gw.send("PUT", f"{VMSS}?{API}", VMSS_MIX, token=token)
     assert (status, problem["reason"]) == (403, "token_sku_not_covered")
     assert gw.decisions()[-1]["sku"] == "Standard_ND96asr_v4"
     assert await gw.stub_requests() == []
@@ -818,7 +792,7 @@ async def test_non_launch_calls_pass_untouched_and_unjudged(
 ) -> None:
     """Reads, deletes, actions and size-free PATCHes reach the upstream with no decision."""
     gw = await start_gateway(routes=[ROUTE])
-    await send(gw, method, f"{path}?{API}", body)
+    await gw.send(method, f"{path}?{API}", body)
     [got] = await gw.stub_requests()
     assert (got["method"], got["path"], got["query"]) == (method, path, API)
     assert got["body_sha256"] == sha256(body)
@@ -1069,7 +1043,7 @@ async def test_bypass_corpus(
 ) -> None:
     """Each known bypass is refused for a restricted account and never reaches the upstream."""
     gw = await start_gateway(routes=[ROUTE])
-    got, problem = await send(gw, method, path, body, headers=headers)
+    got, problem = await gw.send(method, path, body, headers=headers)
     assert got == status, problem
     assert await gw.stub_requests() == []
 
@@ -1084,7 +1058,7 @@ async def test_region_is_location_without_spaces(
         "properties": {"hardwareProfile": {"vmSize": "Standard_ND96isr_H100_v5"}},
     }
     token = make_token(skus=["Standard_ND96isr_H100_v5"], regions=["eastus"])
-    await send(gw, "PUT", f"{VM}?{API}", body, token=token)
+    await gw.send("PUT", f"{VM}?{API}", body, token=token)
     decision = gw.decisions()[-1]
     assert (decision["reason"], decision["region"], decision["reserved"]) == (
         "licensed",

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from conftest import RESTRICTED, UNRESTRICTED, Harness, MakeToken, StartGateway
+from conftest import RESTRICTED, UNRESTRICTED, MakeToken, StartGateway
 from launchgate.dialects import Item, Launch, LaunchRequest
 from launchgate.dialects.gcp_compute import GcpCompute, build
 from launchgate.errors import ConfigError
@@ -658,31 +657,6 @@ def test_build_rejects_bad_routes(table: dict[str, Any], message: str) -> None:
 ROUTE = {"dialect": "gcp-compute", "path": "/compute/v1"}
 
 
-async def send(
-    gw: Harness,
-    method: str,
-    raw_path: str,
-    body: Mapping[str, Any] | bytes,
-    *,
-    account: str | None = RESTRICTED,
-    token: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> tuple[int, dict[str, Any]]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    all_headers = dict(JSON_HEADERS if headers is None else headers)
-    if account is not None:
-        all_headers["X-Account-Id"] = account
-    if token is not None:
-        all_headers["License-Token"] = token
-    url = URL(f"{gw.url}{raw_path}", encoded=True)
-    async with gw.session.request(method, url, data=data, headers=all_headers) as r:
-        text = await r.text()
-        try:
-            return r.status, json.loads(text)
-        except ValueError:
-            return r.status, {"text": text}
-
-
 def sha256(data: Mapping[str, Any] | bytes) -> str:
     raw = data if isinstance(data, bytes) else json.dumps(data).encode()
     return hashlib.sha256(raw).hexdigest()
@@ -691,8 +665,8 @@ def sha256(data: Mapping[str, Any] | bytes) -> str:
 async def test_unrestricted_account_reaches_the_upstream(start_gateway: StartGateway) -> None:
     """Row 4: an unrestricted account's A3 bulkInsert is forwarded byte for byte."""
     gw = await start_gateway(routes=[ROUTE])
-    status, _ = await send(
-        gw, "POST", REGIONAL_BULK + "?requestId=r-1", BULK_A3, account=UNRESTRICTED
+    status, _ = await gw.send(
+        "POST", REGIONAL_BULK + "?requestId=r-1", BULK_A3, account=UNRESTRICTED
     )
     assert status in (200, 201)  # the stub answers as the provider does (stub.py)
     [got] = await gw.stub_requests()
@@ -708,7 +682,7 @@ async def test_uncontrolled_machine_passes_for_restricted_account(
 ) -> None:
     """Row 3: an N1 with T4s (not controlled) needs no license, even for a restricted account."""
     gw = await start_gateway(routes=[ROUTE])
-    status, _ = await send(gw, "POST", INSERT, INSERT_N1_T4)
+    status, _ = await gw.send("POST", INSERT, INSERT_N1_T4)
     assert status in (200, 201)
     assert [r["body_sha256"] for r in await gw.stub_requests()] == [sha256(INSERT_N1_T4)]
     assert gw.decisions()[-1]["reason"] == "sku_not_controlled"
@@ -717,7 +691,7 @@ async def test_uncontrolled_machine_passes_for_restricted_account(
 async def test_restricted_account_without_token_is_denied(start_gateway: StartGateway) -> None:
     """Row 7: a restricted account's A2 insert without a token is 403 and never forwarded."""
     gw = await start_gateway(routes=[ROUTE])
-    status, problem = await send(gw, "POST", INSERT, INSERT_A2)
+    status, problem = await gw.send("POST", INSERT, INSERT_A2)
     assert (status, problem["reason"]) == (403, "license_required")
     assert await gw.stub_requests() == []
 
@@ -735,7 +709,7 @@ async def test_licensed_launch_reserves_every_controlled_item(
         },
     }
     token = make_token(skus=["a3-highgpu-8g", "a2-ultragpu-8g"], max_accelerators=64)
-    status, _ = await send(gw, "POST", REGIONAL_BULK, body, token=token)
+    status, _ = await gw.send("POST", REGIONAL_BULK, body, token=token)
     assert status in (200, 201)  # the stub answers as the provider does (stub.py)
     [got] = await gw.stub_requests()
     assert got["body_sha256"] == sha256(body)
@@ -758,7 +732,7 @@ async def test_token_must_cover_every_controlled_item(
         "guestAccelerators": [{"acceleratorType": "nvidia-h100-80gb", "acceleratorCount": 2}],
     }
     token = make_token(skus=["a2-highgpu-1g"])
-    status, problem = await send(gw, "POST", INSERT, body, token=token)
+    status, problem = await gw.send("POST", INSERT, body, token=token)
     assert (status, problem["reason"]) == (403, "token_sku_not_covered")
     assert gw.decisions()[-1]["sku"] == "nvidia-h100-80gb"
     assert await gw.stub_requests() == []
@@ -769,10 +743,10 @@ async def test_template_needs_a_covering_token_and_reserves_nothing(
 ) -> None:
     """An instance template is count 0: licensed with a covering token, nothing reserved."""
     gw = await start_gateway(routes=[ROUTE])
-    status, problem = await send(gw, "POST", TEMPLATES, TEMPLATE_A2)
+    status, problem = await gw.send("POST", TEMPLATES, TEMPLATE_A2)
     assert (status, problem["reason"]) == (403, "license_required")
     token = make_token(skus=["a2-highgpu-1g", "nvidia-tesla-a100"], max_accelerators=1)
-    await send(gw, "POST", TEMPLATES, TEMPLATE_A2, token=token)
+    await gw.send("POST", TEMPLATES, TEMPLATE_A2, token=token)
     decision = gw.decisions()[-1]
     assert (decision["reason"], decision["reserved"]) == ("licensed", 0)
     assert [r["path"] for r in await gw.stub_requests()] == [TEMPLATES]
@@ -795,7 +769,7 @@ async def test_non_launch_calls_pass_untouched_and_unjudged(
 ) -> None:
     """Reads, deletes, starts and size-free updates reach the upstream with no decision."""
     gw = await start_gateway(routes=[ROUTE])
-    await send(gw, method, path + "?requestId=q", body)
+    await gw.send(method, path + "?requestId=q", body)
     [got] = await gw.stub_requests()
     assert (got["method"], got["path"], got["query"]) == (method, path, "requestId=q")
     assert got["body_sha256"] == sha256(body)
@@ -1125,7 +1099,7 @@ async def test_bypass_corpus(
 ) -> None:
     """Each known bypass is refused for a restricted account and never reaches the upstream."""
     gw = await start_gateway(routes=[ROUTE])
-    got, problem = await send(gw, method, path, body, headers=headers)
+    got, problem = await gw.send(method, path, body, headers=headers)
     assert got == status, problem
     assert await gw.stub_requests() == []
 
@@ -1151,7 +1125,7 @@ async def test_each_api_version_is_its_own_route(start_gateway: StartGateway) ->
     beta = {"dialect": "gcp-compute", "path": "/compute/beta"}
     gw = await start_gateway(routes=[ROUTE, beta])
     path = "/compute/beta/projects/my-project/zones/us-central1-a/instances"
-    status, problem = await send(gw, "POST", path, A3)
+    status, problem = await gw.send("POST", path, A3)
     assert (status, problem["reason"]) == (403, "license_required")
     assert await gw.stub_requests() == []
 
@@ -1170,7 +1144,7 @@ async def test_batch_envelope_behind_an_opaque_route(start_gateway: StartGateway
         b"--batch_a1b2--\r\n"
     )
     headers = {"Content-Type": "multipart/mixed; boundary=batch_a1b2"}
-    status, problem = await send(gw, "POST", "/batch/compute/v1", inner, headers=headers)
+    status, problem = await gw.send("POST", "/batch/compute/v1", inner, headers=headers)
     assert (status, problem["reason"]) == (403, "unresolvable_launch")
     assert await gw.stub_requests() == []
 
@@ -1179,6 +1153,6 @@ async def test_undecodable_gzip_body_is_malformed(start_gateway: StartGateway) -
     """7.41: a launch labelled gzip that is not gzip is 400 malformed, never forwarded."""
     gw = await start_gateway(routes=[ROUTE])
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
-    status, _ = await send(gw, "POST", INSERT, A3, headers=headers)
+    status, _ = await gw.send("POST", INSERT, A3, headers=headers)
     assert await gw.stub_requests() == []
     assert status == 400

@@ -15,7 +15,17 @@ from typing import Any
 
 import pytest
 
-from conftest import CPU_SKU, H100_SKU, RESTRICTED, UNRESTRICTED, Keys, MakeToken, StartGateway, now
+from conftest import (
+    CPU_SKU,
+    H100_SKU,
+    RECORD_FIELDS,
+    RESTRICTED,
+    UNRESTRICTED,
+    Keys,
+    MakeToken,
+    StartGateway,
+    now,
+)
 from launchgate.tokens import issue_token
 
 
@@ -453,30 +463,7 @@ async def test_decision_record_fields(start_gateway: StartGateway, make_token: M
     gw = await start_gateway()
     await gw.launch(account=UNRESTRICTED, sku=CPU_SKU)
     await gw.launch(token=make_token(), count=2)
-    required = {
-        "event",
-        "timestamp",
-        "decision_id",
-        "outcome",
-        "reason",
-        "enforced",
-        "mode",
-        "account",
-        "restricted",
-        "sku",
-        "count",
-        "accelerator",
-        "accelerators",
-        "eccn",
-        "controlled",
-        "region",
-        "license",
-        "method",
-        "path",
-        "seq",
-        "prev_hash",
-        "hash",
-    }
+    required = RECORD_FIELDS
     first, second = gw.decisions()
     assert required <= set(first) and required <= set(second)
     assert first["license"] is None and first["accelerator"] is None
