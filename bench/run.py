@@ -250,7 +250,12 @@ def run_python(s: Scenario, duration: float, connections: int) -> Result:
 
 
 def build_scenarios(
-    stub: str, ref: str, lg_sqlite: str, lg_pg: str | None, token: str
+    stub: str,
+    ref: str,
+    lg_sqlite: str,
+    lg_pg: str | None,
+    token: str,
+    lg_workers: tuple[str, int] | None = None,
 ) -> list[Scenario]:
     json_type = ("Content-Type", "application/json")
     licensed = (json_type, ("X-Account-Id", "acct-2001"), ("License-Token", token))
@@ -279,6 +284,10 @@ def build_scenarios(
     if lg_pg:
         name = "launchgate licensed launch (PostgreSQL)"
         scenarios.append(Scenario(name, f"{lg_pg}/v1/instances", **post, headers=licensed))
+    if lg_workers:
+        url, workers = lg_workers
+        name = f"launchgate licensed launch (SQLite, {workers} workers)"
+        scenarios.append(Scenario(name, f"{url}/v1/instances", **post, headers=licensed))
     return scenarios
 
 
@@ -292,6 +301,7 @@ def report(results: dict[str, Result]) -> None:
         "launchgate licensed launch (SQLite)": (ref_launch, 0.7),
         "launchgate licensed launch (PostgreSQL)": (ref_launch, 0.5),
     }
+    targets |= {n: (ref_launch, None) for n in results if "workers)" in n}
     for name, (base, target) in targets.items():
         if name not in results:
             continue
@@ -307,6 +317,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per scenario")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also measure `serve --workers N` (SQLite) when > 1"
+    )
     args = parser.parse_args()
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     load = run_wrk if client == "wrk" else run_python
@@ -320,11 +333,17 @@ def main() -> int:
         stub, ref = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{ref_port}"
         sqlite_store = f"sqlite:{folder / 'ledger.sqlite3'}"
         sqlite_cfg, lg_sqlite, admin_sqlite, token = write_config(folder, sqlite_store, stub)
-        targets = [(sqlite_cfg, admin_sqlite)]
+        targets = [(sqlite_cfg, admin_sqlite, 1)]
         lg_pg = None
         if pg_dsn:
             pg_cfg, lg_pg, admin_pg, _ = write_config(folder, pg_dsn, stub)
-            targets.append((pg_cfg, admin_pg))
+            targets.append((pg_cfg, admin_pg, 1))
+        lg_workers = None
+        if args.workers > 1:
+            store = f"sqlite:{folder / 'ledger-workers.sqlite3'}"
+            workers_cfg, url, admin, _ = write_config(folder, store, stub)
+            targets.append((workers_cfg, admin, args.workers))
+            lg_workers = (url, args.workers)
         stub_cmd = [str(BIN / "launchgate"), "stub-backend", "--listen", f"127.0.0.1:{stub_port}"]
         stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances"))
         refproxy = str(Path(__file__).with_name("refproxy.py"))
@@ -339,7 +358,7 @@ def main() -> int:
         stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}"))
         stack.enter_context(_gateways(targets))
         print(f"load generator: {client}, {args.connections} connections, {args.duration:g} s each")
-        for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
+        for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token, lg_workers):
             load(s, 1.0, args.connections)  # warm-up: connections, caches, the license row
             results[s.name] = r = load(s, args.duration, args.connections)
             print(
@@ -352,12 +371,19 @@ def main() -> int:
 
 
 @contextmanager
-def _gateways(targets: list[tuple[Path, str]]) -> Iterator[None]:
+def _gateways(targets: list[tuple[Path, str, int]]) -> Iterator[None]:
     procs = []
     try:
-        for config, admin in targets:
+        for config, admin, workers in targets:
             proc = subprocess.Popen(
-                [str(BIN / "launchgate"), "serve", "--config", str(config)],
+                [
+                    str(BIN / "launchgate"),
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--workers",
+                    str(workers),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
