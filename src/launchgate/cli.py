@@ -368,11 +368,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"{path}: not a regular file")
     result = verify_file(path)
-    if result.ok:
-        print(f"ok {result.records} records")
-        return 0
-    print(f"bad record seq {result.bad_seq}: {result.detail}")
-    return 1
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def cmd_stub_backend(args: argparse.Namespace) -> int:

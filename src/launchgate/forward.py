@@ -16,7 +16,6 @@ from aiohttp import (
     ClientError,
     ClientResponse,
     ClientSession,
-    ClientTimeout,
     DummyCookieJar,
     TCPConnector,
     hdrs,
@@ -44,11 +43,13 @@ GATEWAY_SET: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forward
 SKIP_AUTO_HEADERS: Final = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
 
 
-def create_session(connect_timeout_s: float, timeout_s: float) -> ClientSession:
-    """The one client session of an app: pooled keep-alive, no decompression, no cookies."""
+def create_session() -> ClientSession:
+    """The one client session of an app: pooled keep-alive, no decompression, no cookies.
+
+    Timeouts are given per request, from the configuration in force (it may be reloaded).
+    """
     return ClientSession(
         connector=TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False),
-        timeout=ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s),
         auto_decompress=False,
         cookie_jar=DummyCookieJar(),  # never keep one client's cookies for another
     )

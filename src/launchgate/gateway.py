@@ -65,7 +65,7 @@ class Gateway:
             await self.ledger.open()
         except StoreUnavailable as e:
             log.warning("store.unavailable", error=str(e))
-        self._session = create_session(self.config.connect_timeout_s, self.config.timeout_s)
+        self._session = create_session()
         self._sweeper = asyncio.create_task(self._sweep_reservations())
         self.running = True
 

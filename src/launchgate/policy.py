@@ -100,12 +100,9 @@ class Decision:
     def allowed(self) -> bool:
         return self.outcome == "allow"
 
-    @property
-    def title(self) -> str:
-        return TITLES.get(self.reason, self.reason)
 
-
-def _verdict(base: Decision, reason: str, status: int | None, detail: str) -> Decision:
+def verdict(base: Decision, reason: str, status: int | None, detail: str) -> Decision:
+    """``base``'s facts with this outcome: allowed when ``status`` is None, else denied."""
     outcome: Literal["allow", "deny"] = "allow" if status is None else "deny"
     return replace(base, outcome=outcome, reason=reason, status=status, detail=detail)
 
@@ -162,58 +159,56 @@ def decide(
     d = Decision("deny", "", None, "", account=account_id, items=items, region=launch.region)
     d = replace(d, deciding=items[0] if items else None)
     if not account_id:
-        return _verdict(d, "missing_account", 400, "the request carries no account id")
+        return verdict(d, "missing_account", 400, "the request carries no account id")
 
     # Row 3: every item is a known SKU that is not controlled.
     if items and launch.unresolvable is None and all(i.controlled is False for i in items):
-        return _verdict(d, "sku_not_controlled", None, "no controlled accelerator")
+        return verdict(d, "sku_not_controlled", None, "no controlled accelerator")
     controlled = [i for i in items if i.controlled]
     account = config.accounts.get(account_id)
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
     d = replace(d, restricted=restricted, deciding=controlled[0] if controlled else d.deciding)
     if account is None:
-        return _verdict(d, "unknown_account", 403, f"account {account_id!r} is not in the registry")
+        return verdict(d, "unknown_account", 403, f"account {account_id!r} is not in the registry")
     if not restricted:
-        return _verdict(
+        return verdict(
             d, "account_not_restricted", None, "account is not in a restricted jurisdiction"
         )
     unknown = next((i for i in items if i.controlled is None), None)
     if unknown is not None:
         d = replace(d, deciding=unknown)
-        return _verdict(d, "unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
+        return verdict(d, "unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
     if launch.unresolvable is not None or not items:
         why = launch.unresolvable or "the launch names no SKU"
-        return _verdict(
-            d, "unresolvable_launch", 403, f"cannot tell what this launch starts: {why}"
-        )
+        return verdict(d, "unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
 
     if not token:
         countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
         what = d.deciding.sku if d.deciding else "this launch"
         detail = f"account {account_id} is restricted ({countries}); {what} needs a license token"
-        return _verdict(d, "license_required", 403, detail)
+        return verdict(d, "license_required", 403, detail)
     try:
         license = verify(token)
     except TokenError as e:
-        return _verdict(replace(d, license_ref=_license_ref(token, None)), e.reason, 403, e.detail)
+        return verdict(replace(d, license_ref=_license_ref(token, None)), e.reason, 403, e.detail)
     d = replace(d, license=license, license_ref=_license_ref(token, license))
     jti = license.jti
     if license.sub != account_id:
-        return _verdict(d, "token_account_mismatch", 403, f"license {jti} is for another account")
+        return verdict(d, "token_account_mismatch", 403, f"license {jti} is for another account")
     for item in controlled:
         if item.sku not in license.skus:
             detail = f"license {jti} does not cover SKU {item.sku}"
-            return _verdict(replace(d, deciding=item), "token_sku_not_covered", 403, detail)
+            return verdict(replace(d, deciding=item), "token_sku_not_covered", 403, detail)
     if license.regions is not None and launch.region not in license.regions:
         where = f"region {launch.region}" if launch.region else "a launch without a region"
-        return _verdict(d, "token_region_not_covered", 403, f"license {jti} does not cover {where}")
+        return verdict(d, "token_region_not_covered", 403, f"license {jti} does not cover {where}")
     needed = sum(i.count * i.per_instance for i in controlled)
-    return replace(_verdict(d, "licensed", None, f"licensed by {jti}"), reserve=needed)
+    return replace(verdict(d, "licensed", None, f"licensed by {jti}"), reserve=needed)
 
 
 def store_unavailable(decision: Decision) -> Decision:
     """Row 18: the ledger cannot be reached; fail closed."""
-    return _verdict(decision, "store_unavailable", 503, "the license ledger cannot be reached")
+    return verdict(decision, "store_unavailable", 503, "the license ledger cannot be reached")
 
 
 def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
@@ -226,25 +221,25 @@ def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
     jti = decision.license.jti if decision.license else "?"
     outcome = result.outcome
     if outcome is ReserveOutcome.REVOKED:
-        return _verdict(decision, "license_revoked", 403, f"license {jti} has been revoked")
+        return verdict(decision, "license_revoked", 403, f"license {jti} has been revoked")
     if outcome is ReserveOutcome.EXHAUSTED:
         detail = (
             f"license {jti} has {result.remaining} of {result.max_accelerators} accelerators left; "
             f"this launch needs {result.requested}"
         )
-        return _verdict(decision, "license_exhausted", 403, detail)
+        return verdict(decision, "license_exhausted", 403, detail)
     if outcome is ReserveOutcome.CONFLICT:
         detail = (
             f"the idempotency key was used by decision {result.replay_of} for a different"
             " request; use a new key for a new launch"
         )
-        return _verdict(decision, "idempotency_conflict", 409, detail)
+        return verdict(decision, "idempotency_conflict", 409, detail)
     if outcome is ReserveOutcome.IN_PROGRESS:
         detail = (
             f"the first attempt with this idempotency key (decision {result.replay_of}) is still"
             " in progress; retry once it has completed"
         )
-        return _verdict(decision, "idempotency_conflict", 409, detail)
+        return verdict(decision, "idempotency_conflict", 409, detail)
     if outcome is ReserveOutcome.REPLAYED:
         detail = f"{decision.detail}; a retry of decision {result.replay_of}, counted once"
         return replace(decision, detail=detail, reserve=0)

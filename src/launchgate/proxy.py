@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -39,6 +38,7 @@ from launchgate.policy import (
     decide,
     malformed,
     store_unavailable,
+    verdict,
 )
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
@@ -197,9 +197,7 @@ async def reserve_license(
     try:
         key = idempotency_key(request.headers, launch)
     except MalformedLaunch as e:
-        return replace(
-            decision, outcome="deny", reason="malformed_request", status=400, detail=e.detail
-        ), None
+        return verdict(decision, "malformed_request", 400, e.detail), None
     try:
         result = await gateway.ledger.reserve(
             jti=license.jti,
