@@ -250,6 +250,47 @@ async def test_readyz_503_without_trusted_keys(
     assert (await admin.get("/readyz")).status == 503
 
 
+async def _short_answer_upstream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An upstream that promises 100 bytes, sends 10 and hangs up."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    await writer.drain()
+    writer.close()
+
+
+async def test_short_answer_broken_off_upstream_gets_502(start_gateway: StartGateway) -> None:
+    """A short answer is sent in one piece, so one that breaks off becomes a clean 502
+    problem instead of a torn 200."""
+    server = await asyncio.start_server(_short_answer_upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        async with gw.session.get(f"{gw.url}/anything") as r:
+            assert r.status == 502
+            assert r.content_type == "application/problem+json"
+            assert (await r.json())["reason"] == "upstream_unavailable"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65536, 65537, 300_000])
+async def test_answers_of_any_size_relayed_exactly(start_gateway: StartGateway, size: int) -> None:
+    """Either side of the one-piece limit, with HEAD too, the answer is the upstream's."""
+    gw = await start_gateway()
+    url = f"{gw.url}/_stub/bytes?n={size}"
+    async with gw.session.get(url) as r:
+        assert r.status == 200
+        assert await r.read() == bytes(i % 256 for i in range(size))
+        assert "Transfer-Encoding" not in r.headers
+        assert r.headers["Content-Length"] == str(size)
+    async with gw.session.head(url) as r:
+        assert r.status == 200
+        assert await r.read() == b""
+
+
 async def test_compressed_non_launch_body_forwarded_as_sent(start_gateway: StartGateway) -> None:
     """A gzip request body is passed through compressed, with its Content-Encoding."""
     import gzip

@@ -16,6 +16,7 @@ from aiohttp import (
     ClientError,
     ClientResponse,
     ClientSession,
+    ClientTimeout,
     DummyCookieJar,
     TCPConnector,
     hdrs,
@@ -92,23 +93,56 @@ def upstream_headers(
     return out
 
 
-def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+def response_headers(upstream: ClientResponse, extra: dict[str, str]) -> list[tuple[str, str]]:
+    """The upstream's answer headers, less hop-by-hop, plus ``extra`` (replacing any same)."""
     dropped = _dropped(upstream.headers, HOP_BY_HOP)
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in dropped)
+    if extra:
+        dropped = dropped | {name.lower() for name in extra}
+    kept = [(k, v) for k, v in upstream.headers.items() if k.lower() not in dropped]
+    kept.extend(extra.items())
+    return kept
+
+
+@functools.lru_cache(maxsize=16)
+def _base(base: URL) -> str:
+    return str(base).rstrip("/")
 
 
 def target_url(base: URL, path_and_query: str) -> URL:
     """The upstream URL for a raw path (and query), bytes kept as received."""
-    return URL(str(base).rstrip("/") + path_and_query, encoded=True)
+    return URL(_base(base) + path_and_query, encoded=True)
+
+
+@functools.lru_cache(maxsize=16)
+def upstream_timeout(connect_s: float, read_s: float) -> ClientTimeout:
+    """Per-request timeouts: to connect, and between reads of the answer (none in all)."""
+    return ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
+
+
+# Answers no longer than this, with their length given, are read whole and sent in one
+# write (status line, headers and body together); longer or unsized ones are streamed.
+SMALL_BODY_BYTES: Final = 64 * 1024
 
 
 async def relay_response(
     request: web.Request, upstream: ClientResponse, extra: dict[str, str]
 ) -> web.StreamResponse:
-    """Stream the upstream's answer to the client, adding ``extra`` headers."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(response_headers(upstream))
-    response.headers.update(extra)
+    """Relay the upstream's answer to the client, adding ``extra`` headers."""
+    headers = response_headers(upstream, extra)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD:
+        try:
+            body = await upstream.read()
+        except (ClientError, TimeoutError) as e:
+            # Nothing was sent yet: the caller answers a clean 502 rather than a torn answer.
+            structlog.get_logger("launchgate").warning(
+                "upstream.body_failed", error=type(e).__name__
+            )
+            raise
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
+        )
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():

@@ -18,14 +18,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from aiohttp import ClientConnectorError, ClientError, ClientTimeout, ConnectionTimeoutError, web
+from aiohttp import ClientConnectorError, ClientError, ConnectionTimeoutError, web
 
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
 from launchgate.config import Config
 from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
-from launchgate.forward import SKIP_AUTO_HEADERS, relay_response, target_url, upstream_headers
+from launchgate.forward import (
+    SKIP_AUTO_HEADERS,
+    relay_response,
+    target_url,
+    upstream_headers,
+    upstream_timeout,
+)
 from launchgate.gateway import Gateway
 from launchgate.idempotency import fingerprint, idempotency_key
 from launchgate.ids import new_ulid
@@ -263,9 +269,7 @@ async def forward(
     is_launch = decision_id is not None
     headers = upstream_headers(request, config.token_header, body_known=body is not None)
     data: Any = body if body is not None else (request.content if request.body_exists else None)
-    timeout = ClientTimeout(
-        total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
-    )
+    timeout = upstream_timeout(config.connect_timeout_s, config.timeout_s)
     settlement: str | None = None
     status: int | None = None
     try:
@@ -313,7 +317,13 @@ async def forward(
         if is_launch:
             await _completed(gateway, decision_id, status, started, settlement, None)
         extra = {DECISION_HEADER: decision_id} if decision_id else {}
-        return await relay_response(request, upstream, extra)
+        try:
+            return await relay_response(request, upstream, extra)
+        except (TimeoutError, ClientError):  # a short answer broke off before any of it was sent
+            gateway.metrics.upstream_errors.labels("body").inc()
+            return problem(
+                "upstream_unavailable", 502, "the upstream's answer broke off", decision_id
+            )
     finally:
         upstream.release()
 

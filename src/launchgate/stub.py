@@ -293,6 +293,8 @@ async def _bytes(request: web.Request) -> web.StreamResponse:
     response.content_type = "application/octet-stream"
     response.content_length = remaining
     await response.prepare(request)
+    if request.method == "HEAD":  # the length is announced, the body never sent
+        remaining = 0
     while remaining:
         # _PATTERN_BLOCK is a whole number of 256-byte periods, so every chunk starts at 0.
         chunk = _PATTERN_BLOCK[: min(remaining, _CHUNK_BYTES)]
