@@ -10,16 +10,20 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from launchgate.audit import (
     GENESIS_HASH,
     AuditLog,
     VerifyResult,
     canonical_json,
+    hashed_line,
     record_hash,
     utc_timestamp,
     verify_file,
@@ -92,6 +96,33 @@ def test_record_hash_is_sha256_of_canonical_json_without_hash() -> None:
     expected = "c29b8fc40c377f62048145c1c89abf818463cba6585515ed7489eb180acdd4dc"
     assert record_hash({"seq": 1, "b": [1, 2], "a": "ü"}) == expected
     assert record_hash({"seq": 1, "b": [1, 2], "a": "ü", "hash": "f" * 64}) == expected
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.text().filter(lambda k: k != "hash"), _JSON_VALUES, max_size=8))
+def test_hashed_line_is_the_canonical_line_with_the_record_hash(record: dict[str, Any]) -> None:
+    """The one-encoding fast path writes exactly canonical JSON with the content's hash."""
+    digest, line = hashed_line(record)
+    assert digest == record_hash(record)
+    assert line == canonical_json({**record, "hash": digest}) + b"\n"
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_utc_timestamp_matches_datetime(now: float) -> None:
+    """The once-a-second cache gives what datetime gives, to the microsecond (rounded)."""
+    micros = round(now * 1_000_000)
+    expected = datetime.fromtimestamp(micros // 1_000_000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    assert utc_timestamp(now) == f"{expected}.{micros % 1_000_000:06d}Z"
 
 
 @pytest.mark.parametrize(

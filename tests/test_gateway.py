@@ -479,3 +479,27 @@ async def test_decision_record_fields(start_gateway: StartGateway, make_token: M
         }
     ]
     assert [r["seq"] for r in gw.records()] == list(range(1, len(gw.records()) + 1))
+
+
+@pytest.mark.parametrize("licensed", [True, False])
+async def test_a_decision_that_cannot_be_logged_is_not_forwarded(
+    start_gateway: StartGateway, make_token: MakeToken, licensed: bool
+) -> None:
+    """Fail closed on the decision log: when the record cannot be written (a full disk), the
+    launch gets a 500 problem, never reaches the upstream, and its units are given back.
+    A licensed launch's record is written by the ledger's thread; an unlicensed one's by the
+    log's own: both paths are held to this."""
+    gw = await start_gateway()
+    audit = gw.gateway.recorder.audit
+
+    def full_disk(entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        raise OSError(28, "No space left on device")
+
+    audit._write_locked = full_disk  # type: ignore[method-assign]
+    token = make_token(max_accelerators=64, jti="lic-disk") if licensed else None
+    status, body, _ = await gw.launch(token=token, account=RESTRICTED if licensed else UNRESTRICTED)
+    assert (status, body["reason"]) == (500, "internal_error")
+    assert [r for r in await gw.stub_requests() if r["method"] == "POST"] == []
+    if licensed:
+        state = await gw.license("lic-disk")
+        assert (state.used, state.reserved) == (0, 0)  # reserved, then released

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -222,6 +223,107 @@ def _settle(ledger: Ledger, how: str, decision_id: str) -> Awaitable[None]:
 
 
 SETTLED_STATE = {"commit": "used", "release": "released", "settle_unknown": "settled_unknown"}
+
+
+class ThenProbe:
+    """A ``then`` that records what it was given, on which thread, and what the store had
+    committed by then (read through a second connection, so only committed state shows)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.calls: list[Any] = []
+        self.threads: list[int] = []
+        self.seen: list[tuple[Any, ...] | None] = []
+
+    def __call__(self, value: Any) -> None:
+        self.calls.append(value)
+        self.threads.append(threading.get_ident())
+        if self.path is not None:
+            with contextlib.closing(sqlite3.connect(self.path)) as conn:
+                self.seen.append(
+                    conn.execute(
+                        "SELECT state FROM reservations WHERE decision_id = 'd1'"
+                    ).fetchone()
+                )
+
+
+def _sqlite_path(ledger: Ledger) -> Path | None:
+    return ledger.path if isinstance(ledger, SqliteLedger) else None
+
+
+async def test_then_runs_off_the_loop_after_the_reservation_commits(ledger: Ledger) -> None:
+    """``then`` gets the reserve's result, once, off the event loop's thread, with the
+    reservation already committed (a record written there may say it is reserved)."""
+    probe = ThenProbe(_sqlite_path(ledger))
+    result = await ledger.reserve(
+        jti="lic-42",
+        account="acct-2001",
+        max_accelerators=64,
+        expires=EXPIRES,
+        amount=8,
+        decision_id="d1",
+        now=T0,
+        then=probe,
+    )
+    assert probe.calls == [result]
+    assert probe.threads[0] != threading.get_ident()
+    if probe.path is not None:
+        assert probe.seen == [("reserved",)]
+
+
+@pytest.mark.parametrize("how", ["commit", "release", "settle_unknown"])
+async def test_then_runs_after_a_settlement_commits(ledger: Ledger, how: str) -> None:
+    await reserve(ledger, "d1", 8)
+    probe = ThenProbe(_sqlite_path(ledger))
+    if how == "commit":
+        await ledger.commit("d1", T0 + 10, then=probe)
+    elif how == "release":
+        await ledger.release("d1", T0 + 10, then=probe)
+    else:
+        await ledger.settle_unknown("d1", T0 + 10, "upstream timed out", then=probe)
+    assert probe.calls == [None]
+    assert probe.threads[0] != threading.get_ident()
+    if probe.path is not None:
+        assert probe.seen == [(SETTLED_STATE[how],)]
+
+
+async def test_then_is_not_called_when_the_write_fails(ledger: Ledger) -> None:
+    """A refused reserve (a decision id used twice) runs no ``then``."""
+    await reserve(ledger, "d1", 8)
+    probe = ThenProbe(None)
+    with pytest.raises(ValueError, match="d1"):
+        await ledger.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=EXPIRES,
+            amount=8,
+            decision_id="d1",
+            now=T0,
+            then=probe,
+        )
+    assert probe.calls == []
+
+
+async def test_thens_of_a_batch_each_see_their_own_result(ledger: Ledger) -> None:
+    """Concurrent reserves (one batch on SQLite) each get their own result in their ``then``."""
+    probes = [ThenProbe(None) for _ in range(20)]
+    results = await asyncio.gather(
+        *(
+            ledger.reserve(
+                jti="lic-42",
+                account="acct-2001",
+                max_accelerators=64,
+                expires=EXPIRES,
+                amount=8,
+                decision_id=f"d{i}",
+                now=T0,
+                then=probe,
+            )
+            for i, probe in enumerate(probes)
+        )
+    )
+    assert [p.calls for p in probes] == [[r] for r in results]
 
 
 @pytest.mark.parametrize(

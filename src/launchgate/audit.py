@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -40,20 +41,18 @@ _MAX_RECORD_BYTES: Final = 16 * 1024 * 1024
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
 
 
+_ENCODER: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """The record as canonical JSON: keys sorted, no whitespace, UTF-8.
 
     Raises ValueError for NaN or infinity and for strings that are not valid Unicode
     (lone surrogates), TypeError for values JSON cannot represent.
     """
-    text = json.dumps(
-        dict(record),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
-    return text.encode("utf-8")
+    return _ENCODER.encode(record if isinstance(record, dict) else dict(record)).encode("utf-8")
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -62,9 +61,32 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(content)).hexdigest()
 
 
+def hashed_line(record: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The record's ``hash`` and its canonical JSON line with that hash, encoded once.
+
+    Keys sort around ``hash``, so the line is the keys before it, the hash, then the keys
+    after it; and the hashed content is the same two halves without the hash between.
+    """
+    before = _ENCODER.encode({k: v for k, v in record.items() if k < "hash"}).encode("utf-8")
+    after = _ENCODER.encode({k: v for k, v in record.items() if k > "hash"}).encode("utf-8")
+    inner = [part for part in (before[1:-1], after[1:-1]) if part]
+    digest = hashlib.sha256(b"{" + b",".join(inner) + b"}").hexdigest()
+    inner.insert(1 if before != b"{}" else 0, b'"hash":"' + digest.encode() + b'"')
+    return digest, b"{" + b",".join(inner) + b"}\n"
+
+
+_stamp: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def utc_timestamp(now: float) -> str:
     """A POSIX time as the record's ``timestamp``: ``2026-11-26T04:33:14.123456Z``."""
-    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _stamp
+    second, micros = divmod(round(now * 1_000_000), 1_000_000)
+    cached, prefix = _stamp  # one tuple, so threads never see a second with another's text
+    if second != cached:
+        prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _stamp = (second, prefix)
+    return f"{prefix}.{micros:06d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +243,8 @@ class AuditLog:
         self._size = size
         self._closed = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launchgate-audit")
+        # Held while a batch is written: the writer thread's, or another thread's append_now.
+        self._write_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, *, on_written: Written | None = None) -> AuditLog:
@@ -319,13 +343,24 @@ class AuditLog:
             raise result
         return result
 
+    def append_now(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """``append`` for a thread that is not the event loop's and may block: written on the
+        calling thread, in the chain with every other append (a store that writes a launch's
+        record right after its own transaction, on its own thread, saves a thread hop)."""
+        result = self._write_batch([self._prepare(record)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     def close(self) -> None:
         """Finish the appends already asked for, then close the file. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._writer.shutdown(wait=True)
-        os.close(self._fd)
+        with self._write_lock:  # an append_now on another thread finishes first
+            os.close(self._fd)
+            self._fd = -1
 
     async def aclose(self) -> None:
         """Write what is pending, then ``close`` without blocking the event loop."""
@@ -344,8 +379,14 @@ class AuditLog:
         return dict(record)
 
     def _write_batch(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
-        # Runs on the writer thread only. The chain head is computed here, under the
-        # lock, because only there is it certain which record is last in the file.
+        # The chain head is computed here, under both locks, because only there is it
+        # certain which record is last in the file.
+        with self._write_lock:
+            return self._write_locked(entries)
+
+    def _write_locked(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        if self._fd < 0:
+            raise ValueError(f"{self._path}: the audit log is closed")
         with _exclusive_lock(self._fd):
             size = os.fstat(self._fd).st_size
             if size != self._size:
@@ -364,8 +405,7 @@ class AuditLog:
             for entry in entries:
                 chained = {**entry, "seq": seq + 1, "prev_hash": head}
                 try:  # one record JSON cannot represent must not cost the others their write
-                    chained["hash"] = record_hash(chained)
-                    line = canonical_json(chained) + b"\n"
+                    chained["hash"], line = hashed_line(chained)
                 except (ValueError, TypeError) as e:
                     results.append(e)
                     continue

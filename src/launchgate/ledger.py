@@ -18,13 +18,18 @@ it in PostgreSQL for replicas on several hosts.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from launchgate.errors import ConfigError, StoreUnavailable
+
+_T = TypeVar("_T")
 
 __all__ = [
     "IdempotencyKey",
@@ -127,6 +132,12 @@ class IdempotencyKey:
     bound_at: float
 
 
+# What to do once a write has committed, off the event loop and before the call returns (the
+# proxy writes the launch's record with it): called only when the write succeeded, with its
+# result; it must not raise. A store with its own thread runs it there, saving a thread hop.
+Then = Callable[[None], None]
+
+
 class Ledger(Protocol):
     """Storage-neutral license ledger. Every method raises ``StoreUnavailable`` when the store
     cannot be used; no storage-specific exception leaves an implementation."""
@@ -152,6 +163,7 @@ class Ledger(Protocol):
         now: float,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        then: Callable[[ReserveResult], None] | None = None,
     ) -> ReserveResult:
         """Atomically check the license and, if it is not revoked and ``amount`` fits, reserve it.
 
@@ -168,13 +180,15 @@ class Ledger(Protocol):
         reserve, whichever licenses they present.
         """
 
-    async def commit(self, decision_id: str, now: float) -> None:
+    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
         """Reserved -> used (the upstream answered 2xx). No-op unless still reserved."""
 
-    async def release(self, decision_id: str, now: float) -> None:
+    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
         """Reserved -> released (the upstream failed or was not reached). No-op unless reserved."""
 
-    async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
+    async def settle_unknown(
+        self, decision_id: str, now: float, note: str, then: Then | None = None
+    ) -> None:
         """Reserved -> settled_unknown, counted as used. No-op unless still reserved."""
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
@@ -293,6 +307,21 @@ _LICENSE_COLUMNS = (
 )
 _RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
 _KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
+
+
+class ThenRunner:
+    """Runs ``then`` callbacks off the event loop, one at a time on one thread, for a store
+    whose own writes run on the event loop (so no pool of threads fights over the log)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-then")
+
+    async def run(self, then: Callable[[_T], None] | None, value: _T) -> None:
+        if then is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, then, value)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
 
 
 def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | None) -> None:

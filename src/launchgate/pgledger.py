@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -47,6 +47,8 @@ from launchgate.ledger import (
     ReservationState,
     ReserveOutcome,
     ReserveResult,
+    Then,
+    ThenRunner,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -387,6 +389,7 @@ class PostgresLedger:
         self._failure: BaseException | None = None  # why the store is down, until a probe works
         self._retry_at = 0.0  # time.monotonic() before which calls fail without trying
         self._probing = False
+        self._thens = ThenRunner()
 
     @property
     def schema(self) -> str | None:
@@ -403,6 +406,7 @@ class PostgresLedger:
 
     async def close(self) -> None:
         self._closed = True
+        self._thens.close()
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -437,6 +441,7 @@ class PostgresLedger:
         now: float,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        then: Callable[[ReserveResult], None] | None = None,
     ) -> ReserveResult:
         _check_reserve(amount, idempotency_key, fingerprint)
         async with self._connection() as conn:
@@ -457,7 +462,7 @@ class PostgresLedger:
                 raise _decision_taken(decision_id) from e
             if outcome == ReserveOutcome.RESERVED.value:
                 await conn.execute(_DURABLE, decision_id)
-        return ReserveResult(
+        result = ReserveResult(
             outcome=ReserveOutcome(outcome),
             max_accelerators=max_acc,
             used=used,
@@ -465,15 +470,22 @@ class PostgresLedger:
             requested=amount,
             replay_of=replay_of,
         )
+        await self._thens.run(then, result)
+        return result
 
-    async def commit(self, decision_id: str, now: float) -> None:
+    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
         await self._settle(decision_id, "used", now, None)
+        await self._thens.run(then, None)
 
-    async def release(self, decision_id: str, now: float) -> None:
+    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
         await self._settle(decision_id, "released", now, None)
+        await self._thens.run(then, None)
 
-    async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
+    async def settle_unknown(
+        self, decision_id: str, now: float, note: str, then: Then | None = None
+    ) -> None:
         await self._settle(decision_id, "settled_unknown", now, note)
+        await self._thens.run(then, None)
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         async with self._connection() as conn:

@@ -156,54 +156,78 @@ def decide(
     only when a restricted account launches something controlled.
     """
     items = classify_items(launch, config.catalog, config.controlled_eccns)
-    d = Decision("deny", "", None, "", account=account_id, items=items, region=launch.region)
-    d = replace(d, deciding=items[0] if items else None)
+    # The facts gathered so far; each row's verdict is one Decision built from them.
+    deciding = items[0] if items else None
+    restricted: bool | None = None
+    license: License | None = None
+    license_ref: LicenseRef | None = None
+
+    def verdict_(reason: str, status: int | None, detail: str, reserve: int = 0) -> Decision:
+        return Decision(
+            "allow" if status is None else "deny",
+            reason,
+            status,
+            detail,
+            account=account_id,
+            restricted=restricted,
+            items=items,
+            deciding=deciding,
+            region=launch.region,
+            license_ref=license_ref,
+            license=license,
+            reserve=reserve,
+        )
+
     if not account_id:
-        return verdict(d, "missing_account", 400, "the request carries no account id")
+        return verdict_("missing_account", 400, "the request carries no account id")
 
     # Row 3: every item is a known SKU that is not controlled.
     if items and launch.unresolvable is None and all(i.controlled is False for i in items):
-        return verdict(d, "sku_not_controlled", None, "no controlled accelerator")
+        return verdict_("sku_not_controlled", None, "no controlled accelerator")
     controlled = [i for i in items if i.controlled]
     account = config.accounts.get(account_id)
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
-    d = replace(d, restricted=restricted, deciding=controlled[0] if controlled else d.deciding)
+    if controlled:
+        deciding = controlled[0]
     if account is None:
-        return verdict(d, "unknown_account", 403, f"account {account_id!r} is not in the registry")
+        return verdict_("unknown_account", 403, f"account {account_id!r} is not in the registry")
     if not restricted:
-        return verdict(
-            d, "account_not_restricted", None, "account is not in a restricted jurisdiction"
+        return verdict_(
+            "account_not_restricted", None, "account is not in a restricted jurisdiction"
         )
     unknown = next((i for i in items if i.controlled is None), None)
     if unknown is not None:
-        d = replace(d, deciding=unknown)
-        return verdict(d, "unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
+        deciding = unknown
+        return verdict_("unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
     if launch.unresolvable is not None or not items:
         why = launch.unresolvable or "the launch names no SKU"
-        return verdict(d, "unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
+        return verdict_("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
 
     if not token:
         countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
-        what = d.deciding.sku if d.deciding else "this launch"
+        what = deciding.sku if deciding else "this launch"
         detail = f"account {account_id} is restricted ({countries}); {what} needs a license token"
-        return verdict(d, "license_required", 403, detail)
+        return verdict_("license_required", 403, detail)
     try:
         license = verify(token)
     except TokenError as e:
-        return verdict(replace(d, license_ref=_license_ref(token, None)), e.reason, 403, e.detail)
-    d = replace(d, license=license, license_ref=_license_ref(token, license))
+        license_ref = _license_ref(token, None)
+        return verdict_(e.reason, 403, e.detail)
+    license_ref = _license_ref(token, license)
     jti = license.jti
     if license.sub != account_id:
-        return verdict(d, "token_account_mismatch", 403, f"license {jti} is for another account")
+        return verdict_("token_account_mismatch", 403, f"license {jti} is for another account")
     for item in controlled:
         if item.sku not in license.skus:
-            detail = f"license {jti} does not cover SKU {item.sku}"
-            return verdict(replace(d, deciding=item), "token_sku_not_covered", 403, detail)
+            deciding = item
+            return verdict_(
+                "token_sku_not_covered", 403, f"license {jti} does not cover SKU {item.sku}"
+            )
     if license.regions is not None and launch.region not in license.regions:
         where = f"region {launch.region}" if launch.region else "a launch without a region"
-        return verdict(d, "token_region_not_covered", 403, f"license {jti} does not cover {where}")
+        return verdict_("token_region_not_covered", 403, f"license {jti} does not cover {where}")
     needed = sum(i.count * i.per_instance for i in controlled)
-    return replace(verdict(d, "licensed", None, f"licensed by {jti}"), reserve=needed)
+    return verdict_("licensed", None, f"licensed by {jti}", reserve=needed)
 
 
 def store_unavailable(decision: Decision) -> Decision:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -140,7 +139,10 @@ async def handle_launch(
             f"launch bodies are limited to {config.max_body_bytes} bytes",
             account=account,
         )
-        await record_decision(gateway, config, decision, decision_id, request.method, path, started)
+        await gateway.recorder.write(
+            launch_record(config, decision, decision_id, request.method, path, None)
+        )
+        count_decision(gateway, decision, started)
         return problem(decision.reason, 413, decision.detail, decision_id)
 
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
@@ -157,24 +159,22 @@ async def handle_launch(
             launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
         )
     result: ReserveResult | None = None
+    recorded = False
     if decision.reason == "licensed" and decision.license is not None and launch is not None:
-        decision, result = await reserve_license(
-            gateway, decision, decision.license, decision_id, launch_request, launch
+        decision, result, recorded = await reserve_license(
+            gateway, config, decision, decision.license, decision_id, launch_request, launch
         )
-    outcome = result.outcome if result is not None else None
-    reserved = outcome is ReserveOutcome.RESERVED
-    replay_of = (
-        result.replay_of if result is not None and outcome is ReserveOutcome.REPLAYED else None
-    )
-    extra = {"replay_of": replay_of} if replay_of else {}
-    try:
-        await record_decision(
-            gateway, config, decision, decision_id, request.method, path, started, extra
-        )
-    except BaseException:
-        if reserved:  # nothing was forwarded: give the units back
-            await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
-        raise
+    reserved = result is not None and result.outcome is ReserveOutcome.RESERVED
+    if not recorded:
+        try:
+            await gateway.recorder.write(
+                launch_record(config, decision, decision_id, request.method, path, result)
+            )
+        except BaseException:
+            if reserved:  # nothing was forwarded: give the units back
+                await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
+            raise
+    count_decision(gateway, decision, started)
     if not decision.allowed and config.enforcing:
         return problem(decision.reason, decision.status or 403, decision.detail, decision_id)
     target = path + (f"?{query}" if query else "")
@@ -186,24 +186,50 @@ async def handle_launch(
         body,
         decision_id=decision_id,
         reserved=reserved,
-        replay_of=replay_of,
+        replay_of=_replay_of(result),
     )
+
+
+def _replay_of(result: ReserveResult | None) -> str | None:
+    if result is not None and result.outcome is ReserveOutcome.REPLAYED:
+        return result.replay_of
+    return None
 
 
 async def reserve_license(
     gateway: Gateway,
+    config: Config,
     decision: Decision,
     license: License,
     decision_id: str,
     request: LaunchRequest,
     launch: Launch,
-) -> tuple[Decision, ReserveResult | None]:
-    """Rows 18-21 for a licensed launch, under its idempotency key when it has one; the
-    ledger's answer is None when nothing could be asked."""
+) -> tuple[Decision, ReserveResult | None, bool]:
+    """Rows 18-21 for a licensed launch, under its idempotency key when it has one.
+
+    Returns the decision, the ledger's answer (None when nothing could be asked) and
+    whether the decision record is written: the ledger writes it right after the
+    reservation commits, off the event loop, in the same thread hop. Raises when that
+    write failed, after giving back what was reserved (nothing is forwarded).
+    """
     try:
         key = idempotency_key(request.headers, launch)
     except MalformedLaunch as e:
-        return verdict(decision, "malformed_request", 400, e.detail), None
+        return verdict(decision, "malformed_request", 400, e.detail), None, False
+    failure: list[BaseException] = []
+    recorded: list[bool] = []
+
+    def record(result: ReserveResult) -> None:  # on the ledger's thread
+        final = after_reservation(decision, result)
+        try:
+            gateway.recorder.write_now(
+                launch_record(config, final, decision_id, request.method, request.path, result)
+            )
+        except Exception as e:
+            failure.append(e)
+        else:
+            recorded.append(True)
+
     try:
         result = await gateway.ledger.reserve(
             jti=license.jti,
@@ -215,22 +241,26 @@ async def reserve_license(
             now=time.time(),
             idempotency_key=key,
             fingerprint=None if key is None else fingerprint(request),
+            then=record,
         )
     except StoreUnavailable:
-        return store_unavailable(decision), None
-    return after_reservation(decision, result), result
+        return store_unavailable(decision), None, False
+    if failure:
+        if result.outcome is ReserveOutcome.RESERVED:  # nothing was forwarded: give it back
+            await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
+        raise failure[0]
+    return after_reservation(decision, result), result, bool(recorded)
 
 
-async def record_decision(
-    gateway: Gateway,
+def launch_record(
     config: Config,
     decision: Decision,
     decision_id: str,
     method: str,
     path: str,
-    started: float,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
+    result: ReserveResult | None,
+) -> dict[str, Any]:
+    """The ``launch.decision`` record, with ``replay_of`` for a retry counted before."""
     record = decision_record(
         decision,
         decision_id=decision_id,
@@ -240,9 +270,13 @@ async def record_decision(
         path=path,
         now=time.time(),
     )
-    if extra:
-        record.update(extra)
-    await gateway.recorder.write(record)
+    replay_of = _replay_of(result)
+    if replay_of:
+        record["replay_of"] = replay_of
+    return record
+
+
+def count_decision(gateway: Gateway, decision: Decision, started: float) -> None:
     gateway.metrics.decisions.labels(decision.outcome, decision.reason).inc()
     gateway.metrics.decision_seconds.observe(time.perf_counter() - started)
 
@@ -266,12 +300,9 @@ async def forward(
     gets a 2xx confirms the earlier reservation as used if its outcome was unknown.
     """
     started = time.perf_counter()
-    is_launch = decision_id is not None
     headers = upstream_headers(request, config.token_header, body_known=body is not None)
     data: Any = body if body is not None else (request.content if request.body_exists else None)
     timeout = upstream_timeout(config.connect_timeout_s, config.timeout_s)
-    settlement: str | None = None
-    status: int | None = None
     try:
         upstream = await gateway.session.request(
             request.method,
@@ -284,8 +315,7 @@ async def forward(
         )
     except (ClientConnectorError, ConnectionTimeoutError) as e:
         # No connection was made: nothing reached the upstream, so nothing launched.
-        settlement = await _settle(gateway, decision_id, reserved, "release")
-        await _completed(gateway, decision_id, None, started, settlement, type(e).__name__)
+        await _finish(gateway, decision_id, reserved, "release", None, started, type(e).__name__)
         gateway.metrics.upstream_errors.labels("connect").inc()
         timed_out = isinstance(e, ConnectionTimeoutError)
         reason = "upstream_timeout" if timed_out else "upstream_unavailable"
@@ -294,9 +324,8 @@ async def forward(
         )
     except (TimeoutError, ClientError) as e:
         timed_out = isinstance(e, TimeoutError)
-        settlement = await _settle(gateway, decision_id, reserved, "unknown")
         reason = "upstream_timeout" if timed_out else "upstream_unavailable"
-        await _completed(gateway, decision_id, None, started, settlement, reason)
+        await _finish(gateway, decision_id, reserved, "unknown", None, started, reason)
         gateway.metrics.upstream_errors.labels("timeout" if timed_out else "disconnect").inc()
         detail = (
             "the upstream did not answer in time"
@@ -309,13 +338,8 @@ async def forward(
         raise
     try:
         status = upstream.status
-        settlement = await _settle(
-            gateway, decision_id, reserved, "commit" if 200 <= status < 300 else "release"
-        )
-        if replay_of is not None and decision_id is not None and 200 <= status < 300:
-            settlement = await _confirm(gateway, replay_of, decision_id)
-        if is_launch:
-            await _completed(gateway, decision_id, status, started, settlement, None)
+        how = "commit" if 200 <= status < 300 else "release"
+        await _finish(gateway, decision_id, reserved, how, status, started, None, replay_of)
         extra = {DECISION_HEADER: decision_id} if decision_id else {}
         try:
             return await relay_response(request, upstream, extra)
@@ -328,23 +352,55 @@ async def forward(
         upstream.release()
 
 
+async def _finish(
+    gateway: Gateway,
+    decision_id: str | None,
+    reserved: bool,
+    how: str,
+    status: int | None,
+    started: float,
+    error: str | None,
+    replay_of: str | None = None,
+) -> None:
+    """For a launch: settle its reservation by ``how``, then write its ``launch.completed``
+    record (by the ledger, right after the settlement, when it can)."""
+    if decision_id is None:
+        return
+    completion = _Completion(gateway, decision_id, status, started, error)
+    settlement = await _settle(
+        gateway, decision_id, reserved, how, completion if replay_of is None else None
+    )
+    if replay_of is not None and how == "commit":
+        settlement = await _confirm(gateway, replay_of, decision_id)
+    await completion.write(settlement)
+
+
 async def _settle(
-    gateway: Gateway, decision_id: str | None, reserved: bool, how: str
+    gateway: Gateway,
+    decision_id: str | None,
+    reserved: bool,
+    how: str,
+    completion: _Completion | None = None,
 ) -> str | None:
-    """Apply ``how`` to the launch's reservation; shielded so a cancelled request still settles."""
+    """Apply ``how`` to the launch's reservation; shielded so a cancelled request still settles.
+    ``completion`` is written by the ledger once the settlement commits."""
     if decision_id is None or not reserved:
         return None
     now = time.time()
     ledger = gateway.ledger
     if how == "commit":
-        op = ledger.commit(decision_id, now=now)
         settled = "used"
     elif how == "release":
-        op = ledger.release(decision_id, now=now)
         settled = "released"
     else:
-        op = ledger.settle_unknown(decision_id, now=now, note="upstream outcome unknown")
         settled = "used_unknown"
+    then = None if completion is None else (lambda _: completion.write_now(settled))
+    if how == "commit":
+        op = ledger.commit(decision_id, now=now, then=then)
+    elif how == "release":
+        op = ledger.release(decision_id, now=now, then=then)
+    else:
+        op = ledger.settle_unknown(decision_id, now=now, note="upstream outcome unknown", then=then)
     try:
         await asyncio.shield(op)
     except StoreUnavailable as e:
@@ -368,27 +424,52 @@ async def _confirm(gateway: Gateway, replay_of: str, decision_id: str) -> str | 
     return "confirmed" if confirmed else None
 
 
-async def _completed(
-    gateway: Gateway,
-    decision_id: str | None,
-    status: int | None,
-    started: float,
-    settlement: str | None,
-    error: str | None,
-) -> None:
-    if decision_id is None:
-        return
-    await gateway.recorder.write(
-        {
+class _Completion:
+    """A forwarded launch's ``launch.completed`` record, written once: on the ledger's thread
+    right after the reservation is settled (``write_now``, one thread hop for both), or
+    else from the event loop (``write``)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        decision_id: str,
+        status: int | None,
+        started: float,
+        error: str | None,
+    ) -> None:
+        self.gateway = gateway
+        self.decision_id = decision_id
+        self.status = status
+        self.started = started
+        self.error = error
+        self.written = False
+        self.failure: Exception | None = None
+
+    def record(self, settlement: str | None) -> dict[str, Any]:
+        return {
             "event": "launch.completed",
             "timestamp": utc_timestamp(time.time()),
-            "decision_id": decision_id,
-            "upstream_status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "decision_id": self.decision_id,
+            "upstream_status": self.status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "settlement": settlement,
-            "error": error,
+            "error": self.error,
         }
-    )
+
+    def write_now(self, settlement: str) -> None:
+        """On the ledger's thread, once the settlement has committed."""
+        try:
+            self.gateway.recorder.write_now(self.record(settlement))
+        except Exception as e:
+            self.failure = e
+        else:
+            self.written = True
+
+    async def write(self, settlement: str | None) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if not self.written:
+            await self.gateway.recorder.write(self.record(settlement))
 
 
 def create_app(gateway: Gateway) -> web.Application:

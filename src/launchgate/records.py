@@ -76,6 +76,10 @@ class Recorder:
         """Append ``record`` to the chain (in the file before this returns) and log it."""
         return await self.audit.append(record)
 
+    def write_now(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """``write`` on the calling thread, which must not be the event loop's."""
+        return self.audit.append_now(record)
+
     async def event(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write a record of ``event`` stamped with the current time."""
         return await self.write({"event": event, "timestamp": utc_timestamp(time.time()), **fields})

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import structlog
+
 from launchgate.errors import StoreUnavailable
 from launchgate.ledger import (
     _KEY_COLUMNS,
@@ -29,6 +31,7 @@ from launchgate.ledger import (
     ReservationState,
     ReserveOutcome,
     ReserveResult,
+    Then,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -94,6 +97,8 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
+
+log = structlog.get_logger("launchgate")
 
 
 def _bound_outcome(
@@ -307,6 +312,7 @@ class _Op:
     fn: Callable[[sqlite3.Connection], Any]
     write: bool
     future: asyncio.Future[Any]
+    then: Callable[[Any], None] | None = None
 
 
 class SqliteLedger:
@@ -377,6 +383,7 @@ class SqliteLedger:
         now: float,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        then: Callable[[ReserveResult], None] | None = None,
     ) -> ReserveResult:
         _check_reserve(amount, idempotency_key, fingerprint)
         return await self._call(
@@ -391,17 +398,22 @@ class SqliteLedger:
                 now=now,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
-            )
+            ),
+            then=then,
         )
 
-    async def commit(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "used", now, None))
+    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
+        await self._call(lambda conn: _settle(conn, decision_id, "used", now, None), then=then)
 
-    async def release(self, decision_id: str, now: float) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "released", now, None))
+    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
+        await self._call(lambda conn: _settle(conn, decision_id, "released", now, None), then=then)
 
-    async def settle_unknown(self, decision_id: str, now: float, note: str) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "settled_unknown", now, note))
+    async def settle_unknown(
+        self, decision_id: str, now: float, note: str, then: Then | None = None
+    ) -> None:
+        await self._call(
+            lambda conn: _settle(conn, decision_id, "settled_unknown", now, note), then=then
+        )
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         return await self._call(lambda conn: _confirm(conn, decision_id, now, note))
@@ -440,12 +452,19 @@ class SqliteLedger:
 
     # -- on the event loop: queueing and batches --
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
-        """Run ``fn`` on the ledger thread, inside a write transaction when ``write``."""
+    async def _call(
+        self,
+        fn: Callable[[sqlite3.Connection], _T],
+        *,
+        write: bool = True,
+        then: Callable[[_T], None] | None = None,
+    ) -> _T:
+        """Run ``fn`` on the ledger thread, inside a write transaction when ``write``; then,
+        once that transaction has committed and on the same thread, ``then(result)``."""
         if self._closed:
             raise StoreUnavailable(f"ledger {self._path} is closed")
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(fn, write, future))
+        self._queue.append(_Op(fn, write, future, then))
         if not self._busy:
             self._dispatch()
         return await future
@@ -491,11 +510,18 @@ class SqliteLedger:
     # -- on the ledger thread --
 
     def _run_batch(self, batch: list[_Op]) -> list[_Outcome]:
+        outcomes = None
         if len(batch) > 1 and any(op.write for op in batch):
             outcomes = self._run_together(batch)
-            if outcomes is not None:
-                return outcomes
-        return [self._run_alone(op) for op in batch]
+        if outcomes is None:
+            outcomes = [self._run_alone(op) for op in batch]
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            if ok and op.then is not None:
+                try:
+                    op.then(value)
+                except Exception:  # ``then`` reports its own failures; this is a bug
+                    log.exception("ledger.then_failed")
+        return outcomes
 
     def _run_alone(self, op: _Op) -> _Outcome:
         try:
