@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,38 @@ class _Op:
     then: Callable[[Any], None] | None = None
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Thread:
+    """One thread running jobs in the order given, started on first use: lighter than an
+    executor (no future per job) on the path every licensed launch takes twice."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            # A daemon: an interpreter exiting without close() is not held up by it (SQLite's
+            # journal makes a transaction cut short harmless).
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """End the thread once the jobs already given are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+
 class SqliteLedger:
     """``Ledger`` in one SQLite file (WAL), safe to share between processes.
 
@@ -337,8 +370,8 @@ class SqliteLedger:
     def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         self._path = path
         self._busy_timeout_s = busy_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
+        self._thread = _Thread("launchgate-ledger")
+        self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
         self._closed = False
         # On the event loop only:
         self._queue: list[_Op] = []
@@ -363,8 +396,18 @@ class SqliteLedger:
         if self._busy:  # what was asked before close still runs, then the connection goes
             self._idle = loop.create_future()
             await self._idle
-        await loop.run_in_executor(self._executor, self._disconnect)
-        self._executor.shutdown(wait=False)
+        disconnected = loop.create_future()
+
+        def disconnect() -> None:
+            try:
+                self._disconnect()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(_resolve, disconnected)
+
+        self._thread.submit(disconnect)
+        await disconnected
+        self._thread.stop()
 
     async def ping(self) -> None:
         await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)
@@ -477,27 +520,24 @@ class SqliteLedger:
             batch = [op for op in batch if not op.future.cancelled()]
             if batch:
                 self._busy = True
-                work = self._executor.submit(self._run_batch, batch)
-                work.add_done_callback(
-                    functools.partial(self._hand_back, batch[0].future.get_loop(), batch)
+                self._thread.submit(
+                    functools.partial(self._work, batch[0].future.get_loop(), batch)
                 )
                 return
         self._busy = False
         if self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
-    def _hand_back(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Op], done: Future[list[_Outcome]]
-    ) -> None:
-        """On the ledger thread, once a batch is done: deliver on the event loop."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(self._deliver, batch, done)
-
-    def _deliver(self, batch: list[_Op], done: Future[list[_Outcome]]) -> None:
+    def _work(self, loop: asyncio.AbstractEventLoop, batch: list[_Op]) -> None:
+        """On the ledger thread: run the batch, then deliver its outcomes on the event loop."""
         try:
-            outcomes = done.result()
+            outcomes = self._run_batch(batch)
         except BaseException as e:  # the thread itself failed: every caller hears of it
             outcomes = [(False, e)] * len(batch)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+
+    def _deliver(self, batch: list[_Op], outcomes: list[_Outcome]) -> None:
         for op, (ok, value) in zip(batch, outcomes, strict=True):
             if op.future.done():  # its caller was cancelled meanwhile
                 continue
