@@ -305,6 +305,30 @@ async def test_then_is_not_called_when_the_write_fails(ledger: Ledger) -> None:
     assert probe.calls == []
 
 
+async def test_a_then_that_raises_leaves_the_store_working(ledger: Ledger) -> None:
+    """A ``then`` must not raise; if one does anyway, the reservation stands and later
+    calls (and their ``then``) still run."""
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug in a then")
+
+    await ledger.reserve(
+        jti="lic-42",
+        account="acct-2001",
+        max_accelerators=64,
+        expires=EXPIRES,
+        amount=8,
+        decision_id="d1",
+        now=T0,
+        then=broken,
+    )
+    probe = ThenProbe(None)
+    await ledger.commit("d1", T0 + 1, then=probe)
+    assert probe.calls == [None]
+    state = await ledger.license("lic-42")
+    assert state is not None and state.used == 8
+
+
 async def test_thens_of_a_batch_each_see_their_own_result(ledger: Ledger) -> None:
     """Concurrent reserves (one batch on SQLite) each get their own result in their ``then``."""
     probes = [ThenProbe(None) for _ in range(20)]

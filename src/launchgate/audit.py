@@ -14,15 +14,14 @@ left at the end, so the chain never forks.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from launchgate.errors import ConfigError
+from launchgate.jobthread import JobThread
 
 GENESIS_HASH: Final = "0" * 64
 CHAIN_FIELDS: Final = frozenset({"seq", "prev_hash", "hash"})
@@ -216,15 +216,17 @@ def _truncate_quietly(fd: int, size: int) -> None:
 
 
 Written = Callable[[dict[str, Any], bytes], None]
+_Batch = list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
 
 
 class AuditLog:
     """Append-only, hash-chained JSON-lines decision log.
 
-    Records are written by one dedicated thread, in call order, each line flushed to
-    the operating system (not fsynced) before ``append`` returns. Appends that arrive
-    while a write is under way are written together in the next one (group commit):
-    one lock, one size check and one ``write`` for the batch.
+    ``append`` records are written by one dedicated thread, in call order, each line
+    flushed to the operating system (not fsynced) before ``append`` returns. Appends that
+    arrive while a write is under way are written together in the next one (group commit):
+    one lock, one size check and one ``write`` for the batch. ``append_sync`` writes on
+    the calling thread; a lock keeps both in one chain.
     """
 
     def __init__(
@@ -242,7 +244,7 @@ class AuditLog:
         self._head = head
         self._size = size
         self._closed = False
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launchgate-audit")
+        self._writer = JobThread("launchgate-audit")
         # Held while a batch is written: the writer thread's, or another thread's append_now.
         self._write_lock = threading.Lock()
 
@@ -299,29 +301,32 @@ class AuditLog:
         if self._idle is None:
             self._idle = loop.create_future()
             self._write_pending(loop)
-        # Shielded: once asked for, a record is written even if the caller is cancelled
-        # (a client hanging up), since records are never to be dropped.
-        return await asyncio.shield(done)
+        # Once asked for, a record is written even if the caller is cancelled (a client
+        # hanging up) and ``done`` with it: the batch takes every pending entry regardless.
+        return await done
 
     def _write_pending(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand every pending record to the writer thread as one batch."""
         batch, self._pending = self._pending, []
-        written = self._writer.submit(self._write_batch, [entry for entry, _ in batch])
-        written.add_done_callback(
-            lambda f: loop.call_soon_threadsafe(self._batch_written, loop, batch, f)
-        )
+        self._writer.submit(functools.partial(self._write_and_answer, loop, batch))
+
+    def _write_and_answer(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        """On the writer thread: write the batch, then answer its callers on the loop."""
+        results: list[dict[str, Any] | Exception]
+        try:
+            results = self._write_batch([entry for entry, _ in batch])
+        except Exception as e:  # the whole write failed: every caller hears of it
+            results = [e] * len(batch)
+        with suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(self._batch_written, loop, batch, results)
 
     def _batch_written(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]],
-        written: concurrent.futures.Future[list[dict[str, Any] | Exception]],
+        batch: _Batch,
+        results: list[dict[str, Any] | Exception],
     ) -> None:
         """On the loop: answer the batch's callers, then write what queued up meanwhile."""
-        error = written.exception()
-        results: list[dict[str, Any] | Exception] = (
-            [error] * len(batch) if isinstance(error, Exception) else written.result()
-        )
         for (_, done), result in zip(batch, results, strict=True):
             if done.done():
                 continue
@@ -336,17 +341,10 @@ class AuditLog:
             self._idle = None
 
     def append_sync(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """``append`` for blocking callers (CLI commands); shares the chain and its order."""
-        entry = self._prepare(record)
-        result = self._writer.submit(self._write_batch, [entry]).result()[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    def append_now(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """``append`` for a thread that is not the event loop's and may block: written on the
-        calling thread, in the chain with every other append (a store that writes a launch's
-        record right after its own transaction, on its own thread, saves a thread hop)."""
+        """``append`` for blocking callers, on any thread but the event loop's: written on
+        the calling thread, in the chain with every other append. CLI commands use it, and
+        the SQLite ledger writes a launch's records with it on its own thread, right after
+        its transaction (one thread hop for both)."""
         result = self._write_batch([self._prepare(record)])[0]
         if isinstance(result, Exception):
             raise result
@@ -357,7 +355,7 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
-        self._writer.shutdown(wait=True)
+        self._writer.stop(wait=True)
         with self._write_lock:  # an append_now on another thread finishes first
             os.close(self._fd)
             self._fd = -1

@@ -19,15 +19,18 @@ it in PostgreSQL for replicas on several hosts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
+import structlog
+
 from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.jobthread import JobThread, resolve
 
 _T = TypeVar("_T")
 
@@ -314,14 +317,28 @@ class ThenRunner:
     whose own writes run on the event loop (so no pool of threads fights over the log)."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-then")
+        self._thread = JobThread("launchgate-ledger-then")
 
     async def run(self, then: Callable[[_T], None] | None, value: _T) -> None:
-        if then is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, then, value)
+        if then is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def job() -> None:
+            try:
+                then(value)
+            except Exception:  # ``then`` reports its own failures; this is a bug
+                structlog.get_logger("launchgate").exception("ledger.then_failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(resolve, done)
+
+        self._thread.submit(job)
+        await done
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False)
+        self._thread.stop(wait=False)
 
 
 def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | None) -> None:

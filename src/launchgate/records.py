@@ -78,7 +78,7 @@ class Recorder:
 
     def write_now(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """``write`` on the calling thread, which must not be the event loop's."""
-        return self.audit.append_now(record)
+        return self.audit.append_sync(record)
 
     async def event(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write a record of ``event`` stamped with the current time."""

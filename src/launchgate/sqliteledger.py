@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
+from launchgate.jobthread import JobThread, resolve
 from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
@@ -316,38 +315,6 @@ class _Op:
     then: Callable[[Any], None] | None = None
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Thread:
-    """One thread running jobs in the order given, started on first use: lighter than an
-    executor (no future per job) on the path every licensed launch takes twice."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._thread is None:
-            # A daemon: an interpreter exiting without close() is not held up by it (SQLite's
-            # journal makes a transaction cut short harmless).
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
-
-    def stop(self) -> None:
-        """End the thread once the jobs already given are done."""
-        if self._thread is not None:
-            self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-
 class SqliteLedger:
     """``Ledger`` in one SQLite file (WAL), safe to share between processes.
 
@@ -370,7 +337,7 @@ class SqliteLedger:
     def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         self._path = path
         self._busy_timeout_s = busy_timeout_s
-        self._thread = _Thread("launchgate-ledger")
+        self._thread = JobThread("launchgate-ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
         self._closed = False
         # On the event loop only:
@@ -403,11 +370,11 @@ class SqliteLedger:
                 self._disconnect()
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                    loop.call_soon_threadsafe(_resolve, disconnected)
+                    loop.call_soon_threadsafe(resolve, disconnected)
 
         self._thread.submit(disconnect)
         await disconnected
-        self._thread.stop()
+        self._thread.stop(wait=False)
 
     async def ping(self) -> None:
         await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)

@@ -1,0 +1,58 @@
+"""One thread that runs jobs in the order given: the writer behind the decision log and the
+SQLite ledger.
+
+Lighter than a ``ThreadPoolExecutor`` (no concurrent future and no callback chain per job) on
+a path every launch takes; the job itself hands its result back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+
+import structlog
+
+
+class JobThread:
+    """Runs jobs one after another on one thread, started on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    # A daemon, so an interpreter exiting without stop() is not held up; every
+                    # owner stops it (and waits) when it closes.
+                    thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                    thread.start()
+                    self._thread = thread
+        self._jobs.put(job)
+
+    def stop(self, *, wait: bool) -> None:
+        """End the thread once the jobs already given are done; ``wait`` for that."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._jobs.put(None)
+        if wait and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job hands back its own errors; this one is a bug, not fatal
+                structlog.get_logger("launchgate").exception("job_thread.job_failed")
+
+
+def resolve(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result unless it is done (for ``call_soon_threadsafe``)."""
+    if not future.done():
+        future.set_result(None)

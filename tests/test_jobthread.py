@@ -1,0 +1,35 @@
+"""The job thread behind the decision log and the SQLite ledger."""
+
+from __future__ import annotations
+
+import threading
+
+from launchgate.jobthread import JobThread
+
+
+def test_jobs_run_in_order_on_one_thread_and_stop_waits_for_them() -> None:
+    jobs = JobThread("test-jobs")
+    done: list[tuple[int, int]] = []
+    for i in range(200):
+        jobs.submit(lambda i=i: done.append((i, threading.get_ident())))  # type: ignore[misc]
+    jobs.stop(wait=True)
+    assert [i for i, _ in done] == list(range(200))
+    assert len({t for _, t in done}) == 1
+    assert done[0][1] != threading.get_ident()
+
+
+def test_a_failing_job_does_not_stop_the_ones_after_it() -> None:
+    jobs = JobThread("test-jobs")
+    done: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("a bug in a job")
+
+    jobs.submit(boom)
+    jobs.submit(lambda: done.append("after"))
+    jobs.stop(wait=True)
+    assert done == ["after"]
+
+
+def test_stopping_a_thread_never_started_is_a_no_op() -> None:
+    JobThread("test-jobs").stop(wait=True)
