@@ -291,10 +291,38 @@ def build_scenarios(
     return scenarios
 
 
+# Measured again with one connection: a round trip's own latency, without queueing.
+LATENCY_SCENARIOS = (
+    "reference pass-through: GET",
+    "launchgate pass-through: GET",
+    "reference pass-through: launch",
+    "launchgate unrestricted launch",
+    "launchgate licensed launch (SQLite)",
+    "launchgate licensed launch (PostgreSQL)",
+)
+
+
+def report_latency(single: dict[str, Result]) -> None:
+    """The decision overhead: p50 of a lone request through launchgate minus the same
+    request through the reference pass-through."""
+    print("\ndecision overhead, one connection (p50 minus the reference pass-through's p50):")
+    for name, r in single.items():
+        base = single[
+            "reference pass-through: GET"
+            if name.endswith("GET")
+            else "reference pass-through: launch"
+        ]
+        goal = "  (target <= 1.0 ms)" if "licensed" in name else ""
+        overhead = (
+            "" if name.startswith("reference") else f"  overhead {r.p50_ms - base.p50_ms:+6.2f} ms"
+        )
+        print(f"  {name:42s} p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms{overhead}{goal}")
+
+
 def report(results: dict[str, Result]) -> None:
     ref_get = results["reference pass-through: GET"]
     ref_launch = results["reference pass-through: launch"]
-    print("\nratios to the reference pass-through (requests/s), and p50 overhead:")
+    print("\nratios to the reference pass-through (requests/s), and p50 overhead under load:")
     targets = {
         "launchgate pass-through: GET": (ref_get, 1.0),
         "launchgate unrestricted launch": (ref_launch, None),
@@ -320,6 +348,12 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="also measure `serve --workers N` (SQLite) when > 1"
     )
+    parser.add_argument(
+        "--latency-duration",
+        type=float,
+        default=3.0,
+        help="seconds per scenario of the one-connection latency pass (0 skips it)",
+    )
     args = parser.parse_args()
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     load = run_wrk if client == "wrk" else run_python
@@ -327,6 +361,7 @@ def main() -> int:
         "LAUNCHGATE_TEST_POSTGRES_DSN"
     )
     results: dict[str, Result] = {}
+    single: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="launchgate-bench-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
         stub_port, ref_port = free_port(), free_port()
@@ -366,7 +401,15 @@ def main() -> int:
                 f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
                 flush=True,
             )
+        if args.latency_duration > 0:
+            print(f"one connection, {args.latency_duration:g} s each:")
+            for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
+                if s.name in LATENCY_SCENARIOS:
+                    single[s.name] = r = load(s, args.latency_duration, 1)
+                    print(f"  {s.name:42s} p50 {r.p50_ms:6.2f} ms  errors {r.errors}", flush=True)
     report(results)
+    if single:
+        report_latency(single)
     return 0
 
 
