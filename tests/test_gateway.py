@@ -503,3 +503,93 @@ async def test_a_decision_that_cannot_be_logged_is_not_forwarded(
     if licensed:
         state = await gw.license("lic-disk")
         assert (state.used, state.reserved) == (0, 0)  # reserved, then released
+
+
+async def test_a_launch_whose_accepted_answer_breaks_off_is_counted_and_says_so(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """The upstream answers 201 and hangs up mid-body: the launch happened, so it is used and
+    its completion record says the answer broke off; the client's 502 says not to retry
+    blindly."""
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        status, body, _ = await gw.launch(token=make_token(max_accelerators=64, jti="lic-cut"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (status, body["reason"]) == (502, "upstream_unavailable")
+    assert "after it accepted the launch" in body["detail"]
+    state = await gw.license("lic-cut")
+    assert (state.used, state.reserved) == (8, 0)
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert completed["decision_id"] == body["decision_id"]
+    assert (completed["upstream_status"], completed["settlement"], completed["error"]) == (
+        201,
+        "used",
+        "upstream_answer_broke_off",
+    )
+
+
+async def test_a_launch_cancelled_while_reserving_gives_the_units_back(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """A handler cancelled (a stop's timeout) while the ledger reserves forwards nothing, so
+    once the reservation is made it is released, not left for the sweeper to count as used."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from launchgate.dialects import LaunchRequest
+    from launchgate.policy import decide
+    from launchgate.proxy import reserve_license
+
+    gw = await start_gateway()
+    gateway, config = gw.gateway, gw.config
+    token = make_token(max_accelerators=64, jti="lic-cancel")
+    real_reserve = gateway.ledger.reserve
+    entered, proceed = asyncio.Event(), asyncio.Event()
+
+    async def slow_reserve(**kwargs: Any) -> Any:
+        entered.set()
+        await proceed.wait()
+        return await real_reserve(**kwargs)
+
+    gateway.ledger.reserve = slow_reserve  # type: ignore[method-assign]
+    body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+    request = LaunchRequest("POST", "/v1/instances", "", headers, body)
+    launch = config.routes[0].dialect.parse(request)
+    assert launch is not None
+    decision = decide(
+        launch, RESTRICTED, token, config, lambda t: gateway.verifier.verify(t, now=now())
+    )
+    assert decision.reason == "licensed" and decision.license is not None
+    task = asyncio.create_task(
+        reserve_license(gateway, config, decision, decision.license, "d-cancel", request, launch)
+    )
+    await entered.wait()
+    task.cancel()
+    proceed.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        state = await gw.license("lic-cancel")
+        if state is not None and state.reserved == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert state is not None and (state.used, state.reserved) == (0, 0)
+    reservation = await gateway.ledger.reservation("d-cancel")
+    assert reservation is not None and reservation.state == "released"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from launchgate.jobthread import JobThread
 
 
@@ -33,3 +35,12 @@ def test_a_failing_job_does_not_stop_the_ones_after_it() -> None:
 
 def test_stopping_a_thread_never_started_is_a_no_op() -> None:
     JobThread("test-jobs").stop(wait=True)
+
+
+def test_a_job_given_after_stop_is_refused_not_lost() -> None:
+    """A job queued behind the stop marker would never run (and its waiter hang): refused."""
+    jobs = JobThread("test-jobs")
+    jobs.submit(lambda: None)
+    jobs.stop(wait=True)
+    with pytest.raises(RuntimeError, match="stopped"):
+        jobs.submit(lambda: None)

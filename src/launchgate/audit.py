@@ -19,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -28,8 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from launchgate.errors import ConfigError
 from launchgate.jobthread import JobThread
+
+log = structlog.get_logger("launchgate")
 
 GENESIS_HASH: Final = "0" * 64
 CHAIN_FIELDS: Final = frozenset({"seq", "prev_hash", "hash"})
@@ -81,7 +86,13 @@ _stamp: tuple[int, str] = (-1, "")  # the last second formatted, and its text
 def utc_timestamp(now: float) -> str:
     """A POSIX time as the record's ``timestamp``: ``2026-11-26T04:33:14.123456Z``."""
     global _stamp
-    second, micros = divmod(round(now * 1_000_000), 1_000_000)
+    # As datetime.fromtimestamp rounds: the fraction alone, to the nearest microsecond.
+    fraction, whole = math.modf(now)
+    second, micros = int(whole), round(fraction * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
     cached, prefix = _stamp  # one tuple, so threads never see a second with another's text
     if second != cached:
         prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -308,15 +319,20 @@ class AuditLog:
     def _write_pending(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand every pending record to the writer thread as one batch."""
         batch, self._pending = self._pending, []
-        self._writer.submit(functools.partial(self._write_and_answer, loop, batch))
+        try:
+            self._writer.submit(functools.partial(self._write_and_answer, loop, batch))
+        except RuntimeError:  # closed meanwhile: its callers hear so rather than wait forever
+            closed = ValueError(f"{self._path}: the audit log is closed")
+            self._batch_written(loop, batch, [closed] * len(batch))
 
     def _write_and_answer(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
         """On the writer thread: write the batch, then answer its callers on the loop."""
         results: list[dict[str, Any] | Exception]
         try:
             results = self._write_batch([entry for entry, _ in batch])
-        except Exception as e:  # the whole write failed: every caller hears of it
-            results = [e] * len(batch)
+        except BaseException as e:  # the whole write failed: every caller hears of it
+            failure = e if isinstance(e, Exception) else RuntimeError(f"write failed: {e!r}")
+            results = [failure] * len(batch)
         with suppress(RuntimeError):  # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(self._batch_written, loop, batch, results)
 
@@ -327,8 +343,15 @@ class AuditLog:
         results: list[dict[str, Any] | Exception],
     ) -> None:
         """On the loop: answer the batch's callers, then write what queued up meanwhile."""
-        for (_, done), result in zip(batch, results, strict=True):
-            if done.done():
+        for (entry, done), result in zip(batch, results, strict=True):
+            if done.done():  # its caller was cancelled: nobody else would hear of a failure
+                if isinstance(result, Exception):
+                    log.error(
+                        "audit.write_failed",
+                        record_event=entry.get("event"),
+                        decision_id=entry.get("decision_id"),
+                        error=str(result),
+                    )
                 continue
             if isinstance(result, Exception):
                 done.set_exception(result)

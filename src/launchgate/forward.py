@@ -124,21 +124,22 @@ def upstream_timeout(connect_s: float, read_s: float) -> ClientTimeout:
 SMALL_BODY_BYTES: Final = 64 * 1024
 
 
-async def relay_response(
-    request: web.Request, upstream: ClientResponse, extra: dict[str, str]
-) -> web.StreamResponse:
-    """Relay the upstream's answer to the client, adding ``extra`` headers."""
-    headers = response_headers(upstream, extra)
+def is_small(request: web.Request, upstream: ClientResponse) -> bool:
+    """Whether the answer is read whole and sent in one write (see ``SMALL_BODY_BYTES``)."""
     length = upstream.content_length
-    if length is not None and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD:
-        try:
-            body = await upstream.read()
-        except (ClientError, TimeoutError) as e:
-            # Nothing was sent yet: the caller answers a clean 502 rather than a torn answer.
-            structlog.get_logger("launchgate").warning(
-                "upstream.body_failed", error=type(e).__name__
-            )
-            raise
+    return length is not None and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD
+
+
+async def relay_response(
+    request: web.Request,
+    upstream: ClientResponse,
+    extra: dict[str, str],
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """Relay the upstream's answer to the client, adding ``extra`` headers: ``body`` when the
+    caller read it already (a small answer, sent in one write), else streamed."""
+    headers = response_headers(upstream, extra)
+    if body is not None:
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )

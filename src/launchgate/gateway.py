@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import ClientSession
@@ -40,6 +42,7 @@ class Gateway:
         self._recorder: Recorder | None = None
         self._session: ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
         self.running = False
 
     @property
@@ -69,12 +72,20 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_reservations())
         self.running = True
 
+    def keep(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` to its end even if nobody awaits it (stop() waits for it)."""
+        future = asyncio.ensure_future(work)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
     async def stop(self) -> None:
         self.running = False
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        while self._background:  # e.g. giving back what a cancelled launch reserved
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         await self.ledger.close()

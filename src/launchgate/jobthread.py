@@ -22,25 +22,31 @@ class JobThread:
         self._name = name
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._start = threading.Lock()
+        self._lock = threading.Lock()  # orders submit() against stop()
+        self._stopped = False
 
     def submit(self, job: Callable[[], None]) -> None:
-        if self._thread is None:
-            with self._start:
-                if self._thread is None:
-                    # A daemon, so an interpreter exiting without stop() is not held up; every
-                    # owner stops it (and waits) when it closes.
-                    thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                    thread.start()
-                    self._thread = thread
-        self._jobs.put(job)
+        """Queue ``job``; RuntimeError once stopped (it would never run)."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"{self._name} is stopped")
+            if self._thread is None:
+                # A daemon, so an interpreter exiting without stop() is not held up; every
+                # owner stops it (and waits) when it closes.
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._jobs.put(job)
 
     def stop(self, *, wait: bool) -> None:
         """End the thread once the jobs already given are done; ``wait`` for that."""
-        thread = self._thread
-        if thread is None:
-            return
-        self._jobs.put(None)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            thread = self._thread
+            if thread is None:
+                return
+            self._jobs.put(None)
         if wait and thread is not threading.current_thread():
             thread.join()
 
@@ -48,7 +54,7 @@ class JobThread:
         while (job := self._jobs.get()) is not None:
             try:
                 job()
-            except Exception:  # a job hands back its own errors; this one is a bug, not fatal
+            except BaseException:  # a job hands back its own errors; this one is a bug
                 structlog.get_logger("launchgate").exception("job_thread.job_failed")
 
 

@@ -337,8 +337,9 @@ class ThenRunner:
         self._thread.submit(job)
         await done
 
-    def close(self) -> None:
-        self._thread.stop(wait=False)
+    async def close(self) -> None:
+        """Return once every ``then`` already given has run."""
+        await asyncio.to_thread(self._thread.stop, wait=True)
 
 
 def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | None) -> None:

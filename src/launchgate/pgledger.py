@@ -406,14 +406,15 @@ class PostgresLedger:
 
     async def close(self) -> None:
         self._closed = True
-        self._thens.close()
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), self._timeout_s)
-        except _STORE_ERRORS:
-            pool.terminate()  # abandoning the pool either way; do not wait on a dead server
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout_s)
+            except _STORE_ERRORS:
+                pool.terminate()  # abandoning the pool either way; do not wait on a dead server
+        # After the pool: a call finishing during pool.close() still runs its ``then`` (and the
+        # gateway closes the decision log only after this).
+        await self._thens.close()
 
     async def ping(self) -> None:
         async with self._connection() as conn:

@@ -13,6 +13,7 @@ says ``replay_of``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import (
     SKIP_AUTO_HEADERS,
+    is_small,
     relay_response,
     target_url,
     upstream_headers,
@@ -230,8 +232,8 @@ async def reserve_license(
         else:
             recorded.append(True)
 
-    try:
-        result = await gateway.ledger.reserve(
+    reserving = asyncio.ensure_future(
+        gateway.ledger.reserve(
             jti=license.jti,
             account=license.sub,
             max_accelerators=license.max_accelerators,
@@ -243,13 +245,36 @@ async def reserve_license(
             fingerprint=None if key is None else fingerprint(request),
             then=record,
         )
+    )
+    try:
+        result = await asyncio.shield(reserving)
     except StoreUnavailable:
         return store_unavailable(decision), None, False
+    except asyncio.CancelledError:
+        # Nothing will be forwarded: once the reservation is made, give it back.
+        reserving.add_done_callback(functools.partial(_give_back, gateway, decision_id))
+        raise
     if failure:
         if result.outcome is ReserveOutcome.RESERVED:  # nothing was forwarded: give it back
             await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
         raise failure[0]
     return after_reservation(decision, result), result, bool(recorded)
+
+
+def _give_back(
+    gateway: Gateway, decision_id: str, reserving: asyncio.Future[ReserveResult]
+) -> None:
+    if reserving.cancelled() or reserving.exception() is not None:
+        return
+    if reserving.result().outcome is ReserveOutcome.RESERVED:
+        gateway.keep(_release_quietly(gateway, decision_id))
+
+
+async def _release_quietly(gateway: Gateway, decision_id: str) -> None:
+    try:
+        await gateway.ledger.release(decision_id, now=time.time())
+    except StoreUnavailable as e:  # the sweeper settles it as used after the TTL
+        log.error("store.release_failed", decision_id=decision_id, error=str(e))
 
 
 def launch_record(
@@ -338,16 +363,31 @@ async def forward(
         raise
     try:
         status = upstream.status
-        how = "commit" if 200 <= status < 300 else "release"
-        await _finish(gateway, decision_id, reserved, how, status, started, None, replay_of)
-        extra = {DECISION_HEADER: decision_id} if decision_id else {}
-        try:
-            return await relay_response(request, upstream, extra)
-        except (TimeoutError, ClientError):  # a short answer broke off before any of it was sent
+        accepted = 200 <= status < 300
+        # A short answer is read before the launch is settled and recorded, so an answer that
+        # breaks off is in the completion record too, not only in the client's 502.
+        how = "commit" if accepted else "release"  # the status says what the upstream did
+        small: bytes | None = None
+        broke_off = False
+        if is_small(request, upstream):
+            try:
+                small = await upstream.read()
+            except (TimeoutError, ClientError) as e:
+                log.warning("upstream.body_failed", error=type(e).__name__)
+                broke_off = True
+            except BaseException:  # cancelled: the status still settles the reservation
+                await _settle(gateway, decision_id, reserved, how)
+                raise
+        error = "upstream_answer_broke_off" if broke_off else None
+        await _finish(gateway, decision_id, reserved, how, status, started, error, replay_of)
+        if broke_off:
             gateway.metrics.upstream_errors.labels("body").inc()
-            return problem(
-                "upstream_unavailable", 502, "the upstream's answer broke off", decision_id
-            )
+            detail = "the upstream's answer broke off"
+            if decision_id is not None and accepted:
+                detail += f" after it accepted the launch (status {status}); do not retry blindly"
+            return problem("upstream_unavailable", 502, detail, decision_id)
+        extra = {DECISION_HEADER: decision_id} if decision_id else {}
+        return await relay_response(request, upstream, extra, small)
     finally:
         upstream.release()
 
