@@ -7,7 +7,8 @@ LAUNCHGATE_TEST_POSTGRES_DSN is set), then drives each scenario with wrk (Debian
 package) when it is on PATH, else with the bundled async client, and prints requests/s,
 p50 and p99 latency, and the ratios to the reference pass-through.
 
-    .venv/bin/python bench/run.py [--duration 5] [--connections 16] [--client wrk|python]
+    .venv/bin/python bench/run.py [--duration 5] [--rounds 3] [--connections 16]
+                                  [--client wrk|python] [--workers N]
 
 Run it on a quiet machine; it only talks to 127.0.0.1.
 """
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -181,7 +183,7 @@ def run_wrk(s: Scenario, duration: float, connections: int) -> Result:
                 "wrk",
                 "-t1",
                 f"-c{connections}",
-                f"-d{duration:g}s",
+                f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
                 "--latency",
                 "-s",
                 script,
@@ -302,40 +304,56 @@ LATENCY_SCENARIOS = (
 )
 
 
-def report_latency(single: dict[str, Result]) -> None:
+def _base_of(name: str) -> str:
+    return (
+        "reference pass-through: GET" if name.endswith("GET") else "reference pass-through: launch"
+    )
+
+
+def report_latency(rounds: list[dict[str, Result]]) -> None:
     """The decision overhead: p50 of a lone request through launchgate minus the same
-    request through the reference pass-through."""
-    print("\ndecision overhead, one connection (p50 minus the reference pass-through's p50):")
-    for name, r in single.items():
-        base = single[
-            "reference pass-through: GET"
-            if name.endswith("GET")
-            else "reference pass-through: launch"
-        ]
+    request's through the reference pass-through (each the median over the rounds)."""
+    print(
+        "\ndecision overhead, one connection (p50 minus the reference pass-through's p50,"
+        " medians over the rounds):"
+    )
+    for name in rounds[0]:
+        p50 = median(r[name].p50_ms for r in rounds)
+        p99 = median(r[name].p99_ms for r in rounds)
+        overhead = median(r[name].p50_ms - r[_base_of(name)].p50_ms for r in rounds)
         goal = "  (target <= 1.0 ms)" if "licensed" in name else ""
-        overhead = (
-            "" if name.startswith("reference") else f"  overhead {r.p50_ms - base.p50_ms:+6.2f} ms"
+        extra = "" if name.startswith("reference") else f"  overhead {overhead:+6.2f} ms{goal}"
+        print(f"  {name:42s} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms{extra}")
+
+
+def report(rounds: list[dict[str, Result]]) -> None:
+    """Medians over the rounds; each ratio is taken within a round (the reference and
+    launchgate measured minutes apart, not an hour), then the median of those."""
+    print(f"\nmedians over {len(rounds)} round(s):")
+    for name in rounds[0]:
+        rps = median(r[name].rps for r in rounds)
+        p50 = median(r[name].p50_ms for r in rounds)
+        p99 = median(r[name].p99_ms for r in rounds)
+        errors = sum(r[name].errors for r in rounds)
+        print(
+            f"  {name:42s} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  errors {errors}"
         )
-        print(f"  {name:42s} p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms{overhead}{goal}")
-
-
-def report(results: dict[str, Result]) -> None:
-    ref_get = results["reference pass-through: GET"]
-    ref_launch = results["reference pass-through: launch"]
     print("\nratios to the reference pass-through (requests/s), and p50 overhead under load:")
     targets = {
-        "launchgate pass-through: GET": (ref_get, 1.0),
-        "launchgate unrestricted launch": (ref_launch, None),
-        "launchgate licensed launch (SQLite)": (ref_launch, 0.7),
-        "launchgate licensed launch (PostgreSQL)": (ref_launch, 0.5),
+        "launchgate pass-through: GET": 1.0,
+        "launchgate unrestricted launch": None,
+        "launchgate licensed launch (SQLite)": 0.7,
+        "launchgate licensed launch (PostgreSQL)": 0.5,
     }
-    targets |= {n: (ref_launch, None) for n in results if "workers)" in n}
-    for name, (base, target) in targets.items():
-        if name not in results:
+    targets |= {n: None for n in rounds[0] if "workers)" in n}
+    for name, target in targets.items():
+        if name not in rounds[0]:
             continue
-        r = results[name]
+        ratios = [r[name].rps / r[_base_of(name)].rps for r in rounds]
+        overhead = median(r[name].p50_ms - r[_base_of(name)].p50_ms for r in rounds)
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
         goal = f"  (target >= {target:.1f}x)" if target else ""
-        print(f"  {name:42s} {r.rps / base.rps:5.2f}x  p50 {r.p50_ms - base.p50_ms:+6.2f} ms{goal}")
+        print(f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}")
     print("\nlatencies are under load (every connection busy), not single round trips;")
     print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
 
@@ -349,6 +367,12 @@ def main() -> int:
         "--workers", type=int, default=1, help="also measure `serve --workers N` (SQLite) when > 1"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run every scenario this many times, interleaved, and report medians",
+    )
+    parser.add_argument(
         "--latency-duration",
         type=float,
         default=3.0,
@@ -360,8 +384,8 @@ def main() -> int:
     pg_dsn = os.environ.get("LAUNCHGATE_BENCH_POSTGRES_DSN") or os.environ.get(
         "LAUNCHGATE_TEST_POSTGRES_DSN"
     )
-    results: dict[str, Result] = {}
-    single: dict[str, Result] = {}
+    rounds: list[dict[str, Result]] = []
+    singles: list[dict[str, Result]] = []
     with tempfile.TemporaryDirectory(prefix="launchgate-bench-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
         stub_port, ref_port = free_port(), free_port()
@@ -393,23 +417,29 @@ def main() -> int:
         stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}"))
         stack.enter_context(_gateways(targets))
         print(f"load generator: {client}, {args.connections} connections, {args.duration:g} s each")
-        for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token, lg_workers):
-            load(s, 1.0, args.connections)  # warm-up: connections, caches, the license row
-            results[s.name] = r = load(s, args.duration, args.connections)
-            print(
-                f"  {s.name:42s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
-                f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
-                flush=True,
-            )
-        if args.latency_duration > 0:
-            print(f"one connection, {args.latency_duration:g} s each:")
-            for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
-                if s.name in LATENCY_SCENARIOS:
-                    single[s.name] = r = load(s, args.latency_duration, 1)
-                    print(f"  {s.name:42s} p50 {r.p50_ms:6.2f} ms  errors {r.errors}", flush=True)
-    report(results)
-    if single:
-        report_latency(single)
+        for n in range(1, args.rounds + 1):
+            print(f"round {n} of {args.rounds}:")
+            results: dict[str, Result] = {}
+            for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token, lg_workers):
+                load(s, 1.0, args.connections)  # warm-up: connections, caches, the license row
+                results[s.name] = r = load(s, args.duration, args.connections)
+                print(
+                    f"  {s.name:42s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
+                    f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
+                    flush=True,
+                )
+            rounds.append(results)
+            if args.latency_duration > 0:
+                print(f"  one connection, {args.latency_duration:g} s each:")
+                single: dict[str, Result] = {}
+                for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
+                    if s.name in LATENCY_SCENARIOS:
+                        single[s.name] = r = load(s, args.latency_duration, 1)
+                        print(f"    {s.name:40s} p50 {r.p50_ms:6.2f} ms", flush=True)
+                singles.append(single)
+    report(rounds)
+    if singles:
+        report_latency(singles)
     return 0
 
 
