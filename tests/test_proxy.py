@@ -7,6 +7,7 @@ import hashlib
 import io
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from yarl import URL
@@ -260,17 +261,46 @@ async def _short_answer_upstream(
     writer.close()
 
 
-async def test_short_answer_broken_off_upstream_gets_502(start_gateway: StartGateway) -> None:
-    """A short answer is sent in one piece, so one that breaks off becomes a clean 502
-    problem instead of a torn 200."""
+async def test_an_answer_that_breaks_off_is_cut_not_completed(start_gateway: StartGateway) -> None:
+    """An upstream that hangs up mid-body: the client's answer is cut off too (its read
+    fails), never a complete-looking short body."""
     server = await asyncio.start_server(_short_answer_upstream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
         async with gw.session.get(f"{gw.url}/anything") as r:
-            assert r.status == 502
-            assert r.content_type == "application/problem+json"
-            assert (await r.json())["reason"] == "upstream_unavailable"
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_short_answer_still_arriving_is_streamed(start_gateway: StartGateway) -> None:
+    """Only an answer already received whole is sent in one write: the first half of a short
+    answer that the upstream sends in two goes out before the second half exists."""
+    second_half = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await second_half.wait()
+        writer.write(b"after")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        async with gw.session.get(f"{gw.url}/anything") as r:
+            assert r.status == 200
+            first = await asyncio.wait_for(r.content.readexactly(5), timeout=5)
+            assert first == b"first"
+            second_half.set()
+            assert await r.content.read() == b"after"
     finally:
         server.close()
         await server.wait_closed()

@@ -119,15 +119,21 @@ def upstream_timeout(connect_s: float, read_s: float) -> ClientTimeout:
     return ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
 
 
-# Answers no longer than this, with their length given, are read whole and sent in one
-# write (status line, headers and body together); longer or unsized ones are streamed.
+# An answer no longer than this, with its length given and already received whole, is sent
+# in one write (status line, headers and body together); any other answer is streamed. Only
+# what has arrived is sent at once, so nothing waits that streaming would have passed on.
 SMALL_BODY_BYTES: Final = 64 * 1024
 
 
-def is_small(request: web.Request, upstream: ClientResponse) -> bool:
-    """Whether the answer is read whole and sent in one write (see ``SMALL_BODY_BYTES``)."""
+def received_whole(request: web.Request, upstream: ClientResponse) -> bool:
+    """Whether the upstream's whole (short) answer is here already: send it in one write."""
     length = upstream.content_length
-    return length is not None and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD
+    return (
+        length is not None
+        and length <= SMALL_BODY_BYTES
+        and request.method != hdrs.METH_HEAD
+        and upstream.content.is_eof()
+    )
 
 
 async def relay_response(
@@ -137,7 +143,7 @@ async def relay_response(
     body: bytes | None = None,
 ) -> web.StreamResponse:
     """Relay the upstream's answer to the client, adding ``extra`` headers: ``body`` when the
-    caller read it already (a small answer, sent in one write), else streamed."""
+    caller read it already (an answer received whole, sent in one write), else streamed."""
     headers = response_headers(upstream, extra)
     if body is not None:
         return web.Response(

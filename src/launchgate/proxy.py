@@ -27,7 +27,7 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import (
     SKIP_AUTO_HEADERS,
-    is_small,
+    received_whole,
     relay_response,
     target_url,
     upstream_headers,
@@ -363,31 +363,12 @@ async def forward(
         raise
     try:
         status = upstream.status
-        accepted = 200 <= status < 300
-        # A short answer is read before the launch is settled and recorded, so an answer that
-        # breaks off is in the completion record too, not only in the client's 502.
-        how = "commit" if accepted else "release"  # the status says what the upstream did
-        small: bytes | None = None
-        broke_off = False
-        if is_small(request, upstream):
-            try:
-                small = await upstream.read()
-            except (TimeoutError, ClientError) as e:
-                log.warning("upstream.body_failed", error=type(e).__name__)
-                broke_off = True
-            except BaseException:  # cancelled: the status still settles the reservation
-                await _settle(gateway, decision_id, reserved, how)
-                raise
-        error = "upstream_answer_broke_off" if broke_off else None
-        await _finish(gateway, decision_id, reserved, how, status, started, error, replay_of)
-        if broke_off:
-            gateway.metrics.upstream_errors.labels("body").inc()
-            detail = "the upstream's answer broke off"
-            if decision_id is not None and accepted:
-                detail += f" after it accepted the launch (status {status}); do not retry blindly"
-            return problem("upstream_unavailable", 502, detail, decision_id)
+        how = "commit" if 200 <= status < 300 else "release"
+        await _finish(gateway, decision_id, reserved, how, status, started, None, replay_of)
         extra = {DECISION_HEADER: decision_id} if decision_id else {}
-        return await relay_response(request, upstream, extra, small)
+        # An answer already here whole is read at once (no waiting) and sent in one write.
+        whole = await upstream.read() if received_whole(request, upstream) else None
+        return await relay_response(request, upstream, extra, whole)
     finally:
         upstream.release()
 
