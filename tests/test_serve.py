@@ -286,3 +286,18 @@ async def test_workers_share_port_store_log_and_metrics(
         await stub.stop()
     result = verify_file(tmp_path / "decisions.jsonl")
     assert result.ok and result.records == 30 + 10, result.detail  # decisions + completions
+
+
+def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:
+    import gc
+
+    from launchgate.server import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
