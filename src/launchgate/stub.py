@@ -4,8 +4,9 @@ Routes:
 
 - ``POST /v1/instances`` launches ``count`` (default 1, at most 1000) instances of the
   body's ``instance_type`` in its ``region``; 201 ``{"instances": [...]}``.
-- ``GET /v1/instances`` lists everything launched so far.
-- ``GET /_stub/requests`` lists every request received (except these listings).
+- ``GET /v1/instances`` lists everything launched so far (the last ``KEEP_LAST``).
+- ``GET /_stub/requests`` lists every request received (except these listings; the last
+  ``KEEP_LAST``, so a benchmark's millions of requests do not grow it without end).
 - ``DELETE /_stub/requests`` or ``POST /_stub/reset`` forget requests, instances and
   failure modes.
 - ``POST /_stub/fail`` with ``{"status": 500, "times": 3}`` and/or ``{"delay_s": 2}``:
@@ -42,6 +43,7 @@ import secrets
 import signal
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,12 +107,17 @@ class FailureMode:
     times: int | None
 
 
+# What the stub remembers is bounded: far more than any test looks at, few enough that a
+# benchmark's load does not grow the heap (and the collector's pauses) without end.
+KEEP_LAST: Final = 10_000
+
+
 @dataclass(slots=True)
 class StubState:
     """Everything the stub remembers between requests; one per app."""
 
-    requests: list[RecordedRequest] = field(default_factory=list)
-    instances: list[Instance] = field(default_factory=list)
+    requests: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=KEEP_LAST))
+    instances: deque[Instance] = field(default_factory=lambda: deque(maxlen=KEEP_LAST))
     failure: FailureMode | None = None
 
     def reset(self) -> None:
