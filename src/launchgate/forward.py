@@ -81,16 +81,17 @@ def upstream_headers(
         if body_known
         else _never_forwarded(token_header)
     )
-    dropped = _dropped(request.headers, always)
-    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in dropped)
+    headers = request.headers
+    dropped = _dropped(headers, always)
+    kept = [(k, v) for k, v in headers.items() if k.lower() not in dropped]
     peer = request.remote or "unknown"
-    chain = ", ".join([*request.headers.getall("X-Forwarded-For", ()), peer])
-    out["X-Forwarded-For"] = chain
-    out["X-Forwarded-Proto"] = request.scheme
+    scheme = request.scheme
     forwarded_for = f'"[{peer}]"' if ":" in peer else peer
-    element = f"for={forwarded_for};proto={request.scheme}"
-    out["Forwarded"] = ", ".join([*request.headers.getall(hdrs.FORWARDED, ()), element])
-    return out
+    element = f"for={forwarded_for};proto={scheme}"
+    kept.append(("X-Forwarded-For", ", ".join([*headers.getall("X-Forwarded-For", ()), peer])))
+    kept.append(("X-Forwarded-Proto", scheme))
+    kept.append(("Forwarded", ", ".join([*headers.getall(hdrs.FORWARDED, ()), element])))
+    return CIMultiDict(kept)
 
 
 def response_headers(upstream: ClientResponse, extra: dict[str, str]) -> list[tuple[str, str]]:

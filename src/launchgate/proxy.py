@@ -103,26 +103,24 @@ async def fail_closed(request: web.Request, handler: Any) -> web.StreamResponse:
         return problem("internal_error", 500, "the gateway failed to handle this request")
 
 
-def _split_raw(request: web.Request) -> tuple[str, str]:
-    raw = request.raw_path
-    path, _, query = raw.partition("?")
-    return path, query
-
-
 async def handle(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
     config = gateway.config  # one configuration for the whole request, whatever reloads do
-    if any(h in request.headers for h in METHOD_OVERRIDES):
-        return problem("malformed_request", 400, "method-override headers are not accepted")
-    raw_path, query = _split_raw(request)
+    headers = request.headers
+    for name in METHOD_OVERRIDES:
+        if name in headers:
+            return problem("malformed_request", 400, "method-override headers are not accepted")
+    raw = request.raw_path
+    raw_path, _, query = raw.partition("?")
     try:
         path = normalize_path(raw_path)
     except UnsafePath as e:
         return problem("bad_path", 400, str(e))
-    route = next((r for r in config.routes if r.matches(request.method, path)), None)
-    if route is None:
-        return await forward(request, gateway, config, request.raw_path, None)
-    return await handle_launch(request, gateway, config, route, path, query)
+    method = request.method
+    for route in config.routes:
+        if route.matches(method, path):
+            return await handle_launch(request, gateway, config, route, path, query)
+    return await forward(request, gateway, config, raw, None)
 
 
 async def handle_launch(
