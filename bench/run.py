@@ -403,7 +403,14 @@ def main() -> int:
             workers_cfg, url, admin, _ = write_config(folder, store, stub)
             targets.append((workers_cfg, admin, args.workers))
             lg_workers = (url, args.workers)
-        stub_cmd = [str(BIN / "launchgate"), "stub-backend", "--listen", f"127.0.0.1:{stub_port}"]
+        stub_cmd = [
+            str(BIN / "launchgate"),
+            "stub-backend",
+            "--listen",
+            f"127.0.0.1:{stub_port}",
+            "--keep-last",  # a bounded heap: no collector pauses growing through the run
+            "10000",
+        ]
         stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances"))
         refproxy = str(Path(__file__).with_name("refproxy.py"))
         ref_cmd = [

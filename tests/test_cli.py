@@ -407,6 +407,13 @@ USER_ERRORS: list[Any] = [
     pytest.param(
         lambda c: (["stub-backend", "--listen", "127.0.0.1:70000"], ["--listen"]), id="bad-port"
     ),
+    pytest.param(
+        lambda c: (
+            ["stub-backend", "--listen", "127.0.0.1:0", "--keep-last", "0"],
+            ["--keep-last"],
+        ),
+        id="bad-keep-last",
+    ),
 ]
 
 

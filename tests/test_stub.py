@@ -524,21 +524,21 @@ async def test_run_stub_records_compressed_bodies_as_sent() -> None:
         await asyncio.wait_for(process.wait(), 10)
 
 
-async def test_what_the_stub_remembers_is_bounded(
-    aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
+async def test_the_stub_can_remember_only_the_last_requests_and_instances(
+    aiohttp_client: AiohttpClient,
 ) -> None:
-    """Requests and instances are kept up to a bound (the last ones), so a benchmark's load
-    does not grow the stub without end."""
-    import launchgate.stub
-
-    monkeypatch.setattr(launchgate.stub, "KEEP_LAST", 5)
-    client = await aiohttp_client(create_stub_app())
-    for i in range(8):
-        r = await client.post("/v1/instances", json={"instance_type": f"t{i}", "count": 1})
-        assert r.status == 201
-    recorded = await _requests(client)
-    assert [json.loads(q["body"])["instance_type"] for q in recorded] == [
-        f"t{i}" for i in range(3, 8)
-    ]
-    listed = (await (await client.get("/v1/instances")).json())["instances"]
-    assert [i["instance_type"] for i in listed] == [f"t{i}" for i in range(3, 8)]
+    """With ``keep_last`` (``--keep-last``, as the benchmark runs it) requests and instances
+    are kept up to a bound, the last ones; without it, every one (CONTRACT section 7)."""
+    bounded = await aiohttp_client(create_stub_app(keep_last=5))
+    unbounded = await aiohttp_client(create_stub_app())
+    for client in (bounded, unbounded):
+        for i in range(8):
+            r = await client.post("/v1/instances", json={"instance_type": f"t{i}", "count": 1})
+            assert r.status == 201
+    for client, first in ((bounded, 3), (unbounded, 0)):
+        recorded = await _requests(client)
+        assert [json.loads(q["body"])["instance_type"] for q in recorded] == [
+            f"t{i}" for i in range(first, 8)
+        ]
+        listed = (await (await client.get("/v1/instances")).json())["instances"]
+        assert [i["instance_type"] for i in listed] == [f"t{i}" for i in range(first, 8)]

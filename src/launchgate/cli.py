@@ -377,8 +377,10 @@ def cmd_stub_backend(args: argparse.Namespace) -> int:
     from launchgate.stub import run_stub
 
     where = parse_host_port(args.listen, "--listen")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise UsageError("--keep-last: must be at least 1")
     try:
-        asyncio.run(run_stub(where.host, where.port))
+        asyncio.run(run_stub(where.host, where.port, keep_last=args.keep_last))
     except OSError as e:
         raise UsageError(f"--listen {args.listen}: cannot listen: {e.strerror or e}") from None
     return 0
@@ -494,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     stub = command("stub-backend", cmd_stub_backend, "a stand-in instance-launch API")
     stub.add_argument("--listen", required=True, metavar="HOST:PORT")
+    stub.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="remember only the last N requests and instances (default: all)",
+    )
     return parser
 
 

@@ -4,9 +4,10 @@ Routes:
 
 - ``POST /v1/instances`` launches ``count`` (default 1, at most 1000) instances of the
   body's ``instance_type`` in its ``region``; 201 ``{"instances": [...]}``.
-- ``GET /v1/instances`` lists everything launched so far (the last ``KEEP_LAST``).
-- ``GET /_stub/requests`` lists every request received (except these listings; the last
-  ``KEEP_LAST``, so a benchmark's millions of requests do not grow it without end).
+- ``GET /v1/instances`` lists everything launched so far.
+- ``GET /_stub/requests`` lists every request received (except these listings).
+- With ``keep_last`` (``stub-backend --keep-last N``, as the benchmark runs it) both
+  lists hold only the last N.
 - ``DELETE /_stub/requests`` or ``POST /_stub/reset`` forget requests, instances and
   failure modes.
 - ``POST /_stub/fail`` with ``{"status": 500, "times": 3}`` and/or ``{"delay_s": 2}``:
@@ -45,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -107,18 +108,19 @@ class FailureMode:
     times: int | None
 
 
-# What the stub remembers is bounded: far more than any test looks at, few enough that a
-# benchmark's load does not grow the heap (and the collector's pauses) without end.
-KEEP_LAST: Final = 10_000
-
-
 @dataclass(slots=True)
 class StubState:
-    """Everything the stub remembers between requests; one per app."""
+    """Everything the stub remembers between requests; one per app. Every request and
+    instance, or only the last ``keep_last`` of each (a benchmark's load would otherwise
+    grow the heap, and the collector's pauses, without end)."""
 
-    requests: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=KEEP_LAST))
-    instances: deque[Instance] = field(default_factory=lambda: deque(maxlen=KEEP_LAST))
+    requests: deque[RecordedRequest]
+    instances: deque[Instance]
     failure: FailureMode | None = None
+
+    @classmethod
+    def keeping(cls, keep_last: int | None) -> StubState:
+        return cls(deque(maxlen=keep_last), deque(maxlen=keep_last))
 
     def reset(self) -> None:
         self.requests.clear()
@@ -574,10 +576,11 @@ async def _record_and_fail(request: web.Request, handler: _Handler) -> web.Strea
     return await handler(request)
 
 
-def create_stub_app() -> web.Application:
-    """A fresh stub backend with empty state."""
+def create_stub_app(*, keep_last: int | None = None) -> web.Application:
+    """A fresh stub backend with empty state, remembering every request and instance or
+    only the last ``keep_last``."""
     app = web.Application(middlewares=[_record_and_fail])
-    app[STUB_STATE_KEY] = StubState()
+    app[STUB_STATE_KEY] = StubState.keeping(keep_last)
     app.router.add_post("/v1/instances", _launch)
     app.router.add_get("/v1/instances", _list_instances)
     app.router.add_get("/_stub/requests", _list_requests)
@@ -591,14 +594,16 @@ def create_stub_app() -> web.Application:
     return app
 
 
-async def run_stub(host: str, port: int) -> None:
+async def run_stub(host: str, port: int, *, keep_last: int | None = None) -> None:
     """Serve the stub on HOST:PORT until cancelled, SIGTERM or SIGINT.
 
     Once listening, prints ``stub-backend listening on http://HOST:PORT`` (the real
     port when ``port`` is 0) as one line on stdout. Raises OSError if it cannot bind.
     """
     # Bodies are recorded as they arrived: aiohttp would otherwise decompress them first.
-    runner = web.AppRunner(create_stub_app(), access_log=None, auto_decompress=False)
+    runner = web.AppRunner(
+        create_stub_app(keep_last=keep_last), access_log=None, auto_decompress=False
+    )
     await runner.setup()
     try:
         # A short grace period: a stub holding shutdown for an injected delay helps nobody.
