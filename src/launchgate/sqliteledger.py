@@ -131,6 +131,12 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 # or with others in a batch); none opens or ends one itself.
 
 
+_LICENSE_ROW: Final = (
+    "SELECT max_accelerators, used, reserved, revoked, account, expires, first_seen"
+    " FROM licenses WHERE jti = ?"
+)
+
+
 def _reserve(
     conn: sqlite3.Connection,
     *,
@@ -144,23 +150,24 @@ def _reserve(
     idempotency_key: str | None,
     fingerprint: str | None,
 ) -> ReserveResult:
-    # The first sighting fixes account, maximum and expiry (a jti is unique); a row created by
-    # an earlier revoke has them NULL and gets them now.
-    conn.execute(
-        "INSERT INTO licenses (jti, account, max_accelerators, expires, first_seen)"
-        " VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (jti) DO UPDATE SET"
-        "  account = COALESCE(account, excluded.account),"
-        "  max_accelerators = COALESCE(max_accelerators, excluded.max_accelerators),"
-        "  expires = COALESCE(expires, excluded.expires),"
-        "  first_seen = COALESCE(first_seen, excluded.first_seen)",
-        (jti, account, max_accelerators, expires, now),
-    )
     # Read inside the write transaction: a revoke committed by another process before this lock
     # was taken is seen here, and so is a reservation made under the same idempotency key.
-    max_acc, used, reserved, revoked = conn.execute(
-        "SELECT max_accelerators, used, reserved, revoked FROM licenses WHERE jti = ?", (jti,)
-    ).fetchone()
+    row = conn.execute(_LICENSE_ROW, (jti,)).fetchone()
+    if row is None or None in (row[0], *row[4:]):  # max, account, expires, first seen
+        # The first sighting fixes account, maximum and expiry (a jti is unique); a row made
+        # by an earlier revoke has them NULL and gets them now. A complete row is left alone.
+        conn.execute(
+            "INSERT INTO licenses (jti, account, max_accelerators, expires, first_seen)"
+            " VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (jti) DO UPDATE SET"
+            "  account = COALESCE(account, excluded.account),"
+            "  max_accelerators = COALESCE(max_accelerators, excluded.max_accelerators),"
+            "  expires = COALESCE(expires, excluded.expires),"
+            "  first_seen = COALESCE(first_seen, excluded.first_seen)",
+            (jti, account, max_accelerators, expires, now),
+        )
+        row = conn.execute(_LICENSE_ROW, (jti,)).fetchone()
+    max_acc, used, reserved, revoked = row[:4]
     outcome: ReserveOutcome | None = None
     bound: str | None = None
     if revoked:
