@@ -379,6 +379,8 @@ def main() -> int:
         help="seconds per scenario of the one-connection latency pass (0 skips it)",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     load = run_wrk if client == "wrk" else run_python
     pg_dsn = os.environ.get("LAUNCHGATE_BENCH_POSTGRES_DSN") or os.environ.get(

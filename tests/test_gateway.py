@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from conftest import (
     CPU_SKU,
@@ -535,14 +536,24 @@ async def test_a_launch_whose_accepted_answer_breaks_off_is_counted(
             "X-Account-Id": RESTRICTED,
             "License-Token": token,
         }
-        async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
-            assert r.status == 201
-            decision_id = r.headers["Launchgate-Decision-Id"]
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await r.read()
+        with structlog.testing.capture_logs() as logs:
+            async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
+                assert r.status == 201
+                decision_id = r.headers["Launchgate-Decision-Id"]
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
     finally:
         server.close()
         await server.wait_closed()
+    # The completion record was written before the break: the metric and a log line naming
+    # the decision are its trace.
+    assert {"event": "upstream.body_failed", "decision_id": decision_id} in [
+        {k: e.get(k) for k in ("event", "decision_id")} for e in logs
+    ]
+    errors = gw.gateway.metrics.registry.get_sample_value(
+        "launchgate_upstream_errors_total", {"kind": "body"}
+    )
+    assert errors == 1
     state = await gw.license("lic-cut")
     assert (state.used, state.reserved) == (8, 0)
     [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]

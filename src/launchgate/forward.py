@@ -9,9 +9,9 @@ gateway sets itself. Responses come back as the upstream sent them, bytes untouc
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Final
 
-import structlog
 from aiohttp import (
     ClientError,
     ClientResponse,
@@ -142,9 +142,11 @@ async def relay_response(
     upstream: ClientResponse,
     extra: dict[str, str],
     body: bytes | None = None,
+    broke_off: Callable[[str], None] | None = None,
 ) -> web.StreamResponse:
     """Relay the upstream's answer to the client, adding ``extra`` headers: ``body`` when the
-    caller read it already (an answer received whole, sent in one write), else streamed."""
+    caller read it already (an answer received whole, sent in one write), else streamed;
+    ``broke_off(error)`` hears of an answer that broke off mid-stream (the client's is cut)."""
     headers = response_headers(upstream, extra)
     if body is not None:
         return web.Response(
@@ -158,7 +160,8 @@ async def relay_response(
     except (ClientError, TimeoutError) as e:
         # The status line is gone already; all that is left is to cut the connection,
         # so the client sees a truncated body rather than a complete-looking one.
-        structlog.get_logger("launchgate").warning("upstream.body_failed", error=type(e).__name__)
+        if broke_off is not None:
+            broke_off(type(e).__name__)
         if request.transport is not None:
             request.transport.close()
         return response

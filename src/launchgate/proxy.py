@@ -366,7 +366,13 @@ async def forward(
         extra = {DECISION_HEADER: decision_id} if decision_id else {}
         # An answer already here whole is read at once (no waiting) and sent in one write.
         whole = await upstream.read() if received_whole(request, upstream) else None
-        return await relay_response(request, upstream, extra, whole)
+
+        def broke_off(error: str) -> None:
+            # The completion record is written already; this log line is the trace.
+            gateway.metrics.upstream_errors.labels("body").inc()
+            log.warning("upstream.body_failed", decision_id=decision_id, error=error)
+
+        return await relay_response(request, upstream, extra, whole, broke_off)
     finally:
         upstream.release()
 

@@ -50,6 +50,7 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    tune_gc()  # before listening: no connection's objects are frozen with start-up's
     try:
         proxy_site = web.TCPSite(
             proxy_runner,
@@ -62,7 +63,6 @@ async def serve(
         if worker in (None, 0):
             admin = config.admin_listen
             await web.TCPSite(admin_runner, admin.host, admin.port, reuse_address=True).start()
-        tune_gc()
         log.info(
             "gateway.started",
             worker=worker,
