@@ -44,3 +44,19 @@ def test_a_job_given_after_stop_is_refused_not_lost() -> None:
     jobs.stop(wait=True)
     with pytest.raises(RuntimeError, match="stopped"):
         jobs.submit(lambda: None)
+
+
+async def test_call_returns_or_raises_what_the_job_did_on_the_thread() -> None:
+    jobs = JobThread("test-jobs")
+    try:
+        assert await jobs.call(threading.get_ident) != threading.get_ident()
+        assert await jobs.call(lambda: 42) == 42
+
+        def boom() -> None:
+            raise ValueError("from the thread")
+
+        with pytest.raises(ValueError, match="from the thread"):
+            await jobs.call(boom)
+        assert await jobs.call(lambda: "still running") == "still running"
+    finally:
+        jobs.stop(wait=True)

@@ -11,8 +11,11 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import structlog
+
+_T = TypeVar("_T")
 
 
 class JobThread:
@@ -37,6 +40,23 @@ class JobThread:
                 self._thread.start()
             self._jobs.put(job)
 
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the thread and return (or raise) what it did, without blocking the
+        event loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[_T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as e:  # handed to the waiting coroutine
+                loop.call_soon_threadsafe(_settle, done, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        self.submit(job)
+        return await done
+
     def stop(self, *, wait: bool) -> None:
         """End the thread once the jobs already given are done; ``wait`` for that."""
         with self._lock:
@@ -58,7 +78,10 @@ class JobThread:
                 structlog.get_logger("launchgate").exception("job_thread.job_failed")
 
 
-def resolve(future: asyncio.Future[None]) -> None:
-    """Set ``future``'s result unless it is done (for ``call_soon_threadsafe``)."""
-    if not future.done():
-        future.set_result(None)
+def _settle(future: asyncio.Future[_T], result: _T | None, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # None only with an error

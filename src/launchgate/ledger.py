@@ -18,8 +18,6 @@ it in PostgreSQL for replicas on several hosts.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
-import structlog
-
 from launchgate.errors import ConfigError, StoreUnavailable
-from launchgate.jobthread import JobThread, resolve
 
 _T = TypeVar("_T")
 
@@ -310,36 +305,6 @@ _LICENSE_COLUMNS = (
 )
 _RESERVATION_COLUMNS = "decision_id, jti, amount, state, created_at, settled_at, note"
 _KEY_COLUMNS = "account, key, fingerprint, decision_id, bound_at"
-
-
-class ThenRunner:
-    """Runs ``then`` callbacks off the event loop, one at a time on one thread, for a store
-    whose own writes run on the event loop (so no pool of threads fights over the log)."""
-
-    def __init__(self) -> None:
-        self._thread = JobThread("launchgate-ledger-then")
-
-    async def run(self, then: Callable[[_T], None] | None, value: _T) -> None:
-        if then is None:
-            return
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def job() -> None:
-            try:
-                then(value)
-            except Exception:  # ``then`` reports its own failures; this is a bug
-                structlog.get_logger("launchgate").exception("ledger.then_failed")
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                    loop.call_soon_threadsafe(resolve, done)
-
-        self._thread.submit(job)
-        await done
-
-    async def close(self) -> None:
-        """Return once every ``then`` already given has run."""
-        await asyncio.to_thread(self._thread.stop, wait=True)
 
 
 def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | None) -> None:

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+import structlog
 
 from launchgate.errors import ConfigError, StoreUnavailable
+from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
@@ -48,7 +51,6 @@ from launchgate.ledger import (
     ReserveOutcome,
     ReserveResult,
     Then,
-    ThenRunner,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -59,6 +61,9 @@ from launchgate.ledger import (
     _redact,
     _reservation,
 )
+
+log = structlog.get_logger("launchgate")
+_T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "PostgresLedger"]
 
@@ -389,7 +394,8 @@ class PostgresLedger:
         self._failure: BaseException | None = None  # why the store is down, until a probe works
         self._retry_at = 0.0  # time.monotonic() before which calls fail without trying
         self._probing = False
-        self._thens = ThenRunner()
+        # ``then`` callbacks run here, one at a time (no pool of threads fighting over the log).
+        self._thens = JobThread("launchgate-ledger-then")
 
     @property
     def schema(self) -> str | None:
@@ -414,7 +420,7 @@ class PostgresLedger:
                 pool.terminate()  # abandoning the pool either way; do not wait on a dead server
         # After the pool: a call finishing during pool.close() still runs its ``then`` (and the
         # gateway closes the decision log only after this).
-        await self._thens.close()
+        await asyncio.to_thread(self._thens.stop, wait=True)
 
     async def ping(self) -> None:
         async with self._connection() as conn:
@@ -471,32 +477,44 @@ class PostgresLedger:
             requested=amount,
             replay_of=replay_of,
         )
-        await self._thens.run(then, result)
+        await self._then(then, result)
         return result
 
     async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._settle(decision_id, "used", now, None)
-        await self._thens.run(then, None)
+        await self._settle(decision_id, "used", now, None, then)
 
     async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._settle(decision_id, "released", now, None)
-        await self._thens.run(then, None)
+        await self._settle(decision_id, "released", now, None, then)
 
     async def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
     ) -> None:
-        await self._settle(decision_id, "settled_unknown", now, note)
-        await self._thens.run(then, None)
+        await self._settle(decision_id, "settled_unknown", now, note, then)
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         async with self._connection() as conn:
             return await conn.fetchval(_CONFIRM, decision_id, now, note) is not None
 
     async def _settle(
-        self, decision_id: str, to: ReservationState, now: float, note: str | None
+        self,
+        decision_id: str,
+        to: ReservationState,
+        now: float,
+        note: str | None,
+        then: Then | None,
     ) -> None:
         async with self._connection() as conn:
             await conn.execute(_SETTLE, decision_id, to, now, note)
+        await self._then(then, None)
+
+    async def _then(self, then: Callable[[_T], None] | None, value: _T) -> None:
+        """``then(value)`` on the then-thread; one that raises is a bug, logged."""
+        if then is None:
+            return
+        try:
+            await self._thens.call(functools.partial(then, value))
+        except Exception:
+            log.exception("ledger.then_failed")
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         note = _expiry_note(ttl_s)

@@ -216,19 +216,13 @@ async def reserve_license(
         key = idempotency_key(request.headers, launch)
     except MalformedLaunch as e:
         return verdict(decision, "malformed_request", 400, e.detail), None, False
-    failure: list[BaseException] = []
-    recorded: list[bool] = []
+    written = _WrittenByLedger(gateway)
 
     def record(result: ReserveResult) -> None:  # on the ledger's thread
         final = after_reservation(decision, result)
-        try:
-            gateway.recorder.write_now(
-                launch_record(config, final, decision_id, request.method, request.path, result)
-            )
-        except Exception as e:
-            failure.append(e)
-        else:
-            recorded.append(True)
+        written.write_now(
+            launch_record(config, final, decision_id, request.method, request.path, result)
+        )
 
     reserving = asyncio.ensure_future(
         gateway.ledger.reserve(
@@ -252,11 +246,11 @@ async def reserve_license(
         # Nothing will be forwarded: once the reservation is made, give it back.
         reserving.add_done_callback(functools.partial(_give_back, gateway, decision_id))
         raise
-    if failure:
+    if written.failure is not None:
         if result.outcome is ReserveOutcome.RESERVED:  # nothing was forwarded: give it back
             await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
-        raise failure[0]
-    return after_reservation(decision, result), result, bool(recorded)
+        raise written.failure
+    return after_reservation(decision, result), result, written.written
 
 
 def _give_back(
@@ -413,13 +407,8 @@ async def _settle(
         return None
     now = time.time()
     ledger = gateway.ledger
-    if how == "commit":
-        settled = "used"
-    elif how == "release":
-        settled = "released"
-    else:
-        settled = "used_unknown"
-    then = None if completion is None else (lambda _: completion.write_now(settled))
+    settled = {"commit": "used", "release": "released"}.get(how, "used_unknown")
+    then = None if completion is None else (lambda _: completion.settled(settled))
     if how == "commit":
         op = ledger.commit(decision_id, now=now, then=then)
     elif how == "release":
@@ -449,10 +438,28 @@ async def _confirm(gateway: Gateway, replay_of: str, decision_id: str) -> str | 
     return "confirmed" if confirmed else None
 
 
-class _Completion:
-    """A forwarded launch's ``launch.completed`` record, written once: on the ledger's thread
-    right after the reservation is settled (``write_now``, one thread hop for both), or
-    else from the event loop (``write``)."""
+class _WrittenByLedger:
+    """A record the ledger writes on its own thread right after a commit (a ``then``): whether
+    it was written, or why not, for the event loop to read once the ledger call returns."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.written = False
+        self.failure: Exception | None = None
+
+    def write_now(self, record: dict[str, Any]) -> None:
+        try:
+            self.gateway.recorder.write_now(record)
+        except Exception as e:  # handed to the event loop, raised there
+            self.failure = e
+        else:
+            self.written = True
+
+
+class _Completion(_WrittenByLedger):
+    """A forwarded launch's ``launch.completed`` record, written once: by the ledger right
+    after the reservation is settled (``settled``, one thread hop for both), or else from
+    the event loop (``write``)."""
 
     def __init__(
         self,
@@ -462,13 +469,11 @@ class _Completion:
         started: float,
         error: str | None,
     ) -> None:
-        self.gateway = gateway
+        super().__init__(gateway)
         self.decision_id = decision_id
         self.status = status
         self.started = started
         self.error = error
-        self.written = False
-        self.failure: Exception | None = None
 
     def record(self, settlement: str | None) -> dict[str, Any]:
         return {
@@ -481,14 +486,9 @@ class _Completion:
             "error": self.error,
         }
 
-    def write_now(self, settlement: str) -> None:
+    def settled(self, settlement: str) -> None:
         """On the ledger's thread, once the settlement has committed."""
-        try:
-            self.gateway.recorder.write_now(self.record(settlement))
-        except Exception as e:
-            self.failure = e
-        else:
-            self.written = True
+        self.write_now(self.record(settlement))
 
     async def write(self, settlement: str | None) -> None:
         if self.failure is not None:

@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
-from launchgate.jobthread import JobThread, resolve
+from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
@@ -370,17 +370,7 @@ class SqliteLedger:
         if self._busy:  # what was asked before close still runs, then the connection goes
             self._idle = loop.create_future()
             await self._idle
-        disconnected = loop.create_future()
-
-        def disconnect() -> None:
-            try:
-                self._disconnect()
-            finally:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                    loop.call_soon_threadsafe(resolve, disconnected)
-
-        self._thread.submit(disconnect)
-        await disconnected
+        await self._thread.call(self._disconnect)
         self._thread.stop(wait=False)
 
     async def ping(self) -> None:
