@@ -111,6 +111,7 @@ async def reserve(
     jti: str = "lic-42",
     max_accelerators: int = 64,
     now: float = T0,
+    then: Callable[[ReserveResult], None] | None = None,
 ) -> ReserveResult:
     return await ledger.reserve(
         jti=jti,
@@ -120,6 +121,7 @@ async def reserve(
         amount=amount,
         decision_id=decision_id,
         now=now,
+        then=then,
     )
 
 
@@ -255,16 +257,7 @@ async def test_then_runs_off_the_loop_after_the_reservation_commits(ledger: Ledg
     """``then`` gets the reserve's result, once, off the event loop's thread, with the
     reservation already committed (a record written there may say it is reserved)."""
     probe = ThenProbe(_sqlite_path(ledger))
-    result = await ledger.reserve(
-        jti="lic-42",
-        account="acct-2001",
-        max_accelerators=64,
-        expires=EXPIRES,
-        amount=8,
-        decision_id="d1",
-        now=T0,
-        then=probe,
-    )
+    result = await reserve(ledger, "d1", 8, then=probe)
     assert probe.calls == [result]
     assert probe.threads[0] != threading.get_ident()
     if probe.path is not None:
@@ -292,16 +285,7 @@ async def test_then_is_not_called_when_the_write_fails(ledger: Ledger) -> None:
     await reserve(ledger, "d1", 8)
     probe = ThenProbe(None)
     with pytest.raises(ValueError, match="d1"):
-        await ledger.reserve(
-            jti="lic-42",
-            account="acct-2001",
-            max_accelerators=64,
-            expires=EXPIRES,
-            amount=8,
-            decision_id="d1",
-            now=T0,
-            then=probe,
-        )
+        await reserve(ledger, "d1", 8, then=probe)
     assert probe.calls == []
 
 
@@ -312,16 +296,7 @@ async def test_a_then_that_raises_leaves_the_store_working(ledger: Ledger) -> No
     def broken(_: object) -> None:
         raise RuntimeError("a bug in a then")
 
-    await ledger.reserve(
-        jti="lic-42",
-        account="acct-2001",
-        max_accelerators=64,
-        expires=EXPIRES,
-        amount=8,
-        decision_id="d1",
-        now=T0,
-        then=broken,
-    )
+    await reserve(ledger, "d1", 8, then=broken)
     probe = ThenProbe(None)
     await ledger.commit("d1", T0 + 1, then=probe)
     assert probe.calls == [None]
@@ -333,19 +308,7 @@ async def test_thens_of_a_batch_each_see_their_own_result(ledger: Ledger) -> Non
     """Concurrent reserves (one batch on SQLite) each get their own result in their ``then``."""
     probes = [ThenProbe(None) for _ in range(20)]
     results = await asyncio.gather(
-        *(
-            ledger.reserve(
-                jti="lic-42",
-                account="acct-2001",
-                max_accelerators=64,
-                expires=EXPIRES,
-                amount=8,
-                decision_id=f"d{i}",
-                now=T0,
-                then=probe,
-            )
-            for i, probe in enumerate(probes)
-        )
+        *(reserve(ledger, f"d{i}", 8, then=probe) for i, probe in enumerate(probes))
     )
     assert [p.calls for p in probes] == [[r] for r in results]
 
