@@ -1,9 +1,9 @@
-"""Forwarding to the upstream through one shared ClientSession, streaming both ways.
+"""What goes upstream and what comes back: headers both ways, and relaying the answer.
 
 Requests keep their method, path, query, body and headers, less the hop-by-hop ones
 (RFC 9110 section 7.6.1), the license-token header, and the forwarding headers that the
 gateway sets itself. Responses come back as the upstream sent them, bytes untouched
-(the session never decompresses).
+(nothing is decompressed). The connections themselves are ``upstream.py``'s.
 """
 
 from __future__ import annotations
@@ -12,18 +12,10 @@ import functools
 from collections.abc import Callable
 from typing import Final
 
-from aiohttp import (
-    ClientError,
-    ClientResponse,
-    ClientSession,
-    ClientTimeout,
-    DummyCookieJar,
-    TCPConnector,
-    hdrs,
-    web,
-)
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from aiohttp import ClientError, hdrs, web
+from multidict import CIMultiDictProxy
+
+from launchgate.upstream import UpstreamResponse
 
 HOP_BY_HOP: Final = frozenset(
     h.lower()
@@ -40,20 +32,6 @@ HOP_BY_HOP: Final = frozenset(
     )
 )
 GATEWAY_SET: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forwarded"})
-# aiohttp's client adds these when absent; a pass-through must not.
-SKIP_AUTO_HEADERS: Final = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
-
-
-def create_session() -> ClientSession:
-    """The one client session of an app: pooled keep-alive, no decompression, no cookies.
-
-    Timeouts are given per request, from the configuration in force (it may be reloaded).
-    """
-    return ClientSession(
-        connector=TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False),
-        auto_decompress=False,
-        cookie_jar=DummyCookieJar(),  # never keep one client's cookies for another
-    )
 
 
 @functools.cache
@@ -73,9 +51,9 @@ def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozense
 
 def upstream_headers(
     request: web.Request, token_header: str, *, body_known: bool
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """Headers to send upstream: the client's, less hop-by-hop and token, plus forwarding."""
-    # A body sent as bytes gets its length from the client session.
+    # A body sent as bytes gets its length from the upstream client.
     always = (
         _never_forwarded(token_header, hdrs.CONTENT_LENGTH)
         if body_known
@@ -91,10 +69,10 @@ def upstream_headers(
     kept.append(("X-Forwarded-For", ", ".join([*headers.getall("X-Forwarded-For", ()), peer])))
     kept.append(("X-Forwarded-Proto", scheme))
     kept.append(("Forwarded", ", ".join([*headers.getall(hdrs.FORWARDED, ()), element])))
-    return CIMultiDict(kept)
+    return kept
 
 
-def response_headers(upstream: ClientResponse, extra: dict[str, str]) -> list[tuple[str, str]]:
+def response_headers(upstream: UpstreamResponse, extra: dict[str, str]) -> list[tuple[str, str]]:
     """The upstream's answer headers, less hop-by-hop, plus ``extra`` (replacing any same)."""
     dropped = _dropped(upstream.headers, HOP_BY_HOP)
     if extra:
@@ -104,29 +82,13 @@ def response_headers(upstream: ClientResponse, extra: dict[str, str]) -> list[tu
     return kept
 
 
-@functools.lru_cache(maxsize=16)
-def _base(base: URL) -> str:
-    return str(base).rstrip("/")
-
-
-def target_url(base: URL, path_and_query: str) -> URL:
-    """The upstream URL for a raw path (and query), bytes kept as received."""
-    return URL(_base(base) + path_and_query, encoded=True)
-
-
-@functools.lru_cache(maxsize=16)
-def upstream_timeout(connect_s: float, read_s: float) -> ClientTimeout:
-    """Per-request timeouts: to connect, and between reads of the answer (none in all)."""
-    return ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
-
-
 # An answer no longer than this, with its length given and already received whole, is sent
 # in one write (status line, headers and body together); any other answer is streamed. Only
 # what has arrived is sent at once, so nothing waits that streaming would have passed on.
 SMALL_BODY_BYTES: Final = 64 * 1024
 
 
-def received_whole(request: web.Request, upstream: ClientResponse) -> bool:
+def received_whole(request: web.Request, upstream: UpstreamResponse) -> bool:
     """Whether the upstream's whole (short) answer is here already: send it in one write."""
     length = upstream.content_length
     return (
@@ -139,7 +101,7 @@ def received_whole(request: web.Request, upstream: ClientResponse) -> bool:
 
 async def relay_response(
     request: web.Request,
-    upstream: ClientResponse,
+    upstream: UpstreamResponse,
     extra: dict[str, str],
     body: bytes | None = None,
     broke_off: Callable[[str], None] | None = None,

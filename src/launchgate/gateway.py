@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import ClientSession
 
 from launchgate.config import Config, load_config
 from launchgate.errors import ConfigError, StoreUnavailable
-from launchgate.forward import create_session
 from launchgate.ledger import Ledger, open_ledger
 from launchgate.metrics import Metrics
 from launchgate.records import Recorder
 from launchgate.tokens import TokenVerifier
+from launchgate.upstream import UpstreamClient
 
 log = structlog.get_logger("launchgate")
 
@@ -40,7 +39,7 @@ class Gateway:
         self.metrics = Metrics()
         self.ledger: Ledger = open_ledger(config.store_url, config.base_dir)
         self._recorder: Recorder | None = None
-        self._session: ClientSession | None = None
+        self._upstream: UpstreamClient | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self.running = False
@@ -52,13 +51,13 @@ class Gateway:
         return self._recorder
 
     @property
-    def session(self) -> ClientSession:
-        if self._session is None:
+    def upstream(self) -> UpstreamClient:
+        if self._upstream is None:
             raise RuntimeError("gateway not started")
-        return self._session
+        return self._upstream
 
     async def start(self) -> None:
-        """Open the decision log, the ledger and the upstream session.
+        """Open the decision log, the ledger and the upstream client.
 
         An unreachable ledger does not stop the start: restricted launches fail closed
         with ``store_unavailable`` until it is back, and /readyz says so.
@@ -68,7 +67,7 @@ class Gateway:
             await self.ledger.open()
         except StoreUnavailable as e:
             log.warning("store.unavailable", error=str(e))
-        self._session = create_session()
+        self._upstream = UpstreamClient()
         self._sweeper = asyncio.create_task(self._sweep_reservations())
         self.running = True
 
@@ -86,8 +85,8 @@ class Gateway:
                 await self._sweeper
         while self._background:  # e.g. giving back what a cancelled launch reserved
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
         await self.ledger.close()
         if self._recorder is not None:
             await self._recorder.aclose()

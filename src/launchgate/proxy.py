@@ -18,21 +18,14 @@ import time
 from typing import Any
 
 import structlog
-from aiohttp import ClientConnectorError, ClientError, ConnectionTimeoutError, web
+from aiohttp import ClientError, web
 
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
 from launchgate.config import Config
 from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
-from launchgate.forward import (
-    SKIP_AUTO_HEADERS,
-    received_whole,
-    relay_response,
-    target_url,
-    upstream_headers,
-    upstream_timeout,
-)
+from launchgate.forward import received_whole, relay_response, upstream_headers
 from launchgate.gateway import Gateway
 from launchgate.idempotency import fingerprint, idempotency_key
 from launchgate.ids import new_ulid
@@ -50,6 +43,7 @@ from launchgate.policy import (
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
+from launchgate.upstream import ConnectFailed
 
 log = structlog.get_logger("launchgate")
 
@@ -318,26 +312,25 @@ async def forward(
     """
     started = time.perf_counter()
     headers = upstream_headers(request, config.token_header, body_known=body is not None)
-    data: Any = body if body is not None else (request.content if request.body_exists else None)
-    timeout = upstream_timeout(config.connect_timeout_s, config.timeout_s)
+    data = body if body is not None else (request.content if request.body_exists else None)
     try:
-        upstream = await gateway.session.request(
+        upstream = await gateway.upstream.request(
             request.method,
-            target_url(config.upstream_url, target),
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            timeout=timeout,
+            config.upstream_url,
+            target,
+            headers,
+            data,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.timeout_s,
         )
-    except (ClientConnectorError, ConnectionTimeoutError) as e:
+    except ConnectFailed as e:
         # No connection was made: nothing reached the upstream, so nothing launched.
-        await _finish(gateway, decision_id, reserved, "release", None, started, type(e).__name__)
+        error = "ConnectionTimeoutError" if e.timed_out else "ClientConnectorError"
+        await _finish(gateway, decision_id, reserved, "release", None, started, error)
         gateway.metrics.upstream_errors.labels("connect").inc()
-        timed_out = isinstance(e, ConnectionTimeoutError)
-        reason = "upstream_timeout" if timed_out else "upstream_unavailable"
+        reason = "upstream_timeout" if e.timed_out else "upstream_unavailable"
         return problem(
-            reason, 504 if timed_out else 502, "the upstream could not be reached", decision_id
+            reason, 504 if e.timed_out else 502, "the upstream could not be reached", decision_id
         )
     except (TimeoutError, ClientError) as e:
         timed_out = isinstance(e, TimeoutError)

@@ -1,0 +1,387 @@
+"""The upstream client over real sockets: reuse, bodies both ways, HEAD/1xx, errors, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import ClientPayloadError, StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
+from multidict import CIMultiDict
+from yarl import URL
+
+from launchgate.upstream import BadRequestHead, ConnectFailed, UpstreamClient, UpstreamResponse
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Upstream:
+    """An aiohttp server that counts the connections it was asked on."""
+
+    def __init__(self) -> None:
+        self.peers: set[Any] = set()
+        self.seen: list[tuple[str, str, CIMultiDict[str], bytes]] = []
+        self.url = URL()
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def counted(request: web.Request) -> web.StreamResponse:
+            assert request.transport is not None
+            self.peers.add(request.transport.get_extra_info("peername"))
+            body = await request.read()
+            self.seen.append((request.method, request.raw_path, request.headers.copy(), body))
+            return await handler(request)
+
+        return counted
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[Upstream]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> Upstream:
+        state = Upstream()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", state.wrap(handler))
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        state.url = URL(f"http://127.0.0.1:{port}")
+        return state
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    c = UpstreamClient()
+    yield c
+    await c.close()
+
+
+async def send(
+    client: UpstreamClient,
+    url: URL,
+    target: str = "/",
+    *,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: Any = None,
+    read_timeout_s: float = 5,
+) -> UpstreamResponse:
+    return await client.request(
+        method,
+        url,
+        target,
+        headers or [],
+        body,
+        connect_timeout_s=2,
+        read_timeout_s=read_timeout_s,
+    )
+
+
+async def fetch(client: UpstreamClient, url: URL, target: str = "/", **kw: Any) -> bytes:
+    response = await send(client, url, target, **kw)
+    try:
+        return await response.read()
+    finally:
+        response.release()
+
+
+async def hello(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=f"hello {request.method} {request.raw_path}")
+
+
+async def test_one_connection_serves_requests_one_after_another(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    for i in range(5):
+        assert await fetch(client, up.url, f"/n/{i}?q=1") == f"hello GET /n/{i}?q=1".encode()
+    assert len(up.peers) == 1
+
+
+async def test_concurrent_requests_take_their_own_connections_then_reuse_them(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.05)
+        return web.Response(text="ok")
+
+    up = await upstream(slow)
+    await asyncio.gather(*(fetch(client, up.url) for _ in range(4)))
+    await asyncio.gather(*(fetch(client, up.url) for _ in range(4)))
+    assert len(up.peers) == 4
+
+
+async def test_an_answer_not_read_to_its_end_closes_its_connection(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    async def big(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"x" * 300_000)
+
+    up = await upstream(big)
+    response = await send(client, up.url)
+    assert response.status == 200
+    response.release()  # body unread: the connection cannot carry another answer
+    assert await fetch(client, up.url) == b"x" * 300_000
+    assert len(up.peers) == 2
+
+
+async def test_the_path_prefix_host_and_headers_are_sent_as_given(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    await fetch(client, up.url / "api", "/v1/x?a=%2F", headers=[("X-One", "1"), ("x-two", "é")])
+    method, raw_path, headers, _ = up.seen[-1]
+    assert (method, raw_path) == ("GET", "/api/v1/x?a=%2F")
+    assert headers["Host"] == f"127.0.0.1:{up.url.port}"
+    assert headers["X-One"] == "1"
+    assert headers["X-Two"] == "é"
+    await fetch(client, up.url, headers=[("Host", "api.example")])
+    assert up.seen[-1][2]["Host"] == "api.example"
+
+
+async def test_a_line_break_in_a_header_or_target_is_refused_before_sending(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    with pytest.raises(BadRequestHead):
+        await send(client, up.url, headers=[("X-A", "1\r\nX-Evil: 1")])
+    with pytest.raises(BadRequestHead):
+        await send(client, up.url, "/a\nb")
+    assert up.seen == []
+
+
+async def test_a_bytes_body_goes_with_its_length(upstream: Any, client: UpstreamClient) -> None:
+    up = await upstream(hello)
+    await fetch(client, up.url, method="POST", body=b'{"a": 1}')
+    _, _, headers, body = up.seen[-1]
+    assert body == b'{"a": 1}'
+    assert headers["Content-Length"] == "8"
+    assert "Transfer-Encoding" not in headers
+
+
+class _Unpaced(BaseProtocol):
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        pass
+
+
+def stream_of(*chunks: bytes) -> StreamReader:
+    """A StreamReader fed ``chunks`` then EOF, as a client's request body arrives."""
+    loop = asyncio.get_running_loop()
+    reader = StreamReader(_Unpaced(loop), 2**16, loop=loop)
+    for chunk in chunks:
+        reader.feed_data(chunk)
+    reader.feed_eof()
+    return reader
+
+
+async def test_a_streamed_body_goes_chunked_or_with_the_given_length(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    await fetch(client, up.url, method="PUT", body=stream_of(b"abc", b"", b"defg"))
+    _, _, headers, body = up.seen[-1]
+    assert (body, headers["Transfer-Encoding"]) == (b"abcdefg", "chunked")
+    big = b"y" * 1_000_000
+    await fetch(
+        client,
+        up.url,
+        method="PUT",
+        headers=[("Content-Length", str(len(big)))],
+        body=stream_of(big[:400_000], big[400_000:]),
+    )
+    _, _, headers, body = up.seen[-1]
+    assert body == big
+    assert "Transfer-Encoding" not in headers
+    assert len(up.peers) == 1
+
+
+async def test_chunked_answers_are_decoded_and_204_head_have_no_body(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    async def varied(request: web.Request) -> web.StreamResponse:
+        if request.path == "/chunked":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b"one ", b"two ", b"three"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        if request.path == "/empty":
+            return web.Response(status=204)
+        return web.Response(body=b"z" * 10)
+
+    up = await upstream(varied)
+    assert await fetch(client, up.url, "/chunked") == b"one two three"
+    head = await send(client, up.url, "/sized", method="HEAD")
+    assert (head.status, head.content_length, await head.read()) == (200, 10, b"")
+    head.release()
+    empty = await send(client, up.url, "/empty")
+    assert (empty.status, await empty.read()) == (204, b"")
+    empty.release()
+    assert await fetch(client, up.url, "/sized") == b"z" * 10
+    assert len(up.peers) == 1
+
+
+async def raw_server(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> Any:
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, URL(f"http://127.0.0.1:{port}")
+
+
+async def test_interim_1xx_answers_are_skipped(client: UpstreamClient) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(answer)
+    async with server:
+        response = await send(client, url)
+        assert (response.status, await response.read()) == (201, b"ok")
+        response.release()
+
+
+async def test_a_closed_idle_connection_is_not_reused(client: UpstreamClient) -> None:
+    connections = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive, then gone
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url) == b"ok"
+        await asyncio.sleep(0.05)  # the upstream's FIN arrives
+        assert await fetch(client, url) == b"ok"
+    assert connections == 2
+
+
+async def test_no_connection_is_connect_failed(client: UpstreamClient) -> None:
+    server, url = await raw_server(lambda r, w: None)
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectFailed) as caught:
+        await send(client, url)
+    assert not caught.value.timed_out
+
+
+async def test_a_connect_that_hangs_is_connect_failed_within_the_timeout(
+    client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def hang(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(loop, "create_connection", hang)
+    started = loop.time()
+    with pytest.raises(ConnectFailed) as caught:
+        await client.request(
+            "GET", URL("http://127.0.0.1:9"), "/", [], None, connect_timeout_s=0.2, read_timeout_s=5
+        )
+    assert caught.value.timed_out
+    assert loop.time() - started < 2
+
+
+async def test_a_silent_upstream_times_out_between_reads(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "10"})
+        await response.prepare(request)
+        await response.write(b"12345")
+        await asyncio.sleep(5)
+        return response
+
+    up = await upstream(silent)
+    with pytest.raises(TimeoutError):
+        await send(client, up.url, read_timeout_s=0.2)
+    up = await upstream(stalls)
+    response = await send(client, up.url, read_timeout_s=0.2)
+    with pytest.raises(TimeoutError):
+        await response.read()
+    response.release()
+
+
+async def test_an_answer_that_breaks_off_fails_its_reader(client: UpstreamClient) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(answer)
+    async with server:
+        response = await send(client, url)
+        with pytest.raises(ClientPayloadError):
+            await response.read()
+        response.release()
+
+
+async def test_idle_connections_are_capped_and_expire() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    capped = UpstreamClient(max_idle=2)
+    expiring = UpstreamClient(idle_s=0.05)
+    try:
+        await asyncio.gather(*(fetch(capped, url) for _ in range(5)))
+        assert sum(len(idle) for idle in capped._idle.values()) == 2
+        await fetch(expiring, url)
+        await asyncio.sleep(0.1)
+        await fetch(expiring, url)  # opens a new one; the expired one is closed on return
+        assert sum(len(idle) for idle in expiring._idle.values()) == 1
+    finally:
+        await capped.close()
+        await expiring.close()
+        await runner.cleanup()
+
+
+async def test_close_ends_connections_in_use_and_refuses_new_ones(upstream: Any) -> None:
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "10"})
+        await response.prepare(request)
+        await response.write(b"12345")
+        await asyncio.sleep(5)
+        return response
+
+    up = await upstream(stalls)
+    client = UpstreamClient()
+    response = await send(client, up.url)
+    await client.close()
+    with pytest.raises(ClientPayloadError):
+        await response.read()
+    response.release()
+    with pytest.raises(ConnectFailed):
+        await send(client, up.url)
