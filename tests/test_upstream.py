@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import ClientPayloadError, StreamReader, web
+from aiohttp import ClientError, ClientPayloadError, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
@@ -169,6 +169,12 @@ async def test_a_bytes_body_goes_with_its_length(upstream: Any, client: Upstream
 
 
 class _Unpaced(BaseProtocol):
+    """The protocol of a client connection that stays open, without flow control."""
+
+    @property
+    def connected(self) -> bool:
+        return True
+
     def pause_reading(self) -> None:
         pass
 
@@ -385,3 +391,46 @@ async def test_close_ends_connections_in_use_and_refuses_new_ones(upstream: Any)
     response.release()
     with pytest.raises(ConnectFailed):
         await send(client, up.url)
+
+
+async def test_a_client_body_that_fails_midway_fails_the_request(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    loop = asyncio.get_running_loop()
+    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
+    body.feed_data(b"part of it")
+    sending = asyncio.ensure_future(
+        send(client, up.url, method="PUT", headers=[("Content-Length", "100")], body=body)
+    )
+    await asyncio.sleep(0.05)
+    body.set_exception(ConnectionResetError("the client went away"))
+    with pytest.raises(ClientError):
+        await asyncio.wait_for(sending, 2)
+    assert up.seen == []  # the upstream never got a whole request
+
+
+async def test_an_early_answer_ends_an_unfinished_upload(client: UpstreamClient) -> None:
+    hung_up = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big")
+        await writer.drain()
+        while await reader.read(2**16):  # until the gateway hangs up
+            pass
+        hung_up.set()
+        writer.close()
+
+    server, url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
+    body.feed_data(b"x" * 1000)  # more is promised, never sent
+    async with server:
+        response = await send(
+            client, url, method="PUT", headers=[("Content-Length", "10000000")], body=body
+        )
+        assert (response.status, await response.read()) == (413, b"too big")
+        response.release()
+        assert not any(client._idle.values())  # the connection is closed, not kept
+        await asyncio.wait_for(hung_up.wait(), 2)
