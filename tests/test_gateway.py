@@ -561,6 +561,74 @@ async def test_a_launch_whose_accepted_answer_breaks_off_is_counted(
     assert (completed["upstream_status"], completed["settlement"]) == (201, "used")
 
 
+async def test_a_launch_answered_with_broken_http_is_502_and_counted(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """An answer that is not HTTP may follow a launch that happened: 502, counted as used."""
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 2xx Created\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    token = make_token(max_accelerators=64, jti="lic-garbled")
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        status, body, _ = await gw.launch(token=token, account=RESTRICTED)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (status, body["reason"]) == (502, "upstream_unavailable")
+    state = await gw.license("lic-garbled")
+    assert (state.used, state.reserved) == (8, 0)
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert (completed["upstream_status"], completed["settlement"]) == (None, "used_unknown")
+
+
+async def test_a_client_that_hangs_up_mid_answer_is_no_upstream_error(
+    start_gateway: StartGateway,
+) -> None:
+    """The client leaves while a long answer streams: the gateway stops relaying and drops
+    the upstream connection, and counts no upstream failure."""
+    upstream_gone = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        try:
+            for _ in range(2000):
+                writer.write(b"x" * 50_000)
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        except ConnectionError:
+            upstream_gone.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+        with structlog.testing.capture_logs() as logs:
+            async with gw.session.get(f"{gw.url}/v1/large") as r:
+                assert r.status == 200
+                await r.content.readexactly(100_000)
+                r.close()  # the client hangs up
+            await asyncio.wait_for(upstream_gone.wait(), 5)
+            await asyncio.sleep(0.05)
+    finally:
+        server.close()
+        await server.wait_closed()
+    errors = gw.gateway.metrics.registry.get_sample_value(
+        "launchgate_upstream_errors_total", {"kind": "body"}
+    )
+    assert not errors
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+
+
 async def test_a_launch_cancelled_while_reserving_gives_the_units_back(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

@@ -354,3 +354,39 @@ async def test_chunked_launch_body_is_read_whole_and_judged(start_gateway: Start
         assert r.status == 201
     forwarded = (await gw.stub_requests())[-1]
     assert forwarded["body"] == '{"instance_type": "p5.48xlarge", "count": 2}'
+
+
+@pytest.mark.parametrize("fails_at", ["headers", "body"])
+async def test_a_client_gone_while_relaying_is_no_upstream_failure(fails_at: str) -> None:
+    """Writing to a client that has left raises ConnectionError: relaying just stops, with
+    no ``broke_off`` (that is for answers the upstream broke off)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from aiohttp.client_exceptions import ClientConnectionResetError
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from launchgate.forward import relay_response
+
+    gone = ClientConnectionResetError("Cannot write to closing transport")
+    writer = mock.Mock()
+    writer.write_headers = mock.AsyncMock(side_effect=gone if fails_at == "headers" else None)
+    writer.write = mock.AsyncMock(side_effect=gone)
+    writer.write_eof = mock.AsyncMock()
+    request = make_mocked_request("GET", "/v1/large", writer=writer)
+    loop = asyncio.get_running_loop()
+    content = aiohttp.StreamReader(mock.Mock(), 2**16, loop=loop)
+    content.feed_data(b"x" * 1000)
+    content.feed_eof()
+    upstream = SimpleNamespace(
+        status=200,
+        reason="OK",
+        headers=CIMultiDictProxy(CIMultiDict({"Content-Length": "1000"})),
+        content=content,
+    )
+    broke: list[str] = []
+    response = await relay_response(request, upstream, {}, None, broke.append)  # type: ignore[arg-type]
+    assert response.status == 200
+    assert broke == []
+    writer.write_eof.assert_not_called()

@@ -12,7 +12,13 @@ from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
 
-from launchgate.upstream import BadRequestHead, ConnectFailed, UpstreamClient, UpstreamResponse
+from launchgate.upstream import (
+    BadAnswer,
+    BadRequestHead,
+    ConnectFailed,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -242,7 +248,15 @@ async def test_chunked_answers_are_decoded_and_204_head_have_no_body(
 
 
 async def raw_server(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> Any:
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    """A plain TCP server answering with ``answer``; each connection is closed after it."""
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, URL(f"http://127.0.0.1:{port}")
 
@@ -282,7 +296,10 @@ async def test_a_closed_idle_connection_is_not_reused(client: UpstreamClient) ->
 
 
 async def test_no_connection_is_connect_failed(client: UpstreamClient) -> None:
-    server, url = await raw_server(lambda r, w: None)
+    async def nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pass
+
+    server, url = await raw_server(nothing)
     server.close()
     await server.wait_closed()
     with pytest.raises(ConnectFailed) as caught:
@@ -434,3 +451,195 @@ async def test_an_early_answer_ends_an_unfinished_upload(client: UpstreamClient)
         response.release()
         assert not any(client._idle.values())  # the connection is closed, not kept
         await asyncio.wait_for(hung_up.wait(), 2)
+
+
+# --- what the review of this client found (each of these failed before its fix) -------------
+
+
+async def test_an_interim_answer_does_not_stop_the_read_timeout(client: UpstreamClient) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # then nothing
+        await writer.drain()
+        await reader.read()
+
+    server, url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    async with server:
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(send(client, url, read_timeout_s=0.2), 3)
+        assert loop.time() - started < 1.5  # the read timeout, not wait_for's
+
+
+async def test_an_answer_without_a_length_ends_with_the_connection(
+    client: UpstreamClient,
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole body")
+        await writer.drain()
+        writer.close()
+
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url) == b"the whole body"
+        assert await fetch(client, url) == b"the whole body"  # on a new connection
+
+
+@pytest.mark.parametrize(
+    "answer_head",
+    [b"HTTP/1.1 2xx Broken\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"],
+    ids=["bad-status-line", "header-too-long"],
+)
+async def test_an_answer_that_is_not_http_is_a_client_error(
+    client: UpstreamClient, answer_head: bytes
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_head)
+        await writer.drain()
+        await reader.read()
+
+    server, url = await raw_server(answer)
+    async with server:
+        with pytest.raises(BadAnswer) as caught:
+            await send(client, url)
+    assert isinstance(caught.value, ClientError)
+
+
+async def test_a_bad_chunk_mid_body_fails_the_body_instead_of_hanging(
+    client: UpstreamClient,
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"zz-not-a-size\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server, url = await raw_server(answer)
+    async with server:
+        response = await send(client, url, read_timeout_s=30)
+        with pytest.raises(ClientPayloadError):
+            await asyncio.wait_for(response.read(), 3)
+        response.release()
+
+
+async def test_a_slow_upload_the_upstream_reads_is_not_a_timeout(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    loop = asyncio.get_running_loop()
+    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
+
+    async def trickle() -> None:
+        for _ in range(6):
+            body.feed_data(b"12345")
+            await asyncio.sleep(0.1)
+        body.feed_eof()
+
+    feeding = asyncio.ensure_future(trickle())
+    data = await fetch(client, up.url, method="PUT", body=body, read_timeout_s=0.25)
+    await feeding
+    assert data == b"hello PUT /"
+    assert up.seen[-1][3] == b"12345" * 6
+
+
+async def test_an_upload_the_upstream_stops_reading_times_out(client: UpstreamClient) -> None:
+    done = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await done.wait()  # reads nothing more: the gateway's writes back up
+
+    server, url = await raw_server(answer)
+    big = b"u" * (64 * 2**20)
+    async with server:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await send(
+                client,
+                url,
+                method="PUT",
+                headers=[("Content-Length", str(len(big)))],
+                body=stream_of(big),
+                read_timeout_s=0.3,
+            )
+        assert asyncio.get_running_loop().time() - started < 2.5
+        done.set()
+
+
+async def test_a_bodiless_request_that_may_carry_one_says_its_length_is_zero(
+    upstream: Any, client: UpstreamClient
+) -> None:
+    up = await upstream(hello)
+    await fetch(client, up.url, method="POST")
+    assert up.seen[-1][2]["Content-Length"] == "0"
+    await fetch(client, up.url, method="DELETE")
+    assert up.seen[-1][2]["Content-Length"] == "0"
+    await fetch(client, up.url, method="GET")
+    assert "Content-Length" not in up.seen[-1][2]
+
+
+async def test_an_idle_connection_past_its_time_is_not_taken(upstream: Any) -> None:
+    up = await upstream(hello)
+    client = UpstreamClient(idle_s=0.1)
+    try:
+        await fetch(client, up.url)
+        await asyncio.sleep(0.2)
+        await fetch(client, up.url)
+    finally:
+        await client.close()
+    assert len(up.peers) == 2
+
+
+def _closes_on_second_request() -> tuple[Any, list[int]]:
+    """A server that answers a connection's first request, then hangs up on its second
+    without answering: a kept connection the upstream closed as the request went out."""
+    connections: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(x.split(b":")[1])
+                for x in head.split(b"\r\n")
+                if x.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    return answer, connections
+
+
+async def test_an_idempotent_request_on_a_closed_kept_connection_is_sent_again(
+    client: UpstreamClient,
+) -> None:
+    answer, connections = _closes_on_second_request()
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url) == b"ok"
+        assert await fetch(client, url) == b"ok"  # the kept one hangs up: again, on a new one
+    assert len(connections) == 2
+
+
+async def test_a_post_on_a_closed_kept_connection_is_not_sent_again(
+    client: UpstreamClient,
+) -> None:
+    """It may have reached the upstream: the caller decides (a launch is then counted)."""
+    answer, connections = _closes_on_second_request()
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url, method="POST", body=b"{}") == b"ok"
+        with pytest.raises(ClientError):
+            await fetch(client, url, method="POST", body=b"{}")
+    assert len(connections) == 1

@@ -115,17 +115,27 @@ async def relay_response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-    except (ClientError, TimeoutError) as e:
-        # The status line is gone already; all that is left is to cut the connection,
-        # so the client sees a truncated body rather than a complete-looking one.
-        if broke_off is not None:
-            broke_off(type(e).__name__)
-        if request.transport is not None:
-            request.transport.close()
+        await response.prepare(request)
+    except ConnectionError:  # the client is gone: no fault of the upstream's
         return response
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (ClientError, TimeoutError) as e:
+            # The status line is gone already; all that is left is to cut the connection,
+            # so the client sees a truncated body rather than a complete-looking one.
+            if broke_off is not None:
+                broke_off(type(e).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if not chunk:
+            break
+        try:
+            await response.write(chunk)
+        except ConnectionError:  # the client is gone: no fault of the upstream's
+            return response
     await response.write_eof()
     return response

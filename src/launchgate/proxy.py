@@ -43,7 +43,7 @@ from launchgate.policy import (
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
-from launchgate.upstream import ConnectFailed
+from launchgate.upstream import BadRequestHead, ConnectFailed
 
 log = structlog.get_logger("launchgate")
 
@@ -331,6 +331,11 @@ async def forward(
         reason = "upstream_timeout" if e.timed_out else "upstream_unavailable"
         return problem(
             reason, 504 if e.timed_out else 502, "the upstream could not be reached", decision_id
+        )
+    except BadRequestHead as e:  # nothing was sent
+        await _finish(gateway, decision_id, reserved, "release", None, started, "BadRequestHead")
+        return problem(
+            "malformed_request", 400, f"the request cannot be forwarded: {e}", decision_id
         )
     except (TimeoutError, ClientError) as e:
         timed_out = isinstance(e, TimeoutError)

@@ -25,17 +25,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import StreamReader
+from aiohttp import (
+    ClientError,
+    ClientOSError,
+    ClientPayloadError,
+    ServerDisconnectedError,
+    SocketTimeoutError,
+    StreamReader,
+)
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-# A connection idle longer than this is closed rather than reused (aiohttp's default
-# keep-alive, well under the 75 s an aiohttp upstream keeps one open).
-IDLE_S: Final = 15.0
+# A connection idle longer than this is closed rather than reused: below the 5 s for which
+# common servers (uvicorn, Node.js) keep an idle connection, so the upstream seldom closes
+# one just as a request goes out on it.
+IDLE_S: Final = 4.0
 # At most this many idle connections are kept per upstream; more are closed.
 MAX_IDLE: Final = 256
 _READ_BUFSIZE: Final = 2**16
+# Sent again once on a new connection when a reused one turns out closed (as aiohttp does).
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods whose bodiless requests go without a Content-Length; others get "0" (as aiohttp).
+_BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class ConnectFailed(Exception):
@@ -48,6 +61,10 @@ class ConnectFailed(Exception):
 
 class BadRequestHead(ValueError):
     """A header name, value or target would break the request head (CR, LF)."""
+
+
+class BadAnswer(ClientError):
+    """The upstream's answer head is not valid HTTP/1.1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +95,17 @@ class UpstreamResponse:
     when the body was read to its end, and is closed otherwise.
     """
 
-    __slots__ = ("_client", "_conn", "_origin", "_sender", "content", "headers", "reason", "status")
+    __slots__ = (
+        "_client",
+        "_closed",
+        "_conn",
+        "_origin",
+        "_upload",
+        "content",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -89,7 +116,7 @@ class UpstreamResponse:
         conn: ResponseHandler,
         client: UpstreamClient,
         origin: Origin,
-        sender: asyncio.Task[None] | None,
+        upload: _Upload | None,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -98,7 +125,20 @@ class UpstreamResponse:
         self._conn: ResponseHandler | None = conn
         self._client = client
         self._origin = origin
-        self._sender = sender
+        self._upload = upload
+        # A body the parser gives up on (a bad chunk) would otherwise wait for bytes forever:
+        # when the connection goes, an unfinished body fails.
+        self._closed = conn.closed
+        if self._closed is None:
+            self._lost(None)
+        elif not content.is_eof():
+            self._closed.add_done_callback(self._lost)
+
+    def _lost(self, _: object) -> None:
+        if not self.content.is_eof() and self.content.exception() is None:
+            self.content.set_exception(
+                ClientPayloadError("the upstream connection closed before the answer's end")
+            )
 
     @property
     def content_length(self) -> int | None:
@@ -113,9 +153,11 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        sender = self._sender
-        if sender is not None and not sender.done():  # the upload is unfinished: abandon it
-            sender.cancel()
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._lost)
+        upload = self._upload
+        if upload is not None and not upload.done:  # the upload is unfinished: abandon it
+            upload.cancel()
             conn.close()
         elif self.content.is_eof():
             self._client.put(self._origin, conn)
@@ -154,45 +196,79 @@ class UpstreamClient:
         origin = origin_of(url)
         head, chunked = _request_head(method, origin, target, headers, body)
         conn = self._take(origin)  # (a protocol is falsy when its queue is empty: no `or`)
+        if conn is not None and method in IDEMPOTENT and not isinstance(body, StreamReader):
+            # A kept connection the upstream closed just as this request went out fails
+            # before any answer: an idempotent request is sent again on a new one.
+            try:
+                return await self._exchange(conn, origin, method, head, body, read_timeout_s)
+            except (ServerDisconnectedError, ClientOSError):
+                conn = None
         if conn is None:
             conn = await self._connect(origin, connect_timeout_s)
-        sender: asyncio.Task[None] | None = None
+        return await self._exchange(conn, origin, method, head, body, read_timeout_s, chunked)
+
+    async def _exchange(
+        self,
+        conn: ResponseHandler,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes | StreamReader | None,
+        read_timeout_s: float,
+        chunked: bool = False,
+    ) -> UpstreamResponse:
+        """One request on ``conn``, up to the final answer's head; ``conn`` is closed on any
+        failure (or cancellation) on the way."""
+        upload: _Upload | None = None
         try:
             conn.set_response_params(
                 skip_payload=method == "HEAD",
+                read_until_eof=True,  # an answer without a length ends when the connection does
                 auto_decompress=False,
                 read_timeout=read_timeout_s or None,
                 read_bufsize=_READ_BUFSIZE,
             )
             transport = conn.transport
-            if transport is None:
-                raise ConnectionResetError("the upstream closed the connection")
+            if transport is None:  # (not after _take or _connect; nothing was sent)
+                raise ConnectFailed("the upstream closed the connection", timed_out=False)
             if isinstance(body, StreamReader):
                 transport.write(head)
-                sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+                # The read timeout starts once the body is sent, as the upload's own end.
+                upload = _Upload(conn, body, chunked, read_timeout_s)
             else:
                 transport.write(head + body if body else head)
-            conn.start_timeout()
+                conn.start_timeout()
             while True:
-                message, payload = await conn.read()
+                try:
+                    message, payload = await conn.read()
+                except HttpProcessingError as e:
+                    raise BadAnswer(f"the upstream's answer is not HTTP/1.1: {e.message}") from e
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
+                # aiohttp stops the read timer at an interim answer: the final one is still due.
+                if upload is None or upload.done:
+                    conn.start_timeout()
         except BaseException:
-            if sender is not None:
-                sender.cancel()
+            if upload is not None:
+                upload.cancel()
             conn.close()
             raise
+        if upload is not None:
+            upload.answered = True
         return UpstreamResponse(
-            message.code, message.reason, message.headers, payload, conn, self, origin, sender
+            message.code, message.reason, message.headers, payload, conn, self, origin, upload
         )
 
     def _take(self, origin: Origin) -> ResponseHandler | None:
         idle = self._idle.get(origin)
+        if not idle:
+            return None
+        fresh = time.monotonic() - self._idle_s
         while idle:
-            _, conn = idle.pop()  # the most recently used: the least likely to be stale
-            if conn.is_connected() and not conn.should_close:
+            since, conn = idle.pop()  # the most recently used: the least likely to be stale
+            if since >= fresh and conn.is_connected() and not conn.should_close:
                 return conn
-            conn.close()
+            conn.close()  # (the older ones are staler still: all closed)
         return None
 
     def put(self, origin: Origin, conn: ResponseHandler) -> None:
@@ -214,16 +290,14 @@ class UpstreamClient:
             raise ConnectFailed("the upstream client is closed", timed_out=False)
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(timeout_s or None):
+                _, conn = await loop.create_connection(
                     lambda: ResponseHandler(loop),
                     origin.host,
                     origin.port,
                     ssl=origin.ssl,
                     server_hostname=origin.host if origin.ssl is not None else None,
-                ),
-                timeout_s or None,
-            )
+                )
         except TimeoutError:
             raise ConnectFailed(
                 f"connecting to {origin.host_header} took over {timeout_s:g} s", timed_out=True
@@ -283,6 +357,8 @@ def _request_head(
         lines.append(f"Host: {origin.host_header}")
     if isinstance(body, bytes) and not has_length:
         lines.append(f"Content-Length: {len(body)}")
+    elif body is None and not has_length and method not in _BODILESS:
+        lines.append("Content-Length: 0")
     chunked = isinstance(body, StreamReader) and not has_length
     if chunked:
         lines.append("Transfer-Encoding: chunked")
@@ -294,22 +370,55 @@ def _request_head(
     return text.encode("utf-8", "surrogateescape"), chunked
 
 
-async def _send_body(conn: ResponseHandler, body: StreamReader, chunked: bool) -> None:
-    """Stream the client's body to the upstream, with its flow control; on failure the
-    connection is closed, so the answer fails too rather than waiting for bytes."""
-    transport = conn.transport
-    try:
-        async for chunk in body.iter_any():
-            if not chunk:  # an empty chunk would end a chunked body
-                continue
+class _Upload:
+    """A streamed request body on its way to the upstream, beside the wait for the answer.
+
+    Its own flow control: a write waits while the upstream is not reading, for at most the
+    read timeout. Once the body is sent and no answer has come yet, the read timeout starts.
+    On any failure the connection is closed, so the answer fails too rather than waiting.
+    """
+
+    def __init__(
+        self, conn: ResponseHandler, body: StreamReader, chunked: bool, read_timeout_s: float
+    ) -> None:
+        self.answered = False
+        self._task = asyncio.ensure_future(self._send(conn, body, chunked, read_timeout_s or None))
+
+    @property
+    def done(self) -> bool:
+        return self._task.done()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _send(
+        self, conn: ResponseHandler, body: StreamReader, chunked: bool, timeout_s: float | None
+    ) -> None:
+        transport = conn.transport
+        try:
+            async for chunk in body.iter_any():
+                if not chunk:  # an empty chunk would end a chunked body
+                    continue
+                if transport is None or transport.is_closing():
+                    return
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if conn.writing_paused:
+                    try:
+                        async with asyncio.timeout(timeout_s):
+                            await conn._drain_helper()
+                    except TimeoutError:
+                        conn.close()
+                        conn.set_exception(
+                            SocketTimeoutError("the upstream stopped reading the request body")
+                        )
+                        return
             if transport is None or transport.is_closing():
                 return
-            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if conn.writing_paused:
-                await conn._drain_helper()
-        if chunked and transport is not None and not transport.is_closing():
-            transport.write(b"0\r\n\r\n")
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        conn.close()
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            if not self.answered:
+                conn.start_timeout()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            conn.close()
