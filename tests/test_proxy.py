@@ -356,7 +356,7 @@ async def test_chunked_launch_body_is_read_whole_and_judged(start_gateway: Start
     assert forwarded["body"] == '{"instance_type": "p5.48xlarge", "count": 2}'
 
 
-@pytest.mark.parametrize("fails_at", ["headers", "body"])
+@pytest.mark.parametrize("fails_at", ["headers", "body", "end"])
 async def test_a_client_gone_while_relaying_is_no_upstream_failure(fails_at: str) -> None:
     """Writing to a client that has left raises ConnectionError: relaying just stops, with
     no ``broke_off`` (that is for answers the upstream broke off)."""
@@ -372,8 +372,8 @@ async def test_a_client_gone_while_relaying_is_no_upstream_failure(fails_at: str
     gone = ClientConnectionResetError("Cannot write to closing transport")
     writer = mock.Mock()
     writer.write_headers = mock.AsyncMock(side_effect=gone if fails_at == "headers" else None)
-    writer.write = mock.AsyncMock(side_effect=gone)
-    writer.write_eof = mock.AsyncMock()
+    writer.write = mock.AsyncMock(side_effect=gone if fails_at == "body" else None)
+    writer.write_eof = mock.AsyncMock(side_effect=gone if fails_at == "end" else None)
     request = make_mocked_request("GET", "/v1/large", writer=writer)
     loop = asyncio.get_running_loop()
     content = aiohttp.StreamReader(mock.Mock(), 2**16, loop=loop)
@@ -389,4 +389,4 @@ async def test_a_client_gone_while_relaying_is_no_upstream_failure(fails_at: str
     response = await relay_response(request, upstream, {}, None, broke.append)  # type: ignore[arg-type]
     assert response.status == 200
     assert broke == []
-    writer.write_eof.assert_not_called()
+    assert writer.write_eof.called == (fails_at == "end")

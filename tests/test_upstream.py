@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import ClientError, ClientPayloadError, StreamReader, web
+from aiohttp import ClientError, ClientPayloadError, ServerDisconnectedError, StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
@@ -643,3 +643,89 @@ async def test_a_post_on_a_closed_kept_connection_is_not_sent_again(
         with pytest.raises(ClientError):
             await fetch(client, url, method="POST", body=b"{}")
     assert len(connections) == 1
+
+
+# --- what the second review found ---------------------------------------------------------
+
+
+async def test_a_retry_that_cannot_connect_reports_the_first_failure(
+    client: UpstreamClient,
+) -> None:
+    """The first attempt may have reached the upstream: its failure (outcome unknown) is the
+    answer, not the retry's "cannot connect" (which would mean nothing arrived)."""
+    answer, connections = _closes_on_second_request()
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url, method="PUT", body=b"{}") == b"ok"
+        server.close()  # no new connections; the kept one still reaches the upstream
+        await server.wait_closed()
+        with pytest.raises(ServerDisconnectedError):
+            await fetch(client, url, method="PUT", body=b"{}")
+    assert len(connections) == 1
+
+
+async def test_an_interim_and_final_answer_together_leave_no_timer_behind(
+    client: UpstreamClient,
+) -> None:
+    """103 and 200 in one read, then a slow upload on the same kept connection: no stray
+    read timer from the first request fires during the second."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(30)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngot!")
+        await writer.drain()
+        await reader.read()
+
+    server, url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
+
+    async def trickle() -> None:
+        for _ in range(6):
+            body.feed_data(b"12345")
+            await asyncio.sleep(0.1)
+        body.feed_eof()
+
+    async with server:
+        assert await fetch(client, url, read_timeout_s=0.3) == b"ok"
+        await asyncio.sleep(0.1)
+        feeding = asyncio.ensure_future(trickle())
+        got = await fetch(
+            client,
+            url,
+            method="PUT",
+            headers=[("Content-Length", "30")],
+            body=body,
+            read_timeout_s=0.3,
+        )
+        await feeding
+    assert got == b"got!"
+
+
+async def test_closing_the_client_fails_a_body_that_would_end_with_the_connection(
+    client: UpstreamClient,
+) -> None:
+    started = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart1")
+        await writer.drain()
+        started.set()
+        await reader.read()
+
+    server, url = await raw_server(answer)
+    async with server:
+        response = await send(client, url)
+        await started.wait()
+        assert await response.content.readany() == b"part1"
+        await client.close()
+        with pytest.raises(ClientPayloadError):
+            await response.read()
+        response.release()

@@ -8,6 +8,7 @@ gateway sets itself. Responses come back as the upstream sent them, bytes untouc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Final
@@ -137,5 +138,6 @@ async def relay_response(
             await response.write(chunk)
         except ConnectionError:  # the client is gone: no fault of the upstream's
             return response
-    await response.write_eof()
+    with contextlib.suppress(ConnectionError):  # (the client left at the very end)
+        await response.write_eof()
     return response

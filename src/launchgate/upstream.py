@@ -201,8 +201,11 @@ class UpstreamClient:
             # before any answer: an idempotent request is sent again on a new one.
             try:
                 return await self._exchange(conn, origin, method, head, body, read_timeout_s)
-            except (ServerDisconnectedError, ClientOSError):
-                conn = None
+            except (ServerDisconnectedError, ClientOSError) as first:
+                try:
+                    conn = await self._connect(origin, connect_timeout_s)
+                except ConnectFailed:  # the first may have arrived: that is what happened
+                    raise first from None
         if conn is None:
             conn = await self._connect(origin, connect_timeout_s)
         return await self._exchange(conn, origin, method, head, body, read_timeout_s, chunked)
@@ -221,6 +224,7 @@ class UpstreamClient:
         failure (or cancellation) on the way."""
         upload: _Upload | None = None
         try:
+            conn._drop_timeout()  # a kept connection's timer is the last request's business
             conn.set_response_params(
                 skip_payload=method == "HEAD",
                 read_until_eof=True,  # an answer without a length ends when the connection does
@@ -245,8 +249,9 @@ class UpstreamClient:
                     raise BadAnswer(f"the upstream's answer is not HTTP/1.1: {e.message}") from e
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
-                # aiohttp stops the read timer at an interim answer: the final one is still due.
-                if upload is None or upload.done:
+                # aiohttp stops the read timer at an interim answer: the final one is still due
+                # (unless it is queued already, its body read and its timer stopped).
+                if (upload is None or upload.done) and not len(conn):
                     conn.start_timeout()
         except BaseException:
             if upload is not None:
@@ -255,6 +260,8 @@ class UpstreamClient:
             raise
         if upload is not None:
             upload.answered = True
+        if payload.is_eof():  # nothing more to read on this request: no timer may outlive it
+            conn._drop_timeout()
         return UpstreamResponse(
             message.code, message.reason, message.headers, payload, conn, self, origin, upload
         )
@@ -322,12 +329,18 @@ class UpstreamClient:
             closed = conn.closed
             if closed is not None:
                 waiting.append(closed)
-            # Not conn.close(): that forgets the answer being read, whose reader would wait
-            # on; once the transport is gone, the reader fails with ClientPayloadError.
-            if conn.transport is not None:
-                conn.transport.abort()
+            _cut(conn)
         with contextlib.suppress(Exception):
             await asyncio.gather(*waiting, return_exceptions=True)
+
+
+def _cut(conn: ResponseHandler) -> None:
+    """Close ``conn`` from this side: a body still being read fails (ClientPayloadError)
+    rather than ending cleanly, as one that ends with the connection otherwise would."""
+    payload = conn._payload
+    if payload is not None and not payload.is_eof():
+        payload.set_exception(ClientPayloadError("the upstream connection was closed"))
+    conn.close()
 
 
 def _forget(
@@ -407,7 +420,7 @@ class _Upload:
                         async with asyncio.timeout(timeout_s):
                             await conn._drain_helper()
                     except TimeoutError:
-                        conn.close()
+                        _cut(conn)
                         conn.set_exception(
                             SocketTimeoutError("the upstream stopped reading the request body")
                         )
@@ -416,9 +429,9 @@ class _Upload:
                 return
             if chunked:
                 transport.write(b"0\r\n\r\n")
-            if not self.answered:
+            if not self.answered and not len(conn):  # no answer yet, not even queued
                 conn.start_timeout()
         except asyncio.CancelledError:
             raise
         except Exception:
-            conn.close()
+            _cut(conn)
