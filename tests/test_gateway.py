@@ -629,6 +629,64 @@ async def test_a_client_that_hangs_up_mid_answer_is_no_upstream_error(
     assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
 
 
+async def test_a_put_launch_on_a_closed_kept_connection_is_not_sent_again(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """PUT is idempotent, but a second answer to a launch must not settle its reservation:
+    a launch whose kept connection drops is counted as used (it may have arrived), never
+    sent again and then released on the second attempt's refusal."""
+    seen: list[str] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # each request: GETs answered, a first PUT cut off, any other PUT refused
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):  # the gateway hung up
+                return
+            method = head.split(b" ", 1)[0].decode()
+            seen.append(method)
+            length = next(
+                (
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            if method == "PUT" and seen.count("PUT") == 1:
+                writer.close()
+                return
+            status = b"200 OK" if method == "GET" else b"409 Conflict"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    route = {
+        "method": "PUT",
+        "path": "/v1/vms",
+        "dialect": "generic-json",
+        "sku": "/instance_type",
+        "count": "/count",
+        "region": "/region",
+    }
+    token = make_token(max_accelerators=64, jti="lic-put")
+    try:
+        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}", routes=[route])
+        status, _ = await gw.send("GET", "/v1/vms", b"", account=None)  # a kept connection
+        assert status == 200
+        body = {"instance_type": H100_SKU, "count": 1, "region": "us-east-1"}
+        status, answer = await gw.send("PUT", "/v1/vms", body, token=token)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (status, answer["reason"]) == (502, "upstream_unavailable")
+    assert seen == ["GET", "PUT"]  # not sent again
+    state = await gw.license("lic-put")
+    assert (state.used, state.reserved) == (8, 0)
+
+
 async def test_a_launch_cancelled_while_reserving_gives_the_units_back(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

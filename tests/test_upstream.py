@@ -16,6 +16,7 @@ from launchgate.upstream import (
     BadAnswer,
     BadRequestHead,
     ConnectFailed,
+    RequestBodyFailed,
     UpstreamClient,
     UpstreamResponse,
 )
@@ -422,8 +423,9 @@ async def test_a_client_body_that_fails_midway_fails_the_request(
     )
     await asyncio.sleep(0.05)
     body.set_exception(ConnectionResetError("the client went away"))
-    with pytest.raises(ClientError):
+    with pytest.raises(RequestBodyFailed) as caught:
         await asyncio.wait_for(sending, 2)
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
     assert up.seen == []  # the upstream never got a whole request
 
 
@@ -569,6 +571,9 @@ async def test_an_upload_the_upstream_stops_reading_times_out(client: UpstreamCl
                 read_timeout_s=0.3,
             )
         assert asyncio.get_running_loop().time() - started < 2.5
+        # The unsent megabytes are dropped with the connection, not waited for.
+        await asyncio.wait_for(client.close(), 2)
+        assert not client._open
         done.set()
 
 
@@ -723,3 +728,43 @@ async def test_closing_the_client_fails_a_body_that_would_end_with_the_connectio
         with pytest.raises(ClientPayloadError):
             await response.read()
         response.release()
+
+
+# --- what the third review found ----------------------------------------------------------
+
+
+async def test_an_idempotent_request_whose_answer_settles_something_is_not_sent_again(
+    client: UpstreamClient,
+) -> None:
+    answer, connections = _closes_on_second_request()
+    server, url = await raw_server(answer)
+    async with server:
+        assert await fetch(client, url, method="PUT", body=b"{}") == b"ok"
+        with pytest.raises(ServerDisconnectedError):
+            await client.request(
+                "PUT", url, "/", [], b"{}", connect_timeout_s=2, read_timeout_s=5, resend=False
+            )
+    assert len(connections) == 1
+
+
+async def test_a_connect_that_ends_after_close_sends_nothing(
+    upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = await upstream(hello)
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", slow)
+    client = UpstreamClient()
+    sending = asyncio.ensure_future(send(client, up.url))
+    await asyncio.sleep(0.02)
+    await client.close()
+    with pytest.raises(ConnectFailed):
+        await sending
+    await asyncio.sleep(0.05)
+    assert up.seen == []
+    assert not client._open

@@ -43,7 +43,7 @@ from launchgate.policy import (
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
-from launchgate.upstream import BadRequestHead, ConnectFailed
+from launchgate.upstream import BadRequestHead, ConnectFailed, RequestBodyFailed
 
 log = structlog.get_logger("launchgate")
 
@@ -322,6 +322,8 @@ async def forward(
             data,
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.timeout_s,
+            # A second answer to the same launch must not settle its reservation.
+            resend=not reserved,
         )
     except ConnectFailed as e:
         # No connection was made: nothing reached the upstream, so nothing launched.
@@ -332,6 +334,10 @@ async def forward(
         return problem(
             reason, 504 if e.timed_out else 502, "the upstream could not be reached", decision_id
         )
+    except RequestBodyFailed as e:  # the client's own body broke off: no upstream fault
+        # (A launch's body is read whole before it is judged: nothing reserved streams.)
+        await _finish(gateway, decision_id, reserved, "unknown", None, started, "RequestBodyFailed")
+        return problem("malformed_request", 400, str(e), decision_id)
     except BadRequestHead as e:  # nothing was sent
         await _finish(gateway, decision_id, reserved, "release", None, started, "BadRequestHead")
         return problem(

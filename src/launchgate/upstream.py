@@ -12,7 +12,10 @@ decoding, the read timeout between reads (``sock_read``), flow control, and payl
 errors as ``ClientPayloadError``.
 
 The protocol is aiohttp's internal API: the package pins aiohttp's minor version, and
-``tests/test_upstream.py`` covers every behaviour this module relies on.
+``tests/test_upstream.py`` covers every behaviour this module relies on. Besides the
+protocol's public face (``read``, ``set_response_params``, ``start_timeout``,
+``should_close``, ``closed``), it uses ``_payload``, ``_drop_timeout`` and
+``_drain_helper``: re-check those when upgrading aiohttp.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ IDLE_S: Final = 4.0
 # At most this many idle connections are kept per upstream; more are closed.
 MAX_IDLE: Final = 256
 _READ_BUFSIZE: Final = 2**16
-# Sent again once on a new connection when a reused one turns out closed (as aiohttp does).
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Sent again once on a new connection when a reused one turns out closed (as aiohttp does),
+# unless the caller says the answer settles something (a launch's reservation).
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose bodiless requests go without a Content-Length; others get "0" (as aiohttp).
 _BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -68,6 +72,11 @@ class BadAnswer(ClientError):
     """The upstream's answer head is not valid HTTP/1.1."""
 
 
+class RequestBodyFailed(ClientError):
+    """The client's streamed request body could not be read to its end (the client left):
+    the request was cut off on its way upstream."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where requests for one upstream URL go, and the path prefix they carry."""
@@ -81,6 +90,7 @@ class Origin:
 
 @functools.lru_cache(maxsize=16)
 def origin_of(url: URL) -> Origin:
+    """The origin of an upstream URL (computed once per configured URL)."""
     host = url.raw_host or ""
     port = url.port or (443 if url.scheme == "https" else 80)
     context = ssl.create_default_context() if url.scheme == "https" else None
@@ -128,11 +138,10 @@ class UpstreamResponse:
         self._origin = origin
         self._upload = upload
         # A body the parser gives up on (a bad chunk) would otherwise wait for bytes forever:
-        # when the connection goes, an unfinished body fails.
+        # when the connection goes, an unfinished body fails. (``closed`` is None only once
+        # the connection is lost, and _connect asks for it before that.)
         self._closed = conn.closed
-        if self._closed is None:
-            self._lost(None)
-        elif not content.is_eof():
+        if self._closed is not None and not content.is_eof():
             self._closed.add_done_callback(self._lost)
 
     def _lost(self, _: object) -> None:
@@ -151,6 +160,8 @@ class UpstreamResponse:
         return await self.content.read()
 
     def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if the body was read to
+        its end and the request's upload is over; else it is dropped."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -159,7 +170,7 @@ class UpstreamResponse:
         upload = self._upload
         if upload is not None and not upload.done:  # the upload is unfinished: abandon it
             upload.cancel()
-            conn.close()
+            conn.abort()  # (close() would wait for the unsent bytes to drain)
         elif self.content.is_eof():
             self._client.put(self._origin, conn)
         else:
@@ -186,22 +197,35 @@ class UpstreamClient:
         *,
         connect_timeout_s: float,
         read_timeout_s: float,
+        resend: bool = True,
     ) -> UpstreamResponse:
         """Send ``method target`` (path and query, as received) to the upstream at ``url``.
 
         ``headers`` go as given, plus Host when absent; a ``bytes`` body gets its
         Content-Length; a streamed one keeps the Content-Length in ``headers``, or else
-        goes chunked. Raises ``ConnectFailed`` when no connection could be made, and
-        aiohttp's ``ClientError`` / ``TimeoutError`` once the request may have arrived.
+        goes chunked. An idempotent request whose kept connection turns out closed is sent
+        once more on a new one, unless ``resend`` is false (its answer settles something
+        that a second answer to the same request could settle wrongly).
+
+        Raises ``BadRequestHead`` (nothing sent) for a line break in a header or the target,
+        ``ConnectFailed`` when no connection could be made (nothing sent), and aiohttp's
+        ``ClientError`` / ``TimeoutError`` once the request may have arrived.
         """
         origin = origin_of(url)
         head, chunked = _request_head(method, origin, target, headers, body)
-        conn = self._take(origin)  # (a protocol is falsy when its queue is empty: no `or`)
-        if conn is not None and method in IDEMPOTENT and not isinstance(body, StreamReader):
+        conn = self._take(origin)  # (ResponseHandler defines __len__: test `is None`, not `or`)
+        if (
+            conn is not None
+            and resend
+            and method in _IDEMPOTENT
+            and not isinstance(body, StreamReader)
+        ):
             # A kept connection the upstream closed just as this request went out fails
             # before any answer: an idempotent request is sent again on a new one.
             try:
-                return await self._exchange(conn, origin, method, head, body, read_timeout_s)
+                return await self._exchange(
+                    conn, origin, method, head, body, read_timeout_s, chunked
+                )
             except (ServerDisconnectedError, ClientOSError) as first:
                 try:
                     conn = await self._connect(origin, connect_timeout_s)
@@ -219,7 +243,7 @@ class UpstreamClient:
         head: bytes,
         body: bytes | StreamReader | None,
         read_timeout_s: float,
-        chunked: bool = False,
+        chunked: bool,
     ) -> UpstreamResponse:
         """One request on ``conn``, up to the final answer's head; ``conn`` is closed on any
         failure (or cancellation) on the way."""
@@ -257,7 +281,7 @@ class UpstreamClient:
         except BaseException:
             if upload is not None:
                 upload.cancel()
-            conn.close()
+            conn.abort()  # (close() would wait for any unsent bytes to drain)
             raise
         if upload is not None:
             upload.answered = True
@@ -314,6 +338,9 @@ class UpstreamClient:
             raise ConnectFailed(
                 f"cannot connect to {origin.host_header}: {e.strerror or e}", timed_out=False
             ) from e
+        if self._closed:  # closed while connecting: nothing was sent
+            conn.abort()
+            raise ConnectFailed("the upstream client is closed", timed_out=False)
         closed = conn.closed
         if closed is None:  # lost already
             raise ConnectFailed(f"{origin.host_header} closed the connection", timed_out=False)
@@ -322,7 +349,7 @@ class UpstreamClient:
         return conn
 
     async def close(self) -> None:
-        """Close every connection, idle or in use."""
+        """Close every connection, idle or in use (an answer being read fails)."""
         self._closed = True
         self._idle.clear()
         waiting = []
@@ -331,16 +358,18 @@ class UpstreamClient:
             if closed is not None:
                 waiting.append(closed)
             _cut(conn)
-        await asyncio.gather(*waiting, return_exceptions=True)
+        if waiting:  # aborted transports are gone within a loop iteration or two
+            await asyncio.wait(waiting, timeout=5)
 
 
 def _cut(conn: ResponseHandler) -> None:
-    """Close ``conn`` from this side: a body still being read fails (ClientPayloadError)
-    rather than ending cleanly, as one that ends with the connection otherwise would."""
+    """Drop ``conn`` from this side, unsent bytes and all: a body still being read fails
+    (ClientPayloadError) rather than ending cleanly, as one that ends with the connection
+    otherwise would."""
     payload = conn._payload
     if payload is not None and not payload.is_eof():
         payload.set_exception(ClientPayloadError("the upstream connection was closed"))
-    conn.close()
+    conn.abort()
 
 
 def _forget(
@@ -431,5 +460,8 @@ class _Upload:
                 transport.write(b"0\r\n\r\n")
             if not self.answered and not len(conn):  # no answer yet, not even queued
                 conn.start_timeout()
-        except Exception:  # (not CancelledError: release() cancels, and closes the connection)
+        except Exception as e:  # (not CancelledError: release() cancels, and drops the connection)
             _cut(conn)
+            failed = RequestBodyFailed(f"the request body could not be read: {e}")
+            failed.__cause__ = e
+            conn.set_exception(failed)
