@@ -582,6 +582,7 @@ async def test_a_launch_answered_with_broken_http_is_502_and_counted(
         server.close()
         await server.wait_closed()
     assert (status, body["reason"]) == (502, "upstream_unavailable")
+    assert body["detail"] == "the upstream's answer is not valid HTTP"
     state = await gw.license("lic-garbled")
     assert (state.used, state.reserved) == (8, 0)
     [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]

@@ -43,7 +43,7 @@ from launchgate.policy import (
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
-from launchgate.upstream import BadRequestHead, ConnectFailed, RequestBodyFailed
+from launchgate.upstream import BadAnswer, BadRequestHead, ConnectFailed, RequestBodyFailed
 
 log = structlog.get_logger("launchgate")
 
@@ -348,11 +348,12 @@ async def forward(
         reason = "upstream_timeout" if timed_out else "upstream_unavailable"
         await _finish(gateway, decision_id, reserved, "unknown", None, started, reason)
         gateway.metrics.upstream_errors.labels("timeout" if timed_out else "disconnect").inc()
-        detail = (
-            "the upstream did not answer in time"
-            if timed_out
-            else "the upstream dropped the request"
-        )
+        if timed_out:
+            detail = "the upstream did not answer in time"
+        elif isinstance(e, BadAnswer):
+            detail = "the upstream's answer is not valid HTTP"
+        else:
+            detail = "the upstream dropped the request"
         return problem(reason, 504 if timed_out else 502, detail, decision_id)
     except BaseException:
         await _settle(gateway, decision_id, reserved, "unknown")
