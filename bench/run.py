@@ -5,7 +5,9 @@ Starts the stub backend, the reference pass-through proxy (bench/refproxy.py) an
 launchgate (SQLite ledger; PostgreSQL too when LAUNCHGATE_BENCH_POSTGRES_DSN or
 LAUNCHGATE_TEST_POSTGRES_DSN is set), then drives each scenario with wrk (Debian's
 package) when it is on PATH, else with the bundled async client, and prints requests/s,
-p50 and p99 latency, and the ratios to the reference pass-through.
+p50 and p99 latency, the CPU time each request cost the proxy, the stub and PostgreSQL
+(read from /proc: steadier than requests/s on a shared machine), and the ratios to the
+reference pass-through.
 
     .venv/bin/python bench/run.py [--duration 5] [--rounds 3] [--connections 16]
                                   [--client wrk|python] [--workers N]
@@ -28,11 +30,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,6 +50,8 @@ class Scenario:
     method: str = "GET"
     body: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    proxy: str = ""  # which proxy serves it (a key of the run's pids), "" for none
+    postgres: bool = False  # whether PostgreSQL works for it
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,72 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: dict[str, float] | None = None  # CPU microseconds per request, by process
+
+
+# --- CPU per request, from /proc (Linux) -------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_of(pid: int) -> float:
+    """User plus system CPU seconds of one process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float] | None:
+    """CPU seconds so far of each named process with its children (workers), and of all
+    PostgreSQL server processes as "postgres"; None where /proc is not there."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    children: dict[int, list[int]] = {}
+    postgres = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            ppid = int(rest.split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+            if name.startswith("postgres"):
+                postgres += _cpu_of(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    snapshot = {"postgres": postgres}
+    for role, pid in pids.items():
+        try:
+            snapshot[role] = sum(_cpu_of(p) for p in [pid, *children.get(pid, [])])
+        except OSError:
+            continue
+    return snapshot
+
+
+def measured(
+    load: Callable[[Scenario, float, int], Result],
+    s: Scenario,
+    duration: float,
+    connections: int,
+    pids: dict[str, int],
+) -> Result:
+    """``load`` with the CPU that each request cost the scenario's proxy, the stub and
+    (for PostgreSQL scenarios) the database server."""
+    before = cpu_snapshot(pids)
+    result = load(s, duration, connections)
+    after = cpu_snapshot(pids)
+    if before is None or after is None or result.rps <= 0:
+        return result
+    requests = result.rps * max(1, round(duration))
+    roles = [r for r in (s.proxy, "stub") if r] + (["postgres"] if s.postgres else [])
+    cpu = {r: (after[r] - before[r]) / requests * 1e6 for r in roles if r in after}
+    return replace(result, cpu_us=cpu)
+
+
+def _cpu_text(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return ""
+    return "  cpu/req " + ", ".join(f"{role} {us:4.0f} us" for role, us in cpu.items())
 
 
 def free_port() -> int:
@@ -261,35 +332,47 @@ def build_scenarios(
 ) -> list[Scenario]:
     json_type = ("Content-Type", "application/json")
     licensed = (json_type, ("X-Account-Id", "acct-2001"), ("License-Token", token))
-    post = {"method": "POST", "body": LAUNCH_BODY}
+    post: dict[str, Any] = {"method": "POST", "body": LAUNCH_BODY}
+    ref_post = {**post, "headers": (json_type,), "proxy": "reference"}
     scenarios = [
         Scenario("upstream direct: GET", f"{stub}{THROUGH_PATH}"),
-        Scenario("reference pass-through: GET", f"{ref}{THROUGH_PATH}"),
-        Scenario("launchgate pass-through: GET", f"{lg_sqlite}{THROUGH_PATH}"),
+        Scenario("reference pass-through: GET", f"{ref}{THROUGH_PATH}", proxy="reference"),
+        Scenario("launchgate pass-through: GET", f"{lg_sqlite}{THROUGH_PATH}", proxy="sqlite"),
         Scenario("upstream direct: launch", f"{stub}/v1/instances", **post, headers=(json_type,)),
-        Scenario(
-            "reference pass-through: launch", f"{ref}/v1/instances", **post, headers=(json_type,)
-        ),
+        Scenario("reference pass-through: launch", f"{ref}/v1/instances", **ref_post),
         Scenario(
             "launchgate unrestricted launch",
             f"{lg_sqlite}/v1/instances",
             **post,
             headers=(json_type, ("X-Account-Id", "acct-1001")),
+            proxy="sqlite",
         ),
         Scenario(
             "launchgate licensed launch (SQLite)",
             f"{lg_sqlite}/v1/instances",
             **post,
             headers=licensed,
+            proxy="sqlite",
         ),
     ]
     if lg_pg:
         name = "launchgate licensed launch (PostgreSQL)"
-        scenarios.append(Scenario(name, f"{lg_pg}/v1/instances", **post, headers=licensed))
+        scenarios.append(
+            Scenario(
+                name,
+                f"{lg_pg}/v1/instances",
+                **post,
+                headers=licensed,
+                proxy="postgresql",
+                postgres=True,
+            )
+        )
     if lg_workers:
         url, workers = lg_workers
         name = f"launchgate licensed launch (SQLite, {workers} workers)"
-        scenarios.append(Scenario(name, f"{url}/v1/instances", **post, headers=licensed))
+        scenarios.append(
+            Scenario(name, f"{url}/v1/instances", **post, headers=licensed, proxy="workers")
+        )
     return scenarios
 
 
@@ -335,8 +418,11 @@ def report(rounds: list[dict[str, Result]]) -> None:
         p50 = median(r[name].p50_ms for r in rounds)
         p99 = median(r[name].p99_ms for r in rounds)
         errors = sum(r[name].errors for r in rounds)
+        cpus = [c for r in rounds if (c := r[name].cpu_us)]
+        cpu = {role: median(c[role] for c in cpus) for role in cpus[0]} if cpus else None
         print(
-            f"  {name:42s} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  errors {errors}"
+            f"  {name:42s} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+            f"  errors {errors}{_cpu_text(cpu)}"
         )
     print("\nratios to the reference pass-through (requests/s), and p50 overhead under load:")
     targets = {
@@ -394,16 +480,16 @@ def main() -> int:
         stub, ref = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{ref_port}"
         sqlite_store = f"sqlite:{folder / 'ledger.sqlite3'}"
         sqlite_cfg, lg_sqlite, admin_sqlite, token = write_config(folder, sqlite_store, stub)
-        targets = [(sqlite_cfg, admin_sqlite, 1)]
+        targets = [("sqlite", sqlite_cfg, admin_sqlite, 1)]
         lg_pg = None
         if pg_dsn:
             pg_cfg, lg_pg, admin_pg, _ = write_config(folder, pg_dsn, stub)
-            targets.append((pg_cfg, admin_pg, 1))
+            targets.append(("postgresql", pg_cfg, admin_pg, 1))
         lg_workers = None
         if args.workers > 1:
             store = f"sqlite:{folder / 'ledger-workers.sqlite3'}"
             workers_cfg, url, admin, _ = write_config(folder, store, stub)
-            targets.append((workers_cfg, admin, args.workers))
+            targets.append(("workers", workers_cfg, admin, args.workers))
             lg_workers = (url, args.workers)
         stub_cmd = [
             str(BIN / "launchgate"),
@@ -413,7 +499,7 @@ def main() -> int:
             "--keep-last",  # a bounded heap: no collector pauses growing through the run
             "10000",
         ]
-        stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances"))
+        pids = {"stub": stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances")).pid}
         refproxy = str(Path(__file__).with_name("refproxy.py"))
         ref_cmd = [
             sys.executable,
@@ -423,18 +509,19 @@ def main() -> int:
             "--upstream",
             stub,
         ]
-        stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}"))
-        stack.enter_context(_gateways(targets))
+        pids["reference"] = stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}")).pid
+        pids |= stack.enter_context(_gateways(targets))
         print(f"load generator: {client}, {args.connections} connections, {args.duration:g} s each")
         for n in range(1, args.rounds + 1):
             print(f"round {n} of {args.rounds}:")
             results: dict[str, Result] = {}
             for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token, lg_workers):
                 load(s, 1.0, args.connections)  # warm-up: connections, caches, the license row
-                results[s.name] = r = load(s, args.duration, args.connections)
+                r = measured(load, s, args.duration, args.connections, pids)
+                results[s.name] = r
                 print(
                     f"  {s.name:42s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
-                    f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
+                    f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}{_cpu_text(r.cpu_us)}",
                     flush=True,
                 )
             rounds.append(results)
@@ -453,10 +540,12 @@ def main() -> int:
 
 
 @contextmanager
-def _gateways(targets: list[tuple[Path, str, int]]) -> Iterator[None]:
+def _gateways(targets: list[tuple[str, Path, str, int]]) -> Iterator[dict[str, int]]:
+    """Start each (name, config, admin URL, workers) gateway; yields their pids by name."""
     procs = []
+    pids = {}
     try:
-        for config, admin, workers in targets:
+        for name, config, admin, workers in targets:
             proc = subprocess.Popen(
                 [
                     str(BIN / "launchgate"),
@@ -470,8 +559,9 @@ def _gateways(targets: list[tuple[Path, str, int]]) -> Iterator[None]:
                 stderr=subprocess.DEVNULL,
             )
             procs.append(proc)
+            pids[name] = proc.pid
             wait_http(f"{admin}/healthz")
-        yield
+        yield pids
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
