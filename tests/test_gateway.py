@@ -736,3 +736,42 @@ async def test_a_launch_cancelled_while_reserving_gives_the_units_back(
     assert state is not None and (state.used, state.reserved) == (0, 0)
     reservation = await gateway.ledger.reservation("d-cancel")
     assert reservation is not None and reservation.state == "released"
+
+
+async def test_mixed_concurrent_traffic_shares_upstream_connections_correctly(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Launches, streamed and short answers and HEADs at once over the pooled upstream
+    connections: every answer is the right one, byte for byte, the license is spent
+    exactly, each allowed launch reached the upstream once, and no connection leaks."""
+    gw = await start_gateway()
+    token = make_token(max_accelerators=400, jti="lic-mixed")  # 50 launches of 8
+    sizes = [0, 1, 1000, 65536, 65537, 300_000]
+
+    async def get(n: int) -> bool:
+        async with gw.session.get(f"{gw.url}/_stub/bytes?n={n}") as r:
+            return r.status == 200 and await r.read() == bytes(i % 256 for i in range(n))
+
+    async def head(n: int) -> bool:
+        async with gw.session.head(f"{gw.url}/_stub/bytes?n={n}") as r:
+            return r.status == 200 and await r.read() == b""
+
+    async def launch() -> int:
+        status, _, _ = await gw.launch(token=token)
+        return status
+
+    jobs = [launch() for _ in range(60)]
+    jobs += [get(sizes[i % len(sizes)]) for i in range(60)]
+    jobs += [head(sizes[i % len(sizes)]) for i in range(20)]
+    results = await asyncio.gather(*jobs)
+    statuses = results[:60]
+    assert sorted(statuses) == [201] * 50 + [403] * 10
+    assert all(results[60:])
+    state = await gw.license("lic-mixed")
+    assert (state.used, state.reserved) == (400, 0)
+    launched = [r for r in await gw.stub_requests() if r["method"] == "POST"]
+    assert len(launched) == 50
+    # Kept connections serve the burst; none is left busy once it is over.
+    upstream = gw.gateway.upstream
+    idle = sum(len(q) for q in upstream._idle.values())
+    assert 0 < idle == len(upstream._open) <= 140
