@@ -185,14 +185,14 @@ def _reserve(
     if outcome is None and used + reserved + amount > max_acc:
         outcome = ReserveOutcome.EXHAUSTED
     if outcome is None:
-        taken = conn.execute("SELECT 1 FROM reservations WHERE decision_id = ?", (decision_id,))
-        if taken.fetchone():
-            raise _decision_taken(decision_id)
-        conn.execute(
-            f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
-            " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
-            (decision_id, jti, amount, now),
-        )
+        try:  # (the decision id is the key: a second reservation under it cannot be made)
+            conn.execute(
+                f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
+                " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
+                (decision_id, jti, amount, now),
+            )
+        except sqlite3.IntegrityError as e:
+            raise _decision_taken(decision_id) from e
         conn.execute("UPDATE licenses SET reserved = reserved + ? WHERE jti = ?", (amount, jti))
         if idempotency_key is not None:
             conn.execute(
