@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -258,3 +260,47 @@ async def start_gateway(
 
 def now() -> float:
     return time.time()
+
+
+# --- plain TCP upstreams, for answers no HTTP server library would give -------------------
+
+RawAnswer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def start_raw_server(answer: RawAnswer) -> tuple[asyncio.Server, str]:
+    """A TCP server on loopback answering each connection with ``answer`` (the connection is
+    closed once it returns); the server and its http:// URL."""
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(answer: RawAnswer) -> AsyncIterator[str]:
+    """``start_raw_server`` for the length of a block; yields its URL."""
+    server, url = await start_raw_server(answer)
+    try:
+        yield url
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request off a raw connection: its head, and its body by Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    return head, await reader.readexactly(length)

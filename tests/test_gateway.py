@@ -27,6 +27,8 @@ from conftest import (
     MakeToken,
     StartGateway,
     now,
+    raw_upstream,
+    read_request,
 )
 from launchgate.tokens import issue_token
 
@@ -514,22 +516,13 @@ async def test_a_launch_whose_accepted_answer_breaks_off_is_counted(
     recorded as completed with 201; the client's copy of the answer is cut off too."""
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
         await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     token = make_token(max_accelerators=64, jti="lic-cut")
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+    async with raw_upstream(upstream) as url:
+        gw = await start_gateway(upstream_url=url)
         body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
         headers = {
             "Content-Type": "application/json",
@@ -542,9 +535,6 @@ async def test_a_launch_whose_accepted_answer_breaks_off_is_counted(
                 decision_id = r.headers["Launchgate-Decision-Id"]
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await r.read()
-    finally:
-        server.close()
-        await server.wait_closed()
     # The completion record was written before the break: the metric and a log line naming
     # the decision are its trace.
     assert {"event": "upstream.body_failed", "decision_id": decision_id} in [
@@ -570,17 +560,11 @@ async def test_a_launch_answered_with_broken_http_is_502_and_counted(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 2xx Created\r\n\r\n")
         await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     token = make_token(max_accelerators=64, jti="lic-garbled")
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+    async with raw_upstream(upstream) as url:
+        gw = await start_gateway(upstream_url=url)
         status, body, _ = await gw.launch(token=token, account=RESTRICTED)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert (status, body["reason"]) == (502, "upstream_unavailable")
     assert body["detail"] == "the upstream's answer is not valid HTTP"
     state = await gw.license("lic-garbled")
@@ -606,13 +590,9 @@ async def test_a_client_that_hangs_up_mid_answer_is_no_upstream_error(
                 await asyncio.sleep(0.005)
         except ConnectionError:
             upstream_gone.set()
-        finally:
-            writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+    async with raw_upstream(upstream) as url:
+        gw = await start_gateway(upstream_url=url)
         with structlog.testing.capture_logs() as logs:
             async with gw.session.get(f"{gw.url}/v1/large") as r:
                 assert r.status == 200
@@ -620,9 +600,6 @@ async def test_a_client_that_hangs_up_mid_answer_is_no_upstream_error(
                 r.close()  # the client hangs up
             await asyncio.wait_for(upstream_gone.wait(), 5)
             await asyncio.sleep(0.05)
-    finally:
-        server.close()
-        await server.wait_closed()
     errors = gw.gateway.metrics.registry.get_sample_value(
         "launchgate_upstream_errors_total", {"kind": "body"}
     )
@@ -641,29 +618,17 @@ async def test_a_put_launch_on_a_closed_kept_connection_is_not_sent_again(
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:  # each request: GETs answered, a first PUT cut off, any other PUT refused
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
+                head, _ = await read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError):  # the gateway hung up
                 return
             method = head.split(b" ", 1)[0].decode()
             seen.append(method)
-            length = next(
-                (
-                    int(x.split(b":")[1])
-                    for x in head.split(b"\r\n")
-                    if x.lower().startswith(b"content-length")
-                ),
-                0,
-            )
-            await reader.readexactly(length)
             if method == "PUT" and seen.count("PUT") == 1:
-                writer.close()
                 return
             status = b"200 OK" if method == "GET" else b"409 Conflict"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
             await writer.drain()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     route = {
         "method": "PUT",
         "path": "/v1/vms",
@@ -673,15 +638,12 @@ async def test_a_put_launch_on_a_closed_kept_connection_is_not_sent_again(
         "region": "/region",
     }
     token = make_token(max_accelerators=64, jti="lic-put")
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}", routes=[route])
+    async with raw_upstream(upstream) as url:
+        gw = await start_gateway(upstream_url=url, routes=[route])
         status, _ = await gw.send("GET", "/v1/vms", b"", account=None)  # a kept connection
         assert status == 200
         body = {"instance_type": H100_SKU, "count": 1, "region": "us-east-1"}
         status, answer = await gw.send("PUT", "/v1/vms", body, token=token)
-    finally:
-        server.close()
-        await server.wait_closed()
     assert (status, answer["reason"]) == (502, "upstream_unavailable")
     assert seen == ["GET", "PUT"]  # not sent again
     state = await gw.license("lic-put")

@@ -12,7 +12,15 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from conftest import H100_SKU, RESTRICTED, UNRESTRICTED, Harness, MakeToken, StartGateway
+from conftest import (
+    H100_SKU,
+    RESTRICTED,
+    UNRESTRICTED,
+    Harness,
+    MakeToken,
+    StartGateway,
+    raw_upstream,
+)
 from launchgate.admin import create_admin_app
 
 MB = 1024 * 1024
@@ -258,23 +266,17 @@ async def _short_answer_upstream(
     await reader.readuntil(b"\r\n\r\n")
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
     await writer.drain()
-    writer.close()
 
 
 async def test_an_answer_that_breaks_off_is_cut_not_completed(start_gateway: StartGateway) -> None:
     """An upstream that hangs up mid-body: the client's answer is cut off too (its read
     fails), never a complete-looking short body."""
-    server = await asyncio.start_server(_short_answer_upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+    async with raw_upstream(_short_answer_upstream) as url:
+        gw = await start_gateway(upstream_url=url)
         async with gw.session.get(f"{gw.url}/anything") as r:
             assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_short_answer_still_arriving_is_streamed(start_gateway: StartGateway) -> None:
@@ -289,21 +291,15 @@ async def test_a_short_answer_still_arriving_is_streamed(start_gateway: StartGat
         await second_half.wait()
         writer.write(b"after")
         await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        gw = await start_gateway(upstream_url=f"http://127.0.0.1:{port}")
+    async with raw_upstream(upstream) as url:
+        gw = await start_gateway(upstream_url=url)
         async with gw.session.get(f"{gw.url}/anything") as r:
             assert r.status == 200
             first = await asyncio.wait_for(r.content.readexactly(5), timeout=5)
             assert first == b"first"
             second_half.set()
             assert await r.content.read() == b"after"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize("size", [0, 1, 65536, 65537, 300_000])

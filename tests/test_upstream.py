@@ -12,6 +12,7 @@ from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
 
+from conftest import RawAnswer, read_request, start_raw_server
 from launchgate.upstream import (
     BadAnswer,
     BadRequestHead,
@@ -105,6 +106,15 @@ async def hello(request: web.Request) -> web.StreamResponse:
     return web.Response(text=f"hello {request.method} {request.raw_path}")
 
 
+async def stalls(request: web.Request) -> web.StreamResponse:
+    """Half of a 10-byte answer, then nothing."""
+    response = web.StreamResponse(headers={"Content-Length": "10"})
+    await response.prepare(request)
+    await response.write(b"12345")
+    await asyncio.sleep(5)
+    return response
+
+
 async def test_one_connection_serves_requests_one_after_another(
     upstream: Any, client: UpstreamClient
 ) -> None:
@@ -189,14 +199,33 @@ class _Unpaced(BaseProtocol):
         pass
 
 
-def stream_of(*chunks: bytes) -> StreamReader:
-    """A StreamReader fed ``chunks`` then EOF, as a client's request body arrives."""
+def open_body(*chunks: bytes) -> StreamReader:
+    """A client's request body as it arrives: ``chunks`` so far, and more to come."""
     loop = asyncio.get_running_loop()
     reader = StreamReader(_Unpaced(loop), 2**16, loop=loop)
     for chunk in chunks:
         reader.feed_data(chunk)
+    return reader
+
+
+def stream_of(*chunks: bytes) -> StreamReader:
+    """A client's request body that has arrived whole: ``chunks``, then its end."""
+    reader = open_body(*chunks)
     reader.feed_eof()
     return reader
+
+
+def trickled() -> tuple[StreamReader, asyncio.Task[None]]:
+    """A 30-byte body arriving 5 bytes every 0.1 s, and the task feeding it."""
+    body = open_body()
+
+    async def trickle() -> None:
+        for _ in range(6):
+            body.feed_data(b"12345")
+            await asyncio.sleep(0.1)
+        body.feed_eof()
+
+    return body, asyncio.ensure_future(trickle())
 
 
 async def test_a_streamed_body_goes_chunked_or_with_the_given_length(
@@ -248,18 +277,10 @@ async def test_chunked_answers_are_decoded_and_204_head_have_no_body(
     assert len(up.peers) == 1
 
 
-async def raw_server(answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> Any:
-    """A plain TCP server answering with ``answer``; each connection is closed after it."""
-
-    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await answer(reader, writer)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(answering, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, URL(f"http://127.0.0.1:{port}")
+async def raw_server(answer: RawAnswer) -> tuple[asyncio.Server, URL]:
+    """``start_raw_server``, with its URL as the client takes it."""
+    server, url = await start_raw_server(answer)
+    return server, URL(url)
 
 
 async def test_interim_1xx_answers_are_skipped(client: UpstreamClient) -> None:
@@ -268,7 +289,6 @@ async def test_interim_1xx_answers_are_skipped(client: UpstreamClient) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
         writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        writer.close()
 
     server, url = await raw_server(answer)
     async with server:
@@ -286,7 +306,6 @@ async def test_a_closed_idle_connection_is_not_reused(client: UpstreamClient) ->
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # keep-alive, then gone
         await writer.drain()
-        writer.close()
 
     server, url = await raw_server(answer)
     async with server:
@@ -333,13 +352,6 @@ async def test_a_silent_upstream_times_out_between_reads(
         await asyncio.sleep(5)
         return web.Response()
 
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "10"})
-        await response.prepare(request)
-        await response.write(b"12345")
-        await asyncio.sleep(5)
-        return response
-
     up = await upstream(silent)
     with pytest.raises(TimeoutError):
         await send(client, up.url, read_timeout_s=0.2)
@@ -355,7 +367,6 @@ async def test_an_answer_that_breaks_off_fails_its_reader(client: UpstreamClient
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
         await writer.drain()
-        writer.close()
 
     server, url = await raw_server(answer)
     async with server:
@@ -365,18 +376,12 @@ async def test_an_answer_that_breaks_off_fails_its_reader(client: UpstreamClient
         response.release()
 
 
-async def test_idle_connections_are_capped_and_expire() -> None:
+async def test_idle_connections_are_capped_and_expire(upstream: Any) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.02)
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    url = (await upstream(handler)).url
     capped = UpstreamClient(max_idle=2)
     expiring = UpstreamClient(idle_s=0.05)
     try:
@@ -389,17 +394,9 @@ async def test_idle_connections_are_capped_and_expire() -> None:
     finally:
         await capped.close()
         await expiring.close()
-        await runner.cleanup()
 
 
 async def test_close_ends_connections_in_use_and_refuses_new_ones(upstream: Any) -> None:
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "10"})
-        await response.prepare(request)
-        await response.write(b"12345")
-        await asyncio.sleep(5)
-        return response
-
     up = await upstream(stalls)
     client = UpstreamClient()
     response = await send(client, up.url)
@@ -415,9 +412,7 @@ async def test_a_client_body_that_fails_midway_fails_the_request(
     upstream: Any, client: UpstreamClient
 ) -> None:
     up = await upstream(hello)
-    loop = asyncio.get_running_loop()
-    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
-    body.feed_data(b"part of it")
+    body = open_body(b"part of it")
     sending = asyncio.ensure_future(
         send(client, up.url, method="PUT", headers=[("Content-Length", "100")], body=body)
     )
@@ -439,12 +434,9 @@ async def test_an_early_answer_ends_an_unfinished_upload(client: UpstreamClient)
         while await reader.read(2**16):  # until the gateway hangs up
             pass
         hung_up.set()
-        writer.close()
 
     server, url = await raw_server(answer)
-    loop = asyncio.get_running_loop()
-    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
-    body.feed_data(b"x" * 1000)  # more is promised, never sent
+    body = open_body(b"x" * 1000)  # more is promised, never sent
     async with server:
         response = await send(
             client, url, method="PUT", headers=[("Content-Length", "10000000")], body=body
@@ -481,7 +473,6 @@ async def test_an_answer_without_a_length_ends_with_the_connection(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole body")
         await writer.drain()
-        writer.close()
 
     server, url = await raw_server(answer)
     async with server:
@@ -534,16 +525,7 @@ async def test_a_slow_upload_the_upstream_reads_is_not_a_timeout(
     upstream: Any, client: UpstreamClient
 ) -> None:
     up = await upstream(hello)
-    loop = asyncio.get_running_loop()
-    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
-
-    async def trickle() -> None:
-        for _ in range(6):
-            body.feed_data(b"12345")
-            await asyncio.sleep(0.1)
-        body.feed_eof()
-
-    feeding = asyncio.ensure_future(trickle())
+    body, feeding = trickled()
     data = await fetch(client, up.url, method="PUT", body=body, read_timeout_s=0.25)
     await feeding
     assert data == b"hello PUT /"
@@ -608,20 +590,10 @@ def _closes_on_second_request() -> tuple[Any, list[int]]:
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            (
-                int(x.split(b":")[1])
-                for x in head.split(b"\r\n")
-                if x.lower().startswith(b"content-length")
-            ),
-            0,
-        )
-        await reader.readexactly(length)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")
-        writer.close()
+        await reader.readuntil(b"\r\n\r\n")  # the next request: no answer
 
     return answer, connections
 
@@ -682,19 +654,10 @@ async def test_an_interim_and_final_answer_together_leave_no_timer_behind(
         await reader.read()
 
     server, url = await raw_server(answer)
-    loop = asyncio.get_running_loop()
-    body = StreamReader(_Unpaced(loop), 2**16, loop=loop)
-
-    async def trickle() -> None:
-        for _ in range(6):
-            body.feed_data(b"12345")
-            await asyncio.sleep(0.1)
-        body.feed_eof()
-
     async with server:
         assert await fetch(client, url, read_timeout_s=0.3) == b"ok"
         await asyncio.sleep(0.1)
-        feeding = asyncio.ensure_future(trickle())
+        body, feeding = trickled()
         got = await fetch(
             client,
             url,
