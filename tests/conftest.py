@@ -292,6 +292,17 @@ async def raw_upstream(answer: RawAnswer) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+def replying(answer: bytes) -> RawAnswer:
+    """A raw upstream that reads a request's head, sends ``answer`` and hangs up."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+    return reply
+
+
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """One request off a raw connection: its head, and its body by Content-Length."""
     head = await reader.readuntil(b"\r\n\r\n")

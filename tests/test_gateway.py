@@ -29,6 +29,7 @@ from conftest import (
     now,
     raw_upstream,
     read_request,
+    replying,
 )
 from launchgate.tokens import issue_token
 
@@ -556,11 +557,7 @@ async def test_a_launch_answered_with_broken_http_is_502_and_counted(
 ) -> None:
     """An answer that is not HTTP may follow a launch that happened: 502, counted as used."""
 
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 2xx Created\r\n\r\n")
-        await writer.drain()
-
+    upstream = replying(b"HTTP/1.1 2xx Created\r\n\r\n")
     token = make_token(max_accelerators=64, jti="lic-garbled")
     async with raw_upstream(upstream) as url:
         gw = await start_gateway(upstream_url=url)

@@ -20,6 +20,7 @@ from conftest import (
     MakeToken,
     StartGateway,
     raw_upstream,
+    replying,
 )
 from launchgate.admin import create_admin_app
 
@@ -259,13 +260,8 @@ async def test_readyz_503_without_trusted_keys(
     assert (await admin.get("/readyz")).status == 503
 
 
-async def _short_answer_upstream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """An upstream that promises 100 bytes, sends 10 and hangs up."""
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
-    await writer.drain()
+# An upstream that promises 100 bytes, sends 10 and hangs up.
+_short_answer_upstream = replying(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
 
 
 async def test_an_answer_that_breaks_off_is_cut_not_completed(start_gateway: StartGateway) -> None:

@@ -12,7 +12,7 @@ from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
 
-from conftest import RawAnswer, read_request, start_raw_server
+from conftest import RawAnswer, read_request, replying, start_raw_server
 from launchgate.upstream import (
     BadAnswer,
     BadRequestHead,
@@ -363,11 +363,7 @@ async def test_a_silent_upstream_times_out_between_reads(
 
 
 async def test_an_answer_that_breaks_off_fails_its_reader(client: UpstreamClient) -> None:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-
+    answer = replying(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
     server, url = await raw_server(answer)
     async with server:
         response = await send(client, url)
@@ -469,11 +465,7 @@ async def test_an_interim_answer_does_not_stop_the_read_timeout(client: Upstream
 async def test_an_answer_without_a_length_ends_with_the_connection(
     client: UpstreamClient,
 ) -> None:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole body")
-        await writer.drain()
-
+    answer = replying(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe whole body")
     server, url = await raw_server(answer)
     async with server:
         assert await fetch(client, url) == b"the whole body"
