@@ -256,7 +256,7 @@ class AuditLog:
         self._size = size
         self._closed = False
         self._writer = JobThread("launchgate-audit")
-        # Held while a batch is written: the writer thread's, or another thread's append_now.
+        # Held while a batch is written: the writer thread's, or another thread's append_sync.
         self._write_lock = threading.Lock()
 
     @classmethod
@@ -379,7 +379,7 @@ class AuditLog:
             return
         self._closed = True
         self._writer.stop(wait=True)
-        with self._write_lock:  # an append_now on another thread finishes first
+        with self._write_lock:  # an append_sync on another thread finishes first
             os.close(self._fd)
             self._fd = -1
 

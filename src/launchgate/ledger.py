@@ -22,12 +22,10 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
 from launchgate.errors import ConfigError, StoreUnavailable
-
-_T = TypeVar("_T")
 
 __all__ = [
     "IdempotencyKey",

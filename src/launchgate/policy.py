@@ -162,7 +162,7 @@ def decide(
     license: License | None = None
     license_ref: LicenseRef | None = None
 
-    def verdict_(reason: str, status: int | None, detail: str, reserve: int = 0) -> Decision:
+    def judged(reason: str, status: int | None, detail: str, reserve: int = 0) -> Decision:
         return Decision(
             "allow" if status is None else "deny",
             reason,
@@ -179,55 +179,53 @@ def decide(
         )
 
     if not account_id:
-        return verdict_("missing_account", 400, "the request carries no account id")
+        return judged("missing_account", 400, "the request carries no account id")
 
     # Row 3: every item is a known SKU that is not controlled.
     if items and launch.unresolvable is None and all(i.controlled is False for i in items):
-        return verdict_("sku_not_controlled", None, "no controlled accelerator")
+        return judged("sku_not_controlled", None, "no controlled accelerator")
     controlled = [i for i in items if i.controlled]
     account = config.accounts.get(account_id)
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
     if controlled:
         deciding = controlled[0]
     if account is None:
-        return verdict_("unknown_account", 403, f"account {account_id!r} is not in the registry")
+        return judged("unknown_account", 403, f"account {account_id!r} is not in the registry")
     if not restricted:
-        return verdict_(
-            "account_not_restricted", None, "account is not in a restricted jurisdiction"
-        )
+        return judged("account_not_restricted", None, "account is not in a restricted jurisdiction")
     unknown = next((i for i in items if i.controlled is None), None)
     if unknown is not None:
         deciding = unknown
-        return verdict_("unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
+        return judged("unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
     if launch.unresolvable is not None or not items:
         why = launch.unresolvable or "the launch names no SKU"
-        return verdict_("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
+        return judged("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
 
     if not token:
         countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
         what = deciding.sku if deciding else "this launch"
         detail = f"account {account_id} is restricted ({countries}); {what} needs a license token"
-        return verdict_("license_required", 403, detail)
+        return judged("license_required", 403, detail)
     try:
         license = verify(token)
     except TokenError as e:
         license_ref = _license_ref(token, None)
-        return verdict_(e.reason, 403, e.detail)
+        return judged(e.reason, 403, e.detail)
     license_ref = _license_ref(token, license)
     jti = license.jti
     if license.sub != account_id:
-        return verdict_("token_account_mismatch", 403, f"license {jti} is for another account")
+        return judged("token_account_mismatch", 403, f"license {jti} is for another account")
     for item in controlled:
         if item.sku not in license.skus:
             deciding = item
-            return verdict_(
+            return judged(
                 "token_sku_not_covered", 403, f"license {jti} does not cover SKU {item.sku}"
             )
     if license.regions is not None and launch.region not in license.regions:
         where = f"region {launch.region}" if launch.region else "a launch without a region"
-        return verdict_("token_region_not_covered", 403, f"license {jti} does not cover {where}")
+        return judged("token_region_not_covered", 403, f"license {jti} does not cover {where}")
     needed = sum(i.count * i.per_instance for i in controlled)
-    return verdict_("licensed", None, f"licensed by {jti}", reserve=needed)
+    return judged("licensed", None, f"licensed by {jti}", reserve=needed)
 
 
 def store_unavailable(decision: Decision) -> Decision:
