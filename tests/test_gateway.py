@@ -30,7 +30,10 @@ from conftest import (
     raw_upstream,
     read_request,
     replying,
+    self_signed,
+    tls_site,
 )
+from launchgate.stub import create_stub_app
 from launchgate.tokens import issue_token
 
 
@@ -411,6 +414,59 @@ async def test_upstream_down_gives_502_and_releases(
     assert (state.used, state.reserved) == (0, 0)
     completed = [r for r in gw.records() if r["event"] == "launch.completed"][-1]
     assert completed["upstream_status"] is None and completed["settlement"] == "released"
+    assert completed["error"] == "upstream_unavailable"  # the reason the client was given
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+async def test_a_launch_to_an_https_upstream(
+    start_gateway: StartGateway,
+    make_token: MakeToken,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: bool,
+) -> None:
+    """Over TLS to a trusted upstream the launch goes through and is counted; to one whose
+    certificate does not check out nothing is sent: 502 upstream_unavailable, released."""
+    cert, key = self_signed(tmp_path)
+    other, _ = self_signed(tmp_path, "other.example")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert if trusted else other))
+    stub = create_stub_app()
+    async with tls_site(stub, cert, key) as port:
+        gw = await start_gateway(upstream_url=f"https://localhost:{port}")
+        status, body, _ = await gw.launch(token=make_token(jti="lic-tls"))
+    state = await gw.license("lic-tls")
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    if trusted:
+        assert status == 201, body
+        assert (state.used, state.reserved) == (8, 0)
+        assert (completed["upstream_status"], completed["settlement"]) == (201, "used")
+    else:
+        assert (status, body["reason"]) == (502, "upstream_unavailable")
+        assert (state.used, state.reserved) == (0, 0)
+        assert (completed["upstream_status"], completed["settlement"]) == (None, "released")
+
+
+async def test_a_connect_that_hangs_gives_504_and_releases(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """An upstream that takes the TCP connection but never finishes the TLS handshake: no
+    request was sent, so 504 upstream_timeout within the connect timeout, units released."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the ClientHello, never answered
+
+    async with raw_upstream(silent) as url:
+        gw = await start_gateway(
+            upstream_url=url.replace("http:", "https:"), upstream={"connect_timeout_s": 0.3}
+        )
+        started = asyncio.get_running_loop().time()
+        status, body, _ = await gw.launch(token=make_token(jti="lic-hang"))
+        assert asyncio.get_running_loop().time() - started < 3
+    assert (status, body["reason"]) == (504, "upstream_timeout")
+    state = await gw.license("lic-hang")
+    assert (state.used, state.reserved) == (0, 0)
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert (completed["settlement"], completed["error"]) == ("released", "upstream_timeout")
 
 
 async def test_upstream_timeout_gives_504_and_settles_as_used(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 from yarl import URL
 
-from conftest import RawAnswer, read_request, replying, start_raw_server
+from conftest import RawAnswer, read_request, replying, self_signed, start_raw_server, tls_site
 from launchgate.upstream import (
     BadAnswer,
     BadRequestHead,
@@ -723,3 +724,56 @@ async def test_a_connect_that_ends_after_close_sends_nothing(
     await asyncio.sleep(0.05)
     assert up.seen == []
     assert not client._open
+
+
+# --- https upstreams ---------------------------------------------------------------------------
+
+
+async def test_an_https_upstream_is_reached_over_tls_by_its_name_on_one_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: UpstreamClient
+) -> None:
+    """The certificate is checked against the system's trust store (here SSL_CERT_FILE) and the
+    URL's host name (SNI); the connection is kept like a plain one."""
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    peers: set[Any] = set()
+
+    async def seen(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
+        assert request.secure
+        return web.Response(text=f"{request.host} {request.raw_path}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", seen)
+    async with tls_site(app, cert, key) as port:
+        url = URL(f"https://localhost:{port}/base")
+        assert await fetch(client, url, "/a?x=1") == f"localhost:{port} /base/a?x=1".encode()
+        assert await fetch(client, url, "/b") == f"localhost:{port} /base/b".encode()
+    assert len(peers) == 1
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["wrong-name", "untrusted"])
+async def test_an_https_upstream_whose_certificate_does_not_check_out_is_not_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: UpstreamClient, trusted: bool
+) -> None:
+    """A certificate for another name, or from no trusted issuer: ConnectFailed (nothing was
+    sent), so a launch's units go back."""
+    cert, key = self_signed(tmp_path)
+    other, _ = self_signed(tmp_path, "other.example")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert if trusted else other))
+    requests: list[str] = []
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        requests.append(request.raw_path)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", counted)
+    async with tls_site(app, cert, key) as port:
+        # By IP address, the name "localhost" in the certificate does not match.
+        host = "127.0.0.1" if trusted else "localhost"
+        with pytest.raises(ConnectFailed, match="certificate") as caught:
+            await send(client, URL(f"https://{host}:{port}"), "/x")
+    assert not caught.value.timed_out
+    assert requests == []

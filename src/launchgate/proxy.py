@@ -327,10 +327,9 @@ async def forward(
         )
     except ConnectFailed as e:
         # No connection was made: nothing reached the upstream, so nothing launched.
-        error = "ConnectionTimeoutError" if e.timed_out else "ClientConnectorError"
-        await _finish(gateway, decision_id, reserved, "release", None, started, error)
-        gateway.metrics.upstream_errors.labels("connect").inc()
         reason = "upstream_timeout" if e.timed_out else "upstream_unavailable"
+        await _finish(gateway, decision_id, reserved, "release", None, started, reason)
+        gateway.metrics.upstream_errors.labels("connect").inc()
         return problem(
             reason, 504 if e.timed_out else 502, "the upstream could not be reached", decision_id
         )
