@@ -439,9 +439,25 @@ def report(rounds: list[dict[str, Result]]) -> None:
         overhead = median(r[name].p50_ms - r[_base_of(name)].p50_ms for r in rounds)
         spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
         goal = f"  (target >= {target:.1f}x)" if target else ""
-        print(f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}")
+        cpu = _cpu_ratio(rounds, name)
+        print(f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu}")
     print("\nlatencies are under load (every connection busy), not single round trips;")
     print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
+    print(
+        "cpu: the reference's proxy CPU per request over launchgate's. While both proxies are\n"
+        "bound by one core each (one event loop, one GIL), the requests/s ratio follows it."
+    )
+
+
+def _cpu_ratio(rounds: list[dict[str, Result]], name: str) -> str:
+    """``  cpu 0.47x``: the reference proxy's CPU per request over launchgate's, per round."""
+    ratios = []
+    for r in rounds:
+        ours, theirs = r[name].cpu_us, r[_base_of(name)].cpu_us
+        proxy = next((role for role in ours or {} if role not in ("stub", "postgres")), None)
+        if ours and theirs and proxy and ours[proxy] > 0 and "reference" in theirs:
+            ratios.append(theirs["reference"] / ours[proxy])
+    return f"  cpu {median(ratios):4.2f}x" if ratios else ""
 
 
 def main() -> int:
