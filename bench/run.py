@@ -439,8 +439,10 @@ def report(rounds: list[dict[str, Result]]) -> None:
         overhead = median(r[name].p50_ms - r[_base_of(name)].p50_ms for r in rounds)
         spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
         goal = f"  (target >= {target:.1f}x)" if target else ""
-        cpu = _cpu_ratio(rounds, name)
-        print(f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu}")
+        cpu_ratio = _cpu_ratio(rounds, name)
+        print(
+            f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu_ratio}"
+        )
     print("\nlatencies are under load (every connection busy), not single round trips;")
     print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
     print(
