@@ -404,6 +404,13 @@ USER_ERRORS: list[Any] = [
         for flag, value in [("--tpp", "0"), ("--die-area", "-1"), ("--tpp", "nan"), ("--tpp", "x")]
     ),
     pytest.param(lambda c: (["stub-backend", "--listen", "nohost"], ["--listen"]), id="bad-listen"),
+    # An unknown flag is named even when a required argument is missing too.
+    pytest.param(lambda c: (["--bogus"], ["--bogus"]), id="unknown-top-level-flag"),
+    pytest.param(lambda c: (["serve", "--conifg", c.config], ["--conifg"]), id="misspelt-flag"),
+    pytest.param(
+        lambda c: (["check", "--config", c.config, "--bogus=1"], ["--bogus=1"]),
+        id="unknown-flag-with-value",
+    ),
     pytest.param(
         lambda c: (["stub-backend", "--listen", "127.0.0.1:70000"], ["--listen"]), id="bad-port"
     ),

@@ -107,7 +107,7 @@ async def test_denials_without_token(
     gw = await start_gateway()
     got, body, headers = await gw.launch(account=account, sku=sku)
     assert (got, body["reason"]) == (status, reason)
-    assert headers["Content-Type"].startswith("application/problem+json")
+    assert headers["Content-Type"] == "application/problem+json"  # RFC 9457, no parameters
     assert body["type"] == f"urn:launchgate:problem:{reason}"
     assert body["status"] == status and body["title"] and body["detail"]
     assert body["decision_id"] == gw.decisions()[-1]["decision_id"]
@@ -130,6 +130,11 @@ async def test_denials_without_token(
         b'{"instance_type": "p5.48xlarge", "count": 100001}',
         b'{"instance_type": "m7i.large", "instance_type": "p5.48xlarge"}',
         b'{"instance_type": "p5.48xlarge", "x": {"a": 1, "a": 2}}',
+        # A key read, spelt again in other letter case (CONTRACT section 9, one meaning or none)
+        b'{"instance_type": "m7i.large", "Instance_Type": "p5.48xlarge"}',
+        b'{"INSTANCE_TYPE": "p5.48xlarge"}',
+        b'{"instance_type": "p5.48xlarge", "count": 1, "COUNT": 50}',
+        b'{"instance_type": "p5.48xlarge", "Region": "us-east-1"}',
         b'{"instance_type": "p5.48xlarge", "count": NaN}',
         b'\xef\xbb\xbf{"instance_type": "p5.48xlarge"}',
         b'{"instance_type": "p5.48xlarge\xff"}',
@@ -151,15 +156,18 @@ async def test_malformed_launch_bodies(start_gateway: StartGateway, body: bytes)
 
 
 async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) -> None:
-    """A Content-Encoding the gateway does not decode cannot be judged: 400."""
+    """A Content-Encoding the gateway does not decode cannot be judged: 400, also when it hides
+    in a second header behind an identity one."""
     import gzip
 
     gw = await start_gateway()
-    body = gzip.compress(json.dumps({"instance_type": H100_SKU}).encode())
-    headers = {"Content-Encoding": "gzip", "X-Account-Id": RESTRICTED}
-    async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
-        assert r.status == 400
-        assert (await r.json(content_type=None))["reason"] == "malformed_request"
+    plain = json.dumps({"instance_type": H100_SKU}).encode()
+    for encodings, body in ((["gzip"], gzip.compress(plain)), (["identity", "gzip"], plain)):
+        headers = [("Content-Encoding", e) for e in encodings] + [("X-Account-Id", RESTRICTED)]
+        async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
+            assert r.status == 400
+            assert (await r.json(content_type=None))["reason"] == "malformed_request"
+    assert await gw.stub_requests() == []
 
 
 @pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])

@@ -249,15 +249,21 @@ async def test_readyz_503_when_store_unusable(
     assert (await response.json())["checks"]["store"].startswith("unavailable")
 
 
-async def test_readyz_503_without_trusted_keys(
-    start_gateway: StartGateway, aiohttp_client: Any, tmp_path: Any
+async def test_readyz_is_ready_with_an_empty_key_set_and_says_so(
+    start_gateway: StartGateway, make_token: MakeToken, aiohttp_client: Any, tmp_path: Any
 ) -> None:
-    """/readyz says 503 while the JWK Set holds no key (nothing can be licensed)."""
+    """An empty JWK Set (as config/ ships it) is usable: the gateway stays ready (unrestricted
+    launches and other traffic pass), /readyz counts 0 trusted keys, and a licensed launch is
+    denied token_unknown_key."""
     empty = tmp_path / "empty-jwks.json"
     empty.write_text('{"keys": []}')
     gw = await start_gateway(tokens={"jwks": str(empty)})
     admin = await _admin(gw, aiohttp_client)
-    assert (await admin.get("/readyz")).status == 503
+    ready = await admin.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["trusted_keys"] == 0
+    status, body, _ = await gw.launch(token=make_token())
+    assert (status, body["reason"]) == (403, "token_unknown_key")
 
 
 # An upstream that promises 100 bytes, sends 10 and hangs up.

@@ -25,7 +25,26 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    _given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]  # typeshed overloads on the namespace
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        # argparse names a missing argument before an unknown flag; the flag is what is wrong
+        # when both are (``launchgate serve --conifg x``), so it is named first.
+        unknown = [
+            arg
+            for arg in self._given
+            if arg.startswith("-")
+            and not arg[1:2].isdigit()
+            and arg.split("=", 1)[0] not in self._option_string_actions
+        ]
+        if message.startswith("the following arguments are required") and unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         command = self.prog.partition(" ")[2]  # main() prints the "launchgate: error:" prefix
         raise UsageError(f"{command}: {message}" if command else message)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from typing import Any
 
@@ -61,7 +62,12 @@ def problem(reason: str, status: int, detail: str, decision_id: str | None = Non
         "reason": reason,
         "decision_id": decision_id,
     }
-    response = web.json_response(body, status=status, content_type="application/problem+json")
+    # The media type alone, as RFC 9457 registers it (JSON is UTF-8 by definition, RFC 8259).
+    response = web.Response(
+        body=json.dumps(body).encode(),
+        status=status,
+        headers={"Content-Type": "application/problem+json"},
+    )
     if decision_id:
         response.headers[DECISION_HEADER] = decision_id
     return response

@@ -72,10 +72,18 @@ _MISSING: Final = object()
 
 
 def resolve_pointer(document: Any, tokens: tuple[str, ...]) -> Any:
-    """The value at ``tokens`` in ``document``, or ``MISSING`` when there is none."""
+    """The value at ``tokens`` in ``document``, or ``MISSING`` when there is none.
+
+    MalformedLaunch when an object on the way has a key that differs from the one read only in
+    letter case (present or not): an upstream that folds case could read that one instead.
+    """
     node = document
     for part in tokens:
         if isinstance(node, dict):
+            folded = part.casefold()
+            for key in node:
+                if key != part and key.casefold() == folded:
+                    raise MalformedLaunch(f"{key!r} differs from {part!r} only in letter case")
             if part not in node:
                 return _MISSING
             node = node[part]

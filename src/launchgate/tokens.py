@@ -567,7 +567,8 @@ def _license_from_claims(claims: dict[str, Any], trusted: TrustedKey) -> License
 
     iss = string("iss")
     aud_claim = claims.get("aud")
-    aud = (aud_claim,) if isinstance(aud_claim, str) else strings("aud", non_empty=True)
+    # An empty array is an array without our audience: row 14, not a malformed claim.
+    aud = (aud_claim,) if isinstance(aud_claim, str) else strings("aud", non_empty=False)
     sub = string("sub")
     jti = string("jti", non_empty=True)
     iat = number("iat")

@@ -14,6 +14,7 @@ from launchgate.strict import (
     loads_json,
     parse_count,
     parse_pointer,
+    require_identity_encoding,
     resolve_pointer,
 )
 
@@ -39,9 +40,7 @@ class GenericJson:
         return method == self.method and path == self.path
 
     def parse(self, request: LaunchRequest) -> Launch:
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise MalformedLaunch(f"Content-Encoding {encoding!r} is not decoded by the gateway")
+        require_identity_encoding(request.headers)
         body = loads_json(request.body)
         sku = resolve_pointer(body, self.sku)
         if not isinstance(sku, str) or not sku:
