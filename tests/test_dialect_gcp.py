@@ -713,7 +713,7 @@ async def test_licensed_launch_reserves_every_controlled_item(
     assert status in (200, 201)  # the stub answers as the provider does (stub.py)
     [got] = await gw.stub_requests()
     assert got["body_sha256"] == sha256(body)
-    assert "license-token" not in [name.lower() for name, _ in got["headers"]]
+    assert "license-token" not in [name.lower() for name in got["headers"]]
     decision = gw.decisions()[-1]
     assert (decision["reason"], decision["reserved"]) == ("licensed", 32)
     reservation = await gw.gateway.ledger.reservation(decision["decision_id"])

@@ -104,8 +104,11 @@ async def test_requests_are_recorded_with_headers_query_and_body(client: Client)
     assert record["method"] == "POST"
     assert record["path"] == "/v1/instances"
     assert record["query"] == "dry=1&x=a%26b%20c"
-    assert [v for n, v in record["headers"] if n == "X-Dup"] == ["one", "two"]
-    assert ["X-Account-Id", "acct-1"] in record["headers"]
+    assert [v for n, v in record["raw_headers"] if n == "X-Dup"] == ["one", "two"]
+    assert ["X-Account-Id", "acct-1"] in record["raw_headers"]
+    # As one object too: names as received, a repeated field's values joined in order.
+    assert record["headers"]["X-Dup"] == "one, two"
+    assert record["headers"]["X-Account-Id"] == "acct-1"
     assert record["body"] == body.decode()
     assert record["body_length"] == len(body)
     assert record["body_sha256"] == hashlib.sha256(body).hexdigest()

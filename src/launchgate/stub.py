@@ -80,11 +80,23 @@ class RecordedRequest:
             "method": self.method,
             "path": self.path,
             "query": self.query,
-            "headers": [list(pair) for pair in self.headers],
+            "headers": _header_object(self.headers),
+            "raw_headers": [list(pair) for pair in self.headers],
             "body": self.body,
             "body_length": self.body_length,
             "body_sha256": self.body_sha256,
         }
+
+
+def _header_object(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Headers as one JSON object: each name as first received, repeated fields joined with
+    ", " in order (RFC 9110 section 5.3); ``raw_headers`` keeps every field line as it came."""
+    merged: dict[str, str] = {}
+    spelling: dict[str, str] = {}
+    for name, value in pairs:
+        key = spelling.setdefault(name.lower(), name)
+        merged[key] = f"{merged[key]}, {value}" if key in merged else value
+    return merged
 
 
 @dataclass(frozen=True, slots=True)
