@@ -172,12 +172,25 @@ async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) 
 
 @pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
 async def test_method_override_headers_refused(start_gateway: StartGateway, header: str) -> None:
-    """Method-override headers get 400 on any route, launch or not."""
+    """Method-override headers get 400 on any route, launch or not; on a launch route it is a
+    recorded launch decision (malformed_request) with its id."""
     gw = await start_gateway()
+    ids = []
     for method, path in (("GET", "/v1/instances"), ("POST", "/v1/instances")):
-        async with gw.session.request(method, f"{gw.url}{path}", headers={header: "POST"}) as r:
+        headers = {header: "POST", "X-Account-Id": RESTRICTED}
+        async with gw.session.request(method, f"{gw.url}{path}", headers=headers) as r:
             assert r.status == 400
+            problem = await r.json(content_type="application/problem+json")
+            assert problem["reason"] == "malformed_request"
+            ids.append(problem["decision_id"])
     assert await gw.stub_requests() == []
+    [record] = gw.decisions()  # the GET is no launch: not a decision
+    assert ids[0] is None and record["decision_id"] == ids[1]
+    assert (record["reason"], record["account"], record["method"]) == (
+        "malformed_request",
+        RESTRICTED,
+        "POST",
+    )
 
 
 async def test_licensed_launch_depletes_to_exhaustion(

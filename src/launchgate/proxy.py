@@ -109,7 +109,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     headers = request.headers
     for name in METHOD_OVERRIDES:
         if name in headers:
-            return problem("malformed_request", 400, "method-override headers are not accepted")
+            return await refuse_override(request, gateway, config)
     raw = request.raw_path
     raw_path, _, query = raw.partition("?")
     try:
@@ -121,6 +121,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if route.matches(method, path):
             return await handle_launch(request, gateway, config, route, path, query)
     return await forward(request, gateway, config, raw, None)
+
+
+async def refuse_override(
+    request: web.Request, gateway: Gateway, config: Config
+) -> web.StreamResponse:
+    """400 for a request that carries a method-override header, launch route or not (in shadow
+    mode too: the gateway cannot tell which method the upstream would act on). On a launch
+    route it is a launch decision, recorded like any other."""
+    detail = "method-override headers are not accepted"
+    try:
+        path = normalize_path(request.raw_path.partition("?")[0])
+    except UnsafePath:
+        return problem("malformed_request", 400, detail)
+    if not any(route.matches(request.method, path) for route in config.routes):
+        return problem("malformed_request", 400, detail)
+    started = time.perf_counter()
+    decision_id = new_ulid()
+    account = request.headers.get(config.account_header, "").strip() or None
+    decision = malformed(detail, account)
+    await gateway.recorder.write(
+        launch_record(config, decision, decision_id, request.method, path, None)
+    )
+    count_decision(gateway, decision, started)
+    return problem(decision.reason, 400, detail, decision_id)
 
 
 async def handle_launch(
