@@ -34,7 +34,19 @@ def test_shipped_config_loads() -> None:
         ({"upstream": {"url": "ftp://x"}}, r"\[upstream\]\.url"),
         ({"upstream": {"timeout_s": -1}}, r"\[upstream\]\.timeout_s"),
         ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
-        ({"tokens": {"jwks": "/nonexistent/jwks.json"}}, r"/nonexistent/jwks\.json"),
+        # A referenced file that is missing: the main file's key, then the file.
+        (
+            {"tokens": {"jwks": "/nonexistent/jwks.json"}},
+            r"launchgate\.toml: \[tokens\]\.jwks: /nonexistent/jwks\.json",
+        ),
+        (
+            {"accounts": {"file": "/nonexistent/accounts.toml"}},
+            r"\[accounts\]\.file: /nonexistent/accounts\.toml: file not found",
+        ),
+        (
+            {"policy": {"country_groups_file": "/nonexistent/groups.toml"}},
+            r"\[policy\]\.country_groups_file: /nonexistent/groups\.toml: file not found",
+        ),
         (
             {"policy": {"restricted_country_groups": ["D:9"]}},
             r"restricted_country_groups: no country group 'D:9'",
@@ -42,7 +54,7 @@ def test_shipped_config_loads() -> None:
         ({"policy": {"controlled_eccns": ["3A090.z"]}}, r"controlled_eccns"),
         (
             {"catalog": {"file": "/nonexistent/catalog.toml"}},
-            r"/nonexistent/catalog\.toml: file not found",
+            r"\[catalog\]\.file: /nonexistent/catalog\.toml: file not found",
         ),
         ({"store": {"url": "mysql://x"}}, r"mysql"),
         ({"surprise": {"a": 1}}, r"unknown table 'surprise'"),

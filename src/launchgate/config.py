@@ -7,10 +7,10 @@ file and key at fault, shown to staff verbatim.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from yarl import URL
 
@@ -26,6 +26,8 @@ from launchgate.dialects import Route, build_route
 from launchgate.errors import ConfigError
 from launchgate.tokens import KeyRing
 from launchgate.tomlfile import as_table, read_toml, require_table
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,14 @@ class _Section:
     def path(self, key: str, base: Path) -> Path:
         return base / self.text(key)  # an absolute path stays absolute
 
+    def load(self, key: str, base: Path, loader: Callable[[Path], _T]) -> _T:
+        """``loader`` on the file ``key`` names; its errors name this key too, after the file."""
+        path = self.path(key, base)
+        try:
+            return loader(path)
+        except ConfigError as e:
+            raise ConfigError(f"{self.where}.{key}: {e}") from e
+
 
 _REQUIRED = object()
 
@@ -176,7 +186,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             "controlled_eccns",
         },
     )
-    groups = load_country_groups(policy.path("country_groups_file", base))
+    groups = policy.load("country_groups_file", base, load_country_groups)
     controlled = frozenset(policy.strings("controlled_eccns", ["3A090.a", "3A090.b"]))
     bad = sorted(controlled - ECCN_CLASSES)
     if bad:
@@ -206,15 +216,15 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         account_header=identity.text("account_header", "X-Account-Id"),
         token_header=tokens.text("header", "License-Token"),
         jwks_path=jwks_path,
-        keyring=KeyRing.from_jwks_file(jwks_path),
+        keyring=tokens.load("jwks", base, KeyRing.from_jwks_file),
         issuers=tokens.strings("issuers"),
         audience=tokens.text("audience", "launchgate"),
         leeway_s=tokens.number("leeway_s", 30, minimum=-1),
         store_url=store.text("url", "sqlite:data/ledger.sqlite3"),
         reservation_ttl_s=store.number("reservation_ttl_s", 300),
         audit_path=audit.path("path", base),
-        catalog=load_catalog(catalog.path("file", base)),
-        accounts=load_accounts(accounts.path("file", base)),
+        catalog=catalog.load("file", base, load_catalog),
+        accounts=accounts.load("file", base, load_accounts),
         jurisdictions=build_jurisdictions(
             groups,
             policy.strings("restricted_country_groups", []),
