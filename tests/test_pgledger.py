@@ -119,6 +119,50 @@ async def test_migrate_store_migrates_a_postgresql_store(url: str, tmp_path: Pat
         assert found == 4
 
 
+async def test_a_version_2_store_is_upgraded_and_keeps_its_reservations(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger made before migration 3 (reservations took a second round trip then) is
+    upgraded at open: what it holds stays, and reserving works on the new procedure."""
+    from launchgate import pgledger
+
+    monkeypatch.setattr(pgledger, "_MIGRATIONS", pgledger._MIGRATIONS[:2])
+    monkeypatch.setattr(pgledger, "SCHEMA_VERSION", 2)
+    old = PostgresLedger(url)
+    async with open_stores(old), connect(url) as conn:
+        # What a gateway before migration 3 ran for a reservation.
+        await conn.fetchrow(
+            "SELECT * FROM launchgate_reserve_keyed($1, $2, $3, $4, $5, $6, $7, NULL, NULL)",
+            *("lic-42", "acct-2001", 64, T0 + 86400, 8, "before", T0),
+        )
+    monkeypatch.undo()
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        assert await conn.fetchval("SELECT version FROM launchgate_schema_version") == 3
+        result = await reserve(store, "after", 16)
+        assert (result.outcome, result.reserved) == (ReserveOutcome.RESERVED, 24)
+        before = await store.reservation("before")
+        assert before is not None and before.state == "reserved"
+
+
+async def test_a_reservation_is_one_round_trip(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reservation and its durability barrier are one statement (one round trip); a refusal
+    writes no barrier."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        sent: list[str] = []
+        real = asyncpg.Connection._do_execute  # white-box: every statement asyncpg sends
+
+        def counting(self: object, query: str, *args: object, **kwargs: object) -> object:
+            sent.append(query)
+            return real(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, "_do_execute", counting)
+        assert (await reserve(store, "d1", 64)).outcome is ReserveOutcome.RESERVED
+        assert (await reserve(store, "d2", 8)).outcome is ReserveOutcome.EXHAUSTED
+        assert len(sent) == 2 and all(q.startswith("CALL launchgate_reserve_durable") for q in sent)
+
+
 async def test_a_newer_schema_is_refused(url: str) -> None:
     """A ledger written by a newer launchgate is not used blindly."""
     store = PostgresLedger(url)

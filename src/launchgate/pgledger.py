@@ -12,9 +12,10 @@ however many replicas try.
 
 Durability: a reservation commits without waiting for the WAL flush, so the license row is locked
 only while the function runs (not for a disk flush: one license's launches would otherwise queue
-behind each other's fsyncs), and is then made durable by a second, synchronous transaction
-(``_DURABLE``) before ``reserve`` returns. Settlements commit asynchronously (see ``_SETTLE``):
-losing one in a database crash can only count a launch as used.
+behind each other's fsyncs), and is then made durable by a second, synchronous transaction in the
+same call (the ``launchgate_reserve_durable`` procedure, ``_RESERVE``) before ``reserve`` returns.
+Settlements commit asynchronously (see ``_SETTLE``): losing one in a database crash can only count
+a launch as used.
 
 Availability: every asyncpg, OS and timeout error leaves as ``StoreUnavailable``; connecting,
 waiting for a pooled connection and each statement are bounded by ``timeout_s``. After a
@@ -257,19 +258,56 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        3,
+        (
+            # launchgate_reserve_keyed and its durability barrier in one round trip (see
+            # _RESERVE): a procedure may end transactions, a function may not.
+            """
+            CREATE PROCEDURE launchgate_reserve_durable(
+                p_jti text, p_account text, p_max bigint, p_expires double precision,
+                p_amount bigint, p_decision_id text, p_now double precision,
+                p_key text, p_fingerprint text,
+                INOUT o_outcome text, INOUT o_max bigint, INOUT o_used bigint,
+                INOUT o_reserved bigint, INOUT o_replay_of text
+            ) LANGUAGE plpgsql AS $$
+            BEGIN
+                SELECT r.o_outcome, r.o_max, r.o_used, r.o_reserved, r.o_replay_of
+                INTO o_outcome, o_max, o_used, o_reserved, o_replay_of
+                FROM launchgate_reserve_keyed(
+                    p_jti, p_account, p_max, p_expires, p_amount, p_decision_id, p_now,
+                    p_key, p_fingerprint
+                ) AS r;
+                IF o_outcome = 'reserved' THEN
+                    -- Asynchronously (launchgate_reserve_keyed turned synchronous_commit off
+                    -- for this transaction alone): the license row is unlocked now.
+                    COMMIT;
+                    -- The barrier, in a transaction of its own that commits, at the end of
+                    -- CALL, with the session's synchronous_commit (see _RESERVE).
+                    UPDATE launchgate_reservations SET state = state
+                    WHERE decision_id = p_decision_id;
+                END IF;
+            END
+            $$
+            """,
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
+# A reservation, durable when CALL returns, in one round trip. It commits asynchronously, then a
+# second transaction writes a no-op (the durability barrier) and commits synchronously: a
+# synchronous commit that wrote WAL flushes the WAL up to its commit record, which lies after the
+# reservation's, so once CALL returns the reservation survives a crash. (A transaction that writes
+# nothing is not flushed, hence the no-op write.) Any durable decision taken by another replica
+# after seeing the reservation lies later in the WAL still, so a crash can lose the reservation
+# only together with everything that relied on it. If the barrier fails, the caller hears a store
+# error and forwards nothing; the open reservation is settled as used after the TTL. (Comments in
+# migrations 1 and 2 call this barrier _DURABLE: it was a second round trip until migration 3.)
 _RESERVE = (
-    "SELECT o_outcome, o_max, o_used, o_reserved, o_replay_of"
-    " FROM launchgate_reserve_keyed($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    "CALL launchgate_reserve_durable($1, $2, $3, $4, $5, $6, $7, $8, $9,"
+    " NULL, NULL, NULL, NULL, NULL)"
 )
-# The durability barrier after a reservation. A synchronous commit that wrote WAL flushes the WAL
-# up to its commit record, which lies after the reservation's: once this returns, the reservation
-# survives a crash. (A transaction that writes nothing is not flushed, hence the no-op write.) Any
-# durable decision taken by another replica after seeing the reservation lies later in the WAL
-# still, so a crash can lose the reservation only together with everything that relied on it.
-_DURABLE = "UPDATE launchgate_reservations SET state = state WHERE decision_id = $1"
 # One statement: a second settlement of the same reservation finds it no longer 'reserved'.
 # Committed asynchronously (no wait for the WAL flush, which is on the launch's response path):
 # a settlement lost in a database crash leaves the reservation open, and the sweeper then settles
@@ -467,8 +505,6 @@ class PostgresLedger:
                 )
             except asyncpg.UniqueViolationError as e:
                 raise _decision_taken(decision_id) from e
-            if outcome == ReserveOutcome.RESERVED.value:
-                await conn.execute(_DURABLE, decision_id)
         result = ReserveResult(
             outcome=ReserveOutcome(outcome),
             max_accelerators=max_acc,
