@@ -155,6 +155,31 @@ async def test_malformed_launch_bodies(start_gateway: StartGateway, body: bytes)
     assert (await gw.gateway.ledger.licenses()) == []
 
 
+@pytest.mark.parametrize("header", ["X-Account-Id", "License-Token"])
+async def test_a_launch_with_two_identity_headers_is_malformed(
+    start_gateway: StartGateway, make_token: MakeToken, header: str
+) -> None:
+    """Two account (or token) headers could be read two ways: the gateway would judge the first
+    while the upstream might act on the last. 400, recorded, nothing forwarded or reserved."""
+    gw = await start_gateway()
+    token = make_token(jti="lic-twice")
+    headers = [("X-Account-Id", UNRESTRICTED), ("License-Token", token)]
+    headers.append((header, RESTRICTED if header == "X-Account-Id" else make_token()))
+    body = {"instance_type": H100_SKU, "count": 1}
+    async with gw.session.post(f"{gw.url}/v1/instances", json=body, headers=headers) as r:
+        assert r.status == 400
+        problem = await r.json(content_type="application/problem+json")
+    assert problem["reason"] == "malformed_request"
+    assert f"more than one {header} header" in problem["detail"]
+    assert await gw.stub_requests() == []
+    assert await gw.license("lic-twice") is None
+    [record] = gw.decisions()
+    assert (record["reason"], record["decision_id"]) == (
+        "malformed_request",
+        problem["decision_id"],
+    )
+
+
 async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) -> None:
     """A Content-Encoding the gateway does not decode cannot be judged: 400, also when it hides
     in a second header behind an identity one."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 from aiohttp import ClientError, web
+from multidict import CIMultiDictProxy
 
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
@@ -171,6 +172,7 @@ async def handle_launch(
 
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
+        _one_identity(request.headers, config)
         launch = route.dialect.parse(launch_request)
     except MalformedLaunch as e:
         decision = malformed(e.detail, account)
@@ -212,6 +214,14 @@ async def handle_launch(
         reserved=reserved,
         replay_of=_replay_of(result),
     )
+
+
+def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
+    """MalformedLaunch for a launch with two account headers or two token headers: the gateway
+    would judge one while the upstream might act on the other (one meaning or none)."""
+    for name in (config.account_header, config.token_header):
+        if len(headers.getall(name, ())) > 1:
+            raise MalformedLaunch(f"more than one {name} header")
 
 
 def _replay_of(result: ReserveResult | None) -> str | None:
