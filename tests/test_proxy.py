@@ -211,6 +211,7 @@ async def test_unsafe_paths_get_400(start_gateway: StartGateway, path: str) -> N
     writer.close()
     assert response.startswith(b"HTTP/1.1 400"), response[:200]
     assert b"application/problem+json" in response
+    assert b'"reason": "malformed_request"' in response
     assert await gw.stub_requests() == []
 
 

@@ -41,7 +41,6 @@ TITLES: Mapping[str, str] = {
     "body_too_large": "Request body too large",
     "upstream_unavailable": "Upstream unavailable",
     "upstream_timeout": "Upstream timeout",
-    "bad_path": "Path cannot be normalized",
     "idempotency_conflict": "Idempotency key reused with another request",
 }
 

@@ -116,7 +116,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         path = normalize_path(raw_path)
     except UnsafePath as e:
-        return problem("bad_path", 400, str(e))
+        # The CONTRACT's one 400 reason: a path with no one safe meaning is a malformed request.
+        return problem("malformed_request", 400, f"the path cannot be normalized safely: {e}")
     method = request.method
     for route in config.routes:
         if route.matches(method, path):
