@@ -420,6 +420,17 @@ def _es_jwk(keys: Keys, **overrides: Any) -> dict[str, Any]:
     return jwk
 
 
+def test_a_jwk_without_alg_takes_the_one_its_key_type_signs_with(keys: Keys) -> None:
+    """RFC 7517 makes "alg" optional: an Ed25519 key is EdDSA, a P-256 key ES256 (and the key
+    is then bound to that algorithm as if the JWK had named it)."""
+    ring = KeyRing.from_jwks(
+        {"keys": [_jwk(keys, alg=None), _es_jwk(keys, alg=None)]}, "conf/jwks.json"
+    )
+    ed, es = ring.get("a"), ring.get("b")
+    assert ed is not None and es is not None
+    assert (ed.alg, es.alg) == ("EdDSA", "ES256")
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -427,7 +438,10 @@ def _es_jwk(keys: Keys, **overrides: Any) -> dict[str, Any]:
         (lambda k: {}, "not a JWK Set"),
         (lambda k: {"keys": ["x"]}, r"keys\[0\]: not a JSON object"),
         (lambda k: {"keys": [_jwk(k, kid=None)]}, r"keys\[0\]: missing 'kid'"),
-        (lambda k: {"keys": [_jwk(k, alg=None)]}, r"keys\[0\] \(kid 'a'\): missing 'alg'"),
+        (
+            lambda k: {"keys": [_jwk(k, alg=None, kty="RSA")]},
+            r"keys\[0\] \(kid 'a'\): missing 'alg', and kty 'RSA'",
+        ),
         (lambda k: {"keys": [_jwk(k, alg="RS256")]}, "alg 'RS256' is not accepted"),
         (lambda k: {"keys": [_jwk(k, alg="HS256", kty="oct")]}, "alg 'HS256'"),
         (lambda k: {"keys": [_jwk(k, alg="ES256")]}, "needs kty 'EC'"),

@@ -299,7 +299,8 @@ class KeyRing:
     @classmethod
     def from_jwks(cls, jwks: Mapping[str, Any], source: str) -> KeyRing:
         """Build from a parsed JWK Set. ``ConfigError`` naming ``source`` and the key for:
-        no keys, a key without ``kid`` or ``alg``, an ``alg`` other than EdDSA/ES256,
+        no keys, a key without ``kid``, an ``alg`` other than EdDSA/ES256 (a key without one
+        takes the one its ``kty``/``crv`` sign with),
         ``kty``/``crv`` not matching ``alg``, a duplicate ``kid``, private key material."""
         keys = jwks.get("keys")
         if not isinstance(keys, list):
@@ -337,7 +338,15 @@ def _trusted_key_from_jwk(jwk: Any, where: str) -> TrustedKey:
         raise ConfigError(f"{where}: holds private key material ('d'); publish public keys only")
     alg = jwk.get("alg")
     if alg is None:
-        raise ConfigError(f"{where}: missing 'alg'")
+        # "alg" is optional in a JWK (RFC 7517 section 4.4). Each accepted key shape signs with
+        # exactly one accepted algorithm, so the shape names it; any other shape is refused.
+        shape = (jwk.get("kty"), jwk.get("crv"))
+        alg = next((name for name, known in _JWK_SHAPE.items() if known == shape), None)
+        if alg is None:
+            raise ConfigError(
+                f"{where}: missing 'alg', and kty {shape[0]!r} with crv {shape[1]!r} is neither"
+                " an Ed25519 (EdDSA) nor a P-256 (ES256) key"
+            )
     if alg not in ALLOWED_ALGS:
         raise ConfigError(f"{where}: alg {alg!r} is not accepted (EdDSA or ES256)")
     kty, crv = _JWK_SHAPE[alg]
