@@ -363,6 +363,9 @@ def cmd_decide(args: argparse.Namespace) -> int:
         path=None,
         now=now,
     )
+    # The fields of a decision record (CONTRACT section 5); what does not apply offline, the
+    # chain among them, is null, never missing.
+    record |= {"seq": None, "prev_hash": None, "hash": None}
     print(json.dumps(record, indent=2))
     return 0
 
