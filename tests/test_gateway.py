@@ -74,6 +74,20 @@ async def test_unrestricted_account_launches_controlled_sku(start_gateway: Start
     assert (decision["outcome"], decision["reason"]) == ("allow", "account_not_restricted")
     assert headers["Launchgate-Decision-Id"] == decision["decision_id"]
     assert decision["eccn"] == "3A090.a" and decision["accelerators"] == 8
+    assert decision["license"] is None  # no token presented
+
+
+async def test_a_token_presented_is_recorded_even_when_no_row_reads_it(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """`license` is null only when no token was presented (CONTRACT section 5): an unrestricted
+    account's launch decided before the token rows records the token as presented."""
+    gw = await start_gateway()
+    status, _, _ = await gw.launch(account=UNRESTRICTED, token=make_token(jti="lic-shown"))
+    assert status == 201
+    decision = gw.decisions()[-1]
+    assert decision["reason"] == "account_not_restricted"
+    assert decision["license"] is not None and decision["license"]["jti"] == "lic-shown"
 
 
 async def test_non_controlled_sku_passes_for_restricted_account(

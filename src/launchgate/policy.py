@@ -162,6 +162,9 @@ def decide(
     license_ref: LicenseRef | None = None
 
     def judged(reason: str, status: int | None, detail: str, reserve: int = 0) -> Decision:
+        nonlocal license_ref
+        if license_ref is None and token:  # decided before the token rows: as presented
+            license_ref = _license_ref(token, None)
         return Decision(
             "allow" if status is None else "deny",
             reason,
