@@ -406,7 +406,7 @@ def report_latency(rounds: list[dict[str, Result]]) -> None:
         overhead = median(r[name].p50_ms - r[_base_of(name)].p50_ms for r in rounds)
         goal = "  (target <= 1.0 ms)" if "licensed" in name else ""
         extra = "" if name.startswith("reference") else f"  overhead {overhead:+6.2f} ms{goal}"
-        print(f"  {name:42s} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms{extra}")
+        print(f"  {name:46s} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms{extra}")
 
 
 def report(rounds: list[dict[str, Result]]) -> None:
@@ -421,7 +421,7 @@ def report(rounds: list[dict[str, Result]]) -> None:
         cpus = [c for r in rounds if (c := r[name].cpu_us)]
         cpu = {role: median(c[role] for c in cpus) for role in cpus[0]} if cpus else None
         print(
-            f"  {name:42s} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+            f"  {name:46s} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
             f"  errors {errors}{_cpu_text(cpu)}"
         )
     print("\nratios to the reference pass-through (requests/s), and p50 overhead under load:")
@@ -441,7 +441,7 @@ def report(rounds: list[dict[str, Result]]) -> None:
         goal = f"  (target >= {target:.1f}x)" if target else ""
         cpu_ratio = _cpu_ratio(rounds, name)
         print(
-            f"  {name:42s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu_ratio}"
+            f"  {name:46s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu_ratio}"
         )
     print("\nlatencies are under load (every connection busy), not single round trips;")
     print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
@@ -538,7 +538,7 @@ def main() -> int:
                 r = measured(load, s, args.duration, args.connections, pids)
                 results[s.name] = r
                 print(
-                    f"  {s.name:42s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
+                    f"  {s.name:46s} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
                     f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}{_cpu_text(r.cpu_us)}",
                     flush=True,
                 )
@@ -549,7 +549,7 @@ def main() -> int:
                 for s in build_scenarios(stub, ref, lg_sqlite, lg_pg, token):
                     if s.name in LATENCY_SCENARIOS:
                         single[s.name] = r = load(s, args.latency_duration, 1)
-                        print(f"    {s.name:40s} p50 {r.p50_ms:6.2f} ms", flush=True)
+                        print(f"    {s.name:44s} p50 {r.p50_ms:6.2f} ms", flush=True)
                 singles.append(single)
     report(rounds)
     if singles:
