@@ -8,7 +8,7 @@ import datetime
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from launchgate.gateway import Gateway
 from launchgate.proxy import create_app
 from launchgate.stub import create_stub_app
 from launchgate.tokens import PrivateKey, generate_key, issue_token, load_private_key
+from launchgate.upstream import origin_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "config"
@@ -327,26 +328,69 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 # --- TLS upstreams ---------------------------------------------------------------------------
 
 
-def self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed certificate for the DNS name ``name`` alone (no IP address), and its key;
-    their PEM files in ``folder``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+def tls_certificates(folder: Path, name: str = "localhost") -> tuple[Path, Path, Path]:
+    """A certificate authority of its own and a server certificate it issued for the DNS name
+    ``name`` alone (no IP address), with the extensions strict X.509 checking asks for; the PEM
+    files of the authority's certificate, the server's certificate and the server's key."""
+
+    def key_ids(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
+        return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-    cert = (
+    end = start + datetime.timedelta(days=1)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test authority for {name}")])
+    usage = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
+    ca = (
         x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(**{**usage, "key_cert_sign": True, "crl_sign": True}), critical=True
+        )
+        .add_extension(key_ids(ca_key), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=1))
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(**{**usage, "digital_signature": True}), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(key_ids(key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
     )
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_path, cert_path, key_path = (folder / f"{name}{ext}" for ext in (".ca", ".crt", ".key"))
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -354,7 +398,16 @@ def self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
             serialization.NoEncryption(),
         )
     )
-    return cert_path, key_path
+    return ca_path, cert_path, key_path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream_origins() -> Iterator[None]:
+    """Each test builds its upstream TLS contexts anew (``origin_of`` caches one per URL, read
+    with the SSL_CERT_FILE of its first use; two tests may get the same port)."""
+    origin_of.cache_clear()
+    yield
+    origin_of.cache_clear()
 
 
 @contextlib.asynccontextmanager

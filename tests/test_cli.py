@@ -407,9 +407,15 @@ USER_ERRORS: list[Any] = [
     # An unknown flag is named even when a required argument is missing too.
     pytest.param(lambda c: (["--bogus"], ["--bogus"]), id="unknown-top-level-flag"),
     pytest.param(lambda c: (["serve", "--conifg", c.config], ["--conifg"]), id="misspelt-flag"),
+    pytest.param(lambda c: (["serve", "--bogus=1"], ["--bogus=1"]), id="unknown-flag-with-value"),
+    # ... but what argparse takes (a "-" value, a negative number, an abbreviation) is not one.
+    pytest.param(lambda c: (["token", "inspect", "-"], ["--config"]), id="dash-value-is-no-flag"),
     pytest.param(
-        lambda c: (["check", "--config", c.config, "--bogus=1"], ["--bogus=1"]),
-        id="unknown-flag-with-value",
+        lambda c: (["classify", "--tpp", "-.5"], ["--die-area"]), id="negative-value-is-no-flag"
+    ),
+    pytest.param(
+        lambda c: (["decide", "--conf", c.config, "--acc", "a"], ["--sku"]),
+        id="abbreviations-are-no-unknown-flags",
     ),
     pytest.param(
         lambda c: (["stub-backend", "--listen", "127.0.0.1:70000"], ["--listen"]), id="bad-port"

@@ -20,6 +20,7 @@ import structlog
 from conftest import (
     CPU_SKU,
     H100_SKU,
+    ISSUER,
     RECORD_FIELDS,
     RESTRICTED,
     UNRESTRICTED,
@@ -30,7 +31,7 @@ from conftest import (
     raw_upstream,
     read_request,
     replying,
-    self_signed,
+    tls_certificates,
     tls_site,
 )
 from launchgate.stub import create_stub_app
@@ -80,14 +81,28 @@ async def test_unrestricted_account_launches_controlled_sku(start_gateway: Start
 async def test_a_token_presented_is_recorded_even_when_no_row_reads_it(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:
-    """`license` is null only when no token was presented (CONTRACT section 5): an unrestricted
-    account's launch decided before the token rows records the token as presented."""
-    gw = await start_gateway()
-    status, _, _ = await gw.launch(account=UNRESTRICTED, token=make_token(jti="lic-shown"))
+    """`license` is null only when no token was presented (CONTRACT section 5): a launch decided
+    before the token rows (an unrestricted account, a malformed body, a method override, an
+    oversized body) records the token as presented."""
+    gw = await start_gateway(server={"max_body_bytes": 1000})
+    token = make_token(jti="lic-shown")
+    status, _, _ = await gw.launch(account=UNRESTRICTED, token=token)
     assert status == 201
-    decision = gw.decisions()[-1]
-    assert decision["reason"] == "account_not_restricted"
-    assert decision["license"] is not None and decision["license"]["jti"] == "lic-shown"
+    headers = {"License-Token": token, "X-Account-Id": RESTRICTED}
+    assert (await gw.send("POST", "/v1/instances", b"{not json", headers=headers))[0] == 400
+    override = {**headers, "X-HTTP-Method-Override": "PUT"}
+    assert (await gw.send("POST", "/v1/instances", b"{}", headers=override))[0] == 400
+    big = json.dumps({"instance_type": H100_SKU, "pad": "x" * 2000}).encode()
+    assert (await gw.send("POST", "/v1/instances", big, headers=headers))[0] == 413
+    reasons = [(d["reason"], d["license"]) for d in gw.decisions()]
+    shown = {"jti": "lic-shown", "kid": "k-ed", "iss": ISSUER}
+    assert [r for r, _ in reasons] == [
+        "account_not_restricted",
+        "malformed_request",
+        "malformed_request",
+        "body_too_large",
+    ]
+    assert all(license == shown for _, license in reasons), reasons
 
 
 async def test_non_controlled_sku_passes_for_restricted_account(
@@ -146,7 +161,10 @@ async def test_denials_without_token(
         b'{"instance_type": "p5.48xlarge", "x": {"a": 1, "a": 2}}',
         # A key read, spelt again in other letter case (CONTRACT section 9, one meaning or none)
         b'{"instance_type": "m7i.large", "Instance_Type": "p5.48xlarge"}',
-        b'{"INSTANCE_TYPE": "p5.48xlarge"}',
+        # Keys that Java's equalsIgnoreCase (dotless i) or a per-character lower case (dotted
+        # capital I) would take for the one read.
+        '{"\u0131nstance_type": "p5.48xlarge", "instance_type": "m7i.large"}'.encode(),
+        '{"\u0130NSTANCE_TYPE": "p5.48xlarge", "instance_type": "m7i.large"}'.encode(),
         b'{"instance_type": "p5.48xlarge", "count": 1, "COUNT": 50}',
         b'{"instance_type": "p5.48xlarge", "Region": "us-east-1"}',
         b'{"instance_type": "p5.48xlarge", "count": NaN}',
@@ -169,22 +187,27 @@ async def test_malformed_launch_bodies(start_gateway: StartGateway, body: bytes)
     assert (await gw.gateway.ledger.licenses()) == []
 
 
-@pytest.mark.parametrize("header", ["X-Account-Id", "License-Token"])
+@pytest.mark.parametrize(
+    "header", ["X-Account-Id", "License-Token", "x_account_id", "License_Token"]
+)
 async def test_a_launch_with_two_identity_headers_is_malformed(
     start_gateway: StartGateway, make_token: MakeToken, header: str
 ) -> None:
     """Two account (or token) headers could be read two ways: the gateway would judge the first
-    while the upstream might act on the last. 400, recorded, nothing forwarded or reserved."""
+    while the upstream might act on the last (or, spelt with "_", a CGI-style upstream on either).
+    400, recorded, nothing forwarded or reserved."""
     gw = await start_gateway()
     token = make_token(jti="lic-twice")
     headers = [("X-Account-Id", UNRESTRICTED), ("License-Token", token)]
-    headers.append((header, RESTRICTED if header == "X-Account-Id" else make_token()))
+    second = RESTRICTED if "account" in header.lower() else make_token()
+    headers.append((header, second))
     body = {"instance_type": H100_SKU, "count": 1}
     async with gw.session.post(f"{gw.url}/v1/instances", json=body, headers=headers) as r:
         assert r.status == 400
         problem = await r.json(content_type="application/problem+json")
     assert problem["reason"] == "malformed_request"
-    assert f"more than one {header} header" in problem["detail"]
+    canonical = "X-Account-Id" if "account" in header.lower() else "License-Token"
+    assert f"more than one {canonical} header" in problem["detail"]
     assert await gw.stub_requests() == []
     assert await gw.license("lic-twice") is None
     [record] = gw.decisions()
@@ -297,6 +320,11 @@ async def test_token_header_never_forwarded_nor_logged(
     assert token not in json.dumps(forwarded)
     log_text = gw.config.audit_path.read_text()
     assert token not in log_text and token.split(".")[2] not in log_text
+    # Spelt with "_" (one name to a CGI-style upstream), on a launch or any other request.
+    await gw.launch(account=UNRESTRICTED, headers={"License_Token": token})
+    async with gw.session.get(f"{gw.url}/v1/instances", headers={"license_token": token}) as r:
+        assert r.status == 200
+    assert token not in json.dumps(await gw.stub_requests())
 
 
 def _token_cases(keys: Keys) -> list[tuple[str, str]]:
@@ -487,9 +515,9 @@ async def test_a_launch_to_an_https_upstream(
 ) -> None:
     """Over TLS to a trusted upstream the launch goes through and is counted; to one whose
     certificate does not check out nothing is sent: 502 upstream_unavailable, released."""
-    cert, key = self_signed(tmp_path)
-    other, _ = self_signed(tmp_path, "other.example")
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert if trusted else other))
+    ca, cert, key = tls_certificates(tmp_path)
+    other, _, _ = tls_certificates(tmp_path, "other.example")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca if trusted else other))
     stub = create_stub_app()
     async with tls_site(stub, cert, key) as port:
         gw = await start_gateway(upstream_url=f"https://localhost:{port}")

@@ -250,19 +250,20 @@ async def test_readyz_503_when_store_unusable(
     assert (await response.json())["checks"]["store"].startswith("unavailable")
 
 
-async def test_readyz_is_ready_with_an_empty_key_set_and_says_so(
+async def test_readyz_503_without_trusted_keys(
     start_gateway: StartGateway, make_token: MakeToken, aiohttp_client: Any, tmp_path: Any
 ) -> None:
-    """An empty JWK Set (as config/ ships it) is usable: the gateway stays ready (unrestricted
-    launches and other traffic pass), /readyz counts 0 trusted keys, and a licensed launch is
-    denied token_unknown_key."""
+    """/readyz says 503 while the JWK Set holds no key (CONTRACT section 6: keys usable), and
+    counts them; the gateway still serves, failing closed: a licensed launch is denied
+    token_unknown_key."""
     empty = tmp_path / "empty-jwks.json"
     empty.write_text('{"keys": []}')
     gw = await start_gateway(tokens={"jwks": str(empty)})
     admin = await _admin(gw, aiohttp_client)
     ready = await admin.get("/readyz")
-    assert ready.status == 200
-    assert (await ready.json())["trusted_keys"] == 0
+    assert ready.status == 503
+    answer = await ready.json()
+    assert (answer["trusted_keys"], answer["checks"]["keys"]) == (0, "no trusted keys")
     status, body, _ = await gw.launch(token=make_token())
     assert (status, body["reason"]) == (403, "token_unknown_key")
 

@@ -19,17 +19,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
-    # The JWK Set was read and checked with the configuration. An empty one is usable: every
-    # licensed launch is then denied (token_unknown_key), and everything else still passes,
-    # so the gateway stays in rotation; the count shows it.
-    checks: dict[str, str] = {"config": "ok", "keys": "ok"}
+    # CONTRACT section 6: ready when configuration, keys and store are usable. A JWK Set that
+    # did not load is a configuration error already; an empty one leaves no key to use.
+    trusted = len(gateway.config.keyring.kids)
+    checks: dict[str, str] = {"config": "ok", "keys": "ok" if trusted else "no trusted keys"}
     try:
         await gateway.ledger.ping()
         checks["store"] = "ok"
     except StoreUnavailable as e:
         checks["store"] = f"unavailable: {e}"
     ready = all(v == "ok" for v in checks.values()) and gateway.running
-    body = {"ready": ready, "checks": checks, "trusted_keys": len(gateway.config.keyring.kids)}
+    body = {"ready": ready, "checks": checks, "trusted_keys": trusted}
     return web.json_response(body, status=200 if ready else 503)
 
 

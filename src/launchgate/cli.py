@@ -36,17 +36,34 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse names a missing argument before an unknown flag; the flag is what is wrong
         # when both are (``launchgate serve --conifg x``), so it is named first.
-        unknown = [
-            arg
-            for arg in self._given
-            if arg.startswith("-")
-            and not arg[1:2].isdigit()
-            and arg.split("=", 1)[0] not in self._option_string_actions
-        ]
+        unknown = self._unknown_flags()
         if message.startswith("the following arguments are required") and unknown:
             message = f"unrecognized arguments: {' '.join(unknown)}"
         command = self.prog.partition(" ")[2]  # main() prints the "launchgate: error:" prefix
         raise UsageError(f"{command}: {message}" if command else message)
+
+    def _unknown_flags(self) -> list[str]:
+        """The given arguments that look like flags this parser does not know: not a value
+        (after an option that takes one, a lone ``-``, a negative number, text with a space),
+        not after ``--``, and not an abbreviation argparse would accept."""
+        unknown: list[str] = []
+        takes_value = False
+        for arg in self._given:
+            if arg == "--":
+                break
+            if takes_value or arg == "-" or not arg.startswith("-") or " " in arg:
+                takes_value = False
+                continue
+            if self._negative_number_matcher.match(arg):
+                continue
+            name, has_value, _ = arg.partition("=")
+            known = [o for o in self._option_string_actions if o.startswith(name)]
+            if not known:
+                unknown.append(arg)
+                continue
+            action = self._option_string_actions[known[0]]
+            takes_value = not has_value and action.nargs != 0
+        return unknown
 
 
 def _config(args: argparse.Namespace) -> Any:

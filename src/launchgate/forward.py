@@ -37,8 +37,13 @@ GATEWAY_SET: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forward
 
 @functools.cache
 def _never_forwarded(*extra: str) -> frozenset[str]:
-    """Header names (lower case) never passed on: hop-by-hop, the gateway's own, ``extra``."""
-    return HOP_BY_HOP | GATEWAY_SET | {e.lower() for e in extra}
+    """Header names (lower case) never passed on: hop-by-hop, the gateway's own, ``extra``
+    (also spelt with ``_`` for ``-``, which CGI-style servers read as the same name)."""
+    return HOP_BY_HOP | GATEWAY_SET | {s for e in extra for s in (e.lower(), _underscored(e))}
+
+
+def _underscored(name: str) -> str:
+    return name.lower().replace("-", "_")
 
 
 def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:

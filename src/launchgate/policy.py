@@ -125,9 +125,18 @@ def classify_items(
     return tuple(facts)
 
 
-def malformed(detail: str, account: str | None) -> Decision:
+def malformed(detail: str, account: str | None, token: str | None = None) -> Decision:
     """Row 1: the body is not what the dialect expects."""
-    return Decision("deny", "malformed_request", 400, detail, account=account)
+    return refused("malformed_request", 400, detail, account, token)
+
+
+def refused(
+    reason: str, status: int, detail: str, account: str | None, token: str | None
+) -> Decision:
+    """A denial before the decision table looks at the launch (row 1, an oversized body); the
+    token, when one was presented, is recorded as presented."""
+    ref = None if not token else _license_ref(token, None)
+    return Decision("deny", reason, status, detail, account=account, license_ref=ref)
 
 
 def _license_ref(token: str, license: License | None) -> LicenseRef:

@@ -39,6 +39,7 @@ from launchgate.policy import (
     after_reservation,
     decide,
     malformed,
+    refused,
     store_unavailable,
     verdict,
 )
@@ -141,7 +142,8 @@ async def refuse_override(
     started = time.perf_counter()
     decision_id = new_ulid()
     account = request.headers.get(config.account_header, "").strip() or None
-    decision = malformed(detail, account)
+    token = request.headers.get(config.token_header, "").strip() or None
+    decision = malformed(detail, account, token)
     await gateway.recorder.write(
         launch_record(config, decision, decision_id, request.method, path, None)
     )
@@ -155,16 +157,12 @@ async def handle_launch(
     started = time.perf_counter()
     decision_id = new_ulid()
     account = request.headers.get(config.account_header, "").strip() or None
+    token = request.headers.get(config.token_header, "").strip() or None
     try:
         body = await read_body(request, config.max_body_bytes)
     except BodyTooLarge:
-        decision = Decision(
-            "deny",
-            "body_too_large",
-            413,
-            f"launch bodies are limited to {config.max_body_bytes} bytes",
-            account=account,
-        )
+        limit = f"launch bodies are limited to {config.max_body_bytes} bytes"
+        decision = refused("body_too_large", 413, limit, account, token)
         await gateway.recorder.write(
             launch_record(config, decision, decision_id, request.method, path, None)
         )
@@ -176,11 +174,10 @@ async def handle_launch(
         _one_identity(request.headers, config)
         launch = route.dialect.parse(launch_request)
     except MalformedLaunch as e:
-        decision = malformed(e.detail, account)
+        decision = malformed(e.detail, account, token)
     else:
         if launch is None:  # claimed, but the body shows it launches nothing: not judged
             return await forward(request, gateway, config, request.raw_path, body)
-        token = request.headers.get(config.token_header, "").strip() or None
         now = time.time()
         decision = decide(
             launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
@@ -219,10 +216,16 @@ async def handle_launch(
 
 def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
     """MalformedLaunch for a launch with two account headers or two token headers: the gateway
-    would judge one while the upstream might act on the other (one meaning or none)."""
+    would judge one while the upstream might act on the other (one meaning or none). A name
+    spelt with ``_`` for ``-`` counts too: CGI-style servers read both as one variable."""
     for name in (config.account_header, config.token_header):
-        if len(headers.getall(name, ())) > 1:
+        wanted = _as_variable(name)
+        if sum(1 for key, _ in headers.items() if _as_variable(key) == wanted) > 1:
             raise MalformedLaunch(f"more than one {name} header")
+
+
+def _as_variable(name: str) -> str:
+    return name.lower().replace("_", "-")
 
 
 def _replay_of(result: ReserveResult | None) -> str | None:

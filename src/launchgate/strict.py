@@ -80,9 +80,9 @@ def resolve_pointer(document: Any, tokens: tuple[str, ...]) -> Any:
     node = document
     for part in tokens:
         if isinstance(node, dict):
-            folded = part.casefold()
+            folded = _folds(part)
             for key in node:
-                if key != part and key.casefold() == folded:
+                if key != part and not folded.isdisjoint(_folds(key)):
                     raise MalformedLaunch(f"{key!r} differs from {part!r} only in letter case")
             if part not in node:
                 return _MISSING
@@ -100,6 +100,17 @@ def resolve_pointer(document: Any, tokens: tuple[str, ...]) -> Any:
 
 
 MISSING: Final = _MISSING
+
+
+def _folds(text: str) -> frozenset[str]:
+    """``text`` as the ways of ignoring case that upstreams use would see it: Unicode case
+    folding, upper case then folded (Java's equalsIgnoreCase takes a dotless i, U+0131, for
+    'i'), and each character's own lower case (U+0130, a dotted capital I, is 'i')."""
+    if text.isascii():
+        return frozenset((text.lower(),))
+    return frozenset(
+        (text.casefold(), text.upper().casefold(), "".join(c.lower()[:1] for c in text))
+    )
 
 
 def parse_count(
