@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -305,6 +305,7 @@ class Forwarder:
         self.mode: Literal["forward", "reject", "silent"] = "forward"
         self.port = 0
         self.accepted = 0
+        self.frozen = False  # a partition: bytes on open connections vanish
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -312,6 +313,11 @@ class Forwarder:
         """Listen (again, on the same port once it has one)."""
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        """A partition: open connections stay open but carry nothing, new ones go silent."""
+        self.frozen = True
+        self.mode = "silent"
 
     async def stop(self) -> None:
         """Stop listening and cut every connection, as a database that went away."""
@@ -344,7 +350,8 @@ class Forwarder:
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             self._writers.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            frozen = lambda: self.frozen  # noqa: E731 - read at every chunk
+            await asyncio.gather(_pipe(reader, up_writer, frozen), _pipe(up_reader, writer, frozen))
         except OSError:
             pass
         finally:
@@ -352,9 +359,13 @@ class Forwarder:
             self._writers.discard(writer)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frozen: Callable[[], bool]
+) -> None:
     try:
         while data := await reader.read(65536):
+            if frozen():
+                continue
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -405,6 +416,28 @@ async def test_a_silent_server_is_store_unavailable_within_the_connect_timeout(
         )
         assert all(isinstance(r, StoreUnavailable) for r in results)
         assert time.monotonic() - started < 0.5  # not 50 waits of 2 s
+    finally:
+        await store.close()
+
+
+async def test_a_database_that_freezes_under_pooled_connections_fails_within_the_timeout(
+    forwarder: Forwarder, url: str
+) -> None:
+    """A partition with connections already pooled: the call in flight fails after one
+    timeout, not after a second one spent waiting to cancel its statement, and the calls
+    after it fail at once."""
+    store = PostgresLedger(forwarder.url(url), timeout_s=0.5, retry_interval_s=5)
+    try:
+        await reserve(store, "d1", 8)
+        forwarder.freeze()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d2", 8)
+        assert time.monotonic() - started < 0.8  # one timeout of 0.5 s
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d3", 8)
+        assert time.monotonic() - started < 0.1
     finally:
         await store.close()
 

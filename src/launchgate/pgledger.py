@@ -648,7 +648,13 @@ class PostgresLedger:
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 if probe:
                     self._failure, self._probing, probe = None, False, False
-                yield conn
+                try:
+                    yield conn
+                except _CONNECTION_ERRORS:
+                    # The statement may still be running, or the server gone: asyncpg's release
+                    # would wait up to another timeout for its cancellation. Drop it instead.
+                    conn.terminate()
+                    raise
         except _STORE_ERRORS as e:
             if probe or isinstance(e, _CONNECTION_ERRORS):
                 await self._trip(e)
