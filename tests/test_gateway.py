@@ -571,6 +571,20 @@ async def test_upstream_timeout_gives_504_and_settles_as_used(
     assert completed["settlement"] == "used_unknown"
 
 
+@pytest.mark.parametrize(("ttl", "warned"), [(5, True), (60, False)])
+async def test_a_reservation_ttl_within_the_upstream_timeouts_is_warned_of(
+    start_gateway: StartGateway, ttl: float, warned: bool
+) -> None:
+    """A TTL that a launch can outlive while it waits for its answer (connect 2 s + read 5 s in
+    the test config is 7 s) is logged at start: the sweeper would settle it as used early."""
+    with structlog.testing.capture_logs() as logs:
+        await start_gateway(store={"reservation_ttl_s": ttl})
+    warnings = [e for e in logs if e["event"] == "config.reservation_ttl_short"]
+    assert bool(warnings) is warned
+    if warned:
+        assert (warnings[0]["reservation_ttl_s"], warnings[0]["upstream_s"]) == (5, 7)
+
+
 async def test_body_too_large_is_413(start_gateway: StartGateway) -> None:
     """A launch body over max_body_bytes gets 413 body_too_large and is not forwarded."""
     gw = await start_gateway(server={"max_body_bytes": 1024})

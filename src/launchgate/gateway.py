@@ -63,6 +63,16 @@ class Gateway:
         with ``store_unavailable`` until it is back, and /readyz says so.
         """
         self._recorder = Recorder(self.config.audit_path)
+        config = self.config
+        in_flight_s = config.connect_timeout_s + config.timeout_s
+        if config.reservation_ttl_s <= in_flight_s:
+            # The sweeper would settle as used a launch still waiting for its answer, and a
+            # failed launch could then no longer give its units back (never an over-spend).
+            log.warning(
+                "config.reservation_ttl_short",
+                reservation_ttl_s=config.reservation_ttl_s,
+                upstream_s=in_flight_s,
+            )
         try:
             await self.ledger.open()
         except StoreUnavailable as e:
