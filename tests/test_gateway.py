@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -619,6 +620,36 @@ async def test_shadow_mode_forwards_would_be_denials(start_gateway: StartGateway
         "shadow",
     )
     assert gw.records()[-1]["event"] == "launch.completed"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_shadow_mode_forwards_a_launch_body_too_large_to_judge(
+    start_gateway: StartGateway, chunked: bool
+) -> None:
+    """Shadow mode forwards whatever the outcome, an oversized body too: recorded as a would-be
+    body_too_large, then sent upstream whole, the part read to find it too large included."""
+    gw = await start_gateway(server={"mode": "shadow", "max_body_bytes": 1024})
+    body = json.dumps({"instance_type": H100_SKU, "pad": "x" * 200_000}).encode()
+
+    async def pieces() -> Any:
+        for at in range(0, len(body), 700):  # the limit is crossed mid-way through the 2nd
+            yield body[at : at + 700]
+
+    headers = {"X-Account-Id": RESTRICTED, "Content-Type": "application/json"}
+    data = pieces() if chunked else body
+    async with gw.session.post(f"{gw.url}/v1/instances", data=data, headers=headers) as r:
+        assert r.status == 201
+        decision_id = r.headers["Launchgate-Decision-Id"]
+    [forwarded] = await gw.stub_requests()
+    assert forwarded["body_length"] == len(body)
+    assert forwarded["body_sha256"] == hashlib.sha256(body).hexdigest()
+    decision, completed = gw.records()[-2:]
+    assert (decision["reason"], decision["enforced"], decision["decision_id"]) == (
+        "body_too_large",
+        False,
+        decision_id,
+    )
+    assert (completed["event"], completed["upstream_status"]) == ("launch.completed", 201)
 
 
 async def test_decision_record_fields(start_gateway: StartGateway, make_token: MakeToken) -> None:

@@ -46,7 +46,13 @@ from launchgate.policy import (
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
-from launchgate.upstream import BadAnswer, BadRequestHead, ConnectFailed, RequestBodyFailed
+from launchgate.upstream import (
+    BadAnswer,
+    BadRequestHead,
+    ConnectFailed,
+    Prefixed,
+    RequestBodyFailed,
+)
 
 log = structlog.get_logger("launchgate")
 
@@ -76,7 +82,9 @@ def problem(reason: str, status: int, detail: str, decision_id: str | None = Non
 
 
 class BodyTooLarge(Exception):
-    pass
+    def __init__(self, read: bytes = b"") -> None:
+        super().__init__()
+        self.read = read  # the part of the body read before it proved too large
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -86,9 +94,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
         chunks.append(chunk)
+        if size > limit:
+            raise BodyTooLarge(b"".join(chunks))
     return b"".join(chunks)
 
 
@@ -160,14 +168,19 @@ async def handle_launch(
     token = request.headers.get(config.token_header, "").strip() or None
     try:
         body = await read_body(request, config.max_body_bytes)
-    except BodyTooLarge:
+    except BodyTooLarge as e:
         limit = f"launch bodies are limited to {config.max_body_bytes} bytes"
         decision = refused("body_too_large", 413, limit, account, token)
         await gateway.recorder.write(
             launch_record(config, decision, decision_id, request.method, path, None)
         )
         count_decision(gateway, decision, started)
-        return problem(decision.reason, 413, decision.detail, decision_id)
+        if config.enforcing:
+            return problem(decision.reason, 413, decision.detail, decision_id)
+        # Shadow mode forwards whatever the outcome: what was read, then the rest as it comes.
+        target = path + (f"?{query}" if query else "")
+        streamed = Prefixed(e.read, request.content)
+        return await forward(request, gateway, config, target, streamed, decision_id=decision_id)
 
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
@@ -341,7 +354,7 @@ async def forward(
     gateway: Gateway,
     config: Config,
     target: str,
-    body: bytes | None,
+    body: bytes | Prefixed | None,
     *,
     decision_id: str | None = None,
     reserved: bool = False,
@@ -355,7 +368,7 @@ async def forward(
     gets a 2xx confirms the earlier reservation as used if its outcome was unknown.
     """
     started = time.perf_counter()
-    headers = upstream_headers(request, config.token_header, body_known=body is not None)
+    headers = upstream_headers(request, config.token_header, body_known=isinstance(body, bytes))
     data = body if body is not None else (request.content if request.body_exists else None)
     try:
         upstream = await gateway.upstream.request(

@@ -25,7 +25,7 @@ import functools
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -97,6 +97,27 @@ def origin_of(url: URL) -> Origin:
     bracketed = f"[{host}]" if ":" in host else host
     host_header = bracketed if url.is_default_port() else f"{bracketed}:{port}"
     return Origin(host, port, context, host_header, url.raw_path.rstrip("/"))
+
+
+@dataclass(frozen=True, slots=True)
+class Prefixed:
+    """A streamed body whose first bytes were read already: ``head``, then the rest of
+    ``rest`` (a launch body found too large to judge, forwarded in shadow mode)."""
+
+    head: bytes
+    rest: StreamReader
+
+
+Streamed = StreamReader | Prefixed
+Body = bytes | Streamed | None
+
+
+async def _chunks(body: Streamed) -> AsyncIterator[bytes]:
+    if isinstance(body, Prefixed):
+        yield body.head
+        body = body.rest
+    async for chunk in body.iter_any():
+        yield chunk
 
 
 class UpstreamResponse:
@@ -193,7 +214,7 @@ class UpstreamClient:
         url: URL,
         target: str,
         headers: Sequence[tuple[str, str]],
-        body: bytes | StreamReader | None,
+        body: Body,
         *,
         connect_timeout_s: float,
         read_timeout_s: float,
@@ -214,12 +235,7 @@ class UpstreamClient:
         origin = origin_of(url)
         head, chunked = _request_head(method, origin, target, headers, body)
         conn = self._take(origin)  # (ResponseHandler defines __len__: test `is None`, not `or`)
-        if (
-            conn is not None
-            and resend
-            and method in _IDEMPOTENT
-            and not isinstance(body, StreamReader)
-        ):
+        if conn is not None and resend and method in _IDEMPOTENT and not isinstance(body, Streamed):
             # A kept connection the upstream closed just as this request went out fails
             # before any answer: an idempotent request is sent again on a new one.
             try:
@@ -241,7 +257,7 @@ class UpstreamClient:
         origin: Origin,
         method: str,
         head: bytes,
-        body: bytes | StreamReader | None,
+        body: Body,
         read_timeout_s: float,
         chunked: bool,
     ) -> UpstreamResponse:
@@ -260,7 +276,7 @@ class UpstreamClient:
             transport = conn.transport
             if transport is None:  # (not after _take or _connect; nothing was sent)
                 raise ConnectFailed("the upstream closed the connection", timed_out=False)
-            if isinstance(body, StreamReader):
+            if isinstance(body, Streamed):
                 transport.write(head)
                 # The read timeout starts once the body is sent, as the upload's own end.
                 upload = _Upload(conn, body, chunked, read_timeout_s)
@@ -385,7 +401,7 @@ def _request_head(
     origin: Origin,
     target: str,
     headers: Sequence[tuple[str, str]],
-    body: bytes | StreamReader | None,
+    body: Body,
 ) -> tuple[bytes, bool]:
     """The request's head, and whether its (streamed) body goes chunked."""
     lines = [f"{method} {origin.prefix}{target} HTTP/1.1"]
@@ -401,7 +417,7 @@ def _request_head(
         lines.append(f"Content-Length: {len(body)}")
     elif body is None and not has_length and method not in _BODILESS:
         lines.append("Content-Length: 0")
-    chunked = isinstance(body, StreamReader) and not has_length
+    chunked = isinstance(body, Streamed) and not has_length
     if chunked:
         lines.append("Transfer-Encoding: chunked")
     lines.append("\r\n")
@@ -421,7 +437,7 @@ class _Upload:
     """
 
     def __init__(
-        self, conn: ResponseHandler, body: StreamReader, chunked: bool, read_timeout_s: float
+        self, conn: ResponseHandler, body: Streamed, chunked: bool, read_timeout_s: float
     ) -> None:
         self.answered = False
         self._task = asyncio.ensure_future(self._send(conn, body, chunked, read_timeout_s or None))
@@ -434,11 +450,11 @@ class _Upload:
         self._task.cancel()
 
     async def _send(
-        self, conn: ResponseHandler, body: StreamReader, chunked: bool, timeout_s: float | None
+        self, conn: ResponseHandler, body: Streamed, chunked: bool, timeout_s: float | None
     ) -> None:
         transport = conn.transport
         try:
-            async for chunk in body.iter_any():
+            async for chunk in _chunks(body):
                 if not chunk:  # an empty chunk would end a chunked body
                     continue
                 if transport is None or transport.is_closing():
