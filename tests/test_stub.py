@@ -106,12 +106,23 @@ async def test_requests_are_recorded_with_headers_query_and_body(client: Client)
     assert record["query"] == "dry=1&x=a%26b%20c"
     assert [v for n, v in record["raw_headers"] if n == "X-Dup"] == ["one", "two"]
     assert ["X-Account-Id", "acct-1"] in record["raw_headers"]
-    # As one object too: names as received, a repeated field's values joined in order.
+    # As one object too: names in their usual spelling, a repeated field's values joined.
     assert record["headers"]["X-Dup"] == "one, two"
     assert record["headers"]["X-Account-Id"] == "acct-1"
     assert record["body"] == body.decode()
     assert record["body_length"] == len(body)
     assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_recorded_header_names_take_their_usual_spelling(client: Client) -> None:
+    """However a name's case came, the headers object spells it X-Account-Id; raw_headers keeps
+    it as sent."""
+    headers = CIMultiDict([("x-account-id", "acct-1"), ("X-FORWARDED-FOR", "10.0.0.1")])
+    await client.post("/v1/instances", data=b"{}", headers=headers)
+    [record] = await _requests(client)
+    assert record["headers"]["X-Account-Id"] == "acct-1"
+    assert record["headers"]["X-Forwarded-For"] == "10.0.0.1"
+    assert ["x-account-id", "acct-1"] in record["raw_headers"]
 
 
 async def test_recorded_body_is_truncated_but_hashed_whole(client: Client) -> None:

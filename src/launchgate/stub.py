@@ -89,12 +89,12 @@ class RecordedRequest:
 
 
 def _header_object(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Headers as one JSON object: each name as first received, repeated fields joined with
-    ", " in order (RFC 9110 section 5.3); ``raw_headers`` keeps every field line as it came."""
+    """Headers as one JSON object: names in their usual spelling (``X-Account-Id``, whatever
+    case they came in), repeated fields joined with ", " in order (RFC 9110 section 5.3);
+    ``raw_headers`` keeps every field line as it came."""
     merged: dict[str, str] = {}
-    spelling: dict[str, str] = {}
     for name, value in pairs:
-        key = spelling.setdefault(name.lower(), name)
+        key = "-".join(part.capitalize() for part in name.split("-"))
         merged[key] = f"{merged[key]}, {value}" if key in merged else value
     return merged
 
