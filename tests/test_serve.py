@@ -280,7 +280,8 @@ async def test_workers_share_port_store_log_and_metrics(
             if sum("config.reloaded" in line for line in gateway.lines) >= 2:
                 break
             await asyncio.sleep(0.05)
-        assert sum("config.reloaded" in line for line in gateway.lines) == 2
+        reloaded = sum("config.reloaded" in line for line in gateway.lines)
+        assert reloaded == 2, gateway.lines[-30:]  # what each process said, if one did not
     finally:
         assert await gateway.stop() == 0
         await stub.stop()
