@@ -70,7 +70,12 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def _cpu_of(pid: int) -> float:
     """User plus system CPU seconds of one process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _seconds(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1])
+
+
+def _seconds(after_name: str) -> float:
+    """User plus system CPU seconds from a /proc stat line's fields after the command name."""
+    fields = after_name.split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -90,7 +95,7 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float] | None:
             ppid = int(rest.split()[1])
             children.setdefault(ppid, []).append(int(entry.name))
             if name.startswith("postgres"):
-                postgres += _cpu_of(int(entry.name))
+                postgres += _seconds(rest)
         except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
     snapshot = {"postgres": postgres}

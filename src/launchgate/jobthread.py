@@ -8,6 +8,7 @@ a path every launch takes; the job itself hands its result back to the event loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -47,12 +48,14 @@ class JobThread:
         done: asyncio.Future[_T] = loop.create_future()
 
         def job() -> None:
+            result: _T | None = None
+            error: BaseException | None = None
             try:
                 result = fn()
             except BaseException as e:  # handed to the waiting coroutine
-                loop.call_soon_threadsafe(_settle, done, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, done, result, None)
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, done, result, error)
 
         self.submit(job)
         return await done

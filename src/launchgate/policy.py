@@ -220,7 +220,6 @@ def decide(
     try:
         license = verify(token)
     except TokenError as e:
-        license_ref = _license_ref(token, None)
         return judged(e.reason, 403, e.detail)
     license_ref = _license_ref(token, license)
     jti = license.jti

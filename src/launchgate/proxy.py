@@ -149,13 +149,8 @@ async def refuse_override(
         return problem("malformed_request", 400, detail)
     started = time.perf_counter()
     decision_id = new_ulid()
-    account = request.headers.get(config.account_header, "").strip() or None
-    token = request.headers.get(config.token_header, "").strip() or None
-    decision = malformed(detail, account, token)
-    await gateway.recorder.write(
-        launch_record(config, decision, decision_id, request.method, path, None)
-    )
-    count_decision(gateway, decision, started)
+    decision = malformed(detail, *_presented(request, config))
+    await _record_refusal(gateway, config, request, path, decision, decision_id, started)
     return problem(decision.reason, 400, detail, decision_id)
 
 
@@ -164,17 +159,13 @@ async def handle_launch(
 ) -> web.StreamResponse:
     started = time.perf_counter()
     decision_id = new_ulid()
-    account = request.headers.get(config.account_header, "").strip() or None
-    token = request.headers.get(config.token_header, "").strip() or None
+    account, token = _presented(request, config)
     try:
         body = await read_body(request, config.max_body_bytes)
     except BodyTooLarge as e:
         limit = f"launch bodies are limited to {config.max_body_bytes} bytes"
         decision = refused("body_too_large", 413, limit, account, token)
-        await gateway.recorder.write(
-            launch_record(config, decision, decision_id, request.method, path, None)
-        )
-        count_decision(gateway, decision, started)
+        await _record_refusal(gateway, config, request, path, decision, decision_id, started)
         if config.enforcing:
             return problem(decision.reason, 413, decision.detail, decision_id)
         # Shadow mode forwards whatever the outcome: what was read, then the rest as it comes.
@@ -227,14 +218,41 @@ async def handle_launch(
     )
 
 
+def _presented(request: web.Request, config: Config) -> tuple[str | None, str | None]:
+    """The account and the license token the request presents (None for none)."""
+    headers = request.headers
+    account = headers.get(config.account_header, "").strip() or None
+    return account, headers.get(config.token_header, "").strip() or None
+
+
+async def _record_refusal(
+    gateway: Gateway,
+    config: Config,
+    request: web.Request,
+    path: str,
+    decision: Decision,
+    decision_id: str,
+    started: float,
+) -> None:
+    """Record and count a launch refused before it was judged (nothing was reserved)."""
+    await gateway.recorder.write(
+        launch_record(config, decision, decision_id, request.method, path, None)
+    )
+    count_decision(gateway, decision, started)
+
+
 def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
     """MalformedLaunch for a launch with two account headers or two token headers: the gateway
     would judge one while the upstream might act on the other (one meaning or none). A name
     spelt with ``_`` for ``-`` counts too: CGI-style servers read both as one variable."""
-    for name in (config.account_header, config.token_header):
-        wanted = _as_variable(name)
-        if sum(1 for key, _ in headers.items() if _as_variable(key) == wanted) > 1:
-            raise MalformedLaunch(f"more than one {name} header")
+    names = {_as_variable(name): name for name in (config.account_header, config.token_header)}
+    seen: set[str] = set()
+    for key, _ in headers.items():  # every field line (keys() folds repeats into one)
+        variable = _as_variable(key)
+        if variable in names:
+            if variable in seen:
+                raise MalformedLaunch(f"more than one {names[variable]} header")
+            seen.add(variable)
 
 
 def _as_variable(name: str) -> str:
