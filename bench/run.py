@@ -151,9 +151,59 @@ def wait_http(url: str, timeout_s: float = 20) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+# --- cores: the proxy under test on its own, the stub and the load generator on the rest ----
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Which CPUs each side runs on; empty sets leave the scheduler free (no pinning)."""
+
+    proxy: frozenset[int] = frozenset()
+    load: frozenset[int] = frozenset()  # the stub backend and the load generator
+
+    @classmethod
+    def split(cls, pin: bool) -> Cores:
+        """With ``pin`` and two CPUs or more: the proxies on the first, the rest for the stub
+        and the load generator, so that neither takes CPU from the proxy being measured."""
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if not pin or len(cpus) < 2:
+            return cls()
+        return cls(frozenset(cpus[:1]), frozenset(cpus[1:]))
+
+    def describe(self) -> str:
+        if not self.proxy:
+            return "cores: not pinned; the load generator, the stub and the proxies share them"
+        return (
+            f"cores: the proxy under test on CPU {_cpus(self.proxy)}; the stub and the load"
+            f" generator on CPU {_cpus(self.load)}; PostgreSQL is not pinned"
+        )
+
+
+def _cpus(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def _pinned(cpus: frozenset[int]) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that runs the child (and every thread and process it starts) on
+    ``cpus``; None for no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+CORES = Cores()  # set by main()
+
+
 @contextmanager
-def process(*args: str, ready: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def process(
+    *args: str, ready: str, cpus: frozenset[int] = frozenset()
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_pinned(cpus),
+    )
     try:
         wait_http(ready)
         yield proc
@@ -268,6 +318,7 @@ def run_wrk(s: Scenario, duration: float, connections: int) -> Result:
             check=True,
             capture_output=True,
             text=True,
+            preexec_fn=_pinned(CORES.load),
         ).stdout
     finally:
         os.unlink(script)
@@ -449,10 +500,10 @@ def report(rounds: list[dict[str, Result]]) -> None:
             f"  {name:46s} {median(ratios):5.2f}x{spread}  p50 {overhead:+6.2f} ms{goal}{cpu_ratio}"
         )
     print("\nlatencies are under load (every connection busy), not single round trips;")
-    print("the load generator, the stub, the proxies and PostgreSQL share this machine's cores.")
+    print(CORES.describe() + ".")
     print(
-        "cpu: the reference's proxy CPU per request over launchgate's. While both proxies are\n"
-        "bound by one core each (one event loop, one GIL), the requests/s ratio follows it."
+        "cpu: the reference's proxy CPU per request over launchgate's. While each proxy is\n"
+        "bound by one core (one event loop, one GIL), the requests/s ratio follows it."
     )
 
 
@@ -487,9 +538,19 @@ def main() -> int:
         default=3.0,
         help="seconds per scenario of the one-connection latency pass (0 skips it)",
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place every process (default: the proxy under test on one CPU,"
+        " the stub and the load generator on the others)",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    global CORES
+    CORES = Cores.split(pin=not args.no_pin)
+    if CORES.load:  # the bundled client runs in this process
+        os.sched_setaffinity(0, CORES.load)
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
     load = run_wrk if client == "wrk" else run_python
     pg_dsn = os.environ.get("LAUNCHGATE_BENCH_POSTGRES_DSN") or os.environ.get(
@@ -522,7 +583,8 @@ def main() -> int:
             "--keep-last",  # a bounded heap: no collector pauses growing through the run
             "10000",
         ]
-        pids = {"stub": stack.enter_context(process(*stub_cmd, ready=f"{stub}/v1/instances")).pid}
+        stub_proc = process(*stub_cmd, ready=f"{stub}/v1/instances", cpus=CORES.load)
+        pids = {"stub": stack.enter_context(stub_proc).pid}
         refproxy = str(Path(__file__).with_name("refproxy.py"))
         ref_cmd = [
             sys.executable,
@@ -532,9 +594,11 @@ def main() -> int:
             "--upstream",
             stub,
         ]
-        pids["reference"] = stack.enter_context(process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}")).pid
+        ref_proc = process(*ref_cmd, ready=f"{ref}{THROUGH_PATH}", cpus=CORES.proxy)
+        pids["reference"] = stack.enter_context(ref_proc).pid
         pids |= stack.enter_context(_gateways(targets))
         print(f"load generator: {client}, {args.connections} connections, {args.duration:g} s each")
+        print(CORES.describe())
         for n in range(1, args.rounds + 1):
             print(f"round {n} of {args.rounds}:")
             results: dict[str, Result] = {}
@@ -580,6 +644,7 @@ def _gateways(targets: list[tuple[str, Path, str, int]]) -> Iterator[dict[str, i
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                preexec_fn=_pinned(CORES.proxy),
             )
             procs.append(proc)
             pids[name] = proc.pid
