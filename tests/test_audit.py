@@ -556,8 +556,83 @@ async def test_on_written_sees_each_line_as_written(tmp_path: Path) -> None:
     """The on_written hook gets every record with the exact line that went into the file."""
     path = tmp_path / "decisions.jsonl"
     seen: list[tuple[int, bytes]] = []
-    log = AuditLog.open(path, on_written=lambda record, line: seen.append((record["seq"], line)))
+
+    def on_written(records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        seen.extend((r["seq"], line) for r, line in zip(records, lines, strict=True))
+
+    log = AuditLog.open(path, on_written=on_written)
     await asyncio.gather(*(log.append(decision(i)) for i in range(1, 6)))
     await log.aclose()
     assert [seq for seq, _ in seen] == [1, 2, 3, 4, 5]
     assert b"".join(line for _, line in seen) == path.read_bytes()
+
+
+class Writes:
+    """An on_written hook counting the writes (each a batch of lines) and the records."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        self.batches.append([r["seq"] for r in records])
+
+
+def test_appends_in_a_group_are_written_together_when_it_ends(tmp_path: Path) -> None:
+    """``append_later`` inside ``group()``: nothing is written (nor reported) until the block
+    ends, then every record in one write, in order, each caller told its own record."""
+    path = tmp_path / "decisions.jsonl"
+    writes = Writes()
+    log = AuditLog.open(path, on_written=writes)
+    told: list[dict[str, Any] | Exception] = []
+    with log.group():
+        for i in (1, 2, 3):
+            log.append_later(decision(i), told.append)
+        assert told == [] and path.read_bytes() == b""
+    assert writes.batches == [[1, 2, 3]]
+    assert [r["decision_id"] for r in told if isinstance(r, dict)] == [
+        decision(i)["decision_id"] for i in (1, 2, 3)
+    ]
+    log.append_later(decision(4), told.append)  # outside a group: written at once
+    assert writes.batches == [[1, 2, 3], [4]] and len(told) == 4
+    log.close()
+    assert verify_file(path).summary() == "ok 4 records"
+
+
+def test_a_bad_record_in_a_group_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    told: list[dict[str, Any] | Exception] = []
+    with log.group():
+        log.append_later(decision(1), told.append)
+        log.append_later({"event": "x", "value": float("nan")}, told.append)
+        log.append_later({"event": "x", "seq": 7}, told.append)  # refused at once
+        log.append_later(decision(2), told.append)
+    log.close()
+    assert isinstance(told[0], ValueError) and "chain fields" in str(told[0])
+    assert isinstance(told[2], ValueError)
+    assert [r["seq"] for r in told if isinstance(r, dict)] == [1, 2]
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+def test_a_failed_group_write_is_told_to_every_caller(tmp_path: Path) -> None:
+    """A write that fails (here: the file's tail torn by another writer) reaches each
+    ``done`` as the error; nothing is written."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    with path.open("ab") as f:
+        f.write(b'{"torn')
+    told: list[dict[str, Any] | Exception] = []
+    with log.group():
+        log.append_later(decision(2), told.append)
+        log.append_later(decision(3), told.append)
+    log.close()
+    assert len(told) == 2 and all(isinstance(e, OSError) for e in told)
+
+
+def test_append_later_after_close_is_told_so(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path / "decisions.jsonl")
+    log.close()
+    told: list[dict[str, Any] | Exception] = []
+    log.append_later(decision(1), told.append)
+    assert len(told) == 1 and isinstance(told[0], ValueError)

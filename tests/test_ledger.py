@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +302,38 @@ async def test_a_then_that_raises_leaves_the_store_working(ledger: Ledger) -> No
     assert probe.calls == [None]
     state = await ledger.license("lic-42")
     assert state is not None and state.used == 8
+
+
+async def test_thens_of_a_batch_run_inside_one_group(tmp_path: Path) -> None:
+    """The SQLite ledger runs the ``then`` callbacks of writes that committed together inside
+    one ``group()`` (the gateway's writes their records in one go): every ``then`` runs in a
+    group, and concurrent writes share groups."""
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    groups: list[list[object]] = []
+    open_group: list[object] | None = None
+
+    @contextlib.contextmanager
+    def group() -> Iterator[None]:
+        nonlocal open_group
+        open_group = []
+        try:
+            yield
+        finally:
+            groups.append(open_group)
+            open_group = None
+
+    def then(value: object) -> None:
+        assert open_group is not None, "a then ran outside a group"
+        open_group.append(value)
+
+    ledger.group_thens(group)
+    await ledger.open()
+    try:
+        results = await asyncio.gather(*(reserve(ledger, f"d{i}", 1, then=then) for i in range(20)))
+    finally:
+        await ledger.close()
+    assert sorted(id(v) for g in groups for v in g) == sorted(id(r) for r in results)
+    assert len(groups) < 20
 
 
 async def test_thens_of_a_batch_each_see_their_own_result(ledger: Ledger) -> None:

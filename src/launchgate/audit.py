@@ -51,13 +51,36 @@ _ENCODER: Final = json.JSONEncoder(
 )
 
 
+def _unencodable(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# The C encoder ``_ENCODER.encode`` builds anew on every call, built once: keys sorted, no
+# whitespace, no ASCII escaping, NaN refused, and no check for reference cycles (a record is
+# a tree of fresh dicts and lists). Falls back to ``_ENCODER`` where the C speedups are absent.
+_MAKE_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
+_C_ENCODE: Final = (
+    None
+    if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(
+        None, _unencodable, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _encode(record: dict[str, Any]) -> str:
+    if _C_ENCODE is None:
+        return _ENCODER.encode(record)
+    return "".join(_C_ENCODE(record, 0))
+
+
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """The record as canonical JSON: keys sorted, no whitespace, UTF-8.
 
     Raises ValueError for NaN or infinity and for strings that are not valid Unicode
     (lone surrogates), TypeError for values JSON cannot represent.
     """
-    return _ENCODER.encode(record if isinstance(record, dict) else dict(record)).encode("utf-8")
+    return _encode(record if isinstance(record, dict) else dict(record)).encode("utf-8")
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -72,8 +95,8 @@ def hashed_line(record: Mapping[str, Any]) -> tuple[str, bytes]:
     Keys sort around ``hash``, so the line is the keys before it, the hash, then the keys
     after it; and the hashed content is the same two halves without the hash between.
     """
-    before = _ENCODER.encode({k: v for k, v in record.items() if k < "hash"}).encode("utf-8")
-    after = _ENCODER.encode({k: v for k, v in record.items() if k > "hash"}).encode("utf-8")
+    before = _encode({k: v for k, v in record.items() if k < "hash"}).encode("utf-8")
+    after = _encode({k: v for k, v in record.items() if k > "hash"}).encode("utf-8")
     inner = [part for part in (before[1:-1], after[1:-1]) if part]
     digest = hashlib.sha256(b"{" + b",".join(inner) + b"}").hexdigest()
     inner.insert(1 if before != b"{}" else 0, b'"hash":"' + digest.encode() + b'"')
@@ -226,8 +249,11 @@ def _truncate_quietly(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
-Written = Callable[[dict[str, Any], bytes], None]
+# Called once per write with the records just written and their lines, in order.
+Written = Callable[[list[dict[str, Any]], list[bytes]], None]
 _Batch = list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
+# What ``append_later`` calls back with: the chained record, or why it was not written.
+Done = Callable[[dict[str, Any] | Exception], None]
 
 
 class AuditLog:
@@ -237,7 +263,9 @@ class AuditLog:
     flushed to the operating system (not fsynced) before ``append`` returns. Appends that
     arrive while a write is under way are written together in the next one (group commit):
     one lock, one size check and one ``write`` for the batch. ``append_sync`` writes on
-    the calling thread; a lock keeps both in one chain.
+    the calling thread; a lock keeps both in one chain. ``append_later`` inside ``group()``
+    gathers records a thread makes in a row (the SQLite ledger's, for the launches whose
+    transaction just committed) into one such write.
     """
 
     def __init__(
@@ -258,13 +286,15 @@ class AuditLog:
         self._writer = JobThread("launchgate-audit")
         # Held while a batch is written: the writer thread's, or another thread's append_sync.
         self._write_lock = threading.Lock()
+        self._groups = threading.local()  # .pending: a thread's group() gathering appends
 
     @classmethod
     def open(cls, path: Path, *, on_written: Written | None = None) -> AuditLog:
         """Open (creating it and its folders if missing) the log at ``path`` to append.
 
-        ``on_written(record, line)`` is called on the writer thread after each record is
-        in the file (the gateway echoes it to its structured log there, off the loop).
+        ``on_written(records, lines)`` is called on the writing thread after each write,
+        with the records it put in the file (the gateway echoes them to its structured log
+        there, off the loop).
 
         Continues the chain from the file's last record. Raises ConfigError naming the
         file when it cannot be opened or its last line is not an intact record (a torn
@@ -373,6 +403,43 @@ class AuditLog:
             raise result
         return result
 
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """On a thread other than the event loop's: the ``append_later`` calls this thread
+        makes inside are written together, in order, when the block ends (one lock and one
+        ``write`` for all), each then told with its ``done``. Not reentrant."""
+        pending: list[tuple[dict[str, Any], Done]] = []
+        self._groups.pending = pending
+        try:
+            yield
+        finally:
+            self._groups.pending = None
+            if pending:
+                self._write_now(pending)
+
+    def append_later(self, record: Mapping[str, Any], done: Done) -> None:
+        """``append_sync`` that reports through ``done(record or error)`` instead of returning
+        or raising: at once, or, inside ``group()`` on this thread, when the group ends."""
+        try:
+            entry = self._prepare(record)
+        except ValueError as e:
+            done(e)
+            return
+        pending: list[tuple[dict[str, Any], Done]] | None = getattr(self._groups, "pending", None)
+        if pending is None:
+            self._write_now([(entry, done)])
+        else:
+            pending.append((entry, done))
+
+    def _write_now(self, entries: list[tuple[dict[str, Any], Done]]) -> None:
+        results: list[dict[str, Any] | Exception]
+        try:
+            results = self._write_batch([entry for entry, _ in entries])
+        except Exception as e:  # the whole write failed: every caller hears of it
+            results = [e] * len(entries)
+        for (_, done), result in zip(entries, results, strict=True):
+            done(result)
+
     def close(self) -> None:
         """Finish the appends already asked for, then close the file. Idempotent."""
         if self._closed:
@@ -440,10 +507,8 @@ class AuditLog:
                 _truncate_quietly(self._fd, size)
                 raise
             self._seq, self._head, self._size = seq, head, size + len(data)
-        if self._on_written is not None:
-            written = (r for r in results if not isinstance(r, Exception))
-            for record, line in zip(written, lines, strict=True):
-                self._on_written(record, line)
+        if self._on_written is not None and lines:
+            self._on_written([r for r in results if not isinstance(r, Exception)], lines)
         return results
 
 

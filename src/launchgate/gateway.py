@@ -63,6 +63,8 @@ class Gateway:
         with ``store_unavailable`` until it is back, and /readyz says so.
         """
         self._recorder = Recorder(self.config.audit_path)
+        # The records of launches whose ledger writes committed together: one write.
+        self.ledger.group_thens(self._recorder.audit.group)
         config = self.config
         in_flight_s = config.connect_timeout_s + config.timeout_s
         if config.reservation_ttl_s <= in_flight_s:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -132,6 +133,8 @@ class IdempotencyKey:
 # proxy writes the launch's record with it): called only when the write succeeded, with its
 # result; it must not raise. A store with its own thread runs it there, saving a thread hop.
 Then = Callable[[None], None]
+# Around the ``then`` callbacks of writes that committed together (see ``Ledger.group_thens``).
+ThenGroup = Callable[[], AbstractContextManager[None]]
 
 
 class Ledger(Protocol):
@@ -146,6 +149,11 @@ class Ledger(Protocol):
 
     async def ping(self) -> None:
         """Return when the store is usable; raise ``StoreUnavailable`` otherwise."""
+
+    def group_thens(self, group: ThenGroup) -> None:
+        """Run the ``then`` callbacks of writes that committed together inside one
+        ``group()`` (the gateway passes the decision log's, so that the records they write go
+        to the file in one write). A store that commits each write alone may ignore it."""
 
     async def reserve(
         self,

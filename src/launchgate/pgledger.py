@@ -52,6 +52,7 @@ from launchgate.ledger import (
     ReserveOutcome,
     ReserveResult,
     Then,
+    ThenGroup,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -463,6 +464,9 @@ class PostgresLedger:
     async def ping(self) -> None:
         async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
+
+    def group_thens(self, group: ThenGroup) -> None:
+        """Ignored: each write commits alone, and its ``then`` runs alone."""
 
     async def migrate(self) -> int:
         """Apply pending migrations (safe from several replicas at once); return the version.

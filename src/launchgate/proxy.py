@@ -289,7 +289,7 @@ async def reserve_license(
 
     def record(result: ReserveResult) -> None:  # on the ledger's thread
         final = after_reservation(decision, result)
-        written.write_now(
+        written.write_off_loop(
             launch_record(config, final, decision_id, request.method, request.path, result)
         )
 
@@ -526,11 +526,14 @@ class _WrittenByLedger:
         self.written = False
         self.failure: Exception | None = None
 
-    def write_now(self, record: dict[str, Any]) -> None:
-        try:
-            self.gateway.recorder.write_now(record)
-        except Exception as e:  # handed to the event loop, raised there
-            self.failure = e
+    def write_off_loop(self, record: dict[str, Any]) -> None:
+        """Write ``record`` from the ledger's thread: at once, or with the other records of
+        the ledger's batch when it runs its ``then`` callbacks in a group."""
+        self.gateway.recorder.write_later(record, self._done)
+
+    def _done(self, result: dict[str, Any] | Exception) -> None:
+        if isinstance(result, Exception):  # handed to the event loop, raised there
+            self.failure = result
         else:
             self.written = True
 
@@ -567,7 +570,7 @@ class _Completion(_WrittenByLedger):
 
     def settled(self, settlement: str) -> None:
         """On the ledger's thread, once the settlement has committed."""
-        self.write_now(self.record(settlement))
+        self.write_off_loop(self.record(settlement))
 
     async def write(self, settlement: str | None) -> None:
         if self.failure is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from launchgate.audit import AuditLog, utc_timestamp
+from launchgate.audit import AuditLog, Done, utc_timestamp
 from launchgate.logsetup import PRERENDERED
 from launchgate.policy import Decision
 
@@ -69,16 +69,21 @@ class Recorder:
         self.log = structlog.get_logger("launchgate")
         self.audit = AuditLog.open(path, on_written=self._echo)
 
-    def _echo(self, record: dict[str, Any], line: bytes) -> None:
-        self.log.info(record["event"], **{PRERENDERED: line.decode().rstrip("\n")})
+    def _echo(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        # One log call for the batch: the logger writes its lines (each ends in a newline,
+        # the last one's added by the logger) in one go.
+        text = b"".join(lines).decode().removesuffix("\n")
+        self.log.info(records[0]["event"], **{PRERENDERED: text})
 
     async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record`` to the chain (in the file before this returns) and log it."""
         return await self.audit.append(record)
 
-    def write_now(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """``write`` on the calling thread, which must not be the event loop's."""
-        return self.audit.append_sync(record)
+    def write_later(self, record: Mapping[str, Any], done: Done) -> None:
+        """``write`` on the calling thread, which must not be the event loop's, reporting
+        the written record or the error through ``done``: at once, or inside
+        ``audit.group()`` with the rest of the group when it ends."""
+        self.audit.append_later(record, done)
 
     async def event(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write a record of ``event`` stamped with the current time."""

@@ -32,6 +32,7 @@ from launchgate.ledger import (
     ReserveOutcome,
     ReserveResult,
     Then,
+    ThenGroup,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -346,6 +347,7 @@ class SqliteLedger:
         self._busy_timeout_s = busy_timeout_s
         self._thread = JobThread("launchgate-ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
+        self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
         # On the event loop only:
         self._queue: list[_Op] = []
@@ -375,6 +377,9 @@ class SqliteLedger:
 
     async def ping(self) -> None:
         await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)
+
+    def group_thens(self, group: ThenGroup) -> None:
+        self._then_group = group
 
     # -- the reservation lifecycle --
 
@@ -519,12 +524,18 @@ class SqliteLedger:
             outcomes = self._run_together(batch)
         if outcomes is None:
             outcomes = [self._run_alone(op) for op in batch]
-        for op, (ok, value) in zip(batch, outcomes, strict=True):
-            if ok and op.then is not None:
-                try:
-                    op.then(value)
-                except Exception:  # ``then`` reports its own failures; this is a bug
-                    log.exception("ledger.then_failed")
+        thens = [
+            (op.then, value)
+            for op, (ok, value) in zip(batch, outcomes, strict=True)
+            if ok and op.then
+        ]
+        if thens:
+            with self._then_group():
+                for then, value in thens:
+                    try:
+                        then(value)
+                    except Exception:  # ``then`` reports its own failures; this is a bug
+                        log.exception("ledger.then_failed")
         return outcomes
 
     def _run_alone(self, op: _Op) -> _Outcome:
