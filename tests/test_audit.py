@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from launchgate import audit
 from launchgate.audit import (
     GENESIS_HASH,
     AuditLog,
@@ -112,6 +113,25 @@ _JSON_VALUES = st.recursive(
 @given(st.dictionaries(st.text().filter(lambda k: k != "hash"), _JSON_VALUES, max_size=8))
 def test_hashed_line_is_the_canonical_line_with_the_record_hash(record: dict[str, Any]) -> None:
     """The one-encoding fast path writes exactly canonical JSON with the content's hash."""
+    digest, line = hashed_line(record)
+    assert digest == record_hash(record)
+    assert line == canonical_json({**record, "hash": digest}) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"nested": {"hash": audit._PLACEHOLDER}},  # the placeholder's field twice
+        {"a": 1, "z": {"hash": audit._PLACEHOLDER}},
+        {"value": audit._PLACEHOLDER},
+        {},
+        {"hash_": 1},
+        {"a": [{"hash": "x"}]},
+    ],
+)
+def test_hashed_line_holds_for_records_that_look_like_its_placeholder(
+    record: dict[str, Any],
+) -> None:
     digest, line = hashed_line(record)
     assert digest == record_hash(record)
     assert line == canonical_json({**record, "hash": digest}) + b"\n"

@@ -89,12 +89,36 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(content)).hexdigest()
 
 
+# Stands in for the hash while a record is encoded: 64 hex digits like a hash, random per
+# process, so no value in a record can be mistaken for it (and ``hashed_line`` checks).
+_PLACEHOLDER: Final = os.urandom(32).hex()
+_MARK: Final = f'"hash":"{_PLACEHOLDER}"'
+
+
 def hashed_line(record: Mapping[str, Any]) -> tuple[str, bytes]:
     """The record's ``hash`` and its canonical JSON line with that hash, encoded once.
 
-    Keys sort around ``hash``, so the line is the keys before it, the hash, then the keys
-    after it; and the hashed content is the same two halves without the hash between.
+    The record is encoded with a placeholder hash in its place among the sorted keys; the
+    hashed content is that line without the placeholder's field, and the line is that line
+    with the digest put in the placeholder's place.
     """
+    marked = _encode({**record, "hash": _PLACEHOLDER})
+    at = marked.find(_MARK)
+    if at < 0 or marked.find(_MARK, at + 1) >= 0:  # never seen: the placeholder in a value
+        return _hashed_line_in_halves(record)
+    before, after = marked[:at], marked[at + len(_MARK) :]
+    if after[0] == ",":  # a field follows: the hashed content drops the comma after "hash"
+        content = before + after[1:]
+    elif before[-1] == ",":  # the last field
+        content = before[:-1] + after
+    else:  # the only one
+        content = before + after
+    digest = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    return digest, f'{before}"hash":"{digest}"{after}\n'.encode()
+
+
+def _hashed_line_in_halves(record: Mapping[str, Any]) -> tuple[str, bytes]:
+    """``hashed_line`` by encoding the keys before ``hash`` and after it apart."""
     before = _encode({k: v for k, v in record.items() if k < "hash"}).encode("utf-8")
     after = _encode({k: v for k, v in record.items() if k > "hash"}).encode("utf-8")
     inner = [part for part in (before[1:-1], after[1:-1]) if part]
