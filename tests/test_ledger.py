@@ -995,6 +995,11 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
         yield store
 
 
+async def _when_started(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """A coroutine that calls ``fn`` only once its task starts, in the order tasks start."""
+    return await fn(*args)
+
+
 async def test_calls_queued_behind_a_busy_thread_run_as_one_batch_each_with_its_own_answer(
     sqlite_store: SqliteLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1013,7 +1018,7 @@ async def test_calls_queued_behind_a_busy_thread_run_as_one_batch_each_with_its_
             reserve(sqlite_store, "b", 8),  # fits exactly after 'first' (8) and 'a' (48)
             sqlite_store.give_back("nope", now=T0, note=None),  # LookupError
             reserve(sqlite_store, "c", 1),  # the license is full by now
-            sqlite_store.commit("b", T0 + 1),
+            _when_started(sqlite_store.commit, "b", T0 + 1),  # (submits when it is called)
             sqlite_store.license("lic-42"),
         ]
         tasks = [asyncio.create_task(call) for call in calls]

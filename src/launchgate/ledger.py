@@ -19,7 +19,7 @@ it in PostgreSQL for replicas on several hosts.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +155,10 @@ class Ledger(Protocol):
         ``group()`` (the gateway passes the decision log's, so that the records they write go
         to the file in one write). A store that commits each write alone may ignore it."""
 
-    async def reserve(
+    # The calls on a launch's path are awaitables rather than coroutine functions, so that a
+    # store may hand back its own future (the SQLite ledger does: shielding it makes no task).
+
+    def reserve(
         self,
         *,
         jti: str,
@@ -168,7 +171,7 @@ class Ledger(Protocol):
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         then: Callable[[ReserveResult], None] | None = None,
-    ) -> ReserveResult:
+    ) -> Awaitable[ReserveResult]:
         """Atomically check the license and, if it is not revoked and ``amount`` fits, reserve it.
 
         The first call for a ``jti`` records its account, maximum and expiry; later calls keep
@@ -184,15 +187,15 @@ class Ledger(Protocol):
         reserve, whichever licenses they present.
         """
 
-    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
+    def commit(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[None]:
         """Reserved -> used (the upstream answered 2xx). No-op unless still reserved."""
 
-    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
+    def release(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[None]:
         """Reserved -> released (the upstream failed or was not reached). No-op unless reserved."""
 
-    async def settle_unknown(
+    def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> None:
+    ) -> Awaitable[None]:
         """Reserved -> settled_unknown, counted as used. No-op unless still reserved."""
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:

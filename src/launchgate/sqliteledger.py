@@ -330,12 +330,12 @@ class SqliteLedger:
     never blocks on the database.
 
     Group commit: calls that arrive while the thread is busy queue up, and then run together in
-    arrival order in one transaction (at most ``_MAX_BATCH``), each inside its own SAVEPOINT. An
-    operation that raises (``ValueError``, ``LookupError``) rolls back only itself; every caller
-    gets its own result or exception, after the transaction has committed. A store error inside
-    an operation rolls the batch back whole and its operations run again one by one, so each
-    succeeds or fails as it would have alone; a transaction that cannot begin or commit fails
-    every operation in it with ``StoreUnavailable``. An idle ledger runs a call at once, alone.
+    arrival order in one transaction (at most ``_MAX_BATCH``); every caller gets its own result,
+    after the transaction has committed. An operation that raises (its own refusal, such as
+    ``ValueError`` or ``LookupError``, or a store error) rolls the batch back whole, and its
+    operations run again one by one, so each succeeds or fails as it would have alone; a
+    transaction that cannot begin or commit fails every operation in it with
+    ``StoreUnavailable``. An idle ledger runs a call at once, alone.
 
     A caller cancelled before its batch starts is never run; one cancelled later still completes
     on the thread: a reservation may then exist that nobody settles, and ``expire_reservations``
@@ -383,7 +383,10 @@ class SqliteLedger:
 
     # -- the reservation lifecycle --
 
-    async def reserve(
+    # The four calls of a launch's path return the ledger's own future (no coroutine, so no
+    # task when the proxy shields one): awaited like the ``async`` methods of ``Ledger``.
+
+    def reserve(
         self,
         *,
         jti: str,
@@ -396,9 +399,9 @@ class SqliteLedger:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         then: Callable[[ReserveResult], None] | None = None,
-    ) -> ReserveResult:
+    ) -> asyncio.Future[ReserveResult]:
         _check_reserve(amount, idempotency_key, fingerprint)
-        return await self._call(
+        return self._submit(
             lambda conn: _reserve(
                 conn,
                 jti=jti,
@@ -414,16 +417,22 @@ class SqliteLedger:
             then=then,
         )
 
-    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "used", now, None), then=then)
+    def commit(
+        self, decision_id: str, now: float, then: Then | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(lambda conn: _settle(conn, decision_id, "used", now, None), then=then)
 
-    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._call(lambda conn: _settle(conn, decision_id, "released", now, None), then=then)
+    def release(
+        self, decision_id: str, now: float, then: Then | None = None
+    ) -> asyncio.Future[None]:
+        return self._submit(
+            lambda conn: _settle(conn, decision_id, "released", now, None), then=then
+        )
 
-    async def settle_unknown(
+    def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> None:
-        await self._call(
+    ) -> asyncio.Future[None]:
+        return self._submit(
             lambda conn: _settle(conn, decision_id, "settled_unknown", now, note), then=then
         )
 
@@ -471,15 +480,26 @@ class SqliteLedger:
         write: bool = True,
         then: Callable[[_T], None] | None = None,
     ) -> _T:
+        return await self._submit(fn, write=write, then=then)
+
+    def _submit(
+        self,
+        fn: Callable[[sqlite3.Connection], _T],
+        *,
+        write: bool = True,
+        then: Callable[[_T], None] | None = None,
+    ) -> asyncio.Future[_T]:
         """Run ``fn`` on the ledger thread, inside a write transaction when ``write``; then,
-        once that transaction has committed and on the same thread, ``then(result)``."""
-        if self._closed:
-            raise StoreUnavailable(f"ledger {self._path} is closed")
+        once that transaction has committed and on the same thread, ``then(result)``. The
+        future says how it went (``StoreUnavailable`` at once once the ledger is closed)."""
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(StoreUnavailable(f"ledger {self._path} is closed"))
+            return future
         self._queue.append(_Op(fn, write, future, then))
         if not self._busy:
             self._dispatch()
-        return await future
+        return future
 
     def _dispatch(self) -> None:
         """Send what has queued up to the ledger thread as one batch, or note that it is idle."""
@@ -551,8 +571,9 @@ class SqliteLedger:
             return False, e
 
     def _run_together(self, batch: list[_Op]) -> list[_Outcome] | None:
-        """The batch in one transaction, each operation in a savepoint; None when a store error
-        inside an operation rolled it all back (each then runs alone)."""
+        """The batch in one transaction; None when an operation raised (a store error, or its
+        own refusal: there is no undoing one operation's writes alone) and the transaction was
+        rolled back whole: each then runs alone, as it would have in the first place."""
         try:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
@@ -561,19 +582,8 @@ class SqliteLedger:
         outcomes: list[_Outcome] = []
         try:
             for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op.fn(conn)
-                except sqlite3.Error:
-                    raise
-                except Exception as e:  # its own refusal: undo it alone
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, e))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((True, value))
-        except sqlite3.Error:
+                outcomes.append((True, op.fn(conn)))
+        except Exception:  # rare: a refusal (a decision id used twice), or a store error
             self._recover()
             return None
         try:
