@@ -34,3 +34,15 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # Each (outcome, reason)'s counter, looked up once: labels() costs more than the count.
+        self._decision_counters: dict[tuple[str, str], Counter] = {}
+
+    def count_decision(self, outcome: str, reason: str, seconds: float) -> None:
+        """One launch decision, taken in ``seconds``."""
+        counter = self._decision_counters.get((outcome, reason))
+        if counter is None:
+            counter = self._decision_counters[outcome, reason] = self.decisions.labels(
+                outcome, reason
+            )
+        counter.inc()
+        self.decision_seconds.observe(seconds)

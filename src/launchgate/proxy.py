@@ -363,8 +363,7 @@ def launch_record(
 
 
 def count_decision(gateway: Gateway, decision: Decision, started: float) -> None:
-    gateway.metrics.decisions.labels(decision.outcome, decision.reason).inc()
-    gateway.metrics.decision_seconds.observe(time.perf_counter() - started)
+    gateway.metrics.count_decision(decision.outcome, decision.reason, time.perf_counter() - started)
 
 
 async def forward(

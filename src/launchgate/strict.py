@@ -6,6 +6,7 @@ non-UTF-8 bytes, NaN, trailing data) is refused rather than guessed at.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -102,6 +103,7 @@ def resolve_pointer(document: Any, tokens: tuple[str, ...]) -> Any:
 MISSING: Final = _MISSING
 
 
+@functools.lru_cache(maxsize=4096)  # the same few keys, launch after launch
 def _folds(text: str) -> frozenset[str]:
     """``text`` as the ways of ignoring case that upstreams use would see it: Unicode case
     folding, upper case then folded (Java's equalsIgnoreCase takes a dotless i, U+0131, for
