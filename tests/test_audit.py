@@ -587,6 +587,40 @@ async def test_on_written_sees_each_line_as_written(tmp_path: Path) -> None:
     assert b"".join(line for _, line in seen) == path.read_bytes()
 
 
+async def test_a_record_with_text_that_is_not_unicode_is_written_escaped(tmp_path: Path) -> None:
+    """A lone surrogate (a request's bytes that were not UTF-8) cannot be encoded as UTF-8:
+    the record is written with it as a backslash escape rather than not at all."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    written = await log.append({**decision(1), "account": "acct-\udcff", "\udc80key": ["x\ud800"]})
+    with log.group():
+        log.append_later({"event": "x", "account": "\udcfe"}, lambda result: None)
+    await log.aclose()
+    first, second = (json.loads(line) for line in path.read_bytes().splitlines())
+    assert (first["account"], first["\\udc80key"]) == ("acct-\\udcff", ["x\\ud800"])
+    assert written["account"] == "acct-\\udcff" and second["account"] == "\\udcfe"
+    assert verify_file(path).summary() == "ok 2 records"
+
+
+async def test_an_echo_that_fails_does_not_fail_the_write(tmp_path: Path) -> None:
+    """The lines are in the file before ``on_written`` runs: a broken stdout is logged, and the
+    callers get their records."""
+
+    def broken(records: list[dict[str, Any]], lines: list[bytes]) -> None:
+        raise BrokenPipeError("stdout is gone")
+
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path, on_written=broken)
+    written = await asyncio.gather(*(log.append(decision(i)) for i in (1, 2)))
+    told: list[dict[str, Any] | Exception] = []
+    with log.group():
+        log.append_later(decision(3), told.append)
+    await log.aclose()
+    assert [r["seq"] for r in written] == [1, 2]
+    assert [r["seq"] for r in told if isinstance(r, dict)] == [3]
+    assert verify_file(path).summary() == "ok 3 records"
+
+
 class Writes:
     """An on_written hook counting the writes (each a batch of lines) and the records."""
 

@@ -35,6 +35,7 @@ from conftest import (
     tls_certificates,
     tls_site,
 )
+from launchgate.audit import verify_file
 from launchgate.stub import create_stub_app
 from launchgate.tokens import issue_token
 
@@ -216,6 +217,51 @@ async def test_a_launch_with_two_identity_headers_is_malformed(
         "malformed_request",
         problem["decision_id"],
     )
+
+
+async def _raw_launch(url: str, headers: bytes) -> tuple[int, dict[str, Any]]:
+    """POST a launch with header bytes as given (aiohttp's client sends only UTF-8)."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/instances HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + headers
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+async def test_header_bytes_that_are_not_utf8_are_judged_and_recorded(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """An account header or an Idempotency-Key with bytes that are not UTF-8 gets a decision
+    and its record like any other launch (the record spells such bytes as backslash
+    escapes); none is a 500, and the chain stays intact."""
+    gw = await start_gateway()
+    token = make_token(jti="lic-bytes").encode()
+    status, problem = await _raw_launch(gw.url, b"X-Account-Id: acct-\xff\r\n")
+    assert (status, problem["reason"]) == (403, "unknown_account")
+    status, keyed = await _raw_launch(
+        gw.url,
+        b"X-Account-Id: "
+        + RESTRICTED.encode()
+        + b"\r\nLicense-Token: "
+        + token
+        + b"\r\nIdempotency-Key: k-\xff\r\n",
+    )
+    assert (status, keyed["reason"]) == (400, "malformed_request")
+    assert "printable ASCII" in keyed["detail"]
+    first, second = gw.decisions()
+    assert (first["decision_id"], first["account"]) == (problem["decision_id"], "acct-\\udcff")
+    assert (second["decision_id"], second["reason"]) == (keyed["decision_id"], "malformed_request")
+    assert await gw.stub_requests() == []
+    assert await gw.license("lic-bytes") is None
+    assert verify_file(gw.config.audit_path).ok
 
 
 async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) -> None:

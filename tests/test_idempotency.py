@@ -375,6 +375,23 @@ def test_the_key_is_the_header_else_the_client_token(
     assert idempotency_key(request.headers, launch) == expected
 
 
+@pytest.mark.parametrize(
+    ("header", "client_token"),
+    [("caf\u00e9", None), ("ab\udcffcd", None), ("tab\there", None), (None, "t\u00f6k")],
+)
+def test_a_key_outside_printable_ascii_is_malformed(
+    header: str | None, client_token: str | None
+) -> None:
+    """An sf-string, as the IETF draft has it: a header's bytes that were not UTF-8 (decoded to
+    lone surrogates), other non-ASCII text and control characters are malformed (they would
+    also fail where the ledger stores the key)."""
+    headers = {} if header is None else {"Idempotency-Key": header}
+    request = launch_request(headers=headers)
+    launch = Launch((), None, client_token=client_token)
+    with pytest.raises(MalformedLaunch, match="printable ASCII"):
+        idempotency_key(request.headers, launch)
+
+
 EC2 = build_ec2({}, "routes[0]")
 GCP = build_gcp({}, "routes[0]")
 INSERT = "/compute/v1/projects/p/zones/us-central1-a/instances"

@@ -1003,8 +1003,9 @@ async def _when_started(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 async def test_calls_queued_behind_a_busy_thread_run_as_one_batch_each_with_its_own_answer(
     sqlite_store: SqliteLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Queued calls run together in arrival order; a refused one (ValueError, LookupError) rolls
-    back only itself, and each caller gets its own result or exception."""
+    """Queued calls run together in arrival order; when one is refused (ValueError,
+    LookupError), the batch is rolled back and each runs again alone: the refused one's writes
+    are undone, and each caller gets the result or exception it would have got alone."""
 
     def revoke_then_refuse(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE licenses SET revoked = 1")

@@ -147,6 +147,19 @@ def utc_timestamp(now: float) -> str:
     return f"{prefix}.{micros:06d}Z"
 
 
+def _escaped(value: Any) -> Any:
+    """``value`` with the lone surrogates in its strings (a header's bytes that were not
+    UTF-8, or a JSON ``\\udcff`` escape) written as backslash escapes, so that a decision
+    about such a request is recorded like any other."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(key): _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
     """The outcome of checking a log's chain.
@@ -517,11 +530,16 @@ class AuditLog:
             for entry in entries:
                 chained = {**entry, "seq": seq + 1, "prev_hash": head}
                 try:  # one record JSON cannot represent must not cost the others their write
-                    chained["hash"], line = hashed_line(chained)
-                except (ValueError, TypeError) as e:
+                    try:
+                        digest, line = hashed_line(chained)
+                    except UnicodeEncodeError:  # a request's bytes that were not UTF-8
+                        chained = _escaped(chained)
+                        digest, line = hashed_line(chained)
+                except (ValueError, TypeError, RecursionError) as e:
                     results.append(e)
                     continue
-                seq, head = seq + 1, chained["hash"]
+                chained["hash"] = digest
+                seq, head = seq + 1, digest
                 lines.append(line)
                 results.append(chained)
             data = b"".join(lines)
@@ -532,7 +550,11 @@ class AuditLog:
                 raise
             self._seq, self._head, self._size = seq, head, size + len(data)
         if self._on_written is not None and lines:
-            self._on_written([r for r in results if not isinstance(r, Exception)], lines)
+            try:
+                self._on_written([r for r in results if not isinstance(r, Exception)], lines)
+            except Exception:  # the records are in the file: their callers are not failed
+                with suppress(Exception):  # (stdout itself may be what broke)
+                    log.exception("audit.echo_failed")
         return results
 
 

@@ -10,6 +10,7 @@ flight (both 409 ``idempotency_conflict``; see ``policy.after_reservation``).
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final
 
 from multidict import CIMultiDictProxy
@@ -19,13 +20,16 @@ from launchgate.strict import MalformedLaunch
 
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
+_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]*")
 
 
 def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | None:
     """The launch's idempotency key: the ``Idempotency-Key`` header, else the dialect's client
     token; None when neither is given (or empty).
 
-    Raises MalformedLaunch for a header given twice or a key over 255 characters.
+    Raises MalformedLaunch for a header given twice, a key over 255 characters, or one with a
+    character outside printable ASCII (an ``sf-string``, as the IETF Idempotency-Key draft has
+    it; a header's bytes that were not UTF-8 among them).
     """
     values = headers.getall(IDEMPOTENCY_HEADER, [])
     if len(values) > 1:
@@ -33,6 +37,8 @@ def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | Non
     key = (values[0].strip() if values else "") or launch.client_token
     if key and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
         raise MalformedLaunch(f"the idempotency key is over {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    if key and not _PRINTABLE_ASCII.fullmatch(key):
+        raise MalformedLaunch("the idempotency key must be printable ASCII")
     return key or None
 
 
