@@ -175,7 +175,7 @@ class Cores:
             return "cores: not pinned; the load generator, the stub and the proxies share them"
         return (
             f"cores: the proxy under test on CPU {_cpus(self.proxy)}; the stub and the load"
-            f" generator on CPU {_cpus(self.load)}; PostgreSQL is not pinned"
+            f" generator on CPU {_cpus(self.load)}; PostgreSQL and `--workers` are not pinned"
         )
 
 
@@ -644,7 +644,8 @@ def _gateways(targets: list[tuple[str, Path, str, int]]) -> Iterator[dict[str, i
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                preexec_fn=_pinned(CORES.proxy),
+                # N workers get every core: pinned to one, they would only share it.
+                preexec_fn=_pinned(CORES.proxy if workers == 1 else frozenset()),
             )
             procs.append(proc)
             pids[name] = proc.pid

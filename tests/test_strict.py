@@ -330,3 +330,17 @@ def test_single_params_refuses_repeats_up_to_the_fold() -> None:
     with pytest.raises(MalformedLaunch):
         single_params((("api-version", "1"), ("API-VERSION", "2")))
     assert single_params((("a", "1"), ("A", "2")), fold=str) == {"a": ("a", "1"), "A": ("A", "2")}
+
+
+def test_only_short_keys_have_their_case_folds_kept() -> None:
+    """Keys come from request bodies: a long one is folded each time, never kept, so bodies
+    cannot fill memory through the cache (each entry would hold the key three times over)."""
+    from launchgate import strict
+
+    long_key = "\u0390" * 10_000
+    before = strict._cached_folds.cache_info().currsize
+    with pytest.raises(MalformedLaunch, match="only in letter case"):
+        strict.resolve_pointer({long_key: 1, long_key.upper(): 2}, (long_key,))
+    assert strict._cached_folds.cache_info().currsize == before
+    assert strict.resolve_pointer({"a-short-key-7f3a": 1}, ("a-short-key-7f3a",)) == 1
+    assert strict._cached_folds.cache_info().currsize == before + 1

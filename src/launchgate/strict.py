@@ -103,16 +103,29 @@ def resolve_pointer(document: Any, tokens: tuple[str, ...]) -> Any:
 MISSING: Final = _MISSING
 
 
-@functools.lru_cache(maxsize=4096)  # the same few keys, launch after launch
 def _folds(text: str) -> frozenset[str]:
     """``text`` as the ways of ignoring case that upstreams use would see it: Unicode case
     folding, upper case then folded (Java's equalsIgnoreCase takes a dotless i, U+0131, for
     'i'), and each character's own lower case (U+0130, a dotted capital I, is 'i')."""
+    if len(text) <= _CACHED_KEY_CHARS:
+        return _cached_folds(text)
+    return _uncached_folds(text)
+
+
+# Short keys' folds are kept: the same few, launch after launch. A long key (a body's own,
+# up to max_body_bytes) is folded each time, so bodies cannot fill memory through the cache.
+_CACHED_KEY_CHARS: Final = 64
+
+
+def _uncached_folds(text: str) -> frozenset[str]:
     if text.isascii():
         return frozenset((text.lower(),))
     return frozenset(
         (text.casefold(), text.upper().casefold(), "".join(c.lower()[:1] for c in text))
     )
+
+
+_cached_folds: Final = functools.lru_cache(maxsize=4096)(_uncached_folds)
 
 
 def parse_count(
