@@ -653,6 +653,37 @@ async def test_body_too_large_is_413(start_gateway: StartGateway) -> None:
     assert await gw.stub_requests() == []
 
 
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+async def test_a_chunked_body_too_large_that_arrives_whole_is_caught(
+    start_gateway: StartGateway, mode: str
+) -> None:
+    """A chunked launch body already here whole when the launch is read (one write with its
+    head, no Content-Length to refuse it by): over max_body_bytes it is body_too_large; in
+    shadow mode it is forwarded whole all the same."""
+    gw = await start_gateway(server={"mode": mode, "max_body_bytes": 1024})
+    body = json.dumps({"instance_type": H100_SKU, "pad": "x" * 3000}).encode()
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/instances HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + f"X-Account-Id: {RESTRICTED}\r\nTransfer-Encoding: chunked\r\n".encode()
+        + b"Connection: close\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    assert answer.split()[1] == (b"413" if mode == "enforce" else b"201")
+    [decision] = gw.decisions()
+    assert (decision["reason"], decision["enforced"]) == ("body_too_large", mode == "enforce")
+    forwarded = await gw.stub_requests()
+    if mode == "enforce":
+        assert forwarded == []
+    else:
+        assert forwarded[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
 async def test_shadow_mode_forwards_would_be_denials(start_gateway: StartGateway) -> None:
     """Shadow mode decides and records, but forwards everything (enforced: false)."""
     gw = await start_gateway(server={"mode": "shadow"})

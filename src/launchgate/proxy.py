@@ -91,6 +91,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body (chunked or not), refusing more than ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (a launch's usually does)
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(body)
+        return body
     chunks, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
