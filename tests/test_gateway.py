@@ -236,6 +236,41 @@ async def _raw_launch(url: str, headers: bytes) -> tuple[int, dict[str, Any]]:
     return int(head.split()[1]), json.loads(payload)
 
 
+async def test_a_request_target_with_a_fragment_is_malformed(start_gateway: StartGateway) -> None:
+    """RFC 9112 has no '#' in a request target: an upstream would drop '#x' and launch, while
+    the path would match no route here. 400, nothing forwarded."""
+    gw = await start_gateway()
+    host, port = gw.url.removeprefix("http://").split(":")
+    for target in (b"/v1/instances#x", b"/v1/instances#", b"/v1/instances?a=1#x"):
+        body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST "
+            + target
+            + b" HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            + f"X-Account-Id: {RESTRICTED}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Connection: close\r\n\r\n"
+            + body
+        )
+        answer = await reader.read()
+        writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"400", target
+        assert json.loads(payload)["reason"] == "malformed_request"
+    assert await gw.stub_requests() == []
+
+
+async def test_an_account_is_judged_as_it_is_forwarded(start_gateway: StartGateway) -> None:
+    """Only HTTP's blanks (SP, HTAB) are trimmed from the account header: "acct-1001" with an
+    ideographic space is not acct-1001, so it is not judged as that account while the upstream
+    gets the other spelling."""
+    gw = await start_gateway()
+    status, problem = await _raw_launch(gw.url, f"X-Account-Id: {UNRESTRICTED}\u3000\r\n".encode())
+    assert (status, problem["reason"]) == (403, "unknown_account")
+    status, _ = await _raw_launch(gw.url, f"X-Account-Id: \t{UNRESTRICTED} \r\n".encode())
+    assert status == 201
+
+
 async def test_header_bytes_that_are_not_utf8_are_judged_and_recorded(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

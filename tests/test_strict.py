@@ -332,6 +332,12 @@ def test_single_params_refuses_repeats_up_to_the_fold() -> None:
     assert single_params((("a", "1"), ("A", "2")), fold=str) == {"a": ("a", "1"), "A": ("A", "2")}
 
 
+def test_a_number_too_long_to_read_is_malformed() -> None:
+    """Python's int() takes at most 4300 digits: a longer number is malformed, not a 500."""
+    with pytest.raises(MalformedLaunch, match="too long"):
+        loads_json(b'{"count": ' + b"9" * 5000 + b"}")
+
+
 def test_only_short_keys_have_their_case_folds_kept() -> None:
     """Keys come from request bodies: a long one is folded each time, never kept, so bodies
     cannot fill memory through the cache (each entry would hold the key three times over)."""

@@ -127,6 +127,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if name in headers:
             return await refuse_override(request, gateway, config)
     raw = request.raw_path
+    if "#" in raw:  # RFC 9112 has no fragment in a request target; an upstream would drop it
+        return problem("malformed_request", 400, "the request target carries a fragment ('#')")
     raw_path, _, query = raw.partition("?")
     try:
         path = normalize_path(raw_path)
@@ -227,8 +229,10 @@ async def handle_launch(
 def _presented(request: web.Request, config: Config) -> tuple[str | None, str | None]:
     """The account and the license token the request presents (None for none)."""
     headers = request.headers
-    account = headers.get(config.account_header, "").strip() or None
-    return account, headers.get(config.token_header, "").strip() or None
+    # Blanks as HTTP has them (SP, HTAB): a value judged must be the value forwarded, and an
+    # upstream would not take "acct-1001\u3000" for acct-1001.
+    account = headers.get(config.account_header, "").strip(" \t") or None
+    return account, headers.get(config.token_header, "").strip(" \t") or None
 
 
 async def _record_refusal(

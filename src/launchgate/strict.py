@@ -51,6 +51,8 @@ def loads_json(body: bytes) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise MalformedLaunch(f"body is not valid JSON: {e.msg} at offset {e.pos}") from None
+    except ValueError:  # an integer of more digits than int() takes (4300 by default)
+        raise MalformedLaunch("body holds a number too long to read") from None
     except RecursionError:
         raise MalformedLaunch("body nests too deeply") from None
 
