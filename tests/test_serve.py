@@ -165,6 +165,39 @@ async def test_serve_enforces_and_logs_json(deployment: Deployment, make_token: 
     assert any(e.get("event") == "gateway.stopped" for e in d.gateway.events())
 
 
+@pytest.mark.parametrize(
+    "line",
+    [b"License-Token: %s\x01", b"License-Token: \x01%s", b"License-Token: %s " + b"a" * 9000],
+    ids=["control-after", "control-before", "line-too-long"],
+)
+async def test_a_malformed_request_head_never_echoes_or_logs_the_token(
+    deployment: Deployment, make_token: MakeToken, line: bytes
+) -> None:
+    """aiohttp refuses a header line with a control character (or one over its limit) and, left
+    alone, quotes the line in its text/plain answer and its log: the token with it. The
+    gateway answers problem+json quoting nothing and logs only the kind of error."""
+    d = deployment
+    token = make_token().encode()
+    host, port = d.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/instances HTTP/1.1\r\nHost: gw\r\nX-Account-Id: acct-2001\r\n"
+        + line.replace(b"%s", token)
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400"
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(body)["reason"] == "malformed_request"
+    await d.gateway.wait_for_line("http.bad_request")
+    await d.gateway.stop()
+    signature = token.rsplit(b".", 1)[1].decode()
+    for text in (answer.decode(errors="replace"), *d.gateway.lines):
+        assert signature[:16] not in text and token[:40].decode() not in text
+
+
 async def test_sigterm_finishes_in_flight_launch(
     deployment: Deployment, make_token: MakeToken
 ) -> None:

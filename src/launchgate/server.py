@@ -10,11 +10,13 @@ from typing import Final
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from launchgate.admin import create_admin_app
 from launchgate.config import Config
 from launchgate.gateway import Gateway
-from launchgate.proxy import create_app
+from launchgate.proxy import create_app, problem
 
 log = structlog.get_logger("launchgate")
 
@@ -29,13 +31,13 @@ async def serve(
     all workers.
     """
     gateway = Gateway(config)
-    proxy_runner = web.AppRunner(
+    proxy_runner = GatewayRunner(
         create_app(gateway),
         access_log=None,
         shutdown_timeout=shutdown_timeout_s,
         auto_decompress=False,  # judge and forward the bytes as sent, never inflated
     )
-    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None)
+    admin_runner = GatewayRunner(create_admin_app(gateway), access_log=None)
     await proxy_runner.setup()
     await admin_runner.setup()
     stop = asyncio.Event()
@@ -82,6 +84,41 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("gateway.stopped")
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's connection handler, but for the answer to a request it cannot parse."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp quotes the offending bytes of a malformed request head (a license token's
+        header line among them) in its text/plain answer and in its log line. Answer a
+        problem+json that quotes nothing, and log only what kind of error it was."""
+        if status == 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        log.info("http.bad_request", status=status, error=type(exc).__name__ if exc else None)
+        response = problem("malformed_request", status, "the request's HTTP framing is malformed")
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer unparseable requests with ``_RequestHandler``."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # the same server; only the handler it makes differs
+        return server
 
 
 # Collections every 50,000 new container objects rather than 700: a launch allocates a
