@@ -8,6 +8,7 @@ no traceback) runs the real console entry, ``python -m launchgate``; the rest ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -49,6 +51,7 @@ from launchgate.cli import main
 from launchgate.config import load_config
 from launchgate.gateway import make_verifier
 from launchgate.ledger import Ledger, LicenseState, open_ledger
+from launchgate.sqliteledger import SqliteLedger
 from launchgate.tokens import load_private_key
 
 T = TypeVar("T")
@@ -883,6 +886,23 @@ def test_licenses_list(
     assert len(lines) == 2
     assert lines[0].split()[:3] == ["lic-a", RESTRICTED, "16"]
     assert "lic-b" in lines[1]
+
+
+def test_licenses_list_shows_an_expiry_no_date_can_say(
+    capsys: pytest.CaptureFixture[str], config_path: Path
+) -> None:
+    """A ledger row from a token whose exp is past year 9999 (accepted before the gateway
+    refused them) is listed with the number, not a traceback."""
+    reserve(config_path, "lic-far", 8, "d-far")
+    config = load_config(config_path)
+    store = open_ledger(config.store_url, config.base_dir)
+    assert isinstance(store, SqliteLedger)
+    with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+        conn.execute("UPDATE licenses SET expires = 2.6e11 WHERE jti = 'lic-far'")
+    [row] = json.loads(run_main(capsys, "licenses", "list", "--config", config_path, "--json").out)
+    assert row["expires"] == 2.6e11
+    table = run_main(capsys, "licenses", "list", "--config", config_path)
+    assert table.code == 0 and "260000000000.0" in table.out
 
 
 # --- licenses release ----------------------------------------------------------------------

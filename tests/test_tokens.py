@@ -389,7 +389,9 @@ def test_issue_token_minimal_claims(keys: Keys) -> None:
         {"max_accelerators": 0},
         {"max_accelerators": True},
         {"max_accelerators": "8"},
+        {"max_accelerators": 2**53},
         {"expires_in_s": 0},
+        {"expires_in_s": 3_000_000 * 86_400},  # year 10240
         {"kid": ""},
         {"account": ""},
         {"regions": []},
@@ -634,6 +636,10 @@ FAILURES: dict[str, Case] = {
             ("max_accelerators", "8"),
             ("max_accelerators", 8.0),
             ("max_accelerators", None),
+            ("max_accelerators", 2**53),  # past I-JSON's exact integers (and, at 2**63, SQLite's)
+            ("exp", 253_402_300_800),  # year 10000: no date can say it
+            ("exp", -1),
+            ("nbf", 1e300),
             ("regions", "us-east-1"),
             ("regions", [1]),
             ("regions", None),

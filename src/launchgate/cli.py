@@ -253,7 +253,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_licenses_list(args: argparse.Namespace) -> int:
-    from launchgate.audit import utc_timestamp
     from launchgate.ledger import open_ledger
 
     config = _config(args)
@@ -275,7 +274,7 @@ def cmd_licenses_list(args: argparse.Namespace) -> int:
             "max": s.max_accelerators,
             "remaining": s.remaining,
             "revoked": s.revoked,
-            "expires": utc_timestamp(s.expires) if s.expires is not None else None,
+            "expires": _expiry(s.expires),
         }
         for s in _run(fetch)
     ]
@@ -288,6 +287,19 @@ def cmd_licenses_list(args: argparse.Namespace) -> int:
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def _expiry(expires: float | None) -> str | float | None:
+    """A license's expiry as a timestamp; the number itself where no date can say it (a
+    ledger row from a token with an ``exp`` past 9999, before the gateway refused those)."""
+    from launchgate.audit import utc_timestamp
+
+    if expires is None:
+        return None
+    try:
+        return utc_timestamp(expires)
+    except (OverflowError, ValueError, OSError):
+        return expires
 
 
 def _cell(value: object) -> str:

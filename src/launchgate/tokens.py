@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -46,6 +46,11 @@ PublicKey: TypeAlias = Ed25519PublicKey | ec.EllipticCurvePublicKey
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit", "b64")
 # Far beyond any real license token (a few hundred bytes); bounds parsing and the cache.
 _MAX_TOKEN_CHARS = 16_384
+# The largest integer every JSON implementation reads exactly (I-JSON, RFC 7493 §2.2), far
+# beyond any licence, and well inside the stores' 64-bit counters.
+MAX_ACCELERATORS: Final = 2**53 - 1
+# 9999-12-31T23:59:59Z: the last second a date can be written in (the CLI, the records).
+MAX_TIMESTAMP: Final = 253_402_300_799
 _KID_FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -223,10 +228,14 @@ def issue_token(
         raise ValueError("skus must be a non-empty list of non-empty strings")
     if isinstance(max_accelerators, bool) or not isinstance(max_accelerators, int):
         raise ValueError("max_accelerators must be an integer")
-    if max_accelerators < 1:
-        raise ValueError("max_accelerators must be at least 1")
+    if not 1 <= max_accelerators <= MAX_ACCELERATORS:
+        raise ValueError(f"max_accelerators must be from 1 to {MAX_ACCELERATORS}")
     if isinstance(expires_in_s, bool) or not isinstance(expires_in_s, int) or expires_in_s < 1:
         raise ValueError("expires_in_s must be a positive integer")
+    if (time.time() if now is None else now) + expires_in_s > MAX_TIMESTAMP or (
+        not_before is not None and not 0 <= not_before <= MAX_TIMESTAMP
+    ):
+        raise ValueError("the token's times must fall between 1970 and 9999")
     if regions is not None and (
         isinstance(regions, str) or not regions or not all(isinstance(r, str) for r in regions)
     ):
@@ -560,6 +569,8 @@ def _license_from_claims(claims: dict[str, Any], trusted: TrustedKey) -> License
             as_float = math.inf
         if not math.isfinite(as_float):
             raise invalid(name, "a finite number")
+        if not 0 <= as_float <= MAX_TIMESTAMP:
+            raise invalid(name, "a time between 1970 and 9999 (seconds since the epoch)")
         return as_float
 
     def strings(name: str, *, non_empty: bool) -> tuple[str, ...]:
@@ -588,9 +599,9 @@ def _license_from_claims(claims: dict[str, Any], trusted: TrustedKey) -> License
     if (
         isinstance(max_accelerators, bool)
         or not isinstance(max_accelerators, int)
-        or max_accelerators < 1
+        or not 1 <= max_accelerators <= MAX_ACCELERATORS
     ):
-        raise invalid("max_accelerators", "an integer of at least 1")
+        raise invalid("max_accelerators", f"an integer from 1 to {MAX_ACCELERATORS}")
     regions = strings("regions", non_empty=False) if "regions" in claims else None
     license_ref = string("license_ref") if "license_ref" in claims else None
     return License(
