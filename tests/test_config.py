@@ -22,6 +22,7 @@ def test_shipped_config_loads() -> None:
     assert config.mode == "enforce"
     assert config.catalog.skus["p5.48xlarge"].accelerators_per_instance == 8
     assert config.reservation_ttl_s == 300
+    assert config.upstream_deduplicates_idempotency_key is False  # the safe default
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,10 @@ def test_shipped_config_loads() -> None:
         ({"server": {"colour": "blue"}}, r"\[server\]: unknown key 'colour'"),
         ({"upstream": {"url": "ftp://x"}}, r"\[upstream\]\.url"),
         ({"upstream": {"timeout_s": -1}}, r"\[upstream\]\.timeout_s"),
+        (
+            {"upstream": {"deduplicates_idempotency_key": "yes"}},
+            r"\[upstream\]\.deduplicates_idempotency_key: must be true or false",
+        ),
         ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
         # A referenced file that is missing: the main file's key, then the file.
         (

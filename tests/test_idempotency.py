@@ -25,6 +25,8 @@ from test_ledger import postgres_schema
 
 JTI = "lic-idem"
 KEY = {"Idempotency-Key": "retry-7f3a"}
+# An upstream that deduplicates launches on the Idempotency-Key header.
+DEDUPLICATES = {"deduplicates_idempotency_key": True}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,9 +64,10 @@ async def launches_received(gw: Harness) -> int:
 async def test_a_retry_after_a_timeout_is_counted_once_and_its_2xx_confirms(
     store: dict[str, Any], start_gateway: StartGateway, make_token: MakeToken
 ) -> None:
-    """The first attempt times out (504, settled as used); its retry is forwarded without
-    reserving again, and its 201 confirms the first reservation as used."""
-    gw = await start_gateway(store=store, upstream={"timeout_s": 0.3})
+    """The first attempt times out (504, settled as used); to an upstream that deduplicates on
+    the key, its retry is forwarded without reserving again, and its 201 confirms the first
+    reservation as used."""
+    gw = await start_gateway(store=store, upstream={"timeout_s": 0.3, **DEDUPLICATES})
     token = make_token(jti=JTI)
     await gw.stub_fail(delay_s=1.0, times=1)
     status, problem, _ = await gw.launch(token=token, headers=KEY)
@@ -94,7 +97,7 @@ async def test_a_retry_after_a_201_is_counted_once(
 ) -> None:
     """The client lost the first answer and retries: forwarded (the upstream deduplicates),
     counted once; the first decision's record has no replay_of."""
-    gw = await start_gateway(store=store)
+    gw = await start_gateway(store=store, upstream=DEDUPLICATES)
     token = make_token(jti=JTI)
     first_status, _, first_headers = await gw.launch(token=token, headers=KEY)
     status, _, _ = await gw.launch(token=token, headers=KEY)
@@ -106,6 +109,31 @@ async def test_a_retry_after_a_201_is_counted_once(
     assert await used_and_reserved(gw) == (8, 0)
     assert completed(gw, retry["decision_id"])["settlement"] is None  # nothing to confirm
     assert await launches_received(gw) == 2
+
+
+@pytest.mark.parametrize("first_answer", ["201", "timeout"])
+async def test_a_retry_is_not_sent_again_to_an_upstream_that_ignores_the_key(
+    store: dict[str, Any], start_gateway: StartGateway, make_token: MakeToken, first_answer: str
+) -> None:
+    """By default the upstream is not taken to deduplicate on Idempotency-Key: a retry sent on
+    would launch again, uncounted (the stub, like most APIs, does not know the header). It is
+    counted once and refused: 409 idempotency_conflict naming the first decision, recorded,
+    not forwarded."""
+    gw = await start_gateway(store=store, upstream={"timeout_s": 0.3})
+    token = make_token(jti=JTI)
+    if first_answer == "timeout":
+        await gw.stub_fail(delay_s=1.0, times=1)
+    status, _, first_headers = await gw.launch(token=token, headers=KEY)
+    assert status == (201 if first_answer == "201" else 504)
+    first = first_headers["Launchgate-Decision-Id"]
+    for _ in range(3):
+        status, problem, _ = await gw.launch(token=token, headers=KEY)
+        assert (status, problem["reason"]) == (409, "idempotency_conflict")
+        assert first in problem["detail"] and "not sent again" in problem["detail"]
+    retry = gw.decisions()[-1]
+    assert (retry["outcome"], retry["status"], retry["replay_of"]) == ("deny", 409, first)
+    assert await used_and_reserved(gw) == (8, 0)
+    assert await launches_received(gw) == 1
 
 
 async def test_the_same_key_with_another_body_is_refused_with_409(

@@ -298,3 +298,16 @@ def test_idempotency_answers(
     decided = after_reservation(licensed, result)
     assert (decided.reason, decided.status, decided.reserve) == (reason, status, reserve)
     assert "01FIRST" in decided.detail
+
+
+def test_a_retry_to_an_upstream_that_would_launch_again_is_refused(config: Config) -> None:
+    """A retry of a counted launch that the upstream would not deduplicate is 409, not sent."""
+    licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))
+    result = ReserveResult(ReserveOutcome.REPLAYED, 64, 16, 0, 16, replay_of="01FIRST")
+    decided = after_reservation(licensed, result, replay_sent_on=False)
+    assert (decided.outcome, decided.reason, decided.status) == (
+        "deny",
+        "idempotency_conflict",
+        409,
+    )
+    assert "01FIRST" in decided.detail and "not sent again" in decided.detail

@@ -49,6 +49,9 @@ class Config:
     upstream_url: URL
     connect_timeout_s: float
     timeout_s: float
+    # Whether the upstream deduplicates launches on the Idempotency-Key header: only then is a
+    # retry of a launch already counted sent on under that header (else 409).
+    upstream_deduplicates_idempotency_key: bool
     account_header: str
     token_header: str
     jwks_path: Path
@@ -108,6 +111,12 @@ class _Section:
             raise ConfigError(f"{self.where}.{key}: must be an integer >= 1")
         return value
 
+    def flag(self, key: str, *, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where}.{key}: must be true or false")
+        return value
+
     def strings(self, key: str, default: list[str] | None = None) -> tuple[str, ...]:
         value = self._get(key, _REQUIRED if default is None else default)
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -161,7 +170,12 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     if mode not in ("enforce", "shadow"):
         raise ConfigError(f"{server.where}.mode: must be 'enforce' or 'shadow', got {mode!r}")
 
-    upstream = _section(data, "upstream", source, {"url", "connect_timeout_s", "timeout_s"})
+    upstream = _section(
+        data,
+        "upstream",
+        source,
+        {"url", "connect_timeout_s", "timeout_s", "deduplicates_idempotency_key"},
+    )
     upstream_url = URL(upstream.text("url"))
     if upstream_url.scheme not in ("http", "https") or not upstream_url.host:
         raise ConfigError(f"{upstream.where}.url: must be an http(s) URL, got {upstream_url}")
@@ -213,6 +227,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         upstream_url=upstream_url,
         connect_timeout_s=upstream.number("connect_timeout_s", 5),
         timeout_s=upstream.number("timeout_s", 60),
+        upstream_deduplicates_idempotency_key=upstream.flag(
+            "deduplicates_idempotency_key", default=False
+        ),
         account_header=identity.text("account_header", "X-Account-Id"),
         token_header=tokens.text("header", "License-Token"),
         jwks_path=jwks_path,

@@ -42,6 +42,12 @@ def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | Non
     return key or None
 
 
+def key_in_header(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the launch's idempotency key is the ``Idempotency-Key`` header (not the
+    dialect's client token, which the API it belongs to deduplicates on by its own terms)."""
+    return bool(headers.get(IDEMPOTENCY_HEADER, "").strip())
+
+
 def fingerprint(request: LaunchRequest) -> str:
     """SHA-256 (hex) over the method, the normalized path, the raw query and the body: what a
     retry must repeat exactly. Headers are left out (the token header, tracing, dates)."""

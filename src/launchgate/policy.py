@@ -243,12 +243,16 @@ def store_unavailable(decision: Decision) -> Decision:
     return verdict(decision, "store_unavailable", 503, "the license ledger cannot be reached")
 
 
-def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
+def after_reservation(
+    decision: Decision, result: ReserveResult, *, replay_sent_on: bool = True
+) -> Decision:
     """Rows 19-21 from the ledger's answer to the reservation of a licensed launch.
 
     With an idempotency key the ledger may also answer that the key belongs to another
     request or to a first attempt still in flight (409 ``idempotency_conflict``), or that
-    this is a retry of a launch already counted: it stays ``licensed``, reserving 0.
+    this is a retry of a launch already counted: it stays ``licensed``, reserving 0, when
+    the upstream deduplicates on the key (``replay_sent_on``); else it is 409 as well, for
+    sent on it would launch again, uncounted.
     """
     jti = decision.license.jti if decision.license else "?"
     outcome = result.outcome
@@ -270,6 +274,13 @@ def after_reservation(decision: Decision, result: ReserveResult) -> Decision:
         detail = (
             f"the first attempt with this idempotency key (decision {result.replay_of}) is still"
             " in progress; retry once it has completed"
+        )
+        return verdict(decision, "idempotency_conflict", 409, detail)
+    if outcome is ReserveOutcome.REPLAYED and not replay_sent_on:
+        detail = (
+            f"decision {result.replay_of} was counted under this idempotency key; the upstream"
+            " is not known to deduplicate on it, so a retry is not sent again (it would launch"
+            " again, uncounted)"
         )
         return verdict(decision, "idempotency_conflict", 409, detail)
     if outcome is ReserveOutcome.REPLAYED:
