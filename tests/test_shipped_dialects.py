@@ -60,6 +60,20 @@ EXAMPLES = [
         "a3-highgpu-8g",
         200,
     ),
+    *(
+        Example(  # the same API's other surfaces launch just as well
+            "gcp-compute",
+            "POST",
+            f"/compute/{version}/projects/my-project/zones/us-central1-a/instances",
+            JSON,
+            json.dumps(
+                {"name": "vm-1", "machineType": "zones/us-central1-a/machineTypes/a3-highgpu-8g"}
+            ).encode(),
+            "a3-highgpu-8g",
+            200,
+        )
+        for version in ("beta", "alpha")
+    ),
     Example(
         "azure-arm",
         "PUT",
@@ -136,7 +150,7 @@ async def stub_paths(d: Deployment) -> list[str]:
         return [q["path"] for q in (await r.json())["requests"]]
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.dialect for e in EXAMPLES])
+@pytest.mark.parametrize("example", EXAMPLES, ids=[f"{e.dialect}:{e.path[:16]}" for e in EXAMPLES])
 async def test_each_dialect_allows_denies_and_licenses(
     shipped: Deployment, make_token: MakeToken, example: Example
 ) -> None:
