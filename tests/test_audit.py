@@ -690,3 +690,48 @@ def test_append_later_after_close_is_told_so(tmp_path: Path) -> None:
     told: list[dict[str, Any] | Exception] = []
     log.append_later(decision(1), told.append)
     assert len(told) == 1 and isinstance(told[0], ValueError)
+
+
+class StreamWrites:  # the writes a stream was given, one entry a call
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_echo_reaches_stdout_in_whole_lines_of_at_most_pipe_buf_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers share stdout: a write of at most PIPE_BUF bytes to a pipe is never split, so the
+    echo of a batch goes out in such writes, each of whole lines (and every log line in one
+    write, newline included: print() writes the newline apart)."""
+    import select
+
+    import structlog
+
+    from launchgate.logsetup import configure_logging
+    from launchgate.records import Recorder
+
+    out = StreamWrites()
+    monkeypatch.setattr("sys.stdout", out)
+    configure_logging()
+    try:
+        recorder = Recorder(tmp_path / "decisions.jsonl")
+        told: list[Any] = []
+        with recorder.audit.group():
+            for i in range(1, 21):
+                recorder.write_later(decision(i), told.append)
+        recorder.audit.close()
+        structlog.get_logger("launchgate").info("after")
+    finally:
+        structlog.reset_defaults()
+    *echo, after = out.calls
+    assert len(echo) > 1 and all(len(c.encode()) <= select.PIPE_BUF for c in echo)
+    assert all(c.endswith("\n") for c in out.calls)
+    assert "".join(echo).encode() == (tmp_path / "decisions.jsonl").read_bytes()
+    assert json.loads(after)["event"] == "after"

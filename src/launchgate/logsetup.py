@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,6 +38,26 @@ class _Renderer:
         return line if line is not None else self.inner(logger, name, event)
 
 
+class LineLogger:
+    """structlog's ``PrintLogger``, but each line leaves in one ``write``, newline included.
+
+    ``print()`` writes a line and its newline apart; with unbuffered output (PYTHONUNBUFFERED)
+    another process on the same stdout (``serve --workers N``) could put its line between
+    them. One write of at most PIPE_BUF bytes to a pipe is never split. Writes to whatever
+    ``sys.stdout`` is at the time (tests swap it)."""
+
+    _lock = threading.Lock()  # one line at a time, from every thread
+
+    def msg(self, message: str) -> None:
+        out = sys.stdout
+        with self._lock:
+            out.write(message + "\n")
+            out.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
@@ -50,6 +71,6 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
             _Renderer(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *_: LineLogger(),
         cache_logger_on_first_use=True,
     )

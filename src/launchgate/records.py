@@ -6,16 +6,20 @@ it returns) and emits the same event as structlog JSON on stdout.
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from launchgate.audit import AuditLog, Done, utc_timestamp
 from launchgate.logsetup import PRERENDERED
 from launchgate.policy import Decision
+
+# The most bytes one write to a pipe carries whole (POSIX guarantees 512; Linux gives 4096).
+_PIPE_BUF: Final = getattr(select, "PIPE_BUF", 512)
 
 
 def decision_record(
@@ -70,10 +74,22 @@ class Recorder:
         self.audit = AuditLog.open(path, on_written=self._echo)
 
     def _echo(self, records: list[dict[str, Any]], lines: list[bytes]) -> None:
-        # One log call for the batch: the logger writes its lines (each ends in a newline,
-        # the last one's added by the logger) in one go.
-        text = b"".join(lines).decode().removesuffix("\n")
-        self.log.info(records[0]["event"], **{PRERENDERED: text})
+        # A log call for as many lines as fit in PIPE_BUF bytes: the logger writes them in one
+        # go, which a pipe never splits, so the lines of several workers sharing stdout never
+        # mix (a line longer than that goes alone, as any long line would).
+        chunk: list[bytes] = []
+        size = 0
+        for record, line in zip(records, lines, strict=True):
+            if chunk and size + len(line) > _PIPE_BUF:
+                self._log_lines(record["event"], chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._log_lines(records[-1]["event"], chunk)
+
+    def _log_lines(self, event: str, lines: list[bytes]) -> None:
+        # The lines end in newlines; the logger adds the last one.
+        self.log.info(event, **{PRERENDERED: b"".join(lines).decode().removesuffix("\n")})
 
     async def write(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record`` to the chain (in the file before this returns) and log it."""
