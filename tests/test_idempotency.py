@@ -320,6 +320,23 @@ async def test_ec2_client_token_is_the_key_without_a_header(
     assert await used_and_reserved(gw) == (8, 0)
 
 
+async def test_a_client_token_retry_past_the_apis_window_is_not_sent_again(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API deduplicates a client token only for a while (an hour is taken): a retry later
+    than that would launch again, uncounted, so it is refused (409) and not forwarded."""
+    monkeypatch.setattr("launchgate.idempotency.CLIENT_TOKEN_WINDOW_S", 0.0)
+    gw = await start_gateway(routes=[{"dialect": "aws-ec2"}])
+    token = make_token(jti=JTI)
+    assert (await ec2_call(gw, RUN, token))[0] == 200
+    status, text = await ec2_call(gw, RUN, token)
+    assert status == 409 and "not sent again" in text
+    first, retry = gw.decisions()
+    assert (retry["reason"], retry["replay_of"]) == ("idempotency_conflict", first["decision_id"])
+    assert await used_and_reserved(gw) == (8, 0)
+    assert len(await gw.stub_requests()) == 1
+
+
 async def test_gce_request_id_is_the_key_without_a_header(
     store: dict[str, Any], start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from launchgate.ids import new_ulid
+import pytest
+
+from launchgate.ids import new_ulid, ulid_time
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -36,3 +38,10 @@ def test_ulid_keeps_its_timestamp_at_both_ends_of_its_range() -> None:
             ulid = new_ulid(now)
             assert len(ulid) == 26
             assert decode(ulid) >> 80 == int(now * 1000)
+
+
+def test_a_ulid_tells_when_it_was_made() -> None:
+    assert ulid_time(new_ulid(1_795_000_000.123)) == 1_795_000_000.123
+    for bad in ("", "0" * 25, "U" * 26, "01M8C8NBD2CRQY0SZVRA9VENE6x"):
+        with pytest.raises(ValueError, match="not a ULID"):
+            ulid_time(bad)

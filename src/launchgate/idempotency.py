@@ -16,9 +16,15 @@ from typing import Final
 from multidict import CIMultiDictProxy
 
 from launchgate.dialects import Launch, LaunchRequest
+from launchgate.ids import ulid_time
 from launchgate.strict import MalformedLaunch
 
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+# How long after a first attempt the APIs whose client tokens serve as keys are taken to still
+# deduplicate a retry: Compute Engine promises at least 60 minutes for a requestId, and EC2 is
+# held to the same (its documentation names no shorter window). A retry later than that would
+# launch again, uncounted: it is refused instead (409).
+CLIENT_TOKEN_WINDOW_S: Final = 3600.0
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]*")
 
@@ -40,6 +46,19 @@ def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | Non
     if key and not _PRINTABLE_ASCII.fullmatch(key):
         raise MalformedLaunch("the idempotency key must be printable ASCII")
     return key or None
+
+
+def replay_sent_on(from_header: bool, header_deduplicated: bool, first: str, now: float) -> bool:
+    """Whether a retry of a launch already counted (decision ``first``, a ULID) may go to the
+    upstream without reserving: only if the upstream will not launch it again. Under the
+    Idempotency-Key header, as configured (``header_deduplicated``); under a client token,
+    within the API's window."""
+    if from_header:
+        return header_deduplicated
+    try:
+        return now - ulid_time(first) <= CLIENT_TOKEN_WINDOW_S
+    except ValueError:
+        return False
 
 
 def key_in_header(headers: CIMultiDictProxy[str]) -> bool:

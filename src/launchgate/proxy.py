@@ -29,7 +29,7 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import received_whole, relay_response, upstream_headers
 from launchgate.gateway import Gateway
-from launchgate.idempotency import fingerprint, idempotency_key, key_in_header
+from launchgate.idempotency import fingerprint, idempotency_key, key_in_header, replay_sent_on
 from launchgate.ids import new_ulid
 from launchgate.ledger import ReserveOutcome, ReserveResult
 from launchgate.paths import UnsafePath, normalize_path
@@ -295,13 +295,24 @@ async def reserve_license(
         key = idempotency_key(request.headers, launch)
     except MalformedLaunch as e:
         return verdict(decision, "malformed_request", 400, e.detail), None, False
-    # A retry of a launch already counted goes on only to an upstream that deduplicates on its
-    # key: the APIs whose own client token it is do; on Idempotency-Key, only when configured.
-    sent_on = config.upstream_deduplicates_idempotency_key or not key_in_header(request.headers)
+    from_header = key_in_header(request.headers)
+    now = time.time()  # one time for the reservation and for both judgements of its answer
+
+    def judged(result: ReserveResult) -> Decision:
+        # A retry of a launch already counted goes on only to an upstream that will not launch
+        # it again: see ``idempotency.replay_sent_on``.
+        sent_on = result.replay_of is not None and replay_sent_on(
+            from_header,
+            config.upstream_deduplicates_idempotency_key,
+            result.replay_of,
+            now,
+        )
+        return after_reservation(decision, result, replay_sent_on=sent_on)
+
     written = _WrittenByLedger(gateway)
 
     def record(result: ReserveResult) -> None:  # on the ledger's thread
-        final = after_reservation(decision, result, replay_sent_on=sent_on)
+        final = judged(result)
         written.write_off_loop(
             launch_record(config, final, decision_id, request.method, request.path, result)
         )
@@ -314,7 +325,7 @@ async def reserve_license(
             expires=license.exp,
             amount=decision.reserve,
             decision_id=decision_id,
-            now=time.time(),
+            now=now,
             idempotency_key=key,
             fingerprint=None if key is None else fingerprint(request),
             then=record,
@@ -332,7 +343,7 @@ async def reserve_license(
         if result.outcome is ReserveOutcome.RESERVED:  # nothing was forwarded: give it back
             await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
         raise written.failure
-    return after_reservation(decision, result, replay_sent_on=sent_on), result, written.written
+    return judged(result), result, written.written
 
 
 def _give_back(
