@@ -372,7 +372,7 @@ def launch_request(
     return LaunchRequest(method, path, query, CIMultiDictProxy(CIMultiDict(headers or {})), body)
 
 
-BASE_FINGERPRINT = fingerprint(launch_request())
+BASE_FINGERPRINT = fingerprint(launch_request(), "us-east-1")
 
 
 @pytest.mark.parametrize(
@@ -395,7 +395,14 @@ def test_the_fingerprint_covers_method_path_query_and_body(
     request_: LaunchRequest, same: bool
 ) -> None:
     """A retry must repeat method, path, query and body byte for byte; headers may differ."""
-    assert (fingerprint(request_) == BASE_FINGERPRINT) is same
+    assert (fingerprint(request_, "us-east-1") == BASE_FINGERPRINT) is same
+
+
+@pytest.mark.parametrize("region", ["eu-west-1", None, "us-east-1\n"])
+def test_the_fingerprint_covers_the_region(region: str | None) -> None:
+    """An API deduplicates a client token within one region (EC2 reads it from Host): the same
+    call judged for another region is another launch."""
+    assert fingerprint(launch_request(), region) != BASE_FINGERPRINT
 
 
 @pytest.mark.parametrize(
@@ -407,6 +414,7 @@ def test_the_fingerprint_covers_method_path_query_and_body(
         (None, "tok", "tok"),
         ("  ", "tok", "tok"),  # an empty header is no header
         (" k-1 ", None, "k-1"),
+        ("\tk-1 ", None, "k-1"),
         ("k" * 255, None, "k" * 255),
     ],
 )
@@ -422,7 +430,14 @@ def test_the_key_is_the_header_else_the_client_token(
 
 @pytest.mark.parametrize(
     ("header", "client_token"),
-    [("caf\u00e9", None), ("ab\udcffcd", None), ("tab\there", None), (None, "t\u00f6k")],
+    [
+        ("caf\u00e9", None),
+        ("ab\udcffcd", None),
+        ("tab\there", None),
+        (None, "t\u00f6k"),
+        ("k\u00a0", None),  # blanks other than SP and HTAB are part of the key, not trimmed
+        ("\u3000k", None),
+    ],
 )
 def test_a_key_outside_printable_ascii_is_malformed(
     header: str | None, client_token: str | None

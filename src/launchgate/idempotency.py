@@ -10,6 +10,7 @@ flight (both 409 ``idempotency_conflict``; see ``policy.after_reservation``).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Final
 
@@ -22,9 +23,10 @@ from launchgate.strict import MalformedLaunch
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 # How long after a first attempt the APIs whose client tokens serve as keys are taken to still
 # deduplicate a retry: Compute Engine promises at least 60 minutes for a requestId, and EC2 is
-# held to the same (its documentation names no shorter window). A retry later than that would
-# launch again, uncounted: it is refused instead (409).
-CLIENT_TOKEN_WINDOW_S: Final = 3600.0
+# held to the same (its documentation names no window). A retry later than that could launch
+# again, uncounted: it is refused instead (409).
+CLIENT_TOKEN_WINDOW_S: Final = 3000.0  # the hour, less 10 minutes for the retry's own way
+# there and for clocks that differ between replicas sharing a ledger
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 255
 _PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]*")
 
@@ -40,7 +42,9 @@ def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | Non
     values = headers.getall(IDEMPOTENCY_HEADER, [])
     if len(values) > 1:
         raise MalformedLaunch(f"{IDEMPOTENCY_HEADER} is given more than once")
-    key = (values[0].strip() if values else "") or launch.client_token
+    # HTTP's blanks only: the key checked is the key forwarded ("k" and "k\u00a0" are two keys
+    # to an upstream that deduplicates on the exact value).
+    key = (values[0].strip(" \t") if values else "") or launch.client_token
     if key and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
         raise MalformedLaunch(f"the idempotency key is over {MAX_IDEMPOTENCY_KEY_CHARS} characters")
     if key and not _PRINTABLE_ASCII.fullmatch(key):
@@ -64,14 +68,19 @@ def replay_sent_on(from_header: bool, header_deduplicated: bool, first: str, now
 def key_in_header(headers: CIMultiDictProxy[str]) -> bool:
     """Whether the launch's idempotency key is the ``Idempotency-Key`` header (not the
     dialect's client token, which the API it belongs to deduplicates on by its own terms)."""
-    return bool(headers.get(IDEMPOTENCY_HEADER, "").strip())
+    return bool(headers.get(IDEMPOTENCY_HEADER, "").strip(" \t"))
 
 
-def fingerprint(request: LaunchRequest) -> str:
-    """SHA-256 (hex) over the method, the normalized path, the raw query and the body: what a
-    retry must repeat exactly. Headers are left out (the token header, tracing, dates)."""
+def fingerprint(request: LaunchRequest, region: str | None) -> str:
+    """SHA-256 (hex) over the method, the normalized path, the raw query, the region the launch
+    was judged in and the body: what a retry must repeat exactly. Headers are left out (the
+    token header, tracing, dates), but not the region one of them may name (EC2's Host): an
+    API deduplicates a client token within one region, so the same call to another is
+    another launch."""
     digest = hashlib.sha256()
-    # Method, path and query hold no newline (HTTP forbids it), so the parts cannot run together.
+    # Method, path and query hold no newline (HTTP forbids it), so the parts cannot run
+    # together; the region is written as JSON, newlines escaped.
     digest.update(f"{request.method}\n{request.path}\n{request.query}\n".encode())
+    digest.update(f"{json.dumps(region)}\n".encode())
     digest.update(request.body)
     return digest.hexdigest()

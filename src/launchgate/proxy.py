@@ -327,7 +327,7 @@ async def reserve_license(
             decision_id=decision_id,
             now=now,
             idempotency_key=key,
-            fingerprint=None if key is None else fingerprint(request),
+            fingerprint=None if key is None else fingerprint(request, launch.region),
             then=record,
         )
     )

@@ -78,14 +78,16 @@ class Recorder:
         # go, which a pipe never splits, so the lines of several workers sharing stdout never
         # mix (a line longer than that goes alone, as any long line would).
         chunk: list[bytes] = []
-        size = 0
+        size, event = 0, ""
         for record, line in zip(records, lines, strict=True):
             if chunk and size + len(line) > _PIPE_BUF:
-                self._log_lines(record["event"], chunk)
+                self._log_lines(event, chunk)
                 chunk, size = [], 0
+            if not chunk:
+                event = record["event"]
             chunk.append(line)
             size += len(line)
-        self._log_lines(records[-1]["event"], chunk)
+        self._log_lines(event, chunk)
 
     def _log_lines(self, event: str, lines: list[bytes]) -> None:
         # The lines end in newlines; the logger adds the last one.

@@ -10,6 +10,7 @@ from typing import Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -99,7 +100,7 @@ class _RequestHandler(RequestHandler):
         """aiohttp quotes the offending bytes of a malformed request head (a license token's
         header line among them) in its text/plain answer and in its log line. Answer a
         problem+json that quotes nothing, and log only what kind of error it was."""
-        if status == 500 or request.writer.output_size > 0:
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         log.info("http.bad_request", status=status, error=type(exc).__name__ if exc else None)
         response = problem("malformed_request", status, "the request's HTTP framing is malformed")
