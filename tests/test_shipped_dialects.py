@@ -49,19 +49,8 @@ EXAMPLES = [
         "p5.48xlarge",
         200,
     ),
-    Example(
-        "gcp-compute",
-        "POST",
-        "/compute/v1/projects/my-project/zones/us-central1-a/instances",
-        JSON,
-        json.dumps(
-            {"name": "vm-1", "machineType": "zones/us-central1-a/machineTypes/a3-highgpu-8g"}
-        ).encode(),
-        "a3-highgpu-8g",
-        200,
-    ),
     *(
-        Example(  # the same API's other surfaces launch just as well
+        Example(  # v1, and the same API's other surfaces, which launch just as well
             "gcp-compute",
             "POST",
             f"/compute/{version}/projects/my-project/zones/us-central1-a/instances",
@@ -72,7 +61,7 @@ EXAMPLES = [
             "a3-highgpu-8g",
             200,
         )
-        for version in ("beta", "alpha")
+        for version in ("v1", "beta", "alpha")
     ),
     Example(
         "azure-arm",

@@ -65,12 +65,6 @@ def replay_sent_on(from_header: bool, header_deduplicated: bool, first: str, now
         return False
 
 
-def key_in_header(headers: CIMultiDictProxy[str]) -> bool:
-    """Whether the launch's idempotency key is the ``Idempotency-Key`` header (not the
-    dialect's client token, which the API it belongs to deduplicates on by its own terms)."""
-    return bool(headers.get(IDEMPOTENCY_HEADER, "").strip(" \t"))
-
-
 def fingerprint(request: LaunchRequest, region: str | None) -> str:
     """SHA-256 (hex) over the method, the normalized path, the raw query, the region the launch
     was judged in and the body: what a retry must repeat exactly. Headers are left out (the

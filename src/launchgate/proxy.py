@@ -29,7 +29,7 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import received_whole, relay_response, upstream_headers
 from launchgate.gateway import Gateway
-from launchgate.idempotency import fingerprint, idempotency_key, key_in_header, replay_sent_on
+from launchgate.idempotency import fingerprint, idempotency_key, replay_sent_on
 from launchgate.ids import new_ulid
 from launchgate.ledger import ReserveOutcome, ReserveResult
 from launchgate.paths import UnsafePath, normalize_path
@@ -98,7 +98,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise BodyTooLarge(body)
         return body
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
+    async for chunk in content.iter_any():
         size += len(chunk)
         chunks.append(chunk)
         if size > limit:
@@ -295,7 +295,10 @@ async def reserve_license(
         key = idempotency_key(request.headers, launch)
     except MalformedLaunch as e:
         return verdict(decision, "malformed_request", 400, e.detail), None, False
-    from_header = key_in_header(request.headers)
+    # The key is the Idempotency-Key header unless it is the dialect's own client token (which
+    # the API it belongs to deduplicates on by its own terms; a header repeating it changes
+    # nothing upstream).
+    from_header = key is not None and key != launch.client_token
     now = time.time()  # one time for the reservation and for both judgements of its answer
 
     def judged(result: ReserveResult) -> Decision:
