@@ -297,9 +297,10 @@ class AuditLog:
     """Append-only, hash-chained JSON-lines decision log.
 
     ``append`` records are written by one dedicated thread, in call order, each line
-    flushed to the operating system (not fsynced) before ``append`` returns. Appends that
-    arrive while a write is under way are written together in the next one (group commit):
-    one lock, one size check and one ``write`` for the batch. ``append_sync`` writes on
+    flushed to the operating system (not fsynced) before ``append`` returns. Appends made
+    in one turn of the event loop, and those that arrive while a write is under way, are
+    written together (group commit): one lock, one size check and one ``write`` for the
+    batch. ``append_sync`` writes on
     the calling thread; a lock keeps both in one chain. ``append_later`` inside ``group()``
     gathers records a thread makes in a row (the SQLite ledger's, for the launches whose
     transaction just committed) into one such write.
@@ -377,8 +378,9 @@ class AuditLog:
         done: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending.append((entry, done))
         if self._idle is None:
+            # Written at the end of this turn of the loop, with every append made in it.
             self._idle = loop.create_future()
-            self._write_pending(loop)
+            loop.call_soon(self._write_pending, loop)
         # Once asked for, a record is written even if the caller is cancelled (a client
         # hanging up) and ``done`` with it: the batch takes every pending entry regardless.
         return await done

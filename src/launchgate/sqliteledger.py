@@ -132,6 +132,14 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 # or with others in a batch); none opens or ends one itself.
 
 
+# Takes ``amount`` (?2) from license ?1 if its row is complete, it is not revoked and it has
+# room; returns the counters after. fetchall(): a RETURNING statement must finish before COMMIT.
+_TAKE: Final = (
+    "UPDATE licenses SET reserved = reserved + ?2"
+    " WHERE jti = ?1 AND revoked = 0 AND account IS NOT NULL AND expires IS NOT NULL"
+    " AND first_seen IS NOT NULL AND used + reserved + ?2 <= max_accelerators"
+    " RETURNING max_accelerators, used, reserved"
+)
 _LICENSE_ROW: Final = (
     "SELECT max_accelerators, used, reserved, revoked, account, expires, first_seen"
     " FROM licenses WHERE jti = ?"
@@ -151,6 +159,15 @@ def _reserve(
     idempotency_key: str | None,
     fingerprint: str | None,
 ) -> ReserveResult:
+    if idempotency_key is None:
+        # The usual launch, in one statement: a complete, unrevoked license row with room for
+        # ``amount`` takes it. Anything else (first sighting, revoked, exhausted) goes the long
+        # way below, which tells them apart.
+        taken = conn.execute(_TAKE, (jti, amount)).fetchall()
+        if taken:
+            _insert_reservation(conn, decision_id, jti, amount, now)
+            [(max_acc, used, reserved)] = taken
+            return ReserveResult(ReserveOutcome.RESERVED, max_acc, used, reserved, amount)
     # Read inside the write transaction: a revoke committed by another process before this lock
     # was taken is seen here, and so is a reservation made under the same idempotency key.
     row = conn.execute(_LICENSE_ROW, (jti,)).fetchone()
@@ -186,14 +203,7 @@ def _reserve(
     if outcome is None and used + reserved + amount > max_acc:
         outcome = ReserveOutcome.EXHAUSTED
     if outcome is None:
-        try:  # (the decision id is the key: a second reservation under it cannot be made)
-            conn.execute(
-                f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
-                " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
-                (decision_id, jti, amount, now),
-            )
-        except sqlite3.IntegrityError as e:
-            raise _decision_taken(decision_id) from e
+        _insert_reservation(conn, decision_id, jti, amount, now)
         conn.execute("UPDATE licenses SET reserved = reserved + ? WHERE jti = ?", (amount, jti))
         if idempotency_key is not None:
             conn.execute(
@@ -217,6 +227,19 @@ def _reserve(
         requested=amount,
         replay_of=bound if keyed else None,
     )
+
+
+def _insert_reservation(
+    conn: sqlite3.Connection, decision_id: str, jti: str, amount: int, now: float
+) -> None:
+    try:  # (the decision id is the key: a second reservation under it cannot be made)
+        conn.execute(
+            f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
+            " VALUES (?, ?, ?, 'reserved', ?, NULL, NULL)",
+            (decision_id, jti, amount, now),
+        )
+    except sqlite3.IntegrityError as e:
+        raise _decision_taken(decision_id) from e
 
 
 def _settle(
@@ -335,7 +358,8 @@ class SqliteLedger:
     ``ValueError`` or ``LookupError``, or a store error) rolls the batch back whole, and its
     operations run again one by one, so each succeeds or fails as it would have alone; a
     transaction that cannot begin or commit fails every operation in it with
-    ``StoreUnavailable``. An idle ledger runs a call at once, alone.
+    ``StoreUnavailable``. An idle ledger takes the calls made in one turn of the event loop
+    as one batch (sent when the turn ends).
 
     A caller cancelled before its batch starts is never run; one cancelled later still completes
     on the thread: a reservation may then exist that nobody settles, and ``expire_reservations``
@@ -498,7 +522,10 @@ class SqliteLedger:
             return future
         self._queue.append(_Op(fn, write, future, then))
         if not self._busy:
-            self._dispatch()
+            # Sent at the end of this turn of the loop, with every call made in it: one batch,
+            # one wake-up of the thread, however many launches the turn handled.
+            self._busy = True
+            future.get_loop().call_soon(self._dispatch)
         return future
 
     def _dispatch(self) -> None:
