@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,60 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
             normalize_path(raw)
         return
     assert normalize_path(raw) == expected
+
+
+def _shipped_copy(tmp_path: Path) -> Path:
+    """The shipped configuration, every file of it, copied into ``tmp_path``."""
+    folder = tmp_path / "config"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("data", "*.pem"))
+    return folder / "launchgate.toml"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan"])
+@pytest.mark.parametrize(
+    ("file", "line", "key"),
+    [
+        ("launchgate.toml", "leeway_s", "tokens.leeway_s"),
+        ("launchgate.toml", "timeout_s", "upstream.timeout_s"),
+        ("launchgate.toml", "connect_timeout_s", "upstream.connect_timeout_s"),
+        ("launchgate.toml", "reservation_ttl_s", "store.reservation_ttl_s"),
+        ("catalog.toml", "tpp", "accelerators.A100-SXM4-40GB.tpp"),
+        ("catalog.toml", "die_area_mm2", "accelerators.A100-SXM4-40GB.die_area_mm2"),
+    ],
+)
+def test_nan_and_inf_are_refused_naming_file_and_key(
+    tmp_path: Path, file: str, line: str, key: str, value: str
+) -> None:
+    """No setting takes nan or inf. A NaN compares false with everything: a leeway of nan let
+    expired tokens through, a TPP of nan made an H100 uncontrolled, a timeout of nan failed
+    every request after it had gone upstream."""
+    main = _shipped_copy(tmp_path)
+    target = main.parent / file
+    text = target.read_text()
+    if file == "catalog.toml":  # the A100's own line
+        head, _, rest = text.partition('[accelerators."A100-SXM4-40GB"]')
+        rest = re.sub(rf"(?m)^{line} = .*$", f"{line} = {value}", rest, count=1)
+        text = head + '[accelerators."A100-SXM4-40GB"]' + rest
+    else:
+        text, found = re.subn(rf"(?m)^#? *{line} = .*$", f"{line} = {value}", text, count=1)
+        assert found, f"{line} is not in the shipped {file}"
+    target.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(main)
+    assert f"{target}: {key}: must be a finite number" in str(caught.value)
+
+
+@pytest.mark.parametrize("file", ["launchgate.toml", "catalog.toml", "accounts.toml"])
+def test_a_file_that_is_not_utf8_is_a_config_error_quoting_no_content(
+    tmp_path: Path, file: str
+) -> None:
+    """TOML is UTF-8: other bytes are a ConfigError naming the file (not a traceback), and
+    the message quotes the offending byte, not the file."""
+    main = _shipped_copy(tmp_path)
+    target = main.parent / file
+    target.write_bytes(target.read_bytes() + b'\nsecret = "hunter2\xff"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(main)
+    message = str(caught.value)
+    assert f"{target}: not valid TOML: not UTF-8 (byte 0xff" in message
+    assert "hunter2" not in message

@@ -1035,3 +1035,44 @@ async def test_mixed_concurrent_traffic_shares_upstream_connections_correctly(
     upstream = gw.gateway.upstream
     idle = sum(len(q) for q in upstream._idle.values())
     assert 0 < idle == len(upstream._open) <= 140
+
+
+async def test_a_reload_keeps_restart_only_keys_as_running_until_a_restart(
+    start_gateway: StartGateway,
+) -> None:
+    """A reload that changes a key only a restart applies (here the decision log's path) warns,
+    and the running configuration keeps the value that runs: undoing the change in the file
+    and reloading again is quiet, not a second warning about a change never applied."""
+    h = await start_gateway()
+    running = h.gateway.config.audit_path
+    text = h.config_path.read_text()
+    assert str(running) in text
+    h.config_path.write_text(text.replace(str(running), str(running.with_name("elsewhere.jsonl"))))
+    with structlog.testing.capture_logs() as logs:
+        assert await h.gateway.reload(h.config_path)
+        assert h.gateway.config.audit_path == running
+        h.config_path.write_text(text)
+        assert await h.gateway.reload(h.config_path)
+    warned = [e["keys"] for e in logs if e["event"] == "config.reload_needs_restart"]
+    assert warned == [["audit.path"]]
+    assert [e["event"] for e in logs].count("config.reloaded") == 2
+
+
+async def test_a_reload_that_fails_unexpectedly_keeps_the_running_configuration(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a ConfigError: whatever loading raises, the running configuration stays, the
+    failure is logged and counted, and the reload task does not die with it."""
+    h = await start_gateway()
+    running = h.gateway.config
+
+    def broken(path: Path) -> None:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr("launchgate.gateway.load_config", broken)
+    with structlog.testing.capture_logs() as logs:
+        assert await h.gateway.reload(h.config_path) is False
+    assert h.gateway.config is running
+    [failed] = [e for e in logs if e["event"] == "config.reload_failed"]
+    assert "UnicodeDecodeError" in failed["error"]
+    assert h.gateway.metrics.reloads.labels("failed")._value.get() == 1

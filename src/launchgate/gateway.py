@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -129,18 +130,31 @@ class Gateway:
             self.metrics.reloads.labels("failed").inc()
             log.error("config.reload_failed", error=str(e))
             return False
+        except Exception as e:  # a bug in loading: still no reason to drop the running config
+            self.metrics.reloads.labels("failed").inc()
+            log.error("config.reload_failed", error=f"{type(e).__name__} while loading {path}")
+            return False
+        running = self.config
         kept = [
             name
             for name, old, new in (
-                ("store.url", self.config.store_url, config.store_url),
-                ("audit.path", self.config.audit_path, config.audit_path),
-                ("server.listen", self.config.listen, config.listen),
-                ("server.admin_listen", self.config.admin_listen, config.admin_listen),
+                ("store.url", running.store_url, config.store_url),
+                ("audit.path", running.audit_path, config.audit_path),
+                ("server.listen", running.listen, config.listen),
+                ("server.admin_listen", running.admin_listen, config.admin_listen),
             )
             if old != new
         ]
         if kept:
             log.warning("config.reload_needs_restart", keys=kept)
+            # The running configuration says what runs: these keep their values until a restart.
+            config = dataclasses.replace(
+                config,
+                store_url=running.store_url,
+                audit_path=running.audit_path,
+                listen=running.listen,
+                admin_listen=running.admin_listen,
+            )
         self.verifier = make_verifier(config)
         self.config = config
         self.metrics.reloads.labels("ok").inc()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,42 @@ from launchgate.errors import ConfigError
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse ``path``; ConfigError names the file when it is missing or not valid TOML."""
+    """Parse ``path``; ConfigError names the file when it is missing or not valid TOML, and
+    the key when it holds ``nan`` or ``inf``: no setting takes one, and a NaN compares false
+    with everything, so a limit or a TPP of NaN would pass every check it is meant to fail."""
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # TOML is UTF-8; the message quotes one byte, not the file
+        byte = e.object[e.start]
+        raise ConfigError(
+            f"{path}: not valid TOML: not UTF-8 (byte 0x{byte:02x} at offset {e.start})"
+        ) from None
+    where = _non_finite(data)
+    if where is not None:
+        raise ConfigError(f"{path}: {where}: must be a finite number, not nan or inf")
+    return data
+
+
+def _non_finite(value: object, key: str = "") -> str | None:
+    """The dotted key of the first ``nan`` or ``inf`` in ``value``; None when there is none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else key
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, object]] = (
+            (f"{key}.{name}" if key else name, item) for name, item in value.items()
+        )
+    elif isinstance(value, list):
+        items = ((f"{key}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    return next((found for name, item in items if (found := _non_finite(item, name))), None)
 
 
 def require_table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
