@@ -72,22 +72,25 @@ EXAMPLES = [
         "Standard_ND96isr_H100_v5",
         201,
     ),
-    Example(
-        "openstack-nova",
-        "POST",
-        "/v2.1/servers",
-        JSON,
-        json.dumps(
-            {
-                "server": {
-                    "name": "vm-1",
-                    "imageRef": "70a599e0-31e7-49b7-b260-868f441e862b",
-                    "flavorRef": "g1.h100x8",
+    *(
+        Example(  # v2.1, and /v2, where Nova serves the same API (legacy v2 compatible)
+            "openstack-nova",
+            "POST",
+            f"/{version}/servers",
+            JSON,
+            json.dumps(
+                {
+                    "server": {
+                        "name": "vm-1",
+                        "imageRef": "70a599e0-31e7-49b7-b260-868f441e862b",
+                        "flavorRef": "g1.h100x8",
+                    }
                 }
-            }
-        ).encode(),
-        "g1.h100x8",
-        202,
+            ).encode(),
+            "g1.h100x8",
+            202,
+        )
+        for version in ("v2.1", "v2")
     ),
 ]
 
