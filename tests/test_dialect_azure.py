@@ -415,6 +415,9 @@ def test_autoscale_setting_for_another_resource_launches_nothing() -> None:
             {"requests": [{"httpMethod": "POST", "url": "/batch?api-version=2022-12-01"}]},
         ),
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"{VM.upper()}?{API}"}]}),
+        # A leading "//" reads as a host to a URL parser, as a repeated slash to a path router.
+        ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"/{VM}?{API}"}]}),
+        ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"///{VM}?{API}"}]}),
         (
             "POST",
             "/batch",

@@ -218,8 +218,12 @@ def _batch(call: _Call) -> Launch | None:
             raise MalformedLaunch(f"a batch request's httpMethod {method!r} is not a method")
         if verb in _READ_ONLY:
             continue
+        parts = urlsplit(url)
+        # A url without a scheme is a path, whatever it starts with: "//subscriptions/..." is a
+        # host to urlsplit but a repeated slash to a router, and it must be judged as the latter.
+        raw = parts.path if parts.scheme else url.partition("?")[0].partition("#")[0]
         try:
-            path = normalize_path("/" + urlsplit(url).path.lstrip("/"))
+            path = normalize_path("/" + raw.lstrip("/"))
         except (UnsafePath, ValueError) as e:
             raise MalformedLaunch(f"a batch request's url cannot be normalized: {e}") from None
         segments = _segments(path)
