@@ -735,3 +735,45 @@ def test_the_echo_reaches_stdout_in_whole_lines_of_at_most_pipe_buf_bytes(
     assert all(c.endswith("\n") for c in out.calls)
     assert "".join(echo).encode() == (tmp_path / "decisions.jsonl").read_bytes()
     assert json.loads(after)["event"] == "after"
+
+
+# --- the file taken away under a running log ---------------------------------------------------
+
+
+async def test_a_log_removed_while_in_use_continues_in_a_new_file_at_its_path(
+    tmp_path: Path,
+) -> None:
+    """Deleting the log's folder under a running gateway left it writing to the unlinked file:
+    every record after was lost. The next append now starts the file (and folder) anew, as a
+    restart would, with a new chain."""
+    path = tmp_path / "data" / "decisions.jsonl"
+    log = AuditLog.open(path)
+    try:
+        await log.append(decision(1))
+        (tmp_path / "data" / "decisions.jsonl").unlink()
+        (tmp_path / "data").rmdir()
+        written = await log.append(decision(2))
+        assert written["seq"] == 1 and written["prev_hash"] == "0" * 64
+        assert seqs_in_file(path) == [1]
+        assert verify_file(path).ok
+    finally:
+        log.close()
+
+
+async def test_a_rotated_log_continues_in_the_file_now_at_its_path(tmp_path: Path) -> None:
+    """A log renamed away (logrotate without copytruncate) keeps what it has; records after go
+    to the file at the path, continuing its chain when one is there."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    try:
+        await log.append(decision(1))
+        await log.append(decision(2))
+        path.rename(tmp_path / "decisions.1.jsonl")
+        await log.append(decision(3))
+        assert seqs_in_file(tmp_path / "decisions.1.jsonl") == [1, 2]
+        assert seqs_in_file(path) == [1]
+        log.append_sync(decision(4))
+        assert seqs_in_file(path) == [1, 2]
+        assert verify_file(path).ok and verify_file(tmp_path / "decisions.1.jsonl").ok
+    finally:
+        log.close()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -620,6 +621,56 @@ async def test_give_back_from_another_process_frees_capacity(
     assert (await reserve(gateway, "d2", 8)).outcome is ReserveOutcome.EXHAUSTED
     await cli.give_back("d1", now=T0 + 2, note=None)
     assert (await reserve(gateway, "d3", 8)).outcome is ReserveOutcome.RESERVED
+
+
+async def test_a_ledger_file_removed_while_in_use_is_unavailable_and_not_made_anew(
+    tmp_path: Path,
+) -> None:
+    """Deleting the ledger's folder under a running gateway let it go on writing to the unlinked
+    file, and a license was spent twice over. Now every call fails closed, no empty ledger takes
+    the old one's place, and a copy put back is taken up again."""
+    folder = tmp_path / "data"
+    path = folder / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    try:
+        assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
+        await store.commit("d1", now=T0 + 1)
+        await store.close()  # a consistent copy to put back later
+        backup = tmp_path / "backup.sqlite3"
+        shutil.copy(path, backup)
+        store = SqliteLedger(path)
+        assert (await reserve(store, "d2", 8)).reserved == 8
+
+        shutil.rmtree(folder)
+        for call in (lambda: reserve(store, "d3", 8), store.ping, store.licenses):
+            with pytest.raises(StoreUnavailable, match="removed while in use"):
+                await call()
+        assert not folder.exists()
+
+        folder.mkdir()
+        shutil.copy(backup, path)  # put back: as it was after d1
+        result = await reserve(store, "d4", 8)
+        assert (result.outcome, result.used, result.reserved) == (ReserveOutcome.RESERVED, 8, 8)
+    finally:
+        await store.close()
+
+
+async def test_a_ledger_file_replaced_while_in_use_is_the_one_used(tmp_path: Path) -> None:
+    """A file renamed over the ledger (a restore) is the ledger from the next call on; the
+    connection to the old one is let go, not written to."""
+    path = tmp_path / "ledger.sqlite3"
+    store, other = SqliteLedger(path), SqliteLedger(tmp_path / "restored.sqlite3")
+    try:
+        await reserve(store, "d1", 8)
+        await reserve(other, "r1", 40)
+        await other.close()
+        os.replace(tmp_path / "restored.sqlite3", path)
+        for suffix in ("-wal", "-shm"):  # the old file's, gone with it
+            (tmp_path / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
+        result = await reserve(store, "d2", 8)
+        assert (result.used, result.reserved) == (0, 48)
+    finally:
+        await store.close()
 
 
 async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:

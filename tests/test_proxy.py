@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
+import shutil
 from typing import Any
 
 import aiohttp
@@ -248,6 +250,38 @@ async def test_readyz_503_when_store_unusable(
     response = await admin.get("/readyz")
     assert response.status == 503
     assert (await response.json())["checks"]["store"].startswith("unavailable")
+
+
+async def test_a_data_folder_deleted_under_the_gateway_fails_licensed_launches_closed(
+    start_gateway: StartGateway, make_token: MakeToken, aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """Found by black-box QA: with the ledger's and log's folder deleted, the gateway went on
+    writing to the unlinked files, /readyz said 200, and a 16-accelerator license launched 32.
+    Now licensed launches get 503 store_unavailable and /readyz 503, until the ledger is back;
+    other launches pass, and their records go to a new log at the configured path."""
+    data = tmp_path / "data"
+    gw = await start_gateway(
+        store={"url": f"sqlite:{data / 'ledger.sqlite3'}"},
+        audit={"path": str(data / "decisions.jsonl")},
+    )
+    admin = await _admin(gw, aiohttp_client)
+    token = make_token(max_accelerators=16)
+    assert (await gw.launch(token=token))[0] == 201
+    shutil.rmtree(data)
+
+    status, body, _ = await gw.launch(token=token)
+    assert (status, body["reason"]) == (503, "store_unavailable")
+    ready = await admin.get("/readyz")
+    assert ready.status == 503
+    assert "removed while in use" in (await ready.json())["checks"]["store"]
+    assert (await gw.launch(UNRESTRICTED))[0] == 201
+    records = [json.loads(line) for line in (data / "decisions.jsonl").read_text().splitlines()]
+    assert [r.get("reason") for r in records if r["event"] == "launch.decision"] == [
+        "store_unavailable",
+        "account_not_restricted",
+    ]
+    assert not (data / "ledger.sqlite3").exists()
+    assert len(await gw.stub_requests()) == 2  # the first licensed launch and the unrestricted
 
 
 async def test_readyz_503_without_trusted_keys(

@@ -286,6 +286,41 @@ def _truncate_quietly(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+def _open_chain(path: Path) -> tuple[int, int, str, int]:
+    """Open (creating it and its folders if missing) the log at ``path`` to append: its file
+    descriptor, the last record's seq and hash, and the file's size. ConfigError names the
+    file when it cannot be opened or its last line is not an intact record."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
+    try:
+        with _exclusive_lock(fd):
+            size = os.fstat(fd).st_size
+            seq, head = _chain_head(fd, size)
+    except _BadRecord as e:
+        os.close(fd)
+        raise ConfigError(
+            f"{path}: the audit log's last record is not intact ({e}); "
+            f"run `launchgate audit verify {path}` before appending to it"
+        ) from e
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
+    return fd, seq, head, size
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 # Called once per write with the records just written and their lines, in order.
 Written = Callable[[list[dict[str, Any]], list[bytes]], None]
 _Batch = list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
@@ -339,25 +374,7 @@ class AuditLog:
         write): appending then would fork the chain, so staff should run
         ``launchgate audit verify`` first.
         """
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
-        try:
-            with _exclusive_lock(fd):
-                size = os.fstat(fd).st_size
-                seq, head = _chain_head(fd, size)
-        except _BadRecord as e:
-            os.close(fd)
-            raise ConfigError(
-                f"{path}: the audit log's last record is not intact ({e}); "
-                f"run `launchgate audit verify {path}` before appending to it"
-            ) from e
-        except OSError as e:
-            os.close(fd)
-            raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
-        return cls(path, fd, seq, head, size, on_written)
+        return cls(path, *_open_chain(path), on_written)
 
     @property
     def path(self) -> Path:
@@ -511,9 +528,23 @@ class AuditLog:
         with self._write_lock:
             return self._write_locked(entries)
 
+    def _reopen(self) -> None:
+        """The file was removed or renamed (rotated) since it was opened: records written to it
+        now would be lost to whoever reads the path. Continue in the file at the path, as a
+        restart would: its chain, or a new one in a new file."""
+        try:
+            fd, seq, head, size = _open_chain(self._path)
+        except ConfigError as e:
+            raise OSError(errno.EIO, str(e)) from e
+        os.close(self._fd)
+        self._fd, self._seq, self._head, self._size = fd, seq, head, size
+        log.warning("audit.reopened", path=str(self._path), seq=seq)
+
     def _write_locked(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         if self._fd < 0:
             raise ValueError(f"{self._path}: the audit log is closed")
+        if not _same_file(self._path, self._fd):
+            self._reopen()
         with _exclusive_lock(self._fd):
             size = os.fstat(self._fd).st_size
             if size != self._size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,6 +101,15 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
 log = structlog.get_logger("launchgate")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _bound_outcome(
@@ -371,6 +381,7 @@ class SqliteLedger:
         self._busy_timeout_s = busy_timeout_s
         self._thread = JobThread("launchgate-ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file it has open
         self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
         # On the event loop only:
@@ -633,13 +644,30 @@ class SqliteLedger:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is not None:
-            return self._conn
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+            if _file_identity(self._path) == self._identity:
+                return self._conn
+            # Removed or replaced under us: writes to the old file would count against a ledger
+            # nobody reads any more (a license spent twice over), so let go of it.
+            log.error("store.ledger_file_changed", path=str(self._path))
+            self._disconnect()
+        if self._identity is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            target, uri = str(self._path), False
+        else:
+            # Once opened, never created again while running: an empty new ledger would forget
+            # what every license has spent. A file put back (a restored copy) is taken up.
+            if _file_identity(self._path) is None:
+                raise StoreUnavailable(
+                    f"ledger {self._path} was removed while in use; it is not created anew"
+                    " while the gateway runs (put the file back, or restart to start afresh)"
+                )
+            target, uri = f"{self._path.absolute().as_uri()}?mode=rw", True
         conn = sqlite3.connect(
-            self._path,
+            target,
             timeout=self._busy_timeout_s,
             isolation_level=None,  # autocommit: transactions are explicit BEGIN IMMEDIATE/COMMIT
             check_same_thread=False,  # only the ledger thread ever uses it
+            uri=uri,
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
@@ -647,10 +675,11 @@ class SqliteLedger:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)
+            identity = _file_identity(self._path)
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        self._conn, self._identity = conn, identity
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
