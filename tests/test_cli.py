@@ -853,6 +853,18 @@ def test_revoke_a_license_never_seen(
     assert (record["outcome"], record["reason"]) == ("deny", "license_revoked")
 
 
+@pytest.mark.parametrize("jti", ["", "lic\t42"])
+def test_revoke_refuses_what_cannot_be_a_license_id(
+    capsys: pytest.CaptureFixture[str], config_path: Path, jti: str
+) -> None:
+    """An empty jti (or one with a control character) is no license: exit 2, nothing revoked."""
+    result = run_main(capsys, "token", "revoke", "--config", config_path, jti)
+    assert result.code == 2
+    assert "not a license id" in result.err
+    listed = run_main(capsys, "licenses", "list", "--config", config_path, "--json")
+    assert json.loads(listed.out) == []
+
+
 def test_licenses_list(
     capsys: pytest.CaptureFixture[str], config_path: Path, make_token: MakeToken
 ) -> None:

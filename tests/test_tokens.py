@@ -395,6 +395,8 @@ def test_issue_token_minimal_claims(keys: Keys) -> None:
         {"kid": ""},
         {"account": ""},
         {"regions": []},
+        {"jti": ""},
+        {"jti": "lic\u000042"},
         {"private_key": ec.generate_private_key(ec.SECP384R1())},
     ],
     ids=lambda o: "-".join(f"{k}={v!r}"[:30] for k, v in o.items()),
@@ -620,6 +622,8 @@ FAILURES: dict[str, Case] = {
             ("sub", ["acct-2001"]),
             ("jti", ""),
             ("jti", 42),
+            ("jti", "lic\u0000x"),  # no control character: `token revoke` could never name it
+            ("jti", "lic-42\n"),
             ("iat", "2026-11-26"),
             ("iat", True),
             ("exp", "tomorrow"),

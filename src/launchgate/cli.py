@@ -236,7 +236,10 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from launchgate.ledger import open_ledger
+    from launchgate.tokens import license_id_ok
 
+    if not license_id_ok(args.jti):
+        raise UsageError(f"token revoke: not a license id: {args.jti!r}")
     config = _config(args)
 
     async def revoke() -> bool:

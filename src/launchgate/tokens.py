@@ -224,6 +224,8 @@ def issue_token(
     for name, value in (("kid", kid), ("issuer", issuer), ("account", account)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a non-empty string")
+    if jti is not None and not license_id_ok(jti):
+        raise ValueError("jti must be a non-empty string of printable characters")
     if isinstance(skus, str) or not skus or not all(isinstance(s, str) and s for s in skus):
         raise ValueError("skus must be a non-empty list of non-empty strings")
     if isinstance(max_accelerators, bool) or not isinstance(max_accelerators, int):
@@ -544,6 +546,12 @@ def _parse_header(token: str) -> dict[str, Any]:
     return header
 
 
+def license_id_ok(jti: object) -> bool:
+    """Whether ``jti`` can be a license id: a non-empty string of printable characters (no
+    control characters: a NUL could never be given to ``token revoke``)."""
+    return isinstance(jti, str) and bool(jti) and jti.isprintable()
+
+
 def _license_from_claims(claims: dict[str, Any], trusted: TrustedKey) -> License:
     """Row 10 (claims): every required claim present and of its CONTRACT §4 type."""
 
@@ -591,6 +599,8 @@ def _license_from_claims(claims: dict[str, Any], trusted: TrustedKey) -> License
     aud = (aud_claim,) if isinstance(aud_claim, str) else strings("aud", non_empty=False)
     sub = string("sub")
     jti = string("jti", non_empty=True)
+    if not license_id_ok(jti):  # a license id staff must be able to type, list and revoke
+        raise invalid("jti", "a non-empty string of printable characters")
     iat = number("iat")
     exp = number("exp")
     nbf = number("nbf") if "nbf" in claims else None
