@@ -64,6 +64,20 @@ def test_shipped_config_loads() -> None:
             r"\[catalog\]\.file: /nonexistent/catalog\.toml: file not found",
         ),
         ({"store": {"url": "mysql://x"}}, r"mysql"),
+        # Headers the gateway reads must be header names HTTP leaves free, and two of them.
+        (
+            {"identity": {"account_header": "X Account:Id"}},
+            r"\[identity\]\.account_header: 'X Account:Id' is not an HTTP header name",
+        ),
+        (
+            {"identity": {"account_header": "Connection"}},
+            r"\[identity\]\.account_header: 'Connection' already means something in HTTP",
+        ),
+        ({"tokens": {"header": "Host"}}, r"\[tokens\]\.header: 'Host' already means"),
+        (
+            {"identity": {"account_header": "X-Account-Id"}, "tokens": {"header": "x_account_id"}},
+            r"\[tokens\]\.header: 'x_account_id' is the account header too",
+        ),
         ({"surprise": {"a": 1}}, r"unknown table 'surprise'"),
     ],
 )
@@ -136,6 +150,13 @@ def test_bad_routes(tmp_path: Path, keys: Keys, routes: list[dict[str, Any]], me
         ),
         ("country_groups.toml", '[groups]\n"D:5" = "CN"\n', r"groups\.'D:5'"),
         ("accounts.toml", "not toml [", r"not valid TOML"),
+        # A misspelt table is not ignored (with every account or group in it).
+        (
+            "accounts.toml",
+            '[acounts.a]\nbilling_country = "CN"\nheadquarters_country = "CN"\n',
+            r"accounts\.toml: unknown table 'acounts'",
+        ),
+        ("country_groups.toml", '[groupz]\n"D:5" = ["CN"]\n', r"unknown table 'groupz'"),
     ],
 )
 def test_bad_referenced_file(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from launchgate.errors import ConfigError
-from launchgate.tomlfile import as_table, read_toml, require_table
+from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
 COUNTRY_FIELDS = ("billing_country", "headquarters_country", "ultimate_parent_country")
 
@@ -76,6 +76,7 @@ def build_jurisdictions(
 
 
 def parse_country_groups(data: Mapping[str, Any], source: str) -> CountryGroups:
+    only_tables(data, {"groups", "aliases"}, source)
     groups: dict[str, frozenset[str]] = {}
     for name, codes in require_table(data, "groups", source).items():
         where = f"{source}: groups.{name!r}"
@@ -90,6 +91,7 @@ def parse_country_groups(data: Mapping[str, Any], source: str) -> CountryGroups:
 
 
 def parse_accounts(data: Mapping[str, Any], source: str) -> Mapping[str, Account]:
+    only_tables(data, {"accounts"}, source)
     accounts: dict[str, Account] = {}
     for account_id, value in require_table(data, "accounts", source).items():
         where = f"{source}: accounts.{account_id!r}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from launchgate.errors import ConfigError
-from launchgate.tomlfile import as_table, read_toml, require_table
+from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
 ECCN_A: Final = "3A090.a"
 ECCN_B: Final = "3A090.b"
@@ -99,9 +99,7 @@ def _accelerator(name: str, table: Mapping[str, Any], where: str) -> Accelerator
 
 def parse_catalog(data: Mapping[str, Any], source: str) -> Catalog:
     """Turn the catalog TOML mapping into a Catalog; ConfigError names ``source`` and the key."""
-    unknown = set(data) - {"accelerators", "skus"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+    only_tables(data, {"accelerators", "skus"}, source)
     accelerators: dict[str, Accelerator] = {}
     for name, table in require_table(data, "accelerators", source).items():
         where = f"{source}: accelerators.{name!r}"

@@ -7,10 +7,11 @@ file and key at fault, shown to staff verbatim.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from yarl import URL
 
@@ -25,7 +26,7 @@ from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
 from launchgate.dialects import Route, build_route
 from launchgate.errors import ConfigError
 from launchgate.tokens import KeyRing
-from launchgate.tomlfile import as_table, read_toml, require_table
+from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
 _T = TypeVar("_T")
 
@@ -123,6 +124,16 @@ class _Section:
             raise ConfigError(f"{self.where}.{key}: must be a list of strings")
         return tuple(value)
 
+    def header(self, key: str, default: str) -> str:
+        """A request header the gateway reads for itself: a valid field name (RFC 9110 5.1)
+        that neither HTTP nor the gateway already gives a meaning of its own."""
+        name = self.text(key, default)
+        if not _FIELD_NAME.fullmatch(name):
+            raise ConfigError(f"{self.where}.{key}: {name!r} is not an HTTP header name")
+        if name.lower() in _TAKEN_HEADERS:
+            raise ConfigError(f"{self.where}.{key}: {name!r} already means something in HTTP")
+        return name
+
     def path(self, key: str, base: Path) -> Path:
         return base / self.text(key)  # an absolute path stays absolute
 
@@ -136,6 +147,27 @@ class _Section:
 
 
 _REQUIRED = object()
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
+# Framing, connection-level and proxy headers (RFC 9110 7.6.1), and those the gateway sets:
+# none can carry an account or a license token too.
+_TAKEN_HEADERS: Final = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+    }
+)
 
 
 def parse_host_port(value: str, where: str) -> HostPort:
@@ -155,9 +187,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     base = source.parent
     sections = {"server", "upstream", "identity", "tokens", "store", "audit"}
     sections |= {"catalog", "accounts", "policy", "routes"}
-    unknown = set(data) - sections
-    if unknown:
-        raise ConfigError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+    only_tables(data, sections, str(source))
 
     server = _section(data, "server", source, {"listen", "admin_listen", "mode", "max_body_bytes"})
     listen = parse_host_port(server.text("listen", "127.0.0.1:8080"), f"{server.where}.listen")
@@ -217,6 +247,14 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         for j, other in enumerate(routes[:i]):
             if route.overlaps(other):
                 raise ConfigError(f"{source}: routes[{i}] claims the same requests as routes[{j}]")
+    account_header = identity.header("account_header", "X-Account-Id")
+    token_header = tokens.header("header", "License-Token")
+    # One name for both would remove the account with the token; "_" counts as "-" (CGI).
+    if account_header.lower().replace("_", "-") == token_header.lower().replace("_", "-"):
+        raise ConfigError(
+            f"{tokens.where}.header: {token_header!r} is the account header too"
+            " ([identity].account_header); they must be different headers"
+        )
 
     return Config(
         source=source,
@@ -230,8 +268,8 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         upstream_deduplicates_idempotency_key=upstream.flag(
             "deduplicates_idempotency_key", default=False
         ),
-        account_header=identity.text("account_header", "X-Account-Id"),
-        token_header=tokens.text("header", "License-Token"),
+        account_header=account_header,
+        token_header=token_header,
         jwks_path=jwks_path,
         keyring=tokens.load("jwks", base, KeyRing.from_jwks_file),
         issuers=tokens.strings("issuers"),

@@ -50,6 +50,14 @@ def _non_finite(value: object, key: str = "") -> str | None:
     return next((found for name, item in items if (found := _non_finite(item, name))), None)
 
 
+def only_tables(data: Mapping[str, Any], allowed: set[str], source: str) -> None:
+    """ConfigError naming ``source`` and the first top-level key not in ``allowed``: a
+    misspelt table would otherwise be ignored, and what it holds with it."""
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"{source}: unknown table {sorted(unknown)[0]!r}")
+
+
 def require_table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
     """``data[key]`` as a table (empty when absent); ConfigError if it is something else."""
     return as_table(data.get(key, {}), f"{where}: {key!r}")
