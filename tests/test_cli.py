@@ -396,6 +396,13 @@ USER_ERRORS: list[Any] = [
         ),
         id="decide-count-0",
     ),
+    pytest.param(  # over MAX_COUNT: the gateway answers malformed_request, decide must not allow
+        lambda c: (
+            ["decide", "--config", c.config, "--account", "a", "--sku", "s", "--count", "100001"],
+            ["--count", "100000"],
+        ),
+        id="decide-count-over-the-gateway-limit",
+    ),
     *(
         pytest.param(
             lambda c, f=flag, v=value: (

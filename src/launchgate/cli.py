@@ -361,10 +361,11 @@ def cmd_decide(args: argparse.Namespace) -> int:
     from launchgate.ledger import open_ledger
     from launchgate.policy import decide, store_unavailable, with_ledger_state
     from launchgate.records import decision_record
+    from launchgate.strict import MAX_COUNT
 
     config = _config(args)
-    if args.count < 1:
-        raise UsageError("--count: must be at least 1")
+    if not 1 <= args.count <= MAX_COUNT:  # the gateway answers more as malformed_request
+        raise UsageError(f"--count: must be from 1 to {MAX_COUNT}")
     launch = Launch((Item(args.sku, args.count),), args.region)
     now = time.time()
     verifier = make_verifier(config)
