@@ -541,6 +541,40 @@ def test_check_names_a_broken_referenced_file(
     assert_user_error(run_cli("check", "--config", path), str(broken), key)
 
 
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda log: log.mkdir(), "Is a directory"),
+        (lambda log: log.write_text('{"seq": 1, "hash": "ab'), "last record is not intact"),
+    ],
+    ids=["a-folder", "a-torn-last-line"],
+)
+def test_check_refuses_a_decision_log_serve_would_refuse(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Keys,
+    make: Callable[[Path], object],
+    says: str,
+) -> None:
+    """`check` said ok where `serve` then refused the decision log; both name the key now."""
+    log = tmp_path / "decisions.jsonl"
+    make(log)
+    path = write_config(tmp_path, NOWHERE, keys, None, audit={"path": str(log)})
+    result = run_main(capsys, "check", "--config", path)
+    assert result.code == 2
+    assert f"{path}: [audit].path: {log}" in result.err and says in result.err
+
+
+def test_check_creates_no_decision_log(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
+) -> None:
+    """A log not there yet is fine (serve creates it), and `check` leaves it not there."""
+    log = tmp_path / "logs" / "decisions.jsonl"
+    path = write_config(tmp_path, NOWHERE, keys, None, audit={"path": str(log)})
+    assert run_main(capsys, "check", "--config", path).code == 0
+    assert not log.parent.exists()
+
+
 def test_check_resolves_paths_against_the_config_folder(tmp_path: Path, keys: Keys) -> None:
     """Relative paths are taken from the main file's folder, not the working directory."""
     folder = tmp_path / "etc"

@@ -297,18 +297,42 @@ def _open_chain(path: Path) -> tuple[int, int, str, int]:
         raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
     try:
         with _exclusive_lock(fd):
-            size = os.fstat(fd).st_size
-            seq, head = _chain_head(fd, size)
-    except _BadRecord as e:
+            seq, head, size = _head_of(fd, path)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, seq, head, size
+
+
+def check_log(path: Path) -> None:
+    """ConfigError for what ``AuditLog.open`` would refuse, found without creating or changing
+    anything (``check``): a path that is not a file it can append to, or whose last record
+    is not intact. A log not there yet is fine: it is created at start."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
+    try:
+        _head_of(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _head_of(fd: int, path: Path) -> tuple[int, str, int]:
+    """The open log's last seq and hash, and its size; ConfigError naming the file."""
+    try:
+        size = os.fstat(fd).st_size
+        seq, head = _chain_head(fd, size)
+    except _BadRecord as e:
         raise ConfigError(
             f"{path}: the audit log's last record is not intact ({e}); "
             f"run `launchgate audit verify {path}` before appending to it"
         ) from e
     except OSError as e:
-        os.close(fd)
         raise ConfigError(f"{path}: cannot read the audit log: {e.strerror or e}") from e
-    return fd, seq, head, size
+    return seq, head, size
 
 
 def _same_file(path: Path, fd: int) -> bool:

@@ -102,6 +102,7 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from launchgate.audit import check_log
     from launchgate.ledger import open_ledger
 
     config = _config(args)
@@ -111,6 +112,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         open_ledger(config.store_url, config.base_dir)
     except ConfigError as e:
         raise ConfigError(f"{config.source}: {e}") from None
+    # And the decision log as `serve` would open it (a folder, a torn last line), unchanged.
+    try:
+        check_log(config.audit_path)
+    except ConfigError as e:
+        raise ConfigError(f"{config.source}: [audit].path: {e}") from None
     print("ok")
     return 0
 

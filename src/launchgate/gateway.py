@@ -63,7 +63,10 @@ class Gateway:
         An unreachable ledger does not stop the start: restricted launches fail closed
         with ``store_unavailable`` until it is back, and /readyz says so.
         """
-        self._recorder = Recorder(self.config.audit_path)
+        try:
+            self._recorder = Recorder(self.config.audit_path)
+        except ConfigError as e:
+            raise ConfigError(f"{self.config.source}: [audit].path: {e}") from e
         # The records of launches whose ledger writes committed together: one write.
         self.ledger.group_thens(self._recorder.audit.group)
         config = self.config
