@@ -330,7 +330,7 @@ USER_ERRORS: list[Any] = [
             lambda c, v=value: (issue_argv(c.pem, expires_in=v), ["--expires-in"]),
             id=f"expires-in-{value}",
         )
-        for value in ["90", "12w", "0d", "-1d", "1.5h", "d", "90 d"]
+        for value in ["90", "12w", "0d", "-1d", "1.5s", "d", "90 d"]
     ),
     *(
         pytest.param(

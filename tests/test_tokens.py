@@ -300,14 +300,25 @@ def test_load_private_key_rejects_rsa(keys: Keys, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("45s", 45), ("30m", 1800), ("12h", 43200), ("90d", 7_776_000), ("1d", 86400)],
+    [
+        ("45s", 45),
+        ("30m", 1800),
+        ("12h", 43200),
+        ("90d", 7_776_000),
+        ("1d", 86400),
+        ("1.5h", 5400),  # CONTRACT section 1: "a number with unit"
+        ("0.5d", 43200),
+        ("2.0s", 2),
+    ],
 )
 def test_parse_duration(text: str, seconds: int) -> None:
-    """Durations are a whole number with unit s, m, h or d."""
+    """Durations are a number with unit s, m, h or d, making whole seconds."""
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "90", "d", "0d", "-1d", "1.5h", "10w", "10 d", " 10d", "1D"])
+@pytest.mark.parametrize(
+    "text", ["", "90", "d", "0d", "-1d", "10w", "10 d", " 10d", "1D", "1.5s", "0.0h", ".5h", "1.h"]
+)
 def test_parse_duration_rejects(text: str) -> None:
     """Anything else is a ValueError that says what is expected."""
     with pytest.raises(ValueError, match="s, m, h or d"):

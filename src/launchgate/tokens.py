@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
@@ -52,7 +53,7 @@ MAX_ACCELERATORS: Final = 2**53 - 1
 # 9999-12-31T23:59:59Z: the last second a date can be written in (the CLI, the records).
 MAX_TIMESTAMP: Final = 253_402_300_799
 _KID_FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")
+_DURATION_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _JWK_SHAPE = {"EdDSA": ("OKP", "Ed25519"), "ES256": ("EC", "P-256")}
 
@@ -184,15 +185,16 @@ def load_private_key(path: Path) -> PrivateKey:
 
 
 def parse_duration(text: str) -> int:
-    """``'90d'`` ``'12h'`` ``'30m'`` ``'45s'`` -> seconds (a positive int); ``ValueError``
-    otherwise."""
+    """``'90d'`` ``'12h'`` ``'1.5h'`` ``'45s'`` -> seconds (a positive int); ``ValueError``
+    otherwise, and for a fraction that is not a whole number of seconds (``'1.5s'``)."""
     match = _DURATION_RE.fullmatch(text)
-    if match is None or int(match.group(1)) == 0:
+    seconds = None if match is None else Decimal(match.group(1)) * _DURATION_UNITS[match[2]]
+    if seconds is None or seconds <= 0 or seconds != seconds.to_integral_value():
         raise ValueError(
-            f"duration {text!r}: expected a positive whole number followed by s, m, h or d"
-            " (e.g. 90d, 12h)"
+            f"duration {text!r}: expected a positive number followed by s, m, h or d"
+            " (e.g. 90d, 12h, 1.5h) that makes whole seconds"
         )
-    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return int(seconds)
 
 
 # --- issuing --------------------------------------------------------------------------
