@@ -207,6 +207,18 @@ def test_decision_table(
     assert decision.detail
 
 
+@pytest.mark.parametrize(
+    ("account", "restricted"), [(RESTRICTED, True), (UNRESTRICTED, False), ("acct-nobody", None)]
+)
+def test_a_launch_of_nothing_controlled_still_says_whether_the_account_is_restricted(
+    config: Config, account: str, restricted: bool | None
+) -> None:
+    """Row 3 allows before the account matters, but its record tells a compliance officer
+    whether the account is restricted (null only for an account the registry lacks)."""
+    decision = decide(one(CPU_SKU), account, None, config, never)
+    assert (decision.reason, decision.restricted) == ("sku_not_controlled", restricted)
+
+
 def test_malformed_is_row_one() -> None:
     """Row 1 is a 400 whatever else the request says."""
     decision = malformed("bad JSON", RESTRICTED)

@@ -191,13 +191,14 @@ def decide(
 
     if not account_id:
         return judged("missing_account", 400, "the request carries no account id")
+    account = config.accounts.get(account_id)
+    # Known before row 3 decides, so its record says whether the account is restricted.
+    restricted = None if account is None else config.jurisdictions.is_restricted(account)
 
     # Row 3: every item is a known SKU that is not controlled.
     if items and launch.unresolvable is None and all(i.controlled is False for i in items):
         return judged("sku_not_controlled", None, "no controlled accelerator")
     controlled = [i for i in items if i.controlled]
-    account = config.accounts.get(account_id)
-    restricted = None if account is None else config.jurisdictions.is_restricted(account)
     if controlled:
         deciding = controlled[0]
     if account is None:
