@@ -673,6 +673,32 @@ async def test_a_ledger_file_replaced_while_in_use_is_the_one_used(tmp_path: Pat
         await store.close()
 
 
+async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """/readyz said 200 while a lock held elsewhere made every reservation wait out its busy
+    timeout and fail: a ping now takes the write lock, waiting a quarter second at most."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.ping()
+        assert time.monotonic() - started < 1.0
+        other.execute("COMMIT")
+        await store.ping()
+        # A reservation still waits its whole busy timeout, not the ping's quarter second.
+        other.execute("BEGIN IMMEDIATE")
+        pending = asyncio.create_task(reserve(store, "d1", 8))
+        await asyncio.sleep(0.6)
+        other.execute("COMMIT")
+        assert (await pending).outcome is ReserveOutcome.RESERVED
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
     """While another process holds the write lock, reserve waits off the loop, then succeeds."""
     path = tmp_path / "ledger.sqlite3"

@@ -341,6 +341,8 @@ def _one(
 
 # The most operations one transaction takes: bounds how long the write lock is held at a time.
 _MAX_BATCH = 128
+# How long a ping waits for the write lock: far longer than any batch holds it.
+_PING_WAIT_MS = 250
 
 _Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
@@ -411,7 +413,21 @@ class SqliteLedger:
         self._thread.stop(wait=False)
 
     async def ping(self) -> None:
-        await self._call(lambda conn: conn.execute("SELECT 1").fetchone(), write=False)
+        """Take the write lock and let it go, waiting at most ``_PING_WAIT_MS``: a ledger whose
+        lock another process holds can still be read, but takes no reservation (/readyz)."""
+        wait = int(self._busy_timeout_s * 1000)
+
+        def can_write(conn: sqlite3.Connection) -> None:
+            if conn.in_transaction:  # batched with writes: this batch holds the lock already
+                return
+            conn.execute(f"PRAGMA busy_timeout = {min(wait, _PING_WAIT_MS)}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {wait}")
+
+        await self._call(can_write, write=False)
 
     def group_thens(self, group: ThenGroup) -> None:
         self._then_group = group
