@@ -27,6 +27,7 @@ from launchgate.ledger import (
     IdempotencyKey,
     Ledger,
     LicenseState,
+    Reservation,
     ReserveOutcome,
     ReserveResult,
     migrate_store,
@@ -978,6 +979,146 @@ async def test_confirm_changes_nothing_else(ledger: Ledger, settle: str | None) 
     assert await ledger.confirm("d1", T0 + 50, "confirmed") is False
     assert await ledger.confirm("never-reserved", T0 + 50, "confirmed") is False
     assert (await ledger.reservation("d1"), await ledger.license("lic-42")) == before
+
+
+# --- abandon (the reservation call failed; nothing was forwarded) ----------------------------
+
+ABANDON_NOTE = "the reservation call failed; nothing was forwarded"
+
+
+async def abandon(
+    ledger: Ledger, decision_id: str, *, jti: str = "lic-42", now: float = T0 + 10
+) -> None:
+    await ledger.abandon(decision_id, jti, now=now, note=ABANDON_NOTE)
+
+
+async def test_abandon_releases_what_the_failed_call_reserved(ledger: Ledger) -> None:
+    """The call reserved but its answer was lost: abandon releases it (the units are back,
+    the note says why); abandoning it again changes nothing."""
+    await reserve(ledger, "d0", 8)
+    await reserve(ledger, "d1", 16)
+    await abandon(ledger, "d1")
+    assert await counters(ledger) == (0, 8)
+    abandoned = await ledger.reservation("d1")
+    assert abandoned == Reservation("d1", "lic-42", 16, "released", T0, T0 + 10, ABANDON_NOTE)
+    await abandon(ledger, "d1", now=T0 + 20)
+    assert await ledger.reservation("d1") == abandoned
+    assert await counters(ledger) == (0, 8)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+async def test_a_reservation_arriving_after_abandon_is_refused_and_reserves_nothing(
+    ledger: Ledger, keyed: bool
+) -> None:
+    """The call was still on its way when abandon ran: a placeholder takes the decision id,
+    and the late reserve is refused as a reused decision id is, reserving nothing and binding
+    no idempotency key."""
+    await reserve(ledger, "d0", 8)
+    await abandon(ledger, "d1")
+    placeholder = Reservation("d1", "lic-42", 0, "released", T0 + 10, T0 + 10, ABANDON_NOTE)
+    assert await ledger.reservation("d1") == placeholder
+    with pytest.raises(ValueError, match="d1"):
+        await (reserve_keyed(ledger, "d1", 16) if keyed else reserve(ledger, "d1", 16))
+    assert await counters(ledger) == (0, 8)
+    assert await ledger.reservation("d1") == placeholder
+    assert await ledger.idempotency_key("acct-2001", "key-1") is None
+
+
+async def test_abandon_under_a_license_never_seen(ledger: Ledger) -> None:
+    """A license the ledger never heard of gets a row without account, maximum or expiry (as
+    an early revoke makes); the late reserve completes nothing, the license's first real
+    reservation completes it."""
+    await abandon(ledger, "d1", jti="lic-new")
+    state = await ledger.license("lic-new")
+    assert state == LicenseState(
+        jti="lic-new",
+        account=None,
+        max_accelerators=None,
+        used=0,
+        reserved=0,
+        revoked=False,
+        revoked_reason=None,
+        revoked_at=None,
+        expires=None,
+        first_seen=None,
+    )
+    with pytest.raises(ValueError, match="d1"):
+        await reserve(ledger, "d1", 8, jti="lic-new")
+    assert await ledger.license("lic-new") == state
+    result = await reserve(ledger, "d2", 8, jti="lic-new", now=T0 + 20)
+    assert (result.outcome, result.reserved) == (ReserveOutcome.RESERVED, 8)
+    completed = await ledger.license("lic-new")
+    assert completed is not None
+    assert (completed.account, completed.max_accelerators, completed.first_seen) == (
+        "acct-2001",
+        64,
+        T0 + 20,
+    )
+
+
+async def test_abandon_gives_back_what_the_sweeper_counted_as_used(ledger: Ledger) -> None:
+    """The late reservation outlived the TTL and was settled as used: abandon knows nothing
+    was forwarded, so it is released and leaves ``used``."""
+    await reserve(ledger, "d1", 16)
+    assert await ledger.expire_reservations(now=T0 + 400, ttl_s=300) == ["d1"]
+    assert await counters(ledger) == (16, 0)
+    await abandon(ledger, "d1", now=T0 + 401)
+    assert await counters(ledger) == (0, 0)
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert (reservation.state, reservation.settled_at, reservation.note) == (
+        "released",
+        T0 + 401,
+        f"outcome unknown: still reserved after 300 s; {ABANDON_NOTE}",
+    )
+
+
+async def test_abandon_keeps_counted_what_a_retry_replayed(ledger: Ledger) -> None:
+    """Settled as used and bound to an idempotency key: a retry under the key may have been
+    counted on it (REPLAYED) and forwarded, so it stays counted."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.expire_reservations(now=T0 + 400, ttl_s=300)
+    assert (await reserve_keyed(ledger, "d2", 8, now=T0 + 401)).outcome is ReserveOutcome.REPLAYED
+    before = await ledger.reservation("d1")
+    await abandon(ledger, "d1", now=T0 + 402)
+    assert await ledger.reservation("d1") == before
+    assert await counters(ledger) == (8, 0)
+
+
+@pytest.mark.parametrize("settle", ["commit", "release"])
+async def test_abandon_leaves_a_used_or_released_reservation(ledger: Ledger, settle: str) -> None:
+    """A reservation already used or released stays as it is, note and counters too."""
+    await reserve(ledger, "d1", 16)
+    await _settle(ledger, settle, "d1")
+    before = (await ledger.reservation("d1"), await ledger.license("lic-42"))
+    await abandon(ledger, "d1", now=T0 + 50)
+    assert (await ledger.reservation("d1"), await ledger.license("lic-42")) == before
+
+
+async def test_abandon_racing_the_late_reservation_leaves_nothing_held(
+    ledger_pair: tuple[Ledger, Ledger],
+) -> None:
+    """Late reservations and their abandons reach the store at once from two processes:
+    whichever comes first, every one ends released and the license holds nothing."""
+    late, gateway = ledger_pair
+    results = await asyncio.gather(
+        *(
+            call
+            for i in range(30)
+            for call in (
+                reserve(late, f"d{i}", 1, now=T0 + i),
+                abandon(gateway, f"d{i}", now=T0 + 100),
+            )
+        ),
+        return_exceptions=True,
+    )
+    for result in results:
+        assert result is None or isinstance(result, ReserveResult | ValueError), result
+    assert await counters(late) == (0, 0)
+    for i in range(30):
+        reservation = await late.reservation(f"d{i}")
+        assert reservation is not None
+        assert reservation.state == "released"
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])

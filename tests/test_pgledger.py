@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -296,9 +297,19 @@ async def test_a_database_that_is_not_there_is_store_unavailable() -> None:
     assert isinstance(caught.value.__cause__, asyncpg.PostgresError)
 
 
+@dataclass(eq=False)
+class Link:
+    """One forwarded connection, as a stall (``Forwarder.hold``) sees it."""
+
+    stall: asyncio.Event | None = None  # set when the stall it was caught in ends
+    heard: bytearray = field(default_factory=bytearray)  # what the server sent once it was
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # both ways are done
+
+
 class Forwarder:
     """A TCP forwarder on 127.0.0.1 standing in front of PostgreSQL, to take it away and bring it
-    back. ``mode`` "reject" closes each connection at once; "silent" accepts and never answers."""
+    back. ``mode`` "reject" closes each connection at once; "silent" accepts and never answers.
+    ``freeze`` loses what open connections carry, ``hold`` only delays it."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -306,8 +317,10 @@ class Forwarder:
         self.port = 0
         self.accepted = 0
         self.frozen = False  # a partition: bytes on open connections vanish
+        self.stalled: list[Link] = []  # the connections caught in a stall (``hold``)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._links: set[Link] = set()
 
     async def start(self) -> None:
         """Listen (again, on the same port once it has one)."""
@@ -319,8 +332,24 @@ class Forwarder:
         self.frozen = True
         self.mode = "silent"
 
+    def hold(self) -> None:
+        """A stall on the connections open now: what their clients send is kept, in order, and
+        reaches the server on ``thaw``; a client that gave up meanwhile is then seen to close
+        after it, as TCP delivers what was sent before a FIN. New connections pass as usual."""
+        stall = asyncio.Event()
+        for link in self._links:
+            link.stall = stall
+            self.stalled.append(link)
+
+    def thaw(self) -> None:
+        """End every stall: what was kept goes on to the server."""
+        for link in self.stalled:
+            if link.stall is not None:
+                link.stall.set()
+
     async def stop(self) -> None:
         """Stop listening and cut every connection, as a database that went away."""
+        self.thaw()
         if self._server is not None:
             self._server.close()
         for writer in self._writers:
@@ -350,8 +379,18 @@ class Forwarder:
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             self._writers.add(up_writer)
+            link = Link()
+            self._links.add(link)
             frozen = lambda: self.frozen  # noqa: E731 - read at every chunk
-            await asyncio.gather(_pipe(reader, up_writer, frozen), _pipe(up_reader, writer, frozen))
+            try:
+                await asyncio.gather(
+                    _pipe(reader, up_writer, frozen, stalls=link),
+                    _pipe(up_reader, writer, frozen, heard_on=link),
+                )
+            finally:
+                up_writer.transport.abort()
+                self._links.discard(link)
+                link.closed.set()
         except OSError:
             pass
         finally:
@@ -360,18 +399,37 @@ class Forwarder:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frozen: Callable[[], bool]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    frozen: Callable[[], bool],
+    *,
+    stalls: Link | None = None,
+    heard_on: Link | None = None,
 ) -> None:
+    """Copy ``reader`` to ``writer``. ``stalls`` (client to server): wait out that link's
+    stall before each write, and after one end with a FIN rather than a reset. ``heard_on``
+    (server to client): once that link has stalled, keep what the server says in ``heard``
+    and read it to the end, whether or not the client is still there to take it."""
     try:
         while data := await reader.read(65536):
             if frozen():
                 continue
-            writer.write(data)
-            await writer.drain()
+            if stalls is not None and stalls.stall is not None:
+                await stalls.stall.wait()
+            writer.write(data)  # to a client that has gone: dropped
+            if heard_on is not None and heard_on.stall is not None:
+                heard_on.heard += data
+            else:
+                await writer.drain()
     except OSError:
         pass
     finally:
-        writer.transport.abort()
+        if stalls is not None and stalls.stall is not None:
+            await stalls.stall.wait()  # a client that left during the stall: its bytes still go
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+        else:
+            writer.transport.abort()
 
 
 @pytest.fixture
@@ -440,6 +498,51 @@ async def test_a_database_that_freezes_under_pooled_connections_fails_within_the
         assert time.monotonic() - started < 0.1
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("first", ["late_reservation", "abandon", "together"])
+async def test_a_reservation_delivered_after_its_timeout_is_abandoned(
+    forwarder: Forwarder, url: str, first: str
+) -> None:
+    """A stall holds a reservation's CALL past the timeout (StoreUnavailable: the launch is not
+    forwarded), then delivers it. Abandoned, it holds nothing, whichever reaches the server
+    first: a late CALL after the abandon fails on the reservations' primary key and commits
+    nothing (found by black-box QA: a license ended with 24 used for 16 launched)."""
+    store = PostgresLedger(forwarder.url(url), timeout_s=0.5, min_size=1, max_size=1)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "d0", 8)  # the pooled connection has the CALL prepared
+        await store.release("d0", T0 + 1)
+        forwarder.hold()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d1", 16)
+        [link] = forwarder.stalled
+        await until_available(store, within_s=3.0)  # on a new connection
+        await asyncio.sleep(0.2)  # asyncpg's cancel of the timed-out call has come and gone
+
+        async def delivered() -> None:
+            forwarder.thaw()
+            await asyncio.wait_for(link.closed.wait(), 5)
+
+        async def abandon() -> None:
+            note = "the reservation call failed; nothing was forwarded"
+            await store.abandon("d1", "lic-42", now=T0 + 5, note=note)
+
+        state_of_d1 = "SELECT state FROM launchgate_reservations WHERE decision_id = 'd1'"
+        if first == "late_reservation":
+            await delivered()
+            assert await conn.fetchval(state_of_d1) == "reserved"
+            await abandon()
+        elif first == "abandon":
+            await abandon()
+            await delivered()
+            assert b"C23505\x00" in link.heard  # unique_violation
+            assert b"launchgate_reservations_pkey" in link.heard
+        else:
+            await asyncio.gather(delivered(), abandon())
+        state = await store.license("lic-42")
+        assert state is not None
+        assert (state.used, state.reserved) == (0, 0)
+        assert await conn.fetchval(state_of_d1) == "released"
 
 
 async def test_only_one_call_probes_a_database_that_is_down(forwarder: Forwarder, url: str) -> None:

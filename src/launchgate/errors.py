@@ -17,4 +17,13 @@ class TokenError(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The ledger cannot be reached; restricted launches fail closed on it."""
+    """The ledger cannot be reached; restricted launches fail closed on it.
+
+    ``late`` says whether what was asked may still take effect: a statement sent on a
+    connection that then stalled can reach the database after the caller gave up. False when
+    the call was refused before anything was sent, or was rolled back for certain.
+    """
+
+    def __init__(self, message: str, *, late: bool = True) -> None:
+        super().__init__(message)
+        self.late = late

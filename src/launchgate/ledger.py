@@ -228,6 +228,24 @@ class Ledger(Protocol):
         other state.
         """
 
+    async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
+        """The reservation call for ``decision_id`` (under license ``jti``) failed and the launch
+        was not forwarded: make sure no reservation under that decision id holds or ever takes
+        units, whether or not the call still reaches the store (a stalled connection can deliver
+        it late). In one transaction:
+
+        - reserved -> released (its amount leaves ``reserved``), ``note`` appended;
+        - settled_unknown (the sweeper came first) -> released (its amount leaves ``used``: the
+          outcome is known, nothing was forwarded), ``note`` appended, unless an idempotency
+          key is bound to it: a retry may then have been counted on it (REPLAYED) and
+          forwarded, so it stays counted;
+        - used or released: unchanged;
+        - no reservation yet: a placeholder (amount 0, released, ``note``) takes the decision
+          id, so a reservation arriving later under it is refused (``reserve`` raises
+          ``ValueError``) and reserves nothing. A license never seen gets a row (as
+          ``revoke`` makes one) for it to refer to.
+        """
+
 
 def open_ledger(url: str, base_dir: Path) -> Ledger:
     """Build the ledger named by ``[store] url``; does not connect (call ``open()``).
@@ -341,6 +359,16 @@ def _check_give_back(decision_id: str, state: str | None) -> None:
         )
 
 
+def _abandoned_from(state: str, keyed: bool) -> Literal["reserved", "used"] | None:
+    """The license counter that ``abandon`` takes back a reservation's amount from, given the
+    reservation's ``state`` and whether an idempotency key is bound to it; None: leave it."""
+    if state == "reserved":
+        return "reserved"
+    if state == "settled_unknown" and not keyed:
+        return "used"
+    return None
+
+
 def _expiry_note(ttl_s: float) -> str:
     """The note ``expire_reservations`` leaves on each reservation it settles."""
     return f"outcome unknown: still reserved after {ttl_s:g} s"
@@ -349,7 +377,8 @@ def _expiry_note(ttl_s: float) -> str:
 def _newer_schema(name: object, current: int, known: int) -> StoreUnavailable:
     """The error for a store whose schema is newer than this launchgate knows."""
     return StoreUnavailable(
-        f"ledger {name} has schema version {current}; this launchgate knows up to {known}"
+        f"ledger {name} has schema version {current}; this launchgate knows up to {known}",
+        late=False,
     )
 
 

@@ -53,6 +53,7 @@ from launchgate.ledger import (
     ReserveResult,
     Then,
     ThenGroup,
+    _abandoned_from,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -303,7 +304,8 @@ SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 # nothing is not flushed, hence the no-op write.) Any durable decision taken by another replica
 # after seeing the reservation lies later in the WAL still, so a crash can lose the reservation
 # only together with everything that relied on it. If the barrier fails, the caller hears a store
-# error and forwards nothing; the open reservation is settled as used after the TTL. (Comments in
+# error, forwards nothing and abandons the reservation (``abandon``; failing that, the sweeper
+# settles it as used after the TTL). (Comments in
 # migrations 1 and 2 call this barrier _DURABLE: it was a second round trip until migration 3.)
 _RESERVE = (
     "CALL launchgate_reserve_durable($1, $2, $3, $4, $5, $6, $7, $8, $9,"
@@ -356,6 +358,24 @@ _REVOKE = """
             revoked_at = EXCLUDED.revoked_at
         WHERE NOT l.revoked
     RETURNING 1
+"""
+# abandon, when no reservation has the decision id: a placeholder takes it, so a reservation
+# arriving later fails on the primary key (after this commits, if it was waiting on it).
+_PLACEHOLDER = """
+    INSERT INTO launchgate_reservations
+        (decision_id, jti, amount, state, created_at, settled_at, note)
+    VALUES ($1, $2, 0, 'released', $3, $3, $4)
+    ON CONFLICT (decision_id) DO NOTHING
+    RETURNING 1
+"""
+# abandon, when one has it: locked, then read. Whether a key is bound to it matters only once
+# settled_unknown (and the keys have no index by decision), so it is looked up only then.
+_ABANDONED = """
+    SELECT r.jti, r.amount, r.state, CASE WHEN r.state = 'settled_unknown' THEN EXISTS (
+        SELECT 1 FROM launchgate_idempotency_keys AS k WHERE k.decision_id = r.decision_id
+    ) END AS keyed
+    FROM launchgate_reservations AS r WHERE r.decision_id = $1
+    FOR UPDATE OF r
 """
 
 # Everything asyncpg, the network or a timeout can raise; all of it becomes StoreUnavailable.
@@ -603,6 +623,36 @@ class PostgresLedger:
             )
         return reservation
 
+    async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
+        # Committed synchronously: a placeholder lost in a crash would let a late reservation in.
+        # Statement by statement (READ COMMITTED), each seeing what committed before it: the
+        # placeholder's insert waits for a reservation under the same id still in flight, and
+        # then finds it. Locks are taken as settlements take them: the reservation's row, then
+        # its license's (the license insert locks nothing unless it makes the row, when no
+        # reservation can refer to it yet).
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO launchgate_licenses (jti) VALUES ($1) ON CONFLICT DO NOTHING", jti
+            )
+            if await conn.fetchval(_PLACEHOLDER, decision_id, jti, now, note) is not None:
+                return
+            held_by, amount, state, keyed = await conn.fetchrow(_ABANDONED, decision_id)
+            counter = _abandoned_from(state, bool(keyed))
+            if counter is None:
+                return
+            await conn.execute(
+                "UPDATE launchgate_reservations SET state = 'released', settled_at = $2,"
+                " note = COALESCE(note || '; ', '') || $3 WHERE decision_id = $1",
+                decision_id,
+                now,
+                note,
+            )
+            await conn.execute(
+                f"UPDATE launchgate_licenses SET {counter} = {counter} - $2 WHERE jti = $1",  # noqa: S608 - a column name of _abandoned_from's
+                held_by,
+                amount,
+            )
+
     # -- reads --
 
     async def license(self, jti: str) -> LicenseState | None:
@@ -674,12 +724,12 @@ class PostgresLedger:
     def _admit(self, *, force: bool) -> bool:
         """Whether this call is the probe; raise ``StoreUnavailable`` if it must not try."""
         if self._closed:
-            raise StoreUnavailable(f"ledger {self._name} is closed")
+            raise StoreUnavailable(f"ledger {self._name} is closed", late=False)
         if self._pool is not None and self._failure is None:
             return False
         if not force and (self._probing or time.monotonic() < self._retry_at):
             raise StoreUnavailable(
-                f"ledger {self._name} is unavailable; retrying shortly"
+                f"ledger {self._name} is unavailable; retrying shortly", late=False
             ) from self._failure
         self._probing = True
         return True

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ from launchgate.forward import received_whole, relay_response, upstream_headers
 from launchgate.gateway import Gateway
 from launchgate.idempotency import fingerprint, idempotency_key, replay_sent_on
 from launchgate.ids import new_ulid
-from launchgate.ledger import ReserveOutcome, ReserveResult
+from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
 from launchgate.paths import UnsafePath, normalize_path
 from launchgate.policy import (
     TITLES,
@@ -336,7 +337,11 @@ async def reserve_license(
     )
     try:
         result = await asyncio.shield(reserving)
-    except StoreUnavailable:
+    except StoreUnavailable as e:
+        if e.late:
+            # The call may still reach the store (a stalled connection delivers it late) and
+            # reserve what nobody would settle: make sure it holds nothing, in the background.
+            gateway.keep(_abandon(gateway, config, decision_id, license.jti))
         return store_unavailable(decision), None, False
     except asyncio.CancelledError:
         # Nothing will be forwarded: once the reservation is made, give it back.
@@ -363,6 +368,63 @@ async def _release_quietly(gateway: Gateway, decision_id: str) -> None:
         await gateway.ledger.release(decision_id, now=time.time())
     except StoreUnavailable as e:  # the sweeper settles it as used after the TTL
         log.error("store.release_failed", decision_id=decision_id, error=str(e))
+
+
+# Background retries of a ledger write that failed: the first pause, and the longest.
+_RETRY_FIRST_S = 0.5
+_RETRY_MAX_S = 10.0
+_STOP_POLL_S = 0.1  # how soon a pause between retries sees the gateway stop
+
+
+async def _abandon(gateway: Gateway, config: Config, decision_id: str, jti: str) -> None:
+    """Abandon the reservation a failed reserve call may still make (``Ledger.abandon``)."""
+    note = "the reservation call failed; nothing was forwarded"
+    await _keep_trying(
+        gateway,
+        config,
+        lambda: gateway.ledger.abandon(decision_id, jti, now=time.time(), note=note),
+        ("store.reservation_abandoned", "store.abandon_failed"),
+        decision_id=decision_id,
+    )
+
+
+async def _keep_trying(
+    gateway: Gateway,
+    config: Config,
+    attempt: Callable[[], Awaitable[None]],
+    events: tuple[str, str],
+    **fields: Any,
+) -> None:
+    """Await ``attempt()`` until it succeeds, again after each ``StoreUnavailable`` (0.5 s
+    later, then doubling to 10 s), and log ``events[0]`` or, on giving up, ``events[1]``.
+
+    Gives up after ``reservation_ttl_s``, when the sweeper has settled an open reservation as
+    used anyway, and after one last attempt once the gateway stops (its stop waits for this).
+    """
+    give_up_at = time.monotonic() + config.reservation_ttl_s
+    delay = _RETRY_FIRST_S
+    attempts = 1
+    while True:
+        try:
+            await attempt()
+        except StoreUnavailable as e:
+            left = give_up_at - time.monotonic()
+            if left <= 0 or not gateway.running:
+                log.error(events[1], attempts=attempts, error=str(e), **fields)
+                return
+            await _pause(gateway, min(delay, left))
+            delay = min(delay * 2, _RETRY_MAX_S)
+            attempts += 1
+        else:
+            log.info(events[0], attempts=attempts, **fields)
+            return
+
+
+async def _pause(gateway: Gateway, seconds: float) -> None:
+    """Sleep ``seconds``, or until the gateway stops (polled every ``_STOP_POLL_S``)."""
+    until = time.monotonic() + seconds
+    while gateway.running and (left := until - time.monotonic()) > 0:  # noqa: ASYNC110 - Gateway offers no stop event to wait on
+        await asyncio.sleep(min(left, _STOP_POLL_S))
 
 
 def launch_record(
@@ -510,23 +572,37 @@ async def _settle(
     ``completion`` is written by the ledger once the settlement commits."""
     if decision_id is None or not reserved:
         return None
-    now = time.time()
-    ledger = gateway.ledger
     settled = {"commit": "used", "release": "released"}.get(how, "used_unknown")
     then = None if completion is None else (lambda _: completion.settled(settled))
-    if how == "commit":
-        op = ledger.commit(decision_id, now=now, then=then)
-    elif how == "release":
-        op = ledger.release(decision_id, now=now, then=then)
-    else:
-        op = ledger.settle_unknown(decision_id, now=now, note="upstream outcome unknown", then=then)
     try:
-        await asyncio.shield(op)
+        await asyncio.shield(_apply(gateway.ledger, decision_id, how, then))
     except StoreUnavailable as e:
-        # The reservation stays open; the sweeper settles it as used after the TTL.
+        # The reservation stays open for now. Settled again in the background, it is not left
+        # for the sweeper to count as used whatever the answer was; settling is a no-op on a
+        # reservation no longer reserved, so trying again is safe.
         log.error("store.settle_failed", decision_id=decision_id, settlement=settled, error=str(e))
+        gateway.keep(
+            _keep_trying(
+                gateway,
+                gateway.config,
+                lambda: _apply(gateway.ledger, decision_id, how, None),
+                ("store.settled_on_retry", "store.settle_retry_failed"),
+                decision_id=decision_id,
+                settlement=settled,
+            )
+        )
         return "pending"
     return settled
+
+
+def _apply(ledger: Ledger, decision_id: str, how: str, then: Then | None) -> Awaitable[None]:
+    """Settle the reservation of ``decision_id`` by ``how`` (commit, release, else unknown)."""
+    now = time.time()
+    if how == "commit":
+        return ledger.commit(decision_id, now=now, then=then)
+    if how == "release":
+        return ledger.release(decision_id, now=now, then=then)
+    return ledger.settle_unknown(decision_id, now=now, note="upstream outcome unknown", then=then)
 
 
 async def _confirm(gateway: Gateway, replay_of: str, decision_id: str) -> str | None:

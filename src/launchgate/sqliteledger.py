@@ -34,6 +34,7 @@ from launchgate.ledger import (
     ReserveResult,
     Then,
     ThenGroup,
+    _abandoned_from,
     _check_give_back,
     _check_reserve,
     _decision_taken,
@@ -327,6 +328,39 @@ def _give_back(
     return reservation
 
 
+def _abandon(conn: sqlite3.Connection, decision_id: str, jti: str, now: float, note: str) -> None:
+    # Whether a key is bound to it matters only once settled_unknown (and the keys have no
+    # index by decision), so it is looked up only then.
+    row = conn.execute(
+        "SELECT r.jti, r.amount, r.state, CASE WHEN r.state = 'settled_unknown' THEN EXISTS"
+        " (SELECT 1 FROM idempotency_keys AS k WHERE k.decision_id = r.decision_id) END"
+        " FROM reservations AS r WHERE r.decision_id = ?",
+        (decision_id,),
+    ).fetchone()
+    if row is None:
+        # The placeholder holds the decision id: a reserve arriving later fails on the key.
+        conn.execute("INSERT INTO licenses (jti) VALUES (?) ON CONFLICT DO NOTHING", (jti,))
+        conn.execute(
+            f"INSERT INTO reservations ({_RESERVATION_COLUMNS})"  # noqa: S608 - constant column list
+            " VALUES (?, ?, 0, 'released', ?, ?, ?)",
+            (decision_id, jti, now, now, note),
+        )
+        return
+    held_by, amount, state, keyed = row
+    counter = _abandoned_from(state, bool(keyed))
+    if counter is None:
+        return
+    conn.execute(
+        "UPDATE reservations SET state = 'released', settled_at = ?,"
+        " note = COALESCE(note || '; ', '') || ? WHERE decision_id = ?",
+        (now, note, decision_id),
+    )
+    conn.execute(
+        f"UPDATE licenses SET {counter} = {counter} - ? WHERE jti = ?",  # noqa: S608 - a column name of _abandoned_from's
+        (amount, held_by),
+    )
+
+
 def _one(
     query: str, params: tuple[object, ...], row_to: Callable[[Any], _T]
 ) -> Callable[[sqlite3.Connection], _T | None]:
@@ -501,6 +535,9 @@ class SqliteLedger:
     async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
         return await self._call(lambda conn: _give_back(conn, decision_id, now, note))
 
+    async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
+        await self._call(lambda conn: _abandon(conn, decision_id, jti, now, note))
+
     # -- reads --
 
     async def license(self, jti: str) -> LicenseState | None:
@@ -545,7 +582,7 @@ class SqliteLedger:
         future says how it went (``StoreUnavailable`` at once once the ledger is closed)."""
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         if self._closed:
-            future.set_exception(StoreUnavailable(f"ledger {self._path} is closed"))
+            future.set_exception(StoreUnavailable(f"ledger {self._path} is closed", late=False))
             return future
         self._queue.append(_Op(fn, write, future, then))
         if not self._busy:
@@ -654,7 +691,8 @@ class SqliteLedger:
             return error
         if isinstance(error, sqlite3.Error):
             self._recover()
-        unavailable = StoreUnavailable(f"ledger {self._path}: {error}")
+        # The thread's transaction failed or was rolled back: nothing of it lands later.
+        unavailable = StoreUnavailable(f"ledger {self._path}: {error}", late=False)
         unavailable.__cause__ = error
         return unavailable
 
@@ -675,7 +713,8 @@ class SqliteLedger:
             if _file_identity(self._path) is None:
                 raise StoreUnavailable(
                     f"ledger {self._path} was removed while in use; it is not created anew"
-                    " while the gateway runs (put the file back, or restart to start afresh)"
+                    " while the gateway runs (put the file back, or restart to start afresh)",
+                    late=False,
                 )
             target, uri = f"{self._path.absolute().as_uri()}?mode=rw", True
         conn = sqlite3.connect(

@@ -1,0 +1,191 @@
+"""A licensed launch whose ledger call fails: a launch not forwarded leaves nothing reserved,
+and a settlement the store refused is made later, as the upstream's answer said (CONTRACT
+section 3: a licence is never over-spent, and only an unknown outcome is counted as used)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp.test_utils import TestServer
+
+from conftest import H100_SKU, RESTRICTED, Harness, Keys, MakeToken, StartGateway, write_config
+from launchgate.config import load_config
+from launchgate.errors import StoreUnavailable
+from launchgate.gateway import Gateway
+from launchgate.ledger import Ledger, Reservation, ReserveResult, Then
+from launchgate.proxy import create_app
+
+
+def lose_reserve_answers(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> None:
+    """``ledger.reserve`` reserves, then fails as a call whose answer a stall held past its
+    timeout does: the reservation is made, the gateway hears StoreUnavailable."""
+    real = ledger.reserve
+
+    async def reserve_and_lose_the_answer(**kwargs: Any) -> ReserveResult:
+        await real(**{**kwargs, "then": None})  # the answer, and what it would have written
+        raise StoreUnavailable("the answer was held up past the timeout")
+
+    monkeypatch.setattr(ledger, "reserve", reserve_and_lose_the_answer)
+
+
+async def once_settled(gw: Harness, decision_id: str, within_s: float = 5.0) -> Reservation:
+    """The reservation of ``decision_id`` once it is no longer reserved; fails the test if it
+    still is after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        reservation = await gw.gateway.ledger.reservation(decision_id)
+        if reservation is not None and reservation.state != "reserved":
+            return reservation
+        assert time.monotonic() < deadline, f"still {reservation}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_refusal_that_sent_nothing_abandons_nothing(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store known to be down refuses at once and sends nothing (``late=False``): nothing can
+    land later, so no background abandon is started (an outage would start one per 503)."""
+    gw = await start_gateway()
+    ledger = gw.gateway.ledger
+
+    async def refuse(**kwargs: Any) -> ReserveResult:
+        raise StoreUnavailable("the ledger is down; retrying shortly", late=False)
+
+    abandoned: list[str] = []
+
+    async def abandon(decision_id: str, jti: str, *, now: float, note: str) -> None:
+        abandoned.append(decision_id)
+
+    monkeypatch.setattr(ledger, "reserve", refuse)
+    monkeypatch.setattr(ledger, "abandon", abandon)
+    status, body, _ = await gw.launch(token=make_token())
+    await asyncio.sleep(0.1)
+    assert (status, body["reason"]) == (503, "store_unavailable")
+    assert abandoned == []
+
+
+async def test_a_reservation_whose_answer_was_lost_is_abandoned(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reserve call failed (503, nothing forwarded) but did reserve: the gateway abandons
+    it in the background, again after a store error, and the units are back."""
+    gw = await start_gateway()
+    ledger = gw.gateway.ledger
+    lose_reserve_answers(monkeypatch, ledger)
+    real_abandon = ledger.abandon
+    failures = [StoreUnavailable("the store is still away")]
+
+    async def abandon(decision_id: str, jti: str, *, now: float, note: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_abandon(decision_id, jti, now=now, note=note)
+
+    monkeypatch.setattr(ledger, "abandon", abandon)
+    with structlog.testing.capture_logs() as logs:
+        status, body, _ = await gw.launch(token=make_token(jti="lic-lost", max_accelerators=8))
+        assert (status, body["reason"]) == (503, "store_unavailable")
+        reservation = await once_settled(gw, body["decision_id"])
+    assert [r for r in await gw.stub_requests() if r["method"] == "POST"] == []
+    assert (reservation.state, reservation.amount) == ("released", 8)
+    assert reservation.note == "the reservation call failed; nothing was forwarded"
+    state = await gw.license("lic-lost")
+    assert (state.used, state.reserved) == (0, 0)
+    assert {
+        "event": "store.reservation_abandoned",
+        "decision_id": body["decision_id"],
+        "attempts": 2,
+        "log_level": "info",
+    } in logs
+    monkeypatch.undo()  # the store answers again: the license's 8 units are there to use
+    assert (await gw.launch(token=make_token(jti="lic-lost", max_accelerators=8)))[0] == 201
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "how", "state", "counted"),
+    [(201, "commit", "used", (8, 0)), (500, "release", "released", (0, 0))],
+)
+async def test_a_settlement_the_store_refused_is_made_later(
+    start_gateway: StartGateway,
+    make_token: MakeToken,
+    monkeypatch: pytest.MonkeyPatch,
+    upstream_status: int,
+    how: str,
+    state: str,
+    counted: tuple[int, int],
+) -> None:
+    """The store fails the settlement once: the answer is relayed and its completion says
+    'pending'; settled again in the background, the reservation ends as the upstream's answer
+    said, not left for the sweeper to count as used."""
+    gw = await start_gateway()
+    if upstream_status != 201:
+        await gw.stub_fail(status=upstream_status, times=1)
+    real = getattr(gw.gateway.ledger, how)
+    failures = [StoreUnavailable("the store is away for a moment")]
+
+    async def settle_once_failing(decision_id: str, now: float, then: Then | None = None) -> None:
+        if failures:
+            raise failures.pop()
+        await real(decision_id, now, then)
+
+    monkeypatch.setattr(gw.gateway.ledger, how, settle_once_failing)
+    with structlog.testing.capture_logs() as logs:
+        status, _, headers = await gw.launch(token=make_token(jti="lic-settle"))
+        assert status == upstream_status
+        decision_id = headers["Launchgate-Decision-Id"]
+        reservation = await once_settled(gw, decision_id)
+    assert reservation.state == state
+    license_state = await gw.license("lic-settle")
+    assert (license_state.used, license_state.reserved) == counted
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert completed["settlement"] == "pending"
+    assert [e["event"] for e in logs if e.get("decision_id") == decision_id] == [
+        "store.settle_failed",
+        "store.settled_on_retry",
+    ]
+
+
+async def test_stopping_does_not_wait_out_the_retries(
+    tmp_path: Path,
+    keys: Keys,
+    stub_server: TestServer,
+    aiohttp_server: Any,
+    make_token: MakeToken,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway told to stop while an abandon keeps failing stops at once: the retry makes
+    one last attempt and gives up (logged), instead of retrying for reservation_ttl_s."""
+    path = write_config(tmp_path, str(stub_server.make_url("")).rstrip("/"), keys)
+    gateway = Gateway(load_config(path))
+    server: TestServer = await aiohttp_server(create_app(gateway))
+    lose_reserve_answers(monkeypatch, gateway.ledger)
+    attempts = 0
+    retried = asyncio.Event()
+
+    async def abandon(decision_id: str, jti: str, *, now: float, note: str) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            retried.set()
+        raise StoreUnavailable("the store is away")
+
+    monkeypatch.setattr(gateway.ledger, "abandon", abandon)
+    body = {"instance_type": H100_SKU, "count": 1, "region": "us-east-1"}
+    headers = {"X-Account-Id": RESTRICTED, "License-Token": make_token()}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.make_url("/v1/instances"), json=body, headers=headers) as r,
+    ):
+        assert r.status == 503
+    await asyncio.wait_for(retried.wait(), 5)  # the first retry, 0.5 s after the attempt
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        await server.close()  # the app's cleanup stops the gateway
+        assert time.monotonic() - started < 0.5  # the retry was to pause for 1 s
+    assert attempts == 3
+    assert [e["event"] for e in logs if e["event"].startswith("store.")] == ["store.abandon_failed"]
