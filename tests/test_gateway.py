@@ -337,6 +337,21 @@ async def test_method_override_headers_refused(start_gateway: StartGateway, head
     )
 
 
+async def test_a_method_override_refused_in_shadow_mode_is_recorded_as_enforced(
+    start_gateway: StartGateway,
+) -> None:
+    """Shadow mode forwards every launch, but not one whose method the gateway cannot tell
+    (section 9): that refusal is enforced, and its record says so (it said false)."""
+    gw = await start_gateway(server={"mode": "shadow"})
+    status, problem = await gw.send(
+        "POST", "/v1/instances", {"instance_type": H100_SKU}, headers={"X-HTTP-Method": "PUT"}
+    )
+    assert (status, problem["reason"]) == (400, "malformed_request")
+    assert await gw.stub_requests() == []
+    [record] = gw.decisions()
+    assert (record["mode"], record["enforced"]) == ("shadow", True)
+
+
 async def test_licensed_launch_depletes_to_exhaustion(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

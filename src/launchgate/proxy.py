@@ -159,7 +159,10 @@ async def refuse_override(
     started = time.perf_counter()
     decision_id = new_ulid()
     decision = malformed(detail, *_presented(request, config))
-    await _record_refusal(gateway, config, request, path, decision, decision_id, started)
+    # Refused in shadow mode too, so recorded as enforced whatever the mode.
+    await _record_refusal(
+        gateway, config, request, path, decision, decision_id, started, enforced=True
+    )
     return problem(decision.reason, 400, detail, decision_id)
 
 
@@ -244,10 +247,12 @@ async def _record_refusal(
     decision: Decision,
     decision_id: str,
     started: float,
+    *,
+    enforced: bool | None = None,
 ) -> None:
     """Record and count a launch refused before it was judged (nothing was reserved)."""
     await gateway.recorder.write(
-        launch_record(config, decision, decision_id, request.method, path, None)
+        launch_record(config, decision, decision_id, request.method, path, None, enforced)
     )
     count_decision(gateway, decision, started)
 
@@ -434,13 +439,15 @@ def launch_record(
     method: str,
     path: str,
     result: ReserveResult | None,
+    enforced: bool | None = None,
 ) -> dict[str, Any]:
-    """The ``launch.decision`` record, with ``replay_of`` for a retry counted before."""
+    """The ``launch.decision`` record, with ``replay_of`` for a retry counted before;
+    ``enforced`` is the mode's unless given (a refusal shadow mode makes too)."""
     record = decision_record(
         decision,
         decision_id=decision_id,
         mode=config.mode,
-        enforced=config.enforcing,
+        enforced=config.enforcing if enforced is None else enforced,
         method=method,
         path=path,
         now=time.time(),
