@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -60,3 +61,15 @@ async def test_call_returns_or_raises_what_the_job_did_on_the_thread() -> None:
         assert await jobs.call(lambda: "still running") == "still running"
     finally:
         jobs.stop(wait=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_the_thread_runs_under_sched_batch_so_waking_it_does_not_preempt_the_loop() -> None:
+    """Its jobs run under SCHED_BATCH (no preemption on wake-up); the thread that made it, the
+    event loop's, keeps the default policy."""
+    thread = JobThread("test")
+    try:
+        assert await thread.call(lambda: os.sched_getscheduler(0)) == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        thread.stop(wait=True)
