@@ -70,6 +70,29 @@ async def test_a_refusal_that_sent_nothing_abandons_nothing(
     assert abandoned == []
 
 
+async def test_shadow_mode_forwards_so_abandons_nothing(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: in shadow mode a store_unavailable launch is forwarded anyway, so a
+    reservation that lands late may stand for a real launch; it must not be released as
+    "nothing was forwarded" (the sweeper counts it as used)."""
+    gw = await start_gateway(server={"mode": "shadow"})
+    ledger = gw.gateway.ledger
+    lose_reserve_answers(monkeypatch, ledger)
+    abandoned: list[str] = []
+
+    async def abandon(decision_id: str, jti: str, *, now: float, note: str) -> None:
+        abandoned.append(decision_id)
+
+    monkeypatch.setattr(ledger, "abandon", abandon)
+    status, _, headers = await gw.launch(token=make_token(jti="lic-shadow", max_accelerators=8))
+    await asyncio.sleep(0.1)
+    assert status == 201  # forwarded, as shadow mode does whatever the outcome
+    assert abandoned == []
+    reservation = await ledger.reservation(headers["Launchgate-Decision-Id"])
+    assert reservation is not None and reservation.state == "reserved"  # the sweeper's
+
+
 async def test_a_reservation_whose_answer_was_lost_is_abandoned(
     start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -343,9 +343,11 @@ async def reserve_license(
     try:
         result = await asyncio.shield(reserving)
     except StoreUnavailable as e:
-        if e.late:
+        if e.late and config.enforcing:
             # The call may still reach the store (a stalled connection delivers it late) and
             # reserve what nobody would settle: make sure it holds nothing, in the background.
+            # (Shadow mode forwards the launch all the same: a reservation that lands is then
+            # left for the sweeper to count as used, the outcome being unknown.)
             gateway.keep(_abandon(gateway, config, decision_id, license.jti))
         return store_unavailable(decision), None, False
     except asyncio.CancelledError:
