@@ -624,12 +624,14 @@ async def test_give_back_from_another_process_frees_capacity(
     assert (await reserve(gateway, "d3", 8)).outcome is ReserveOutcome.RESERVED
 
 
-async def test_a_ledger_file_removed_while_in_use_is_unavailable_and_not_made_anew(
+async def test_a_ledger_file_removed_while_in_use_is_unavailable_until_a_restart(
     tmp_path: Path,
 ) -> None:
     """Deleting the ledger's folder under a running gateway let it go on writing to the unlinked
-    file, and a license was spent twice over. Now every call fails closed, no empty ledger takes
-    the old one's place, and a copy put back is taken up again."""
+    file, and a license was spent twice over. Now every call fails closed and no empty ledger
+    takes the old one's place: not one this process would make, nor one another process made
+    meanwhile (found by review: `licenses list` made one), nor a copy put back. A restart
+    (a new ledger object) uses what is at the path."""
     folder = tmp_path / "data"
     path = folder / "ledger.sqlite3"
     store = SqliteLedger(path)
@@ -644,21 +646,30 @@ async def test_a_ledger_file_removed_while_in_use_is_unavailable_and_not_made_an
 
         shutil.rmtree(folder)
         for call in (lambda: reserve(store, "d3", 8), store.ping, store.licenses):
-            with pytest.raises(StoreUnavailable, match="removed while in use"):
+            with pytest.raises(StoreUnavailable, match="removed or replaced while in use"):
                 await call()
         assert not folder.exists()
 
-        folder.mkdir()
-        shutil.copy(backup, path)  # put back: as it was after d1
-        result = await reserve(store, "d4", 8)
+        other = SqliteLedger(path)  # a CLI command, say: it makes an empty ledger
+        await other.open()
+        await other.close()
+        with pytest.raises(StoreUnavailable, match="removed or replaced while in use"):
+            await reserve(store, "d4", 8)
+
+        shutil.copy(backup, path)  # put back, as it was after d1
+        with pytest.raises(StoreUnavailable, match="removed or replaced while in use"):
+            await reserve(store, "d5", 8)
+        await store.close()
+        store = SqliteLedger(path)  # restarted
+        result = await reserve(store, "d6", 8)
         assert (result.outcome, result.used, result.reserved) == (ReserveOutcome.RESERVED, 8, 8)
     finally:
         await store.close()
 
 
-async def test_a_ledger_file_replaced_while_in_use_is_the_one_used(tmp_path: Path) -> None:
-    """A file renamed over the ledger (a restore) is the ledger from the next call on; the
-    connection to the old one is let go, not written to."""
+async def test_a_ledger_file_replaced_while_in_use_is_not_taken_up(tmp_path: Path) -> None:
+    """A file renamed over the ledger is not used before a restart (beside it may lie the old
+    file's WAL, which SQLite would apply to it); the old file is not written to either."""
     path = tmp_path / "ledger.sqlite3"
     store, other = SqliteLedger(path), SqliteLedger(tmp_path / "restored.sqlite3")
     try:
@@ -666,10 +677,23 @@ async def test_a_ledger_file_replaced_while_in_use_is_the_one_used(tmp_path: Pat
         await reserve(other, "r1", 40)
         await other.close()
         os.replace(tmp_path / "restored.sqlite3", path)
-        for suffix in ("-wal", "-shm"):  # the old file's, gone with it
-            (tmp_path / f"ledger.sqlite3{suffix}").unlink(missing_ok=True)
-        result = await reserve(store, "d2", 8)
-        assert (result.used, result.reserved) == (0, 48)
+        with pytest.raises(StoreUnavailable, match="removed or replaced while in use"):
+            await reserve(store, "d2", 8)
+    finally:
+        await store.close()
+
+
+async def test_a_ledger_that_may_not_create_finds_none_unavailable(tmp_path: Path) -> None:
+    """A worker started again after one died opens the ledger without creating it: none there
+    is StoreUnavailable, and stays not there; one there is used."""
+    path = tmp_path / "data" / "ledger.sqlite3"
+    store = SqliteLedger(path, create=False)
+    try:
+        with pytest.raises(StoreUnavailable, match="does not create one"):
+            await store.open()
+        assert not path.exists()
+        await SqliteLedger(path).open()  # the first worker's
+        assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
     finally:
         await store.close()
 

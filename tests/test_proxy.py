@@ -273,7 +273,7 @@ async def test_a_data_folder_deleted_under_the_gateway_fails_licensed_launches_c
     assert (status, body["reason"]) == (503, "store_unavailable")
     ready = await admin.get("/readyz")
     assert ready.status == 503
-    assert "removed while in use" in (await ready.json())["checks"]["store"]
+    assert "removed or replaced while in use" in (await ready.json())["checks"]["store"]
     assert (await gw.launch(UNRESTRICTED))[0] == 201
     records = [json.loads(line) for line in (data / "decisions.jsonl").read_text().splitlines()]
     assert [r.get("reason") for r in records if r["event"] == "launch.decision"] == [

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from conftest import H100_SKU, RESTRICTED, SHIPPED, UNRESTRICTED, Keys, MakeToken, write_config
+from launchgate import workers
 from launchgate.audit import verify_file
 
 LAUNCHGATE = [sys.executable, "-m", "launchgate"]
@@ -335,3 +336,51 @@ def test_tune_gc_freezes_start_up_objects_and_collects_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_a_worker_started_again_does_not_create_the_ledger(
+    tmp_path: Path, keys: Keys, make_token: MakeToken
+) -> None:
+    """`--workers` starts a worker that died again with `--respawned`: if the ledger file is
+    gone (its siblings saw it removed), it must not make an empty one that would forget what
+    every license has spent (found by review). It serves, fails licensed launches closed and
+    says so on /readyz; other launches pass."""
+    stub = await spawn("stub-backend", "--listen", "127.0.0.1:0")
+    stub_url = (await stub.wait_for_line("listening on")).rsplit(" ", 1)[-1]
+    listen, admin = free_port(), free_port()
+    ledger = tmp_path / "data" / "ledger.sqlite3"
+    config_path = write_config(
+        tmp_path,
+        stub_url,
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+        store={"url": f"sqlite:{ledger}"},
+    )
+    gateway = await spawn("serve", "--config", str(config_path), "--respawned")
+    try:
+        await gateway.wait_for_line("gateway.started")
+        body = {"instance_type": H100_SKU, "region": "us-east-1"}
+        url = f"http://127.0.0.1:{listen}/v1/instances"
+        async with aiohttp.ClientSession() as session:
+            headers = {"X-Account-Id": RESTRICTED, "License-Token": make_token()}
+            async with session.post(url, json=body, headers=headers) as r:
+                assert (r.status, (await r.json())["reason"]) == (503, "store_unavailable")
+            async with session.post(url, json=body, headers={"X-Account-Id": UNRESTRICTED}) as r:
+                assert r.status == 201
+            async with session.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                assert r.status == 503
+                assert "does not create one" in (await r.json())["checks"]["store"]
+        assert not ledger.exists()
+    finally:
+        await gateway.stop()
+        await stub.stop()
+
+
+def test_workers_are_started_again_with_respawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a worker started again carries `--respawned`; the first start creates the ledger."""
+    argvs: list[list[str]] = []
+    monkeypatch.setattr("launchgate.workers.subprocess.Popen", lambda argv, env: argvs.append(argv))
+    workers._spawn(Path("lg.toml"), 0, {})
+    workers._spawn(Path("lg.toml"), 0, {}, respawn=True)
+    assert "--respawned" not in argvs[0]
+    assert argvs[1][-1] == "--respawned"

@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return supervise(config.source, args.workers)
     try:
-        run(config, worker=args.worker_index)
+        run(config, worker=args.worker_index, create_store=not args.respawned)
     except OSError as e:
         # Binding a listener is the usual failure here (address in use, no permission).
         raise UsageError(f"{config.source}: cannot serve: {e.strerror or e}") from None
@@ -474,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, metavar="N", help="N processes sharing the port"
     )
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers
+    serve.add_argument("--respawned", action="store_true", help=argparse.SUPPRESS)  # and this
     store = command("store", _group_help, "the license store").add_subparsers(
         required=True, parser_class=_Parser
     )

@@ -34,11 +34,11 @@ def make_verifier(config: Config) -> TokenVerifier:
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, create_store: bool = True) -> None:
         self.config = config
         self.verifier = make_verifier(config)
         self.metrics = Metrics()
-        self.ledger: Ledger = open_ledger(config.store_url, config.base_dir)
+        self.ledger: Ledger = open_ledger(config.store_url, config.base_dir, create=create_store)
         self._recorder: Recorder | None = None
         self._upstream: UpstreamClient | None = None
         self._sweeper: asyncio.Task[None] | None = None

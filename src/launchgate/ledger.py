@@ -247,12 +247,13 @@ class Ledger(Protocol):
         """
 
 
-def open_ledger(url: str, base_dir: Path) -> Ledger:
+def open_ledger(url: str, base_dir: Path, *, create: bool = True) -> Ledger:
     """Build the ledger named by ``[store] url``; does not connect (call ``open()``).
 
     ``sqlite:PATH`` (relative to ``base_dir``, the config file's folder, unless absolute) and
     ``sqlite:///abs/path`` select SQLite; ``postgresql://...`` (or ``postgres://``, optionally
     with ``?schema=NAME``) selects PostgreSQL. Raises ``ConfigError`` for anything else.
+    Without ``create``, a SQLite ledger file that is not there is StoreUnavailable, not made.
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
@@ -260,7 +261,7 @@ def open_ledger(url: str, base_dir: Path) -> Ledger:
         # Imported here: each store module imports this one for the types it implements.
         from launchgate.sqliteledger import SqliteLedger
 
-        return SqliteLedger(_sqlite_path(url, rest, base_dir))
+        return SqliteLedger(_sqlite_path(url, rest, base_dir), create=create)
     if sep and scheme in ("postgresql", "postgres"):
         # Imported here: asyncpg is loaded only where a PostgreSQL store is configured.
         from launchgate.pgledger import PostgresLedger

@@ -23,15 +23,21 @@ log = structlog.get_logger("launchgate")
 
 
 async def serve(
-    config: Config, *, shutdown_timeout_s: float = 30.0, worker: int | None = None
+    config: Config,
+    *,
+    shutdown_timeout_s: float = 30.0,
+    worker: int | None = None,
+    create_store: bool = True,
 ) -> None:
     """Run until SIGTERM/SIGINT: then stop accepting, finish in-flight requests, flush.
 
     As one of several workers (``worker`` set), the proxy port is shared through
     SO_REUSEPORT and only worker 0 serves the admin listener, with metrics summed over
-    all workers.
+    all workers. Without ``create_store`` (a worker started again after one died) a SQLite
+    ledger that is not there is unavailable rather than made anew: its siblings may have
+    seen it removed, and an empty one would forget what every license has spent.
     """
-    gateway = Gateway(config)
+    gateway = Gateway(config, create_store=create_store)
     proxy_runner = GatewayRunner(
         create_app(gateway),
         access_log=None,
@@ -148,10 +154,10 @@ def _redact(url: str) -> str:
     return url
 
 
-def run(config: Config, *, worker: int | None = None) -> None:
+def run(config: Config, *, worker: int | None = None, create_store: bool = True) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without it
-        asyncio.run(serve(config, worker=worker))
+        asyncio.run(serve(config, worker=worker, create_store=create_store))
     else:
-        uvloop.run(serve(config, worker=worker))
+        uvloop.run(serve(config, worker=worker, create_store=create_store))

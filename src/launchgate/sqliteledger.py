@@ -412,12 +412,17 @@ class SqliteLedger:
     settles it as used - the safe direction.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, create: bool = True) -> None:
         self._path = path
         self._busy_timeout_s = busy_timeout_s
+        self._create = create  # False: a ledger not there is unavailable, never made anew
         self._thread = JobThread("launchgate-ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file it has open
+        # The file held open from the first connection to close(), whatever connections come
+        # and go: its inode cannot be freed and given to another file that would then pass for
+        # it (an empty ledger made at the same path reused the number).
+        self._pin = -1
         self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
         # On the event loop only:
@@ -445,6 +450,9 @@ class SqliteLedger:
             await self._idle
         await self._thread.call(self._disconnect)
         self._thread.stop(wait=False)
+        if self._pin >= 0:
+            os.close(self._pin)
+            self._pin = -1
 
     async def ping(self) -> None:
         """Take the write lock and let it go, waiting at most ``_PING_WAIT_MS``: a ledger whose
@@ -704,18 +712,24 @@ class SqliteLedger:
             # nobody reads any more (a license spent twice over), so let go of it.
             log.error("store.ledger_file_changed", path=str(self._path))
             self._disconnect()
-        if self._identity is None:
+        if self._identity is not None and _file_identity(self._path) != self._identity:
+            # Once opened, only that file, until a restart: whatever is at the path now (nothing,
+            # an empty ledger another process made, a copy with an old WAL beside it) may not
+            # know what every license has spent.
+            raise StoreUnavailable(
+                f"ledger {self._path} was removed or replaced while in use; restart the"
+                " gateway to use what is at that path now",
+                late=False,
+            )
+        if self._identity is None and self._create:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             target, uri = str(self._path), False
+        elif _file_identity(self._path) is None:
+            raise StoreUnavailable(
+                f"ledger {self._path} is not there, and this process does not create one",
+                late=False,
+            )
         else:
-            # Once opened, never created again while running: an empty new ledger would forget
-            # what every license has spent. A file put back (a restored copy) is taken up.
-            if _file_identity(self._path) is None:
-                raise StoreUnavailable(
-                    f"ledger {self._path} was removed while in use; it is not created anew"
-                    " while the gateway runs (put the file back, or restart to start afresh)",
-                    late=False,
-                )
             target, uri = f"{self._path.absolute().as_uri()}?mode=rw", True
         conn = sqlite3.connect(
             target,
@@ -730,7 +744,10 @@ class SqliteLedger:
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)
-            identity = _file_identity(self._path)
+            if self._pin < 0:
+                self._pin = os.open(self._path, os.O_RDONLY)
+            opened = os.fstat(self._pin)
+            identity = (opened.st_dev, opened.st_ino)
         except BaseException:
             conn.close()
             raise

@@ -25,9 +25,13 @@ log = structlog.get_logger("launchgate")
 RESTART_DELAY_S = 1.0
 
 
-def _spawn(config_path: Path, index: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    config_path: Path, index: int, env: dict[str, str], *, respawn: bool = False
+) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "launchgate", "serve", "--config", str(config_path)]
-    return subprocess.Popen([*command, "--worker-index", str(index)], env=env)
+    # A worker started again does not create the ledger: see server.serve (create_store).
+    again = ["--respawned"] if respawn else []
+    return subprocess.Popen([*command, "--worker-index", str(index), *again], env=env)
 
 
 def supervise(config_path: Path, workers: int) -> int:
@@ -57,7 +61,7 @@ def supervise(config_path: Path, workers: int) -> int:
                     continue
                 log.error("worker.died", worker=index, pid=proc.pid, exit_code=code)
                 time.sleep(RESTART_DELAY_S)
-                procs[index] = _spawn(config_path, index, env)
+                procs[index] = _spawn(config_path, index, env, respawn=True)
             if stopping and all(p.poll() is not None for p in procs.values()):
                 break
     failed = [p.returncode for p in procs.values() if p.returncode not in (0, -signal.SIGTERM)]
