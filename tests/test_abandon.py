@@ -212,3 +212,34 @@ async def test_stopping_does_not_wait_out_the_retries(
         assert time.monotonic() - started < 0.5  # the retry was to pause for 1 s
     assert attempts == 3
     assert [e["event"] for e in logs if e["event"].startswith("store.")] == ["store.abandon_failed"]
+
+
+async def test_background_retries_are_bounded(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a store that fails each statement (never tripping the fail-fast) made
+    one retry task per failed launch, each living up to reservation_ttl_s. Past the bound a
+    failed write is left to the sweeper (counted as used: the safe side) and logged."""
+    monkeypatch.setattr("launchgate.proxy._MAX_RETRYING", 2)
+    gw = await start_gateway()
+    ledger = gw.gateway.ledger
+
+    async def fail(**kwargs: Any) -> ReserveResult:
+        raise StoreUnavailable("statement failed")
+
+    async def abandon(decision_id: str, jti: str, *, now: float, note: str) -> None:
+        raise StoreUnavailable("statement failed")
+
+    monkeypatch.setattr(ledger, "reserve", fail)
+    monkeypatch.setattr(ledger, "abandon", abandon)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            assert (await gw.launch(token=make_token()))[0] == 503
+        await asyncio.sleep(0.05)
+        assert gw.gateway.retrying == 2
+    skipped = [e for e in logs if e["event"] == "store.abandon_failed"]
+    assert len(skipped) == 3 and all(e["attempts"] == 0 for e in skipped)
+    started = time.monotonic()
+    await gw.gateway.stop()  # the pauses end at once, not after their 0.5 s
+    assert time.monotonic() - started < 0.4
+    assert gw.gateway.retrying == 0

@@ -43,6 +43,8 @@ class Gateway:
         self._upstream: UpstreamClient | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self.stopping = asyncio.Event()  # set when stop() begins: background retries end
+        self.retrying = 0  # background retries of failed ledger writes under way
         self.running = False
 
     @property
@@ -95,6 +97,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.running = False
+        self.stopping.set()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,7 @@ says ``replay_of``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
@@ -380,7 +381,9 @@ async def _release_quietly(gateway: Gateway, decision_id: str) -> None:
 # Background retries of a ledger write that failed: the first pause, and the longest.
 _RETRY_FIRST_S = 0.5
 _RETRY_MAX_S = 10.0
-_STOP_POLL_S = 0.1  # how soon a pause between retries sees the gateway stop
+# At most this many at once. Past it (failures at full load for long), a write is left to the
+# sweeper, which counts an open reservation as used: the safe side, and a bounded backlog.
+_MAX_RETRYING = 1000
 
 
 async def _abandon(gateway: Gateway, config: Config, decision_id: str, jti: str) -> None:
@@ -408,30 +411,37 @@ async def _keep_trying(
     Gives up after ``reservation_ttl_s``, when the sweeper has settled an open reservation as
     used anyway, and after one last attempt once the gateway stops (its stop waits for this).
     """
-    give_up_at = time.monotonic() + config.reservation_ttl_s
-    delay = _RETRY_FIRST_S
-    attempts = 1
-    while True:
-        try:
-            await attempt()
-        except StoreUnavailable as e:
-            left = give_up_at - time.monotonic()
-            if left <= 0 or not gateway.running:
-                log.error(events[1], attempts=attempts, error=str(e), **fields)
+    if gateway.retrying >= _MAX_RETRYING:
+        log.error(events[1], attempts=0, error="too many retries under way", **fields)
+        return
+    gateway.retrying += 1
+    try:
+        give_up_at = time.monotonic() + config.reservation_ttl_s
+        delay = _RETRY_FIRST_S
+        attempts = 1
+        while True:
+            try:
+                await attempt()
+            except StoreUnavailable as e:
+                left = give_up_at - time.monotonic()
+                if left <= 0 or not gateway.running:
+                    log.error(events[1], attempts=attempts, error=str(e), **fields)
+                    return
+                await _pause(gateway, min(delay, left))
+                delay = min(delay * 2, _RETRY_MAX_S)
+                attempts += 1
+            else:
+                log.info(events[0], attempts=attempts, **fields)
                 return
-            await _pause(gateway, min(delay, left))
-            delay = min(delay * 2, _RETRY_MAX_S)
-            attempts += 1
-        else:
-            log.info(events[0], attempts=attempts, **fields)
-            return
+    finally:
+        gateway.retrying -= 1
 
 
 async def _pause(gateway: Gateway, seconds: float) -> None:
-    """Sleep ``seconds``, or until the gateway stops (polled every ``_STOP_POLL_S``)."""
-    until = time.monotonic() + seconds
-    while gateway.running and (left := until - time.monotonic()) > 0:  # noqa: ASYNC110 - Gateway offers no stop event to wait on
-        await asyncio.sleep(min(left, _STOP_POLL_S))
+    """Sleep ``seconds``, or until the gateway begins to stop."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await gateway.stopping.wait()
 
 
 def launch_record(
