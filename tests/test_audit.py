@@ -7,9 +7,12 @@ import fcntl
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -777,3 +780,34 @@ async def test_a_rotated_log_continues_in_the_file_now_at_its_path(tmp_path: Pat
         assert verify_file(path).ok and verify_file(tmp_path / "decisions.1.jsonl").ok
     finally:
         log.close()
+
+
+def test_check_log_waits_for_a_batch_being_written(tmp_path: Path) -> None:
+    """`check` reads the last line under a shared lock: a writer's batch half in the file is
+    not taken for a torn line (found by review)."""
+    path = tmp_path / "log.jsonl"
+    write_chain(path, 2)
+    line = lines_of(path)[-1]
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    checked: list[BaseException | None] = []
+
+    def check() -> None:
+        try:
+            audit.check_log(path)
+            checked.append(None)
+        except BaseException as e:  # handed to the test's thread
+            checked.append(e)
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer, half way through its batch
+        os.write(fd, line[:40])
+        checker = threading.Thread(target=check)
+        checker.start()
+        time.sleep(0.2)
+        assert checker.is_alive() and not checked
+        os.write(fd, line[40:])  # the batch's line whole (a repeat: only its shape is read)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        checker.join(5)
+    finally:
+        os.close(fd)
+    assert checked == [None]

@@ -74,6 +74,10 @@ def test_shipped_config_loads() -> None:
             r"\[identity\]\.account_header: 'Connection' already means something in HTTP",
         ),
         ({"tokens": {"header": "Host"}}, r"\[tokens\]\.header: 'Host' already means"),
+        (  # hop-by-hop: judged, then never forwarded
+            {"identity": {"account_header": "Proxy-Authorization"}},
+            r"'Proxy-Authorization' already means",
+        ),
         (
             {"identity": {"account_header": "X-Account-Id"}, "tokens": {"header": "x_account_id"}},
             r"\[tokens\]\.header: 'x_account_id' is the account header too",

@@ -315,9 +315,10 @@ def check_log(path: Path) -> None:
     except OSError as e:
         raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a batch being appended is not a torn line
         _head_of(fd, path)
     finally:
-        os.close(fd)
+        os.close(fd)  # (and the lock with it)
 
 
 def _head_of(fd: int, path: Path) -> tuple[int, str, int]:

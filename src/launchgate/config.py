@@ -25,6 +25,7 @@ from launchgate.accounts import (
 from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
 from launchgate.dialects import Route, build_route
 from launchgate.errors import ConfigError
+from launchgate.forward import GATEWAY_SET, HOP_BY_HOP
 from launchgate.tokens import KeyRing
 from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
@@ -148,24 +149,16 @@ class _Section:
 
 _REQUIRED = object()
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
-# Framing, connection-level and proxy headers (RFC 9110 7.6.1), and those the gateway sets:
-# none can carry an account or a license token too.
-_TAKEN_HEADERS: Final = frozenset(
-    {
+# Framing headers, the hop-by-hop ones (RFC 9110 7.6.1) that never reach the upstream, and
+# those the gateway sets: none can carry an account or a license token too.
+_TAKEN_HEADERS: Final = (
+    HOP_BY_HOP
+    | GATEWAY_SET
+    | {
         "host",
         "content-length",
         "content-type",
         "content-encoding",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
     }
 )
 
