@@ -1091,3 +1091,31 @@ async def test_a_reload_that_fails_unexpectedly_keeps_the_running_configuration(
     [failed] = [e for e in logs if e["event"] == "config.reload_failed"]
     assert "UnicodeDecodeError" in failed["error"]
     assert h.gateway.metrics.reloads.labels("failed")._value.get() == 1
+
+
+async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """`[store] reservation_ttl_s` is no restart-only key: after a reload the sweeper settles by
+    the new one (found by review: it kept the value it started with)."""
+    with structlog.testing.capture_logs():  # (a TTL this short is warned about)
+        gw = await start_gateway(store={"reservation_ttl_s": 10})  # a sweep every 2.5 s
+    await gw.gateway.ledger.reserve(
+        jti="lic-ttl",
+        account=RESTRICTED,
+        max_accelerators=8,
+        expires=now() + 600,
+        amount=8,
+        decision_id="d-old",
+        now=now() - 5,  # open for 5 s: within 10 s for 5 s more, past 1 s
+    )
+    text = gw.config_path.read_text()
+    assert "reservation_ttl_s = 10" in text
+    gw.config_path.write_text(text.replace("reservation_ttl_s = 10", "reservation_ttl_s = 1"))
+    assert await gw.gateway.reload(gw.config_path)
+    for _ in range(80):  # 4 s: the next sweep, not the old TTL's expiry
+        reservation = await gw.gateway.ledger.reservation("d-old")
+        if reservation is not None and reservation.state != "reserved":
+            break
+        await asyncio.sleep(0.05)
+    assert reservation is not None and reservation.state == "settled_unknown"

@@ -112,8 +112,8 @@ class Gateway:
 
     async def _sweep_reservations(self) -> None:
         """Settle, as used, reservations whose gateway died before the upstream answered."""
-        ttl = self.config.reservation_ttl_s
         while True:
+            ttl = self.config.reservation_ttl_s  # as last reloaded
             try:
                 expired = await self.ledger.expire_reservations(now=time.time(), ttl_s=ttl)
             except StoreUnavailable as e:
