@@ -811,3 +811,27 @@ def test_check_log_waits_for_a_batch_being_written(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert checked == [None]
+
+
+def test_a_log_rotated_while_an_append_waits_for_the_lock_goes_to_the_new_file(
+    tmp_path: Path,
+) -> None:
+    """Another writer (a worker) holds the lock while the log is rotated away: the waiting
+    append, once it has the lock, writes to the file now at the path, not the rotated one."""
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    log.append_sync(decision(1))
+    other = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        appending = threading.Thread(target=log.append_sync, args=(decision(2),))
+        appending.start()
+        time.sleep(0.2)  # waiting for the lock, past its check of the path
+        path.rename(tmp_path / "decisions.1.jsonl")
+        fcntl.flock(other, fcntl.LOCK_UN)
+        appending.join(5)
+    finally:
+        os.close(other)
+        log.close()
+    assert seqs_in_file(tmp_path / "decisions.1.jsonl") == [1]
+    assert seqs_in_file(path) == [1]  # a new chain in the new file

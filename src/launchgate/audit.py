@@ -565,12 +565,28 @@ class AuditLog:
         self._fd, self._seq, self._head, self._size = fd, seq, head, size
         log.warning("audit.reopened", path=str(self._path), seq=seq)
 
+    @contextmanager
+    def _locked_at_path(self) -> Iterator[None]:
+        """The exclusive lock on the file now at the path: reopened first if it has moved, and
+        again if it moved while this waited for the lock (another worker writing)."""
+        for _ in range(3):
+            if not _same_file(self._path, self._fd):
+                self._reopen()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if _same_file(self._path, self._fd):
+                break
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        else:  # moved three times over: write where it stands now
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def _write_locked(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
         if self._fd < 0:
             raise ValueError(f"{self._path}: the audit log is closed")
-        if not _same_file(self._path, self._fd):
-            self._reopen()
-        with _exclusive_lock(self._fd):
+        with self._locked_at_path():
             size = os.fstat(self._fd).st_size
             if size != self._size:
                 try:
