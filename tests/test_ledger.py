@@ -724,6 +724,44 @@ async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: P
         await store.close()
 
 
+async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_it_out(
+    tmp_path: Path,
+) -> None:
+    """QA: with the write lock held by another process, every licensed launch waited the whole
+    busy timeout for its 503. After one write has waited it out, writes fail at once for a
+    second, then one tries again (alone: the rest still fail at once), and all is well again
+    once it gets through."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path, busy_timeout_s=0.3)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await reserve(store, "d1", 8)
+        assert time.monotonic() - started >= 0.25  # waited out the busy timeout
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(2, 12)), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        assert time.monotonic() - started < 0.1  # at once, not ten waits
+        await store.license("lic-42")  # reads still go through
+
+        await asyncio.sleep(1.0)
+        probe = asyncio.create_task(reserve(store, "d12", 8))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StoreUnavailable, match="retrying shortly"):
+            await reserve(store, "d13", 8)  # while the one trying again waits
+        other.execute("COMMIT")
+        assert (await probe).outcome is ReserveOutcome.RESERVED
+        assert (await reserve(store, "d14", 8)).outcome is ReserveOutcome.RESERVED
+    finally:
+        other.close()
+        await store.close()
+
+
 async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
     """While another process holds the write lock, reserve waits off the loop, then succeeds."""
     path = tmp_path / "ledger.sqlite3"
@@ -1374,7 +1412,8 @@ async def test_a_lock_held_past_the_busy_timeout_is_store_unavailable(tmp_path: 
             await reserve(store, "d1", 8)
         assert isinstance(caught.value.__cause__, sqlite3.Error)
         other.execute("ROLLBACK")
-        # Once the lock is gone the same ledger works again.
+        # Once the lock is gone the same ledger works again, from its next try on (a second on).
+        await asyncio.sleep(1.0)
         assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
     finally:
         other.close()

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -377,6 +378,19 @@ def _one(
 _MAX_BATCH = 128
 # How long a ping waits for the write lock: far longer than any batch holds it.
 _PING_WAIT_MS = 250
+# How long writes fail at once after one waited out the busy timeout, before one tries again.
+_LOCKED_RETRY_S = 1.0
+
+
+def _busy(error: object) -> bool:
+    """Whether ``error`` is a StoreUnavailable for a database another connection kept locked."""
+    cause = getattr(error, "__cause__", None)
+    code = getattr(cause, "sqlite_errorcode", None)
+    return isinstance(error, StoreUnavailable) and code in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
+
 
 _Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
@@ -429,6 +443,10 @@ class SqliteLedger:
         self._queue: list[_Op] = []
         self._busy = False  # a batch is on the ledger thread
         self._idle: asyncio.Future[None] | None = None  # close() waiting for the queue to drain
+        # After a write waited out the busy timeout (another process holds the lock): writes
+        # fail at once until this time, then one batch tries again (no pile-up behind it).
+        self._locked_until: float | None = None
+        self._probing = False
 
     @property
     def path(self) -> Path:
@@ -592,6 +610,16 @@ class SqliteLedger:
         if self._closed:
             future.set_exception(StoreUnavailable(f"ledger {self._path} is closed", late=False))
             return future
+        if write and self._locked_until is not None:
+            if self._probing or time.monotonic() < self._locked_until:
+                future.set_exception(
+                    StoreUnavailable(
+                        f"ledger {self._path} is locked by another process; retrying shortly",
+                        late=False,
+                    )
+                )
+                return future
+            self._probing = True  # this call tries again; the others fail at once meanwhile
         self._queue.append(_Op(fn, write, future, then))
         if not self._busy:
             # Sent at the end of this turn of the loop, with every call made in it: one batch,
@@ -626,6 +654,7 @@ class SqliteLedger:
             loop.call_soon_threadsafe(self._deliver, batch, outcomes)
 
     def _deliver(self, batch: list[_Op], outcomes: list[_Outcome]) -> None:
+        self._note_lock(batch, outcomes)
         for op, (ok, value) in zip(batch, outcomes, strict=True):
             if op.future.done():  # its caller was cancelled meanwhile
                 continue
@@ -634,6 +663,17 @@ class SqliteLedger:
             else:
                 op.future.set_exception(value)
         self._dispatch()
+
+    def _note_lock(self, batch: list[_Op], outcomes: list[_Outcome]) -> None:
+        """Fail fast for ``_LOCKED_RETRY_S`` after a write that waited out the busy timeout;
+        stop once a write gets through."""
+        writes = [outcome for op, outcome in zip(batch, outcomes, strict=True) if op.write]
+        if any(ok for ok, _ in writes):
+            self._locked_until, self._probing = None, False
+        elif any(_busy(value) for _, value in writes):
+            self._locked_until, self._probing = time.monotonic() + _LOCKED_RETRY_S, False
+        elif writes:
+            self._probing = False
 
     # -- on the ledger thread --
 
