@@ -19,6 +19,7 @@ import pytest
 from conftest import H100_SKU, RESTRICTED, SHIPPED, UNRESTRICTED, Keys, MakeToken, write_config
 from launchgate import workers
 from launchgate.audit import verify_file
+from launchgate.config import load_config
 
 LAUNCHGATE = [sys.executable, "-m", "launchgate"]
 
@@ -384,3 +385,38 @@ def test_workers_are_started_again_with_respawned(monkeypatch: pytest.MonkeyPatc
     workers._spawn(Path("lg.toml"), 0, {}, respawn=True)
     assert "--respawned" not in argvs[0]
     assert argvs[1][-1] == "--respawned"
+
+
+async def test_a_worker_keeps_the_restart_only_settings_its_supervisor_started_with(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: a worker started again after the file's [store] url changed counted in
+    another ledger than its siblings (a license spent twice on one port). A worker takes the
+    store, decision log and listeners from its supervisor, whatever the file says now."""
+    listen, admin = free_port(), free_port()
+    (tmp_path / "then").mkdir()
+    (tmp_path / "now").mkdir()
+    started_with = write_config(
+        tmp_path / "then",
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+        store={"url": f"sqlite:{tmp_path / 'then' / 'ledger.sqlite3'}"},
+    )
+    now = write_config(
+        tmp_path / "now",
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": f"127.0.0.1:{free_port()}", "admin_listen": "127.0.0.1:0"},
+        store={"url": f"sqlite:{tmp_path / 'now' / 'ledger.sqlite3'}"},
+    )
+    monkeypatch.setenv(workers.RUNNING_ENV, workers.running_values(load_config(started_with)))
+    gateway = await spawn("serve", "--config", str(now), "--worker-index", "0")
+    try:
+        started = json.loads(await gateway.wait_for_line("gateway.started"))
+    finally:
+        await gateway.stop()
+    assert started["listen"] == [f"127.0.0.1:{listen}"]
+    assert started["store"] == f"sqlite:{tmp_path / 'then' / 'ledger.sqlite3'}"
+    assert (tmp_path / "then" / "ledger.sqlite3").exists()
+    assert not (tmp_path / "now" / "ledger.sqlite3").exists()

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -83,7 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_index is None:
         from launchgate.workers import supervise
 
-        return supervise(config.source, args.workers)
+        return supervise(config, args.workers)
+    if args.worker_index is not None:
+        from launchgate.workers import RUNNING_ENV, as_running
+
+        if RUNNING_ENV in os.environ:
+            config = as_running(config, os.environ[RUNNING_ENV])
     try:
         run(config, worker=args.worker_index, create_store=not args.respawned)
     except OSError as e:

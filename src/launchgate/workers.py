@@ -9,6 +9,8 @@ prometheus-client's multiprocess mode; worker 0 serves the admin listener.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +22,39 @@ from types import FrameType
 
 import structlog
 
+from launchgate.config import Config, HostPort
+
 log = structlog.get_logger("launchgate")
+
+# The restart-only settings the supervisor started with, handed to every worker it starts: a
+# worker started again after the file changed must not listen elsewhere or count in another
+# ledger than its siblings (found by QA: one port served two ledgers, a license spent twice).
+RUNNING_ENV = "LAUNCHGATE_WORKER_RUNNING"
+
+
+def running_values(config: Config) -> str:
+    """``config``'s restart-only settings, for ``RUNNING_ENV``."""
+    return json.dumps(
+        {
+            "store_url": config.store_url,
+            "audit_path": str(config.audit_path),
+            "listen": [config.listen.host, config.listen.port],
+            "admin_listen": [config.admin_listen.host, config.admin_listen.port],
+        }
+    )
+
+
+def as_running(config: Config, values: str) -> Config:
+    """``config`` (as the file says now) with the supervisor's restart-only settings."""
+    running = json.loads(values)
+    return dataclasses.replace(
+        config,
+        store_url=running["store_url"],
+        audit_path=Path(running["audit_path"]),
+        listen=HostPort(*running["listen"]),
+        admin_listen=HostPort(*running["admin_listen"]),
+    )
+
 
 RESTART_DELAY_S = 1.0
 
@@ -34,11 +68,16 @@ def _spawn(
     return subprocess.Popen([*command, "--worker-index", str(index), *again], env=env)
 
 
-def supervise(config_path: Path, workers: int) -> int:
+def supervise(config: Config, workers: int) -> int:
     """Run ``workers`` worker processes until SIGTERM/SIGINT; returns the exit status."""
+    config_path = config.source
     stopping = False
     with tempfile.TemporaryDirectory(prefix="launchgate-metrics-") as metrics_dir:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            RUNNING_ENV: running_values(config),
+        }
         procs = {i: _spawn(config_path, i, env) for i in range(workers)}
 
         def forward(signum: int, _: FrameType | None) -> None:
