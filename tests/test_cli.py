@@ -1413,3 +1413,22 @@ def test_generated_key_issues_tokens_the_gateway_accepts(
         )["reason"]
         == "token_unknown_key"
     )
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(config_path: Path) -> None:
+    """`launchgate licenses list | head -1` printed a BrokenPipeError traceback (section 1:
+    never a Python traceback; found by black-box QA)."""
+    for i in range(300):  # more than a pipe holds
+        reserve(config_path, f"lic-{i:03d}", 8, f"d-{i}")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "launchgate", "licenses", "list", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.readline()
+    child.stdout.close()  # as `head -1` does
+    err = child.stderr.read().decode()
+    child.stderr.close()
+    assert child.wait(timeout=60) != 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err

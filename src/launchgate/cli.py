@@ -586,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # argparse exits after --help; main() returns the status instead.
             return e.code if isinstance(e.code, int) else 0
         result: int = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
         return result
     except (UsageError, ConfigError) as e:
         print(f"launchgate: error: {e}", file=sys.stderr)
@@ -595,3 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`licenses list | head`): no traceback, and none at exit when
+        # Python flushes stdout into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
