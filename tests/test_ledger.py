@@ -698,14 +698,26 @@ async def test_a_ledger_that_may_not_create_finds_none_unavailable(tmp_path: Pat
         await store.close()
 
 
-async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
-    """/readyz said 200 while a lock held elsewhere made every reservation wait out its busy
-    timeout and fail: a ping now takes the write lock, waiting a quarter second at most."""
-    path = tmp_path / "ledger.sqlite3"
-    store = SqliteLedger(path)
+@contextlib.asynccontextmanager
+async def another_connection_beside(
+    path: Path, **options: Any
+) -> AsyncIterator[tuple[SqliteLedger, sqlite3.Connection]]:
+    """An open SQLite ledger at ``path``, and a connection of another's to it (to hold its
+    write lock as another process would)."""
+    store = SqliteLedger(path, **options)
     await store.open()
     other = sqlite3.connect(path, isolation_level=None)
     try:
+        yield store, other
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """/readyz said 200 while a lock held elsewhere made every reservation wait out its busy
+    timeout and fail: a ping now takes the write lock, waiting a quarter second at most."""
+    async with another_connection_beside(tmp_path / "ledger.sqlite3") as (store, other):
         other.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="locked"):
@@ -719,9 +731,6 @@ async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: P
         await asyncio.sleep(0.6)
         other.execute("COMMIT")
         assert (await pending).outcome is ReserveOutcome.RESERVED
-    finally:
-        other.close()
-        await store.close()
 
 
 async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_it_out(
@@ -731,11 +740,10 @@ async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_
     busy timeout for its 503. After one write has waited it out, writes fail at once for a
     second, then one tries again (alone: the rest still fail at once), and all is well again
     once it gets through."""
-    path = tmp_path / "ledger.sqlite3"
-    store = SqliteLedger(path, busy_timeout_s=0.3)
-    await store.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with another_connection_beside(tmp_path / "ledger.sqlite3", busy_timeout_s=0.3) as (
+        store,
+        other,
+    ):
         other.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="locked"):
@@ -757,18 +765,11 @@ async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_
         other.execute("COMMIT")
         assert (await probe).outcome is ReserveOutcome.RESERVED
         assert (await reserve(store, "d14", 8)).outcome is ReserveOutcome.RESERVED
-    finally:
-        other.close()
-        await store.close()
 
 
 async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
     """While another process holds the write lock, reserve waits off the loop, then succeeds."""
-    path = tmp_path / "ledger.sqlite3"
-    store = SqliteLedger(path)
-    await store.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with another_connection_beside(tmp_path / "ledger.sqlite3") as (store, other):
         other.execute("BEGIN IMMEDIATE")
         pending = asyncio.create_task(reserve(store, "d1", 8))
         started = time.monotonic()
@@ -777,9 +778,6 @@ async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) 
         assert not pending.done()
         other.execute("COMMIT")
         assert (await pending).outcome is ReserveOutcome.RESERVED
-    finally:
-        other.close()
-        await store.close()
 
 
 # --- idempotency keys -----------------------------------------------------------------------
@@ -1402,11 +1400,10 @@ async def test_a_batch_that_cannot_begin_fails_at_once(tmp_path: Path) -> None:
 
 async def test_a_lock_held_past_the_busy_timeout_is_store_unavailable(tmp_path: Path) -> None:
     """A write lock that is not released in time fails closed as StoreUnavailable."""
-    path = tmp_path / "ledger.sqlite3"
-    store = SqliteLedger(path, busy_timeout_s=0.2)
-    await store.open()
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
+    async with another_connection_beside(tmp_path / "ledger.sqlite3", busy_timeout_s=0.2) as (
+        store,
+        other,
+    ):
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreUnavailable) as caught:
             await reserve(store, "d1", 8)
@@ -1415,9 +1412,6 @@ async def test_a_lock_held_past_the_busy_timeout_is_store_unavailable(tmp_path: 
         # Once the lock is gone the same ledger works again, from its next try on (a second on).
         await asyncio.sleep(1.0)
         assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
-    finally:
-        other.close()
-        await store.close()
 
 
 def _directory_in_place_of_the_file(tmp_path: Path) -> Path:
