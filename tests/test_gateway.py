@@ -1119,3 +1119,24 @@ async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
             break
         await asyncio.sleep(0.05)
     assert reservation is not None and reservation.state == "settled_unknown"
+
+
+async def test_a_token_reissued_under_a_jti_with_less_is_held_to_its_own_quantity(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """The ledger keeps the quantity of the first token it saw for a jti. Found by QA: a token
+    re-issued under that jti for 4 launched 12 against the first one's 64. Each launch is now
+    held to its own token's quantity too; what it would have reserved past it is given back."""
+    gw = await start_gateway()
+    first = make_token(jti="lic-reissued", max_accelerators=64)
+    smaller = make_token(jti="lic-reissued", max_accelerators=12)
+    assert (await gw.launch(token=first))[0] == 201  # 8 used
+    status, body, _ = await gw.launch(token=smaller)  # 8 more would make 16 > 12
+    assert (status, body["reason"]) == (403, "license_exhausted")
+    assert "4 of 12" in body["detail"]
+    state = await gw.license("lic-reissued")
+    assert (state.used, state.reserved, state.max_accelerators) == (8, 0, 64)
+    assert len([r for r in await gw.stub_requests() if r["method"] == "POST"]) == 1
+    [*_, record] = [r for r in gw.decisions() if r["event"] == "launch.decision"]
+    assert (record["reason"], record["reserved"]) == ("license_exhausted", None)
+    assert (await gw.launch(token=first))[0] == 201  # the first token's 64 still hold: 16 used

@@ -18,6 +18,7 @@ from launchgate.policy import (
     malformed,
     store_unavailable,
     with_ledger_state,
+    within_token,
 )
 from launchgate.tokens import License
 
@@ -323,3 +324,20 @@ def test_a_retry_to_an_upstream_that_would_launch_again_is_refused(config: Confi
         409,
     )
     assert "01FIRST" in decided.detail and "not sent again" in decided.detail
+
+
+def test_within_token_holds_a_reservation_to_the_tokens_own_quantity() -> None:
+    """Only a reservation made past the token's own max turns into EXHAUSTED, reckoned without
+    itself (it is given back); anything else is left as the ledger said."""
+    made = ReserveResult(ReserveOutcome.RESERVED, 64, used=8, reserved=8, requested=8)
+    assert within_token(made, 64) is made and within_token(made, 16) is made
+    held = within_token(made, 12)
+    assert (held.outcome, held.max_accelerators, held.used, held.reserved) == (
+        ReserveOutcome.EXHAUSTED,
+        12,
+        8,
+        0,
+    )
+    assert held.remaining == 4
+    refused = ReserveResult(ReserveOutcome.EXHAUSTED, 4, used=4, reserved=0, requested=8)
+    assert within_token(refused, 64) is refused

@@ -44,6 +44,7 @@ from launchgate.policy import (
     refused,
     store_unavailable,
     verdict,
+    within_token,
 )
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
@@ -309,6 +310,7 @@ async def reserve_license(
     now = time.time()  # one time for the reservation and for both judgements of its answer
 
     def judged(result: ReserveResult) -> Decision:
+        result = within_token(result, license.max_accelerators)
         # A retry of a launch already counted goes on only to an upstream that will not launch
         # it again: see ``idempotency.replay_sent_on``.
         sent_on = result.replay_of is not None and replay_sent_on(
@@ -359,7 +361,10 @@ async def reserve_license(
         if result.outcome is ReserveOutcome.RESERVED:  # nothing was forwarded: give it back
             await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
         raise written.failure
-    return judged(result), result, written.written
+    held = within_token(result, license.max_accelerators)
+    if held is not result:  # past this token's own quantity: not a reservation after all
+        await asyncio.shield(gateway.ledger.release(decision_id, now=time.time()))
+    return judged(result), held, written.written
 
 
 def _give_back(
