@@ -32,6 +32,7 @@ from typing import Any, Final
 import structlog
 
 from launchgate.errors import ConfigError
+from launchgate.files import same_file
 from launchgate.jobthread import JobThread
 
 log = structlog.get_logger("launchgate")
@@ -336,16 +337,6 @@ def _head_of(fd: int, path: Path) -> tuple[int, str, int]:
     return seq, head, size
 
 
-def _same_file(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open as ``fd``."""
-    try:
-        at_path = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
-
-
 # Called once per write with the records just written and their lines, in order.
 Written = Callable[[list[dict[str, Any]], list[bytes]], None]
 _Batch = list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]
@@ -570,10 +561,10 @@ class AuditLog:
         """The exclusive lock on the file now at the path: reopened first if it has moved, and
         again if it moved while this waited for the lock (another worker writing)."""
         for _ in range(3):
-            if not _same_file(self._path, self._fd):
+            if not same_file(self._path, self._fd):
                 self._reopen()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-            if _same_file(self._path, self._fd):
+            if same_file(self._path, self._fd):
                 break
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         else:  # moved three times over: write where it stands now

@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
+from launchgate.files import same_file
 from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
@@ -103,15 +104,6 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
 log = structlog.get_logger("launchgate")
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path``; None when there is none."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _bound_outcome(
@@ -432,10 +424,9 @@ class SqliteLedger:
         self._create = create  # False: a ledger not there is unavailable, never made anew
         self._thread = JobThread("launchgate-ledger")
         self._conn: sqlite3.Connection | None = None  # touched only on the ledger thread
-        self._identity: tuple[int, int] | None = None  # (device, inode) of the file it has open
         # The file held open from the first connection to close(), whatever connections come
-        # and go: its inode cannot be freed and given to another file that would then pass for
-        # it (an empty ledger made at the same path reused the number).
+        # and go: the ledger this process uses. Its inode cannot be freed and given to another
+        # file that would then pass for it (an empty ledger made at the same path reused it).
         self._pin = -1
         self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
@@ -745,26 +736,25 @@ class SqliteLedger:
         return unavailable
 
     def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            if _file_identity(self._path) == self._identity:
-                return self._conn
-            # Removed or replaced under us: writes to the old file would count against a ledger
-            # nobody reads any more (a license spent twice over), so let go of it.
-            log.error("store.ledger_file_changed", path=str(self._path))
-            self._disconnect()
-        if self._identity is not None and _file_identity(self._path) != self._identity:
-            # Once opened, only that file, until a restart: whatever is at the path now (nothing,
-            # an empty ledger another process made, a copy with an old WAL beside it) may not
-            # know what every license has spent.
+        if self._pin >= 0 and not same_file(self._path, self._pin):
+            # Removed or replaced under us. Writes to the old file would count against a ledger
+            # nobody reads any more (a license spent twice over), and whatever is at the path
+            # now (nothing, an empty ledger another process made, a copy with an old WAL beside
+            # it) may not know what every license has spent: only a restart takes it up.
+            if self._conn is not None:
+                log.error("store.ledger_file_changed", path=str(self._path))
+                self._disconnect()
             raise StoreUnavailable(
                 f"ledger {self._path} was removed or replaced while in use; restart the"
                 " gateway to use what is at that path now",
                 late=False,
             )
-        if self._identity is None and self._create:
+        if self._conn is not None:
+            return self._conn
+        if self._pin < 0 and self._create:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             target, uri = str(self._path), False
-        elif _file_identity(self._path) is None:
+        elif not self._path.exists():
             raise StoreUnavailable(
                 f"ledger {self._path} is not there, and this process does not create one",
                 late=False,
@@ -786,12 +776,10 @@ class SqliteLedger:
             self._migrate(conn)
             if self._pin < 0:
                 self._pin = os.open(self._path, os.O_RDONLY)
-            opened = os.fstat(self._pin)
-            identity = (opened.st_dev, opened.st_ino)
         except BaseException:
             conn.close()
             raise
-        self._conn, self._identity = conn, identity
+        self._conn = conn
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
