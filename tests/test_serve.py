@@ -19,7 +19,7 @@ import pytest
 from conftest import H100_SKU, RESTRICTED, SHIPPED, UNRESTRICTED, Keys, MakeToken, write_config
 from launchgate import workers
 from launchgate.audit import verify_file
-from launchgate.config import load_config
+from launchgate.config import RestartOnly, load_config
 
 LAUNCHGATE = [sys.executable, "-m", "launchgate"]
 
@@ -410,7 +410,7 @@ async def test_a_worker_keeps_the_restart_only_settings_its_supervisor_started_w
         server={"listen": f"127.0.0.1:{free_port()}", "admin_listen": "127.0.0.1:0"},
         store={"url": f"sqlite:{tmp_path / 'now' / 'ledger.sqlite3'}"},
     )
-    monkeypatch.setenv(workers.RUNNING_ENV, workers.running_values(load_config(started_with)))
+    monkeypatch.setenv(workers.RUNNING_ENV, RestartOnly.of(load_config(started_with)).to_json())
     gateway = await spawn("serve", "--config", str(now), "--worker-index", "0")
     try:
         started = json.loads(await gateway.wait_for_line("gateway.started"))

@@ -86,10 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return supervise(config, args.workers)
     if args.worker_index is not None:
-        from launchgate.workers import RUNNING_ENV, as_running
+        from launchgate.config import RestartOnly
+        from launchgate.workers import RUNNING_ENV
 
         if RUNNING_ENV in os.environ:
-            config = as_running(config, os.environ[RUNNING_ENV])
+            config = RestartOnly.from_json(os.environ[RUNNING_ENV]).applied_to(config)
     try:
         run(config, worker=args.worker_index, create_store=not args.respawned)
     except OSError as e:

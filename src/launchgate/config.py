@@ -7,9 +7,10 @@ file and key at fault, shown to staff verbatim.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -77,6 +78,52 @@ class Config:
     @property
     def enforcing(self) -> bool:
         return self.mode == "enforce"
+
+
+@dataclass(frozen=True, slots=True)
+class RestartOnly:
+    """The settings a gateway applies only when it starts: a reload keeps them as they run,
+    and so does a worker started again by ``--workers`` (whatever the file says by then)."""
+
+    store_url: str
+    audit_path: Path
+    listen: HostPort
+    admin_listen: HostPort
+
+    @classmethod
+    def of(cls, config: Config) -> RestartOnly:
+        return cls(config.store_url, config.audit_path, config.listen, config.admin_listen)
+
+    def changed_keys(self, other: RestartOnly) -> list[str]:
+        """The configuration keys, as staff write them, whose values ``other`` changes."""
+        return [
+            key
+            for key, old, new in (
+                ("store.url", self.store_url, other.store_url),
+                ("audit.path", self.audit_path, other.audit_path),
+                ("server.listen", self.listen, other.listen),
+                ("server.admin_listen", self.admin_listen, other.admin_listen),
+            )
+            if old != new
+        ]
+
+    def applied_to(self, config: Config) -> Config:
+        return replace(
+            config,
+            store_url=self.store_url,
+            audit_path=self.audit_path,
+            listen=self.listen,
+            admin_listen=self.admin_listen,
+        )
+
+    def to_json(self) -> str:
+        listeners = astuple(self.listen), astuple(self.admin_listen)
+        return json.dumps([self.store_url, str(self.audit_path), *listeners])
+
+    @classmethod
+    def from_json(cls, text: str) -> RestartOnly:
+        store_url, audit_path, listen, admin_listen = json.loads(text)
+        return cls(store_url, Path(audit_path), HostPort(*listen), HostPort(*admin_listen))
 
 
 class _Section:

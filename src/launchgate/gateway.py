@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from launchgate.config import Config, load_config
+from launchgate.config import Config, RestartOnly, load_config
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import Ledger, open_ledger
 from launchgate.metrics import Metrics
@@ -140,27 +139,12 @@ class Gateway:
             self.metrics.reloads.labels("failed").inc()
             log.error("config.reload_failed", error=f"{type(e).__name__} while loading {path}")
             return False
-        running = self.config
-        kept = [
-            name
-            for name, old, new in (
-                ("store.url", running.store_url, config.store_url),
-                ("audit.path", running.audit_path, config.audit_path),
-                ("server.listen", running.listen, config.listen),
-                ("server.admin_listen", running.admin_listen, config.admin_listen),
-            )
-            if old != new
-        ]
+        running = RestartOnly.of(self.config)
+        kept = running.changed_keys(RestartOnly.of(config))
         if kept:
             log.warning("config.reload_needs_restart", keys=kept)
             # The running configuration says what runs: these keep their values until a restart.
-            config = dataclasses.replace(
-                config,
-                store_url=running.store_url,
-                audit_path=running.audit_path,
-                listen=running.listen,
-                admin_listen=running.admin_listen,
-            )
+            config = running.applied_to(config)
         self.verifier = make_verifier(config)
         self.config = config
         self.metrics.reloads.labels("ok").inc()

@@ -9,8 +9,6 @@ prometheus-client's multiprocess mode; worker 0 serves the admin listener.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +20,7 @@ from types import FrameType
 
 import structlog
 
-from launchgate.config import Config, HostPort
+from launchgate.config import Config, RestartOnly
 
 log = structlog.get_logger("launchgate")
 
@@ -30,32 +28,6 @@ log = structlog.get_logger("launchgate")
 # worker started again after the file changed must not listen elsewhere or count in another
 # ledger than its siblings (found by QA: one port served two ledgers, a license spent twice).
 RUNNING_ENV = "LAUNCHGATE_WORKER_RUNNING"
-
-
-def running_values(config: Config) -> str:
-    """``config``'s restart-only settings, for ``RUNNING_ENV``."""
-    return json.dumps(
-        {
-            "store_url": config.store_url,
-            "audit_path": str(config.audit_path),
-            "listen": [config.listen.host, config.listen.port],
-            "admin_listen": [config.admin_listen.host, config.admin_listen.port],
-        }
-    )
-
-
-def as_running(config: Config, values: str) -> Config:
-    """``config`` (as the file says now) with the supervisor's restart-only settings."""
-    running = json.loads(values)
-    return dataclasses.replace(
-        config,
-        store_url=running["store_url"],
-        audit_path=Path(running["audit_path"]),
-        listen=HostPort(*running["listen"]),
-        admin_listen=HostPort(*running["admin_listen"]),
-    )
-
-
 RESTART_DELAY_S = 1.0
 
 
@@ -76,7 +48,7 @@ def supervise(config: Config, workers: int) -> int:
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-            RUNNING_ENV: running_values(config),
+            RUNNING_ENV: RestartOnly.of(config).to_json(),
         }
         procs = {i: _spawn(config_path, i, env) for i in range(workers)}
 
