@@ -351,7 +351,7 @@ async def reserve_license(
             # reserve what nobody would settle: make sure it holds nothing, in the background.
             # (Shadow mode forwards the launch all the same: a reservation that lands is then
             # left for the sweeper to count as used, the outcome being unknown.)
-            gateway.keep(_abandon(gateway, config, decision_id, license.jti))
+            gateway.keep(_abandon(gateway, decision_id, license.jti))
         return store_unavailable(decision), None, False
     except asyncio.CancelledError:
         # Nothing will be forwarded: once the reservation is made, give it back.
@@ -391,12 +391,11 @@ _RETRY_MAX_S = 10.0
 _MAX_RETRYING = 1000
 
 
-async def _abandon(gateway: Gateway, config: Config, decision_id: str, jti: str) -> None:
+async def _abandon(gateway: Gateway, decision_id: str, jti: str) -> None:
     """Abandon the reservation a failed reserve call may still make (``Ledger.abandon``)."""
     note = "the reservation call failed; nothing was forwarded"
     await _keep_trying(
         gateway,
-        config,
         lambda: gateway.ledger.abandon(decision_id, jti, now=time.time(), note=note),
         ("store.reservation_abandoned", "store.abandon_failed"),
         decision_id=decision_id,
@@ -405,7 +404,6 @@ async def _abandon(gateway: Gateway, config: Config, decision_id: str, jti: str)
 
 async def _keep_trying(
     gateway: Gateway,
-    config: Config,
     attempt: Callable[[], Awaitable[None]],
     events: tuple[str, str],
     **fields: Any,
@@ -421,7 +419,7 @@ async def _keep_trying(
         return
     gateway.retrying += 1
     try:
-        give_up_at = time.monotonic() + config.reservation_ttl_s
+        give_up_at = time.monotonic() + gateway.config.reservation_ttl_s
         delay = _RETRY_FIRST_S
         attempts = 1
         while True:
@@ -608,7 +606,6 @@ async def _settle(
         gateway.keep(
             _keep_trying(
                 gateway,
-                gateway.config,
                 lambda: _apply(gateway.ledger, decision_id, how, None),
                 ("store.settled_on_retry", "store.settle_retry_failed"),
                 decision_id=decision_id,

@@ -47,7 +47,8 @@ def _non_finite(value: object, key: str = "") -> str | None:
         items = ((f"{key}[{i}]", item) for i, item in enumerate(value))
     else:
         return None
-    return next((found for name, item in items if (found := _non_finite(item, name))), None)
+    found = (_non_finite(item, name) for name, item in items)
+    return next((key for key in found if key is not None), None)
 
 
 def only_tables(data: Mapping[str, Any], allowed: set[str], source: str) -> None:
