@@ -1121,6 +1121,32 @@ async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
     assert reservation is not None and reservation.state == "settled_unknown"
 
 
+async def test_a_second_token_under_a_jti_for_another_account_cannot_spend_it(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """A jti names one license. Found in review: a token issued in error under another
+    account's jti launched against that account's license (both accounts drew on one
+    quantity). The ledger keeps the account it first saw; a token for another account is
+    refused (token_account_mismatch), nothing is forwarded, and neither quantity moves."""
+    gw = await start_gateway()
+    first = make_token(jti="lic-shared", max_accelerators=64)
+    other = make_token(jti="lic-shared", account="acct-2002", max_accelerators=64)
+    assert (await gw.launch(token=first))[0] == 201  # 8 used, on record for acct-2001
+    status, body, _ = await gw.launch(account="acct-2002", token=other)
+    assert (status, body["reason"]) == (403, "token_account_mismatch")
+    assert "another account" in body["detail"] and "acct-2001" not in body["detail"]
+    state = await gw.license("lic-shared")
+    assert (state.account, state.used, state.reserved) == ("acct-2001", 8, 0)
+    assert len([r for r in await gw.stub_requests() if r["method"] == "POST"]) == 1
+    [*_, record] = [r for r in gw.decisions() if r["event"] == "launch.decision"]
+    assert (record["reason"], record["account"], record["reserved"]) == (
+        "token_account_mismatch",
+        "acct-2002",
+        None,
+    )
+    assert (await gw.launch(token=first))[0] == 201  # the license's own account goes on
+
+
 async def test_a_token_reissued_under_a_jti_with_less_is_held_to_its_own_quantity(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

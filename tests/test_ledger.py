@@ -543,6 +543,54 @@ async def test_revoke_after_use_denies_further_launches(ledger: Ledger) -> None:
         assert (result.used, result.reserved) == (8, 0)
 
 
+async def test_a_license_on_record_for_another_account_is_not_spent(ledger: Ledger) -> None:
+    """A jti names one license: the account of its first sighting holds it. A reservation for
+    another account under that jti (a second token issued in error) is OTHER_ACCOUNT, on the
+    fast path and with an idempotency key alike, and changes nothing."""
+    await reserve(ledger, "d1", 8)
+    for key in (None, "key-1"):
+        result = await ledger.reserve(
+            jti="lic-42",
+            account="acct-2002",
+            max_accelerators=64,
+            expires=EXPIRES,
+            amount=8,
+            decision_id=f"d-other-{key}",
+            now=T0 + 1,
+            idempotency_key=key,
+            fingerprint=None if key is None else "fp",
+        )
+        assert (result.outcome, result.used, result.reserved) == (
+            ReserveOutcome.OTHER_ACCOUNT,
+            0,
+            8,
+        )
+        assert await ledger.reservation(f"d-other-{key}") is None
+    assert await ledger.idempotency_key("acct-2002", "key-1") is None
+    state = await ledger.license("lic-42")
+    assert state is not None
+    assert (state.account, state.used, state.reserved) == ("acct-2001", 0, 8)
+
+
+async def test_a_license_revoked_before_first_sight_is_refused_as_revoked_for_any_account(
+    ledger: Ledger,
+) -> None:
+    """Revocation comes first: a jti revoked before any launch takes no account, and stays
+    refused as revoked whoever presents it."""
+    await ledger.revoke("lic-42", reason=None, now=T0)
+    assert (await reserve(ledger, "d1", 8)).outcome is ReserveOutcome.REVOKED
+    result = await ledger.reserve(
+        jti="lic-42",
+        account="acct-2002",
+        max_accelerators=64,
+        expires=EXPIRES,
+        amount=8,
+        decision_id="d2",
+        now=T0 + 1,
+    )
+    assert result.outcome is ReserveOutcome.REVOKED
+
+
 async def test_revoking_twice_reports_false_and_keeps_the_first_reason(ledger: Ledger) -> None:
     """revoke is idempotent: the second call returns False and changes nothing."""
     assert await ledger.revoke("lic-42", reason="first", now=T0) is True

@@ -139,7 +139,9 @@ async def test_a_version_2_store_is_upgraded_and_keeps_its_reservations(
     monkeypatch.undo()
     store = PostgresLedger(url)
     async with open_stores(store), connect(url) as conn:
-        assert await conn.fetchval("SELECT version FROM launchgate_schema_version") == 3
+        assert (
+            await conn.fetchval("SELECT version FROM launchgate_schema_version") == SCHEMA_VERSION
+        )
         result = await reserve(store, "after", 16)
         assert (result.outcome, result.reserved) == (ReserveOutcome.RESERVED, 24)
         before = await store.reservation("before")

@@ -266,19 +266,26 @@ def test_ledger_rows(config: Config) -> None:
     assert after_reservation(
         licensed, ReserveResult(ReserveOutcome.RESERVED, 64, 0, 16, 16)
     ).allowed
+    other = after_reservation(licensed, ReserveResult(ReserveOutcome.OTHER_ACCOUNT, 64, 8, 0, 16))
+    assert (other.reason, other.status) == ("token_account_mismatch", 403)
+    assert other.detail.startswith("license lic-1 is on record for another account")
 
 
 def test_offline_ledger_view(config: Config) -> None:
     """`decide` judges rows 19-20 from the ledger's state without reserving."""
     licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))
 
-    def state(used: int, revoked: bool = False) -> LicenseState:
-        return LicenseState("lic-1", RESTRICTED, 64, used, 0, revoked, None, None, 2e9, 0.0)
+    def state(used: int, revoked: bool = False, account: str | None = RESTRICTED) -> LicenseState:
+        return LicenseState("lic-1", account, 64, used, 0, revoked, None, None, 2e9, 0.0)
 
     assert with_ledger_state(licensed, None).reason == "licensed"
     assert with_ledger_state(licensed, state(48)).reason == "licensed"
     assert with_ledger_state(licensed, state(49)).reason == "license_exhausted"
     assert with_ledger_state(licensed, state(0, revoked=True)).reason == "license_revoked"
+    assert with_ledger_state(licensed, state(0, account="acct-2002")).reason == (
+        "token_account_mismatch"
+    )
+    assert with_ledger_state(licensed, state(0, account=None)).reason == "licensed"  # revoke-made
 
 
 def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:

@@ -57,6 +57,9 @@ class ReserveOutcome(enum.Enum):
     # The idempotency key is bound to an earlier reservation still reserved: its first attempt
     # has not completed, so whether to count this one is not yet known.
     IN_PROGRESS = "in_progress"
+    # The license is on record for another account: a second token was issued under its jti
+    # (a jti names one license). Nothing is reserved; neither account's quantity is touched.
+    OTHER_ACCOUNT = "other_account"
 
 
 @dataclass(frozen=True, slots=True)

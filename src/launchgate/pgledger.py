@@ -73,6 +73,126 @@ __all__ = ["SCHEMA_VERSION", "PostgresLedger"]
 # pg_advisory_xact_lock key ('launchga'): replicas starting together migrate one after another.
 _MIGRATION_LOCK: Final = 0x6C61756E63686761
 
+
+def _amended(sql: str, *edits: tuple[str, str]) -> str:
+    """``sql`` with each (old, new) edit made; each ``old`` must occur exactly once."""
+    for old, new in edits:
+        if sql.count(old) != 1:
+            raise AssertionError(f"migration text: {old!r} must occur once")
+        sql = sql.replace(old, new)
+    return sql
+
+
+# Migration 2's reservation function (described there); migration 4 amends it.
+_RESERVE_KEYED_2: Final = """
+            CREATE FUNCTION launchgate_reserve_keyed(
+                p_jti text, p_account text, p_max bigint, p_expires double precision,
+                p_amount bigint, p_decision_id text, p_now double precision,
+                p_key text, p_fingerprint text,
+                OUT o_outcome text, OUT o_max bigint, OUT o_used bigint, OUT o_reserved bigint,
+                OUT o_replay_of text
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                is_revoked boolean;
+                claimed boolean := false;
+                bound_fingerprint text;
+                bound_state text;
+            BEGIN
+                -- As in launchgate_reserve: the caller waits for durability with _DURABLE.
+                PERFORM set_config('synchronous_commit', 'off', true);
+                INSERT INTO launchgate_licenses AS l
+                    (jti, account, max_accelerators, expires, first_seen)
+                VALUES (p_jti, p_account, p_max, p_expires, p_now)
+                ON CONFLICT (jti) DO UPDATE SET
+                    account = COALESCE(l.account, EXCLUDED.account),
+                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
+                    expires = COALESCE(l.expires, EXCLUDED.expires),
+                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
+                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked
+                INTO o_max, o_used, o_reserved, is_revoked;
+                IF is_revoked THEN
+                    o_outcome := 'revoked';
+                    RETURN;
+                END IF;
+                IF p_key IS NOT NULL THEN
+                    -- Claim the key, or lock the row of the reservation that holds it. An
+                    -- insert that meets an uncommitted claim waits for it to end, then inserts
+                    -- (the claim was withdrawn) or finds the committed row.
+                    LOOP
+                        INSERT INTO launchgate_idempotency_keys
+                            (account, key, fingerprint, decision_id, bound_at)
+                        VALUES (p_account, p_key, p_fingerprint, p_decision_id, p_now)
+                        ON CONFLICT (account, key) DO NOTHING;
+                        IF FOUND THEN
+                            claimed := true;
+                            EXIT;
+                        END IF;
+                        SELECT k.fingerprint, k.decision_id, r.state
+                        INTO bound_fingerprint, o_replay_of, bound_state
+                        FROM launchgate_idempotency_keys AS k
+                        LEFT JOIN launchgate_reservations AS r USING (decision_id)
+                        WHERE k.account = p_account AND k.key = p_key
+                        FOR UPDATE OF k;
+                        EXIT WHEN FOUND;
+                    END LOOP;
+                    IF NOT claimed THEN
+                        IF bound_fingerprint <> p_fingerprint THEN
+                            o_outcome := 'conflict';
+                            RETURN;
+                        ELSIF bound_state = 'reserved' THEN
+                            o_outcome := 'in_progress';
+                            RETURN;
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            o_outcome := 'replayed';
+                            RETURN;
+                        END IF;
+                        -- Released: nothing was counted under the key; reserve anew.
+                        o_replay_of := NULL;
+                    END IF;
+                END IF;
+                IF o_used + o_reserved + p_amount > o_max THEN
+                    IF claimed THEN  -- only a reservation binds a key
+                        DELETE FROM launchgate_idempotency_keys
+                        WHERE account = p_account AND key = p_key;
+                    END IF;
+                    o_outcome := 'exhausted';
+                    RETURN;
+                END IF;
+                INSERT INTO launchgate_reservations
+                    (decision_id, jti, amount, state, created_at)
+                VALUES (p_decision_id, p_jti, p_amount, 'reserved', p_now);
+                UPDATE launchgate_licenses SET reserved = reserved + p_amount WHERE jti = p_jti;
+                IF p_key IS NOT NULL AND NOT claimed THEN
+                    UPDATE launchgate_idempotency_keys
+                    SET decision_id = p_decision_id, bound_at = p_now
+                    WHERE account = p_account AND key = p_key;
+                END IF;
+                o_reserved := o_reserved + p_amount;
+                o_outcome := 'reserved';
+            END
+            $$
+            """
+# Migration 4: the same function, refusing a license on record for another account (a second
+# token issued under its jti: a jti names one license) instead of spending it.
+_RESERVE_KEYED_4: Final = _amended(
+    _RESERVE_KEYED_2,
+    ("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"),
+    ("is_revoked boolean;\n", "is_revoked boolean;\n                on_record_for text;\n"),
+    (
+        "l.revoked\n                INTO o_max, o_used, o_reserved, is_revoked;",
+        "l.revoked, l.account\n                INTO o_max, o_used, o_reserved, is_revoked,"
+        " on_record_for;",
+    ),
+    (
+        "o_outcome := 'revoked';\n                    RETURN;\n                END IF;\n",
+        "o_outcome := 'revoked';\n                    RETURN;\n                END IF;\n"
+        "                IF on_record_for <> p_account THEN\n"
+        "                    o_outcome := 'other_account';\n"
+        "                    RETURN;\n"
+        "                END IF;\n",
+    ),
+)
+
 _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         1,
@@ -170,94 +290,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # launchgate_reserve with an optional idempotency key (see Ledger.reserve). The
             # license row is locked first, then the key row: every caller takes them in this
             # order, so two attempts with one key queue on the key even under two licenses.
-            """
-            CREATE FUNCTION launchgate_reserve_keyed(
-                p_jti text, p_account text, p_max bigint, p_expires double precision,
-                p_amount bigint, p_decision_id text, p_now double precision,
-                p_key text, p_fingerprint text,
-                OUT o_outcome text, OUT o_max bigint, OUT o_used bigint, OUT o_reserved bigint,
-                OUT o_replay_of text
-            ) LANGUAGE plpgsql AS $$
-            DECLARE
-                is_revoked boolean;
-                claimed boolean := false;
-                bound_fingerprint text;
-                bound_state text;
-            BEGIN
-                -- As in launchgate_reserve: the caller waits for durability with _DURABLE.
-                PERFORM set_config('synchronous_commit', 'off', true);
-                INSERT INTO launchgate_licenses AS l
-                    (jti, account, max_accelerators, expires, first_seen)
-                VALUES (p_jti, p_account, p_max, p_expires, p_now)
-                ON CONFLICT (jti) DO UPDATE SET
-                    account = COALESCE(l.account, EXCLUDED.account),
-                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
-                    expires = COALESCE(l.expires, EXCLUDED.expires),
-                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
-                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked
-                INTO o_max, o_used, o_reserved, is_revoked;
-                IF is_revoked THEN
-                    o_outcome := 'revoked';
-                    RETURN;
-                END IF;
-                IF p_key IS NOT NULL THEN
-                    -- Claim the key, or lock the row of the reservation that holds it. An
-                    -- insert that meets an uncommitted claim waits for it to end, then inserts
-                    -- (the claim was withdrawn) or finds the committed row.
-                    LOOP
-                        INSERT INTO launchgate_idempotency_keys
-                            (account, key, fingerprint, decision_id, bound_at)
-                        VALUES (p_account, p_key, p_fingerprint, p_decision_id, p_now)
-                        ON CONFLICT (account, key) DO NOTHING;
-                        IF FOUND THEN
-                            claimed := true;
-                            EXIT;
-                        END IF;
-                        SELECT k.fingerprint, k.decision_id, r.state
-                        INTO bound_fingerprint, o_replay_of, bound_state
-                        FROM launchgate_idempotency_keys AS k
-                        LEFT JOIN launchgate_reservations AS r USING (decision_id)
-                        WHERE k.account = p_account AND k.key = p_key
-                        FOR UPDATE OF k;
-                        EXIT WHEN FOUND;
-                    END LOOP;
-                    IF NOT claimed THEN
-                        IF bound_fingerprint <> p_fingerprint THEN
-                            o_outcome := 'conflict';
-                            RETURN;
-                        ELSIF bound_state = 'reserved' THEN
-                            o_outcome := 'in_progress';
-                            RETURN;
-                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
-                            o_outcome := 'replayed';
-                            RETURN;
-                        END IF;
-                        -- Released: nothing was counted under the key; reserve anew.
-                        o_replay_of := NULL;
-                    END IF;
-                END IF;
-                IF o_used + o_reserved + p_amount > o_max THEN
-                    IF claimed THEN  -- only a reservation binds a key
-                        DELETE FROM launchgate_idempotency_keys
-                        WHERE account = p_account AND key = p_key;
-                    END IF;
-                    o_outcome := 'exhausted';
-                    RETURN;
-                END IF;
-                INSERT INTO launchgate_reservations
-                    (decision_id, jti, amount, state, created_at)
-                VALUES (p_decision_id, p_jti, p_amount, 'reserved', p_now);
-                UPDATE launchgate_licenses SET reserved = reserved + p_amount WHERE jti = p_jti;
-                IF p_key IS NOT NULL AND NOT claimed THEN
-                    UPDATE launchgate_idempotency_keys
-                    SET decision_id = p_decision_id, bound_at = p_now
-                    WHERE account = p_account AND key = p_key;
-                END IF;
-                o_reserved := o_reserved + p_amount;
-                o_outcome := 'reserved';
-            END
-            $$
-            """,
+            _RESERVE_KEYED_2,
         ),
     ),
     (
@@ -292,6 +325,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             END
             $$
             """,
+        ),
+    ),
+    (
+        4,
+        (
+            # launchgate_reserve_keyed refuses a license on record for another account (a
+            # second token issued under one jti) instead of spending it; otherwise as in 2.
+            _RESERVE_KEYED_4,
         ),
     ),
 )

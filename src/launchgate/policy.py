@@ -277,6 +277,14 @@ def after_reservation(
     outcome = result.outcome
     if outcome is ReserveOutcome.REVOKED:
         return verdict(decision, "license_revoked", 403, f"license {jti} has been revoked")
+    if outcome is ReserveOutcome.OTHER_ACCOUNT:
+        # Row 15 as the ledger sees it. The other account is not named: the answer goes to
+        # the caller, and the decision record keeps the token's license fields.
+        detail = (
+            f"license {jti} is on record for another account; a license id (jti) names one"
+            " license, so this token cannot draw on it"
+        )
+        return verdict(decision, "token_account_mismatch", 403, detail)
     if outcome is ReserveOutcome.EXHAUSTED:
         detail = (
             f"license {jti} has {result.remaining} of {result.max_accelerators} accelerators left; "
@@ -321,6 +329,8 @@ def with_ledger_state(decision: Decision, state: LicenseState | None) -> Decisio
     used, reserved = (state.used, state.reserved) if state else (0, 0)
     if state and state.revoked:
         outcome = ReserveOutcome.REVOKED
+    elif state and state.account is not None and state.account != license.sub:
+        outcome = ReserveOutcome.OTHER_ACCOUNT
     elif used + reserved + decision.reserve > maximum:
         outcome = ReserveOutcome.EXHAUSTED
     else:

@@ -136,11 +136,12 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 # or with others in a batch); none opens or ends one itself.
 
 
-# Takes ``amount`` (?2) from license ?1 if its row is complete, it is not revoked and it has
-# room; returns the counters after. fetchall(): a RETURNING statement must finish before COMMIT.
+# Takes ``amount`` (?2) from license ?1 if its row is complete, is on record for account ?3, is
+# not revoked and has room; returns the counters after. fetchall(): a RETURNING statement must
+# finish before COMMIT.
 _TAKE: Final = (
     "UPDATE licenses SET reserved = reserved + ?2"
-    " WHERE jti = ?1 AND revoked = 0 AND account IS NOT NULL AND expires IS NOT NULL"
+    " WHERE jti = ?1 AND revoked = 0 AND account = ?3 AND expires IS NOT NULL"
     " AND first_seen IS NOT NULL AND used + reserved + ?2 <= max_accelerators"
     " RETURNING max_accelerators, used, reserved"
 )
@@ -165,9 +166,9 @@ def _reserve(
 ) -> ReserveResult:
     if idempotency_key is None:
         # The usual launch, in one statement: a complete, unrevoked license row with room for
-        # ``amount`` takes it. Anything else (first sighting, revoked, exhausted) goes the long
-        # way below, which tells them apart.
-        taken = conn.execute(_TAKE, (jti, amount)).fetchall()
+        # ``amount`` takes it. Anything else (first sighting, revoked, another account's,
+        # exhausted) goes the long way below, which tells them apart.
+        taken = conn.execute(_TAKE, (jti, amount, account)).fetchall()
         if taken:
             _insert_reservation(conn, decision_id, jti, amount, now)
             [(max_acc, used, reserved)] = taken
@@ -194,6 +195,8 @@ def _reserve(
     bound: str | None = None
     if revoked:
         outcome = ReserveOutcome.REVOKED
+    elif row[4] != account:
+        outcome = ReserveOutcome.OTHER_ACCOUNT
     elif idempotency_key is not None and fingerprint is not None:
         row = conn.execute(
             "SELECT k.fingerprint, k.decision_id, r.state FROM idempotency_keys AS k"
