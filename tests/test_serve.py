@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from conftest import H100_SKU, RESTRICTED, SHIPPED, UNRESTRICTED, Keys, MakeToken, write_config
 from launchgate import workers
@@ -385,6 +387,65 @@ def test_workers_are_started_again_with_respawned(monkeypatch: pytest.MonkeyPatc
     workers._spawn(Path("lg.toml"), 0, {}, respawn=True)
     assert "--respawned" not in argvs[0]
     assert argvs[1][-1] == "--respawned"
+
+
+def test_restart_delays_double_while_a_worker_dies_young_and_reset_once_it_lived() -> None:
+    """1, 2, 4, ... 60 s for a worker that keeps dying at start; 1 s again after a long life."""
+    backoff = workers.Backoff()
+    delays = [backoff.after_death(lived_s=0.5) for _ in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert backoff.after_death(lived_s=45) == 1
+    assert backoff.after_death(lived_s=0.5) == 2
+
+
+def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: a worker that could not start (its configuration had become invalid on
+    disk) was started again every 1.4 s for as long as the supervisor ran. Over 5 minutes it
+    is now started again 9 times, not about 200; its healthy sibling is left alone, and a
+    stop ends the supervisor without starting anything more."""
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", keys))
+    clock = [0.0]
+    spawned: list[tuple[float, int]] = []
+    handlers: dict[int, Any] = {}
+
+    class Proc:
+        def __init__(self, index: int) -> None:
+            self.pid, self.index = 1000 + len(spawned), index
+            self.returncode: int | None = None
+            self.born = clock[0]
+
+        def poll(self) -> int | None:
+            if self.returncode is None and self.index == 1 and clock[0] - self.born >= 0.5:
+                self.returncode = 2  # worker 1 fails at start, every time
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            self.returncode = -signum
+
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
+        spawned.append((clock[0], index))
+        return Proc(index)
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if clock[0] >= 300 and signal.SIGTERM in handlers:
+            handlers.pop(signal.SIGTERM)(signal.SIGTERM, None)
+
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
+    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    with structlog.testing.capture_logs() as logs:
+        assert workers.supervise(config, 2) == 1  # a worker failed
+    starts = [at for at, index in spawned if index == 1]
+    assert [index for _, index in spawned].count(0) == 1
+    assert len(starts) == 10  # the first start and 9 more
+    pauses = [round(b - a) for a, b in itertools.pairwise(starts)]
+    assert pauses == [2, 3, 5, 9, 17, 33, 61, 61, 61]  # each pause: the backoff, plus 0.5 s alive
+    died = [e for e in logs if e["event"] == "worker.died"]
+    assert [e["restart_in_s"] for e in died][:3] == [1, 2, 4]
 
 
 async def test_a_worker_keeps_the_restart_only_settings_its_supervisor_started_with(

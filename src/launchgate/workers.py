@@ -28,7 +28,29 @@ log = structlog.get_logger("launchgate")
 # worker started again after the file changed must not listen elsewhere or count in another
 # ledger than its siblings (found by QA: one port served two ledgers, a license spent twice).
 RUNNING_ENV = "LAUNCHGATE_WORKER_RUNNING"
-RESTART_DELAY_S = 1.0
+
+
+class Backoff:
+    """When to start a worker again after it died: 1 s after its death, doubling for each
+    death that follows a short life (a worker that cannot start: a configuration that became
+    invalid on disk, a port taken) up to 60 s, and back to 1 s once a worker has lived
+    ``settled_s``. Found by QA: a worker that could not start was started again every 1.4 s
+    for as long as the supervisor ran, each time logging a failure and loading everything."""
+
+    first_s = 1.0
+    max_s = 60.0
+    settled_s = 30.0
+
+    def __init__(self) -> None:
+        self._delay_s = 0.0
+
+    def after_death(self, lived_s: float) -> float:
+        """The delay before the next start of a worker that died after ``lived_s``."""
+        if lived_s >= self.settled_s or self._delay_s == 0.0:
+            self._delay_s = self.first_s
+        else:
+            self._delay_s = min(self._delay_s * 2, self.max_s)
+        return self._delay_s
 
 
 def _spawn(
@@ -51,6 +73,9 @@ def supervise(config: Config, workers: int) -> int:
             RUNNING_ENV: RestartOnly.of(config).to_json(),
         }
         procs = {i: _spawn(config_path, i, env) for i in range(workers)}
+        started = dict.fromkeys(procs, time.monotonic())
+        backoff = {i: Backoff() for i in procs}
+        restart_at: dict[int, float] = {}  # dead workers: when to start each again
 
         def forward(signum: int, _: FrameType | None) -> None:
             nonlocal stopping
@@ -66,13 +91,24 @@ def supervise(config: Config, workers: int) -> int:
         log.info("workers.started", workers=workers, pids=[p.pid for p in procs.values()])
         while True:
             time.sleep(0.2)
+            now = time.monotonic()
             for index, proc in list(procs.items()):
-                code = proc.poll()
-                if code is None or stopping:
+                if stopping:
+                    break
+                if index in restart_at:
+                    if now >= restart_at[index]:
+                        del restart_at[index]
+                        procs[index] = _spawn(config_path, index, env, respawn=True)
+                        started[index] = now
                     continue
-                log.error("worker.died", worker=index, pid=proc.pid, exit_code=code)
-                time.sleep(RESTART_DELAY_S)
-                procs[index] = _spawn(config_path, index, env, respawn=True)
+                code = proc.poll()
+                if code is None:
+                    continue
+                delay = backoff[index].after_death(now - started[index])
+                restart_at[index] = now + delay
+                log.error(
+                    "worker.died", worker=index, pid=proc.pid, exit_code=code, restart_in_s=delay
+                )
             if stopping and all(p.poll() is not None for p in procs.values()):
                 break
     failed = [p.returncode for p in procs.values() if p.returncode not in (0, -signal.SIGTERM)]
