@@ -24,6 +24,7 @@ def test_shipped_config_loads() -> None:
     assert config.mode == "enforce"
     assert config.catalog.skus["p5.48xlarge"].accelerators_per_instance == 8
     assert config.reservation_ttl_s == 300
+    assert config.store_pool_size == 10
     assert config.upstream_deduplicates_idempotency_key is False  # the safe default
 
 
@@ -64,6 +65,10 @@ def test_shipped_config_loads() -> None:
             r"\[catalog\]\.file: /nonexistent/catalog\.toml: file not found",
         ),
         ({"store": {"url": "mysql://x"}}, r"mysql"),
+        ({"store": {"pool_size": 0}}, r"\[store\]\.pool_size: must be an integer >= 1"),
+        ({"store": {"pool_size": True}}, r"\[store\]\.pool_size: must be an integer >= 1"),
+        ({"store": {"pool_size": 2.5}}, r"\[store\]\.pool_size: must be an integer >= 1"),
+        ({"store": {"pool_size": 1001}}, r"\[store\]\.pool_size: must be at most 1000"),
         # Headers the gateway reads must be header names HTTP leaves free, and two of them.
         (
             {"identity": {"account_header": "X Account:Id"}},

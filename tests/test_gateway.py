@@ -1073,6 +1073,20 @@ async def test_a_reload_keeps_restart_only_keys_as_running_until_a_restart(
     assert [e["event"] for e in logs].count("config.reloaded") == 2
 
 
+async def test_the_store_pool_size_is_restart_only(start_gateway: StartGateway) -> None:
+    """The ledger's connections are made at start: a reload that changes [store] pool_size
+    warns and keeps the size that runs."""
+    h = await start_gateway(store={"pool_size": 4})
+    text = h.config_path.read_text()
+    assert "pool_size = 4" in text
+    h.config_path.write_text(text.replace("pool_size = 4", "pool_size = 7"))
+    with structlog.testing.capture_logs() as logs:
+        assert await h.gateway.reload(h.config_path)
+    assert h.gateway.config.store_pool_size == 4
+    warned = [e["keys"] for e in logs if e["event"] == "config.reload_needs_restart"]
+    assert warned == [["store.pool_size"]]
+
+
 async def test_a_reload_that_fails_unexpectedly_keeps_the_running_configuration(
     start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,7 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 import pytest
 
 from launchgate.errors import StoreUnavailable
-from launchgate.ledger import ReserveOutcome, migrate_store
+from launchgate.ledger import ReserveOutcome, migrate_store, open_ledger
 from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger
 from test_ledger import POSTGRES_DSN_VAR, T0, open_stores, postgres_schema, reserve
 
@@ -216,6 +216,26 @@ async def test_asynchronous_commits_do_not_leak_into_the_session(url: str) -> No
         # White-box: the one pooled connection that ran both.
         async with store._connection() as conn:
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def test_the_pool_size_bounds_the_connections_a_ledger_opens(
+    url: str, tmp_path: Path
+) -> None:
+    """[store] pool_size: 40 launches at once through a ledger of 3 connections use 3 sessions
+    of the database at most, and all of them are served."""
+    store = open_ledger(url, tmp_path, pool_size=3)
+    async with open_stores(store):
+        pids: set[int] = set()
+
+        async def launch(i: int) -> None:
+            assert (await reserve(store, f"d{i}", 1)).outcome is ReserveOutcome.RESERVED
+            async with store._connection() as pooled:  # type: ignore[attr-defined]  # white-box
+                pids.add(await pooled.fetchval("SELECT pg_backend_pid()"))
+
+        await asyncio.gather(*(launch(i) for i in range(40)))
+        assert 1 <= len(pids) <= 3
+        state = await store.license("lic-42")
+        assert state is not None and state.reserved == 40
 
 
 # --- several replicas ---------------------------------------------------------------------

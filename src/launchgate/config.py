@@ -63,6 +63,8 @@ class Config:
     audience: str
     leeway_s: float
     store_url: str
+    # Connections to PostgreSQL per gateway process, at most (SQLite has one, on its thread).
+    store_pool_size: int
     reservation_ttl_s: float
     audit_path: Path
     catalog: Catalog
@@ -86,13 +88,20 @@ class RestartOnly:
     and so does a worker started again by ``--workers`` (whatever the file says by then)."""
 
     store_url: str
+    store_pool_size: int
     audit_path: Path
     listen: HostPort
     admin_listen: HostPort
 
     @classmethod
     def of(cls, config: Config) -> RestartOnly:
-        return cls(config.store_url, config.audit_path, config.listen, config.admin_listen)
+        return cls(
+            config.store_url,
+            config.store_pool_size,
+            config.audit_path,
+            config.listen,
+            config.admin_listen,
+        )
 
     def changed_keys(self, other: RestartOnly) -> list[str]:
         """The configuration keys, as staff write them, whose values ``other`` changes."""
@@ -100,6 +109,7 @@ class RestartOnly:
             key
             for key, old, new in (
                 ("store.url", self.store_url, other.store_url),
+                ("store.pool_size", self.store_pool_size, other.store_pool_size),
                 ("audit.path", self.audit_path, other.audit_path),
                 ("server.listen", self.listen, other.listen),
                 ("server.admin_listen", self.admin_listen, other.admin_listen),
@@ -111,6 +121,7 @@ class RestartOnly:
         return replace(
             config,
             store_url=self.store_url,
+            store_pool_size=self.store_pool_size,
             audit_path=self.audit_path,
             listen=self.listen,
             admin_listen=self.admin_listen,
@@ -118,12 +129,15 @@ class RestartOnly:
 
     def to_json(self) -> str:
         listeners = astuple(self.listen), astuple(self.admin_listen)
-        return json.dumps([self.store_url, str(self.audit_path), *listeners])
+        store = [self.store_url, self.store_pool_size]
+        return json.dumps([*store, str(self.audit_path), *listeners])
 
     @classmethod
     def from_json(cls, text: str) -> RestartOnly:
-        store_url, audit_path, listen, admin_listen = json.loads(text)
-        return cls(store_url, Path(audit_path), HostPort(*listen), HostPort(*admin_listen))
+        store_url, pool_size, audit_path, listen, admin_listen = json.loads(text)
+        return cls(
+            store_url, pool_size, Path(audit_path), HostPort(*listen), HostPort(*admin_listen)
+        )
 
 
 class _Section:
@@ -195,6 +209,8 @@ class _Section:
 
 
 _REQUIRED = object()
+# A bound against a slip of the keyboard (PostgreSQL allows 100 connections by default).
+_MAX_POOL_SIZE: Final = 1000
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
 # Framing headers, the hop-by-hop ones (RFC 9110 7.6.1) that never reach the upstream, and
 # those the gateway sets: none can carry an account or a license token too.
@@ -255,7 +271,10 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     identity = _section(data, "identity", source, {"account_header"})
     tokens = _section(data, "tokens", source, {"header", "jwks", "issuers", "audience", "leeway_s"})
     jwks_path = tokens.path("jwks", base)
-    store = _section(data, "store", source, {"url", "reservation_ttl_s"})
+    store = _section(data, "store", source, {"url", "pool_size", "reservation_ttl_s"})
+    pool_size = store.integer("pool_size", 10)
+    if pool_size > _MAX_POOL_SIZE:
+        raise ConfigError(f"{store.where}.pool_size: must be at most {_MAX_POOL_SIZE}")
     audit = _section(data, "audit", source, {"path"})
     catalog = _section(data, "catalog", source, {"file"})
     accounts = _section(data, "accounts", source, {"file"})
@@ -316,6 +335,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         audience=tokens.text("audience", "launchgate"),
         leeway_s=tokens.number("leeway_s", 30, minimum=-1),
         store_url=store.text("url", "sqlite:data/ledger.sqlite3"),
+        store_pool_size=pool_size,
         reservation_ttl_s=store.number("reservation_ttl_s", 300),
         audit_path=audit.path("path", base),
         catalog=catalog.load("file", base, load_catalog),

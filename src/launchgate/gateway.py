@@ -37,7 +37,12 @@ class Gateway:
         self.config = config
         self.verifier = make_verifier(config)
         self.metrics = Metrics()
-        self.ledger: Ledger = open_ledger(config.store_url, config.base_dir, create=create_store)
+        self.ledger: Ledger = open_ledger(
+            config.store_url,
+            config.base_dir,
+            create=create_store,
+            pool_size=config.store_pool_size,
+        )
         self._recorder: Recorder | None = None
         self._upstream: UpstreamClient | None = None
         self._sweeper: asyncio.Task[None] | None = None

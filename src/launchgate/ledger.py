@@ -250,13 +250,14 @@ class Ledger(Protocol):
         """
 
 
-def open_ledger(url: str, base_dir: Path, *, create: bool = True) -> Ledger:
+def open_ledger(url: str, base_dir: Path, *, create: bool = True, pool_size: int = 10) -> Ledger:
     """Build the ledger named by ``[store] url``; does not connect (call ``open()``).
 
     ``sqlite:PATH`` (relative to ``base_dir``, the config file's folder, unless absolute) and
     ``sqlite:///abs/path`` select SQLite; ``postgresql://...`` (or ``postgres://``, optionally
     with ``?schema=NAME``) selects PostgreSQL. Raises ``ConfigError`` for anything else.
     Without ``create``, a SQLite ledger file that is not there is StoreUnavailable, not made.
+    ``pool_size``: PostgreSQL connections at most (SQLite uses one).
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
@@ -269,7 +270,7 @@ def open_ledger(url: str, base_dir: Path, *, create: bool = True) -> Ledger:
         # Imported here: asyncpg is loaded only where a PostgreSQL store is configured.
         from launchgate.pgledger import PostgresLedger
 
-        return PostgresLedger(url)
+        return PostgresLedger(url, max_size=pool_size)
     raise ConfigError(
         f"[store] url {_redact(url)!r}: unsupported store; expected 'sqlite:PATH'"
         " or 'postgresql://...'"
