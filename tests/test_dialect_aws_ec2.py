@@ -528,12 +528,14 @@ def test_unread_near_miss_names_pass_for_actions_that_launch_nothing() -> None:
         ("POST", "/", True),
         ("GET", "/", True),
         ("POST", "/anything/at/all", True),  # EC2 serves its API on any path
-        ("PUT", "/", False),
-        ("DELETE", "/x", False),
+        ("PUT", "/", True),  # found by QA: launched on the stub, unjudged
+        ("DELETE", "/x", True),
+        ("HEAD", "/", True),
+        ("PROPFIND", "/", True),
     ],
 )
-def test_claims_get_and_post_under_the_path(method: str, path: str, claimed: bool) -> None:
-    """The route claims every GET and POST under its path."""
+def test_claims_every_method_under_the_path(method: str, path: str, claimed: bool) -> None:
+    """The route claims every request under its path, whatever the method."""
     assert EC2.claims(method, path) is claimed
 
 
@@ -562,9 +564,9 @@ def test_build_rejects_bad_route_keys(table: dict[str, Any], message: str) -> No
 
 
 def test_build_defaults() -> None:
-    """The default route is mounted at / with no region, for GET and POST."""
+    """The default route is mounted at / with no region, for every method."""
     assert build({}, "r") == AwsEc2(path="/", region=None)
-    assert EC2.methods == {"GET", "POST"} and EC2.name == "aws-ec2"
+    assert {"GET", "POST", "PUT", "HEAD"} <= EC2.methods and EC2.name == "aws-ec2"
 
 
 # --- the strict Query reader: one reading or none --------------------------------------------

@@ -172,3 +172,18 @@ async def test_opaque_route_cannot_pass_for_restricted_accounts(shipped: Deploym
     assert (status, json.loads(body)["reason"]) == (403, "unknown_account")
     status, _, _ = await send(shipped, batch, "acct-1001")
     assert status == 404  # forwarded; the stub has no batch endpoint
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"])
+async def test_an_ec2_launch_by_any_method_is_judged(shipped: Deployment, method: str) -> None:
+    """Found by QA: RunInstances by PUT, PATCH, DELETE, OPTIONS or HEAD was forwarded unjudged
+    (the stub launched 4 H100 instances each time, and no record was written). Whatever the
+    method, an EC2 launch is judged: a restricted account without a license gets 403."""
+    query = "Action=RunInstances&InstanceType=p5.48xlarge&MinCount=1&MaxCount=4"
+    launch = Example("aws-ec2", method, f"/ec2/?{query}", FORM, b"", "p5.48xlarge", 0)
+    before = await stub_paths(shipped)
+    status, body, _ = await send(shipped, launch, "acct-2001")
+    assert status == 403
+    if method != "HEAD":
+        assert json.loads(body)["reason"] == "license_required"
+    assert await stub_paths(shipped) == before

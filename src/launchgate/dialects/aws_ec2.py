@@ -2,9 +2,12 @@
 
 Parameters come from the query string (GET), or the query string and an
 ``application/x-www-form-urlencoded`` body together (POST), read strictly by
-``dialects.query``. EC2 serves its API on any path, so the route claims every GET and
-POST under its ``path`` (default ``/``); an Action that cannot launch anything is no
-launch (``parse`` returns None) and is forwarded unjudged.
+``dialects.query``. EC2 serves its API on any path, so the route claims every request
+under its ``path`` (default ``/``), whatever its method: the Query protocol is GET and POST,
+but an upstream (or a stand-in) that took a PUT or a HEAD carrying ``Action=RunInstances``
+as a launch must not get it unjudged (found by QA: PUT, PATCH, DELETE, OPTIONS and HEAD
+launched on the stub and left no record). Other methods are read like a GET. An Action that
+cannot launch anything is no launch (``parse`` returns None) and is forwarded unjudged.
 
 Items per Action (reference launch_apis.md §1):
 
@@ -43,6 +46,10 @@ _ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
 _FORM: Final = "application/x-www-form-urlencoded"
 _HOST = re.compile(r"ec2\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2})\.amazonaws\.com")
 _WEIGHT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
+# What the route claims, for the overlap check of routes (``claims`` takes any method at all).
+_EVERY_METHOD: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +58,9 @@ class AwsEc2:
     region: str | None
     name: str = "aws-ec2"
     prefix: bool = True  # EC2 ignores the path: every request under it is an EC2 call
-    methods: frozenset[str] = field(default=frozenset({"GET", "POST"}))
+    methods: frozenset[str] = field(default=_EVERY_METHOD)
 
     def claims(self, method: str, path: str) -> bool:
-        if method not in self.methods:
-            return False
         return path == self.path or path.startswith(self.path.rstrip("/") + "/")
 
     def parse(self, request: LaunchRequest) -> Launch | None:
