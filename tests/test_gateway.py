@@ -314,6 +314,33 @@ async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) 
     assert await gw.stub_requests() == []
 
 
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json; charset=utf-7", 400),
+        ('application/json; charset="UTF-16"', 400),
+        ("text/plain; charset=iso-8859-1", 400),
+        ("application/json; charset=UTF-8", 201),
+        ("text/plain", 201),  # JSON sent as text, or as curl's form default: read as UTF-8
+        ("application/x-www-form-urlencoded", 201),
+    ],
+)
+async def test_a_generic_json_launch_body_in_another_charset_is_malformed(
+    start_gateway: StartGateway, content_type: str, status: int
+) -> None:
+    """The body is judged as UTF-8. Found by QA: told charset=utf-7, an upstream read
+    "+AGk-nstance_type" as a second instance_type key and launched 4 p5.48xlarge that the
+    gateway had judged an m7i.large (sku_not_controlled). A charset other than UTF-8 is 400."""
+    gw = await start_gateway()
+    body = b'{"instance_type":"m7i.large","+AGk-nstance_type":"p5.48xlarge","count":4}'
+    headers = {"Content-Type": content_type, "X-Account-Id": RESTRICTED}
+    async with gw.session.post(f"{gw.url}/v1/instances", data=body, headers=headers) as r:
+        assert r.status == status
+        if status == 400:
+            assert (await r.json(content_type=None))["reason"] == "malformed_request"
+    assert len(await gw.stub_requests()) == (status == 201)
+
+
 @pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
 async def test_method_override_headers_refused(start_gateway: StartGateway, header: str) -> None:
     """Method-override headers get 400 on any route, launch or not; on a launch route it is a

@@ -23,6 +23,7 @@ from launchgate.strict import (
     parse_query,
     require_identity_encoding,
     require_json_content_type,
+    require_utf8_charset,
     single_params,
 )
 
@@ -288,6 +289,28 @@ def test_require_json_content_type(pairs: tuple[tuple[str, str], ...], ok: bool)
     else:
         with pytest.raises(MalformedLaunch):
             require_json_content_type(headers(*pairs))
+
+
+@pytest.mark.parametrize(
+    ("pairs", "media"),
+    [
+        ((), None),
+        ((("Content-Type", "text/plain"),), "text/plain"),
+        ((("Content-Type", "application/json; charset=UTF8"),), "application/json"),
+        ((("Content-Type", "application/json; charset=utf-7"),), MalformedLaunch),
+        ((("Content-Type", "text/plain; q=1; charset=latin1"),), MalformedLaunch),
+        ((("Content-Type", "text/plain"), ("Content-Type", "text/plain")), MalformedLaunch),
+    ],
+)
+def test_require_utf8_charset(
+    pairs: tuple[tuple[str, str], ...], media: str | type[MalformedLaunch] | None
+) -> None:
+    """Any media type, one header at most, and a charset, if any, of UTF-8."""
+    if media is MalformedLaunch:
+        with pytest.raises(MalformedLaunch):
+            require_utf8_charset(headers(*pairs))
+    else:
+        assert require_utf8_charset(headers(*pairs)) == media
 
 
 PARAM_TEXT = st.text(st.characters(codec="utf-8"), max_size=6)

@@ -15,6 +15,7 @@ from launchgate.strict import (
     parse_count,
     parse_pointer,
     require_identity_encoding,
+    require_utf8_charset,
     resolve_pointer,
 )
 
@@ -41,6 +42,9 @@ class GenericJson:
 
     def parse(self, request: LaunchRequest) -> Launch:
         require_identity_encoding(request.headers)
+        # Any media type (clients send JSON as text/plain or as curl's form default), but the
+        # body is read as UTF-8 and so must be meant as UTF-8.
+        require_utf8_charset(request.headers)
         body = loads_json(request.body)
         sku = resolve_pointer(body, self.sku)
         if not isinstance(sku, str) or not sku:
