@@ -418,6 +418,13 @@ def test_autoscale_setting_for_another_resource_launches_nothing() -> None:
         # A leading "//" reads as a host to a URL parser, as a repeated slash to a path router.
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"/{VM}?{API}"}]}),
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"///{VM}?{API}"}]}),
+        # ... and as RFC 3986 resolves it, the host first (found by QA: forwarded unjudged).
+        (
+            "POST",
+            "/batch",
+            {"requests": [{"httpMethod": "PUT", "url": f"//management.azure.com{VM}?{API}"}]},
+        ),
+        ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"//h:443{VM}"}]}),
         (
             "POST",
             "/batch",

@@ -219,19 +219,29 @@ def _batch(call: _Call) -> Launch | None:
         if verb in _READ_ONLY:
             continue
         parts = urlsplit(url)
-        # A url without a scheme is a path, whatever it starts with: "//subscriptions/..." is a
-        # host to urlsplit but a repeated slash to a router, and it must be judged as the latter.
-        raw = parts.path if parts.scheme else url.partition("?")[0].partition("#")[0]
-        try:
-            path = normalize_path("/" + raw.lstrip("/"))
-        except (UnsafePath, ValueError) as e:
-            raise MalformedLaunch(f"a batch request's url cannot be normalized: {e}") from None
-        segments = _segments(path)
-        if segments[: len(call.base)] == list(call.base):
-            segments = segments[len(call.base) :]
-        if _endpoint(verb, segments) is not None:
-            return Launch((), call.region, "a launch inside a batch envelope")
+        # A url without a scheme starting with "//" has two readings: a repeated slash to a
+        # router ("//subscriptions/..."), a host to URL resolution (RFC 3986 5.2:
+        # "//management.azure.com/subscriptions/..."). Both are judged (found by QA, each in
+        # turn: either one alone let the other's launch through unjudged).
+        readings = [parts.path] if parts.scheme else [url.partition("?")[0].partition("#")[0]]
+        if not parts.scheme and parts.netloc:
+            readings.append(parts.path)
+        for raw in readings:
+            if _launches(call, verb, raw):
+                return Launch((), call.region, "a launch inside a batch envelope")
     return None
+
+
+def _launches(call: _Call, verb: str, raw: str) -> bool:
+    """Whether ``verb`` on the path ``raw`` (relative to the batch's route) is a launch."""
+    try:
+        path = normalize_path("/" + raw.lstrip("/"))
+    except (UnsafePath, ValueError) as e:
+        raise MalformedLaunch(f"a batch request's url cannot be normalized: {e}") from None
+    segments = _segments(path)
+    if segments[: len(call.base)] == list(call.base):
+        segments = segments[len(call.base) :]
+    return _endpoint(verb, segments) is not None
 
 
 def _no_method_override(entry: Mapping[str, Any]) -> None:
