@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from yarl import URL
 
 from conftest import (
     CPU_SKU,
@@ -314,6 +315,21 @@ async def test_compressed_launch_body_is_malformed(start_gateway: StartGateway) 
     assert await gw.stub_requests() == []
 
 
+async def test_a_claimed_request_that_launches_nothing_goes_on_the_path_it_was_read_on(
+    start_gateway: StartGateway,
+) -> None:
+    """Found by QA: an EC2 DescribeInstances (claimed by the route, read, no launch) was sent
+    on its raw path, "%2e%2e" segments and all, where a launch goes on the path it was judged
+    on. Both now go on the normalized path."""
+    gw = await start_gateway(routes=[{"dialect": "aws-ec2", "path": "/ec2"}])
+    raw = "/ec2/x/%2e%2e/y?Action=DescribeInstances"
+    url = URL(f"{gw.url}{raw}", encoded=True)  # sent as written, "%2e%2e" and all
+    async with gw.session.get(url, headers={"X-Account-Id": RESTRICTED}) as r:
+        assert r.status == 200
+    [sent] = await gw.stub_requests()
+    assert sent["path"] == "/ec2/y"
+
+
 @pytest.mark.parametrize(
     ("content_type", "status"),
     [
@@ -341,7 +357,18 @@ async def test_a_generic_json_launch_body_in_another_charset_is_malformed(
     assert len(await gw.stub_requests()) == (status == 201)
 
 
-@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        # The same to a CGI-style server (found by QA: these went through).
+        "X_HTTP_Method_Override",
+        "x-http_method",
+        "X_Method-Override",
+    ],
+)
 async def test_method_override_headers_refused(start_gateway: StartGateway, header: str) -> None:
     """Method-override headers get 400 on any route, launch or not; on a launch route it is a
     recorded launch decision (malformed_request) with its id."""

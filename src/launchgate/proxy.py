@@ -60,6 +60,7 @@ from launchgate.upstream import (
 log = structlog.get_logger("launchgate")
 
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_OVERRIDE_VARIABLES = frozenset(name.lower() for name in METHOD_OVERRIDES)
 DECISION_HEADER = "Launchgate-Decision-Id"
 
 
@@ -125,10 +126,8 @@ async def fail_closed(request: web.Request) -> web.StreamResponse:
 async def handle(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
     config = gateway.config  # one configuration for the whole request, whatever reloads do
-    headers = request.headers
-    for name in METHOD_OVERRIDES:
-        if name in headers:
-            return await refuse_override(request, gateway, config)
+    if _overrides_method(request.headers):
+        return await refuse_override(request, gateway, config)
     raw = request.raw_path
     if "#" in raw:  # RFC 9112 has no fragment in a request target; an upstream would drop it
         return problem("malformed_request", 400, "the request target carries a fragment ('#')")
@@ -195,7 +194,10 @@ async def handle_launch(
         decision = malformed(e.detail, account, token)
     else:
         if launch is None:  # claimed, but the body shows it launches nothing: not judged
-            return await forward(request, gateway, config, request.raw_path, body)
+            # Sent on the path read to find that (found by QA: the raw path went, and with
+            # "%2e%2e" segments it could name another resource than the one read).
+            target = path + (f"?{query}" if query else "")
+            return await forward(request, gateway, config, target, body)
         now = time.time()
         decision = decide(
             launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
@@ -275,6 +277,16 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
 
 def _as_variable(name: str) -> str:
     return name.lower().replace("_", "-")
+
+
+def _overrides_method(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the request carries a method-override header, also spelt with ``_`` for ``-``
+    (CGI-style servers read both as one variable; found by QA: "X_HTTP_Method_Override" went
+    through)."""
+    for name in METHOD_OVERRIDES:
+        if name in headers:
+            return True
+    return any("_" in key and _as_variable(key) in _OVERRIDE_VARIABLES for key in headers)
 
 
 def _replay_of(result: ReserveResult | None) -> str | None:
