@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -382,7 +384,9 @@ async def test_a_worker_started_again_does_not_create_the_ledger(
 def test_workers_are_started_again_with_respawned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a worker started again carries `--respawned`; the first start creates the ledger."""
     argvs: list[list[str]] = []
-    monkeypatch.setattr("launchgate.workers.subprocess.Popen", lambda argv, env: argvs.append(argv))
+    monkeypatch.setattr(
+        "launchgate.workers.subprocess.Popen", lambda argv, **kwargs: argvs.append(argv)
+    )
     workers._spawn(Path("lg.toml"), 0, {})
     workers._spawn(Path("lg.toml"), 0, {}, respawn=True)
     assert "--respawned" not in argvs[0]
@@ -409,6 +413,7 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
     clock = [0.0]
     spawned: list[tuple[float, int]] = []
     handlers: dict[int, Any] = {}
+    hups: list[int] = []
 
     class Proc:
         def __init__(self, index: int) -> None:
@@ -422,7 +427,10 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
             return self.returncode
 
         def send_signal(self, signum: int) -> None:
-            self.returncode = -signum
+            if signum == signal.SIGTERM:
+                self.returncode = -signum
+            else:
+                hups.append(self.index)
 
     def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
         spawned.append((clock[0], index))
@@ -446,6 +454,97 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
     assert pauses == [2, 3, 5, 9, 17, 33, 61, 61, 61]  # each pause: the backoff, plus 0.5 s alive
     died = [e for e in logs if e["event"] == "worker.died"]
     assert [e["restart_in_s"] for e in died][:3] == [1, 2, 4]
+    # Each time worker 1 starts again it reads the files as they are now, and so does its
+    # sibling (one port, one policy; found by QA: an edit never reloaded split the workers).
+    assert hups == [0] * 9
+
+
+def test_a_stop_while_workers_start_starts_no_more(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: SIGTERM while many workers started left the ones started running (the
+    handlers came after the last start). A stop now reaches every worker started, and ends
+    the starting."""
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", keys))
+    handlers: dict[int, Any] = {}
+    procs: list[Any] = []
+
+    class Proc:
+        pid, returncode = 1, None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            self.returncode = -signum
+
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
+        proc = Proc()
+        procs.append(proc)
+        if index == 2:  # SIGTERM arrives while the third worker starts
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        return proc
+
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    monkeypatch.setattr("launchgate.workers.time.sleep", lambda s: None)
+    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    assert workers.supervise(config, 10) == 0
+    assert len(procs) == 3
+    assert all(p.returncode == -signal.SIGTERM for p in procs)
+
+
+async def test_workers_end_with_their_supervisor_and_their_port_is_not_shared(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Found by QA: workers of a supervisor killed with SIGKILL served on, beyond its signals,
+    and a second `serve --workers` joined them on the port (SO_REUSEPORT) with another policy.
+    A second supervisor now refuses a port that is served (exit 2), and the kernel stops the
+    workers of a supervisor that died."""
+    listen, admin = free_port(), free_port()
+    config_path = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+    )
+    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
+    started: dict[str, Any] = {"pids": []}
+    try:
+        started = json.loads(await gateway.wait_for_line("workers.started"))
+        for index in (0, 1):
+            await gateway.wait_for_line(f'"worker": {index}', within_s=20)
+        second = await spawn("serve", "--config", str(config_path), "--workers", "2")
+        assert await asyncio.wait_for(second.proc.wait(), 30) == 2
+        assert await second.stop() == 2
+        [line] = second.lines
+        assert line.endswith(
+            f"{config_path}: cannot serve: 127.0.0.1:{listen}: address already in use"
+        )
+        gateway.proc.kill()
+        await gateway.proc.wait()
+        for _ in range(200):
+            alive = [pid for pid in started["pids"] if os.path.exists(f"/proc/{pid}")]
+            if not alive:
+                break
+            await asyncio.sleep(0.05)
+        assert alive == []
+    finally:
+        for pid in started["pids"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await gateway.stop()
+
+
+def test_workers_are_bounded() -> None:
+    """Found by QA: --workers 100000 started processes until the host choked."""
+    result = subprocess.run(
+        [*LAUNCHGATE, "serve", "--config", "nonexistent.toml", "--workers", "257"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("error: --workers: must be from 1 to 256")
 
 
 async def test_a_worker_keeps_the_restart_only_settings_its_supervisor_started_with(

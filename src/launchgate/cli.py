@@ -73,17 +73,25 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(Path(args.config))
 
 
+# Far beyond any useful count on one host (each worker is a process with its own event loop and
+# store connections); found by QA: --workers 100000 started processes until the host choked.
+MAX_WORKERS = 256
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from launchgate.logsetup import configure_logging
     from launchgate.server import run
 
     configure_logging()
-    if args.workers < 1:
-        raise UsageError("--workers: must be at least 1")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers: must be from 1 to {MAX_WORKERS}")
     config = _config(args)
     if args.workers > 1 and args.worker_index is None:
-        from launchgate.workers import supervise
+        from launchgate.workers import port_taken, supervise
 
+        for where in (config.listen, config.admin_listen):
+            if port_taken(where.host, where.port):
+                raise UsageError(f"{config.source}: cannot serve: {where}: address already in use")
         return supervise(config, args.workers)
     if args.worker_index is not None:
         from launchgate.config import RestartOnly
