@@ -835,3 +835,40 @@ def test_a_log_rotated_while_an_append_waits_for_the_lock_goes_to_the_new_file(
         log.close()
     assert seqs_in_file(tmp_path / "decisions.1.jsonl") == [1]
     assert seqs_in_file(path) == [1]  # a new chain in the new file
+
+
+def test_library_logs_leave_as_one_json_line_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by QA: during a database outage asyncpg wrote multi-line plain-text tracebacks to
+    stderr. What libraries log through `logging` (warnings and above) is a JSON line on stdout
+    like every other event, traceback and all; their info lines are not."""
+    import logging
+
+    import structlog
+
+    from launchgate.logsetup import configure_logging
+
+    out = StreamWrites()
+    monkeypatch.setattr("sys.stdout", out)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging()
+    try:
+        pool = logging.getLogger("asyncpg.pool")
+        pool.info("not this")
+        try:
+            raise ConnectionRefusedError("connection refused")
+        except ConnectionRefusedError:
+            pool.warning("Failed to restore the %s; retrying", "pool", exc_info=True)
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+    [line] = out.calls
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    event = json.loads(line)
+    assert (event["event"], event["logger"], event["level"]) == (
+        "library.log",
+        "asyncpg.pool",
+        "warning",
+    )
+    assert event["message"] == "Failed to restore the pool; retrying"
+    assert "ConnectionRefusedError: connection refused" in event["exception"]

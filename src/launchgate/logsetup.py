@@ -58,6 +58,24 @@ class LineLogger:
     fatal = failure = err = error = critical = exception = msg
 
 
+class _FromLibraries(logging.Handler):
+    """What libraries log through the standard ``logging`` module (asyncpg, aiohttp), as one
+    JSON line each like every other event (found by QA: asyncpg's multi-line tracebacks on
+    stderr during a database outage)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger("launchgate").log(
+                record.levelno,
+                "library.log",
+                logger=record.name,
+                message=record.getMessage(),
+                exc_info=record.exc_info or False,
+            )
+        except Exception:  # a log line must never take the gateway down
+            self.handleError(record)
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
@@ -74,3 +92,6 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
         logger_factory=lambda *_: LineLogger(),
         cache_logger_on_first_use=True,
     )
+    root = logging.getLogger()
+    root.handlers[:] = [_FromLibraries()]
+    root.setLevel(logging.WARNING)  # libraries' warnings and errors; not aiohttp's access log
