@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
+import structlog
 
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import (
@@ -779,6 +780,28 @@ async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: P
         await asyncio.sleep(0.6)
         other.execute("COMMIT")
         assert (await pending).outcome is ReserveOutcome.RESERVED
+
+
+async def test_a_failing_ledger_says_why_once_and_says_when_it_recovers(tmp_path: Path) -> None:
+    """Found by QA: launches got 503 store_unavailable and no log line said why. The ledger logs
+    store.failing with the error when writes start to fail, once however many fail, and
+    store.recovered when one gets through again."""
+    async with another_connection_beside(tmp_path / "ledger.sqlite3", busy_timeout_s=0.1) as (
+        store,
+        other,
+    ):
+        with structlog.testing.capture_logs() as logs:
+            other.execute("BEGIN IMMEDIATE")
+            for decision_id in ("d1", "d2", "d3"):
+                with pytest.raises(StoreUnavailable):
+                    await reserve(store, decision_id, 8)
+            other.execute("COMMIT")
+            await asyncio.sleep(1.1)  # past the second in which writes fail at once
+            assert (await reserve(store, "d4", 8)).outcome is ReserveOutcome.RESERVED
+            await reserve(store, "d5", 8)
+        events = [e for e in logs if e["event"].startswith("store.")]
+        assert [e["event"] for e in events] == ["store.failing", "store.recovered"]
+        assert "locked" in events[0]["error"]
 
 
 async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_it_out(

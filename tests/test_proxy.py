@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import shutil
 from typing import Any
 
@@ -282,6 +283,61 @@ async def test_a_data_folder_deleted_under_the_gateway_fails_licensed_launches_c
     ]
     assert not (data / "ledger.sqlite3").exists()
     assert len(await gw.stub_requests()) == 2  # the first licensed launch and the unrestricted
+
+
+async def test_readyz_503_while_the_decision_log_cannot_be_written(
+    start_gateway: StartGateway, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: with a folder put at the decision log's path, every launch failed (500,
+    nothing forwarded) while /readyz said ready, so a load balancer kept sending traffic.
+    /readyz now says 503 while the log's path is no regular file, refuses writes or has no
+    space behind it, and ready again once it can be written, without a launch."""
+    gw = await start_gateway()
+    admin = await _admin(gw, aiohttp_client)
+    log = gw.config.audit_path
+    assert (await admin.get("/readyz")).status == 200
+    log.rename(log.with_name("rotated.jsonl"))
+    log.mkdir()
+    ready = await admin.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["checks"]["audit"] == f"unwritable: {log}: not a regular file"
+    assert (await gw.launch(UNRESTRICTED))[0] == 500  # fails closed, as before
+    log.rmdir()
+    assert (await admin.get("/readyz")).status == 200  # the next record starts a new file
+
+    def full(path: Any) -> Any:
+        return type("Full", (), {"f_bavail": 0, "f_frsize": 4096})()
+
+    monkeypatch.setattr("launchgate.audit.os.statvfs", full)
+    assert (await gw.launch(UNRESTRICTED))[0] == 201  # the file is there again
+    ready = await admin.get("/readyz")
+    assert "no space left" in (await ready.json())["checks"]["audit"]
+    monkeypatch.undo()
+    monkeypatch.setattr("launchgate.audit.os.access", lambda path, mode: False)
+    ready = await admin.get("/readyz")
+    assert (ready.status, (await ready.json())["checks"]["audit"]) == (
+        503,
+        f"unwritable: {log}: not writable",
+    )
+
+
+async def test_readyz_503_while_the_ledger_files_refuse_writes(
+    start_gateway: StartGateway, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: with the ledger's files made immutable, licensed launches got 503 while
+    /readyz said the store was ok (taking the write lock writes nothing). White-box: the
+    immutable flag needs privileges a test does not have, so os.access stands in for it."""
+    gw = await start_gateway()
+    admin = await _admin(gw, aiohttp_client)
+    assert (await admin.get("/readyz")).status == 200
+    real = os.access
+    monkeypatch.setattr(
+        "launchgate.sqliteledger.os.access",
+        lambda path, mode: not str(path).endswith("-wal") and real(path, mode),
+    )
+    ready = await admin.get("/readyz")
+    assert ready.status == 503
+    assert (await ready.json())["checks"]["store"].endswith("ledger.sqlite3-wal is not writable")
 
 
 async def test_readyz_503_without_trusted_keys(

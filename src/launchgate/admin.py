@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from aiohttp import web
@@ -28,6 +29,9 @@ async def readyz(request: web.Request) -> web.Response:
         checks["store"] = "ok"
     except StoreUnavailable as e:
         checks["store"] = f"unavailable: {e}"
+    # No launch can be decided without its record: a log that cannot be written is not ready.
+    unwritable = await asyncio.to_thread(gateway.recorder.audit.writable)
+    checks["audit"] = "ok" if unwritable is None else f"unwritable: {unwritable}"
     ready = all(v == "ok" for v in checks.values()) and gateway.running
     body = {"ready": ready, "checks": checks, "trusted_keys": trusted}
     return web.json_response(body, status=200 if ready else 503)

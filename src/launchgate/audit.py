@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -396,6 +397,27 @@ class AuditLog:
     def path(self) -> Path:
         """The log file."""
         return self._path
+
+    def writable(self) -> str | None:
+        """Why the next record could not be written at the log's path, or None: the path is
+        not a regular file, or the file or its filesystem refuses writes (permissions, the
+        immutable flag, a read-only mount, no space). For /readyz, off the event loop. Found by
+        QA: /readyz said ready while every launch failed on a folder put at the path."""
+        path = self._path
+        try:
+            status = path.stat()
+        except FileNotFoundError:  # the next write starts the file anew (and its folders)
+            return None
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        if not stat.S_ISREG(status.st_mode):
+            return f"{path}: not a regular file"
+        if not os.access(path, os.W_OK):
+            return f"{path}: not writable"
+        space = os.statvfs(path)
+        if space.f_bavail * space.f_frsize < _MAX_RECORD_BYTES:
+            return f"{path}: no space left on its filesystem"
+        return None
 
     async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append ``record``; return a new dict, the record plus ``seq``, ``prev_hash``, ``hash``.

@@ -742,6 +742,8 @@ class PostgresLedger:
             pool = self._pool if self._pool is not None else await self._connect()
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 if probe:
+                    if self._failure is not None:
+                        log.info("store.recovered", store=self._name)
                     self._failure, self._probing, probe = None, False, False
                 try:
                     yield conn
@@ -778,6 +780,8 @@ class PostgresLedger:
     async def _trip(self, error: BaseException) -> None:
         """Remember the failure, fail fast until the retry time, and have stale pooled
         connections replaced (one that outlived a restart would fail one call after another)."""
+        if self._failure is None:  # says why once, not at every probe
+            log.error("store.failing", store=self._name, error=_describe(error))
         self._failure = error
         self._retry_at = time.monotonic() + self._retry_interval_s
         self._probing = False

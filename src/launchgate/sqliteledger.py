@@ -433,6 +433,7 @@ class SqliteLedger:
         self._pin = -1
         self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
+        self._failing = False  # on the ledger thread: whether store.failing was logged last
         # On the event loop only:
         self._queue: list[_Op] = []
         self._busy = False  # a batch is on the ledger thread
@@ -480,6 +481,11 @@ class SqliteLedger:
                 conn.execute("ROLLBACK")
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {wait}")
+            # Taking the lock writes nothing: a ledger whose files refuse writes (the immutable
+            # flag, a read-only mount) passed, while every reservation failed (found by QA).
+            for name in (self._path, *(Path(f"{self._path}{s}") for s in ("-wal", "-shm"))):
+                if name.exists() and not os.access(name, os.W_OK):
+                    raise sqlite3.OperationalError(f"{name} is not writable")
 
         await self._call(can_write, write=False)
 
@@ -677,6 +683,7 @@ class SqliteLedger:
             outcomes = self._run_together(batch)
         if outcomes is None:
             outcomes = [self._run_alone(op) for op in batch]
+        self._note_health(batch, outcomes)
         thens = [
             (op.then, value)
             for op, (ok, value) in zip(batch, outcomes, strict=True)
@@ -690,6 +697,19 @@ class SqliteLedger:
                     except Exception:  # ``then`` reports its own failures; this is a bug
                         log.exception("ledger.then_failed")
         return outcomes
+
+    def _note_health(self, batch: list[_Op], outcomes: list[_Outcome]) -> None:
+        """Log why the ledger fails when it starts to, and when writes get through again (found
+        by QA: launches got 503 store_unavailable and nothing said why)."""
+        failed = [v for ok, v in outcomes if not ok and isinstance(v, StoreUnavailable)]
+        if failed and not self._failing:
+            self._failing = True
+            log.error("store.failing", path=str(self._path), error=str(failed[0]))
+        elif self._failing and any(
+            ok and op.write for op, (ok, _) in zip(batch, outcomes, strict=True)
+        ):
+            self._failing = False
+            log.info("store.recovered", path=str(self._path))
 
     def _run_alone(self, op: _Op) -> _Outcome:
         try:
