@@ -15,6 +15,7 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from conftest import H100_SKU, RESTRICTED, Harness, Keys, MakeToken, StartGateway, write_config
+from launchgate.audit import verify_file
 from launchgate.config import load_config
 from launchgate.errors import StoreUnavailable
 from launchgate.gateway import Gateway
@@ -162,6 +163,10 @@ async def test_a_settlement_the_store_refused_is_made_later(
         assert status == upstream_status
         decision_id = headers["Launchgate-Decision-Id"]
         reservation = await once_settled(gw, decision_id)
+        for _ in range(250):  # the retry's record and log line follow the settlement
+            if any(e["event"] == "store.settled_on_retry" for e in logs):
+                break
+            await asyncio.sleep(0.02)
     assert reservation.state == state
     license_state = await gw.license("lic-settle")
     assert (license_state.used, license_state.reserved) == counted
@@ -171,6 +176,10 @@ async def test_a_settlement_the_store_refused_is_made_later(
         "store.settle_failed",
         "store.settled_on_retry",
     ]
+    # ... and the decision log says how it ended (found by QA: only stdout did).
+    [settled] = [r for r in gw.records() if r["event"] == "reservation.settled"]
+    assert (settled["decision_id"], settled["settlement"]) == (decision_id, state)
+    assert verify_file(gw.config.audit_path).ok
 
 
 async def test_stopping_does_not_wait_out_the_retries(

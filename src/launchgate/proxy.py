@@ -615,10 +615,25 @@ async def _settle(
         # for the sweeper to count as used whatever the answer was; settling is a no-op on a
         # reservation no longer reserved, so trying again is safe.
         log.error("store.settle_failed", decision_id=decision_id, settlement=settled, error=str(e))
+
+        async def settle_and_record() -> None:
+            await _apply(gateway.ledger, decision_id, how, None)
+            # The completion record says "pending": the log says how it ended (found by QA:
+            # only stdout did, and usage rebuilt from the log fell short of the ledger's).
+            try:
+                await gateway.recorder.event(
+                    "reservation.settled",
+                    decision_id=decision_id,
+                    settlement=settled,
+                    note="settled on a retry, after the store had failed",
+                )
+            except (OSError, ValueError) as e:
+                log.error("audit.write_failed", decision_id=decision_id, error=str(e))
+
         gateway.keep(
             _keep_trying(
                 gateway,
-                lambda: _apply(gateway.ledger, decision_id, how, None),
+                settle_and_record,
                 ("store.settled_on_retry", "store.settle_retry_failed"),
                 decision_id=decision_id,
                 settlement=settled,
