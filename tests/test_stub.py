@@ -491,6 +491,16 @@ async def test_nova_create_answers_202_with_the_server(client: Client) -> None:
     assert [i["instance_type"] for i in listed] == ["g1.a100x4", "g1.a100x4"]
 
 
+async def test_nova_reads_a_flavor_reference_as_nova_does(client: Client) -> None:
+    """The last segment of the reference's path, its query aside, as Nova and the gateway read
+    it (found by QA: "1?x=/g1.h100x8" launched g1.h100x8 on the stub, flavor 1 on Nova)."""
+    for ref in ("1?x=/g1.h100x8", "http://nova/v2.1/flavors/1?x=/g1.h100x8"):
+        response = await client.post("/v2.1/servers", json={"server": {"flavorRef": ref}})
+        assert response.status == 202
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert [i["instance_type"] for i in listed] == ["1", "1"]
+
+
 async def test_nova_reservation_id_and_actions(client: Client) -> None:
     """return_reservation_id answers a reservation id; a server action answers 202, empty."""
     body = {"server": {"flavorRef": "1", "return_reservation_id": "True", "min_count": "2"}}

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -438,6 +438,13 @@ def _ec2(request: web.Request) -> web.Response | None:
     )
 
 
+def _flavor_id(value: Any) -> Any:
+    """A flavorRef as Nova reads it (``common.get_id_from_href``): the last segment of the
+    reference's path, its query aside. Found by QA: "1?x=/g1.h100x8" launched g1.h100x8 here,
+    where Nova (and the gateway) read flavor 1."""
+    return urlsplit(value).path.rsplit("/", 1)[-1] if isinstance(value, str) else value
+
+
 def _last_segment(value: Any) -> Any:
     return value.rsplit("/", 1)[-1] if isinstance(value, str) else value
 
@@ -525,7 +532,7 @@ def _nova(request: web.Request) -> web.Response | None:
     server = body.get("server")
     server = server if isinstance(server, dict) else {}
     count = max(_how_many(server.get("min_count", 1)), _how_many(server.get("max_count", 1)))
-    flavor = _last_segment(server.get("flavorRef"))
+    flavor = _flavor_id(server.get("flavorRef"))
     launched = [Instance(str(uuid.uuid4()), flavor, None) for _ in range(count)]
     request.app[STUB_STATE_KEY].instances.extend(launched)
     if str(server.get("return_reservation_id", "")).lower() in ("true", "1", "yes", "on"):
