@@ -580,3 +580,23 @@ async def test_a_worker_keeps_the_restart_only_settings_its_supervisor_started_w
     assert started["store"] == f"sqlite:{tmp_path / 'then' / 'ledger.sqlite3'}"
     assert (tmp_path / "then" / "ledger.sqlite3").exists()
     assert not (tmp_path / "now" / "ledger.sqlite3").exists()
+
+
+@pytest.mark.parametrize("running", ['["sqlite:x", "d.jsonl", ["h", 1], ["h", 2]]', "{}", "nope"])
+def test_a_worker_of_a_supervisor_of_another_version_says_so(
+    tmp_path: Path, keys: Keys, running: str
+) -> None:
+    """Found by QA: upgraded in place under a running supervisor, a worker started again met
+    restart-only settings in an older shape and died with a traceback, every time. It now
+    exits 2 with one line saying to restart the supervisor."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", keys)
+    result = subprocess.run(
+        [*LAUNCHGATE, "serve", "--config", str(config), "--worker-index", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, workers.RUNNING_ENV: running},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("another version: restart it")
+    assert "Traceback" not in result.stderr

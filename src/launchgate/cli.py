@@ -98,7 +98,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from launchgate.workers import RUNNING_ENV
 
         if RUNNING_ENV in os.environ:
-            config = RestartOnly.from_json(os.environ[RUNNING_ENV]).applied_to(config)
+            try:
+                running = RestartOnly.from_json(os.environ[RUNNING_ENV])
+            except (ValueError, TypeError):  # found by QA: an upgrade under a running supervisor
+                raise UsageError(
+                    f"{RUNNING_ENV}: not what this launchgate reads; the supervisor was started"
+                    " by another version: restart it"
+                ) from None
+            config = running.applied_to(config)
     try:
         run(config, worker=args.worker_index, create_store=not args.respawned)
     except OSError as e:
