@@ -906,6 +906,40 @@ def test_revoke_refuses_what_cannot_be_a_license_id(
     assert json.loads(listed.out) == []
 
 
+def test_staff_commands_that_only_read_make_no_ledger(
+    capsys: pytest.CaptureFixture[str], config_path: Path, make_token: MakeToken
+) -> None:
+    """Found by QA: with the ledger missing (a mistyped path, a data folder emptied), `licenses
+    list`, `decide` and `token inspect` made an empty one and answered from it, and `token
+    revoke` wrote its revocation to it, all without a word. The reading commands now make
+    nothing and say on stderr that there is no ledger; revoke still makes it (a license may be
+    revoked before any gateway saw it) and says so too."""
+    ledger = config_path.parent / "ledger.sqlite3"
+    token = make_token(jti="lic-unseen")
+    listed = run_main(capsys, "licenses", "list", "--config", config_path, "--json")
+    assert (listed.code, json.loads(listed.out)) == (0, [])
+    assert listed.err == (
+        f"note: there is no ledger at {ledger} (no gateway on this configuration has used it yet)\n"
+    )
+    decided = run_main(
+        capsys,
+        *("decide", "--config", config_path, "--account", RESTRICTED, "--sku", H100_SKU),
+        *("--token", token),
+    )
+    assert (decided.code, json.loads(decided.out)["reason"]) == (0, "licensed")
+    inspected = run_main(capsys, "token", "inspect", "--config", config_path, token)
+    assert json.loads(inspected.out)["used"] == 0
+    assert "there is no ledger" in decided.err and "there is no ledger" in inspected.err
+    assert not ledger.exists()
+    revoked = run_main(capsys, "token", "revoke", "--config", config_path, "lic-unseen")
+    assert (revoked.code, revoked.out) == (0, "revoked lic-unseen\n")
+    assert "there is no ledger" in revoked.err
+    assert ledger.exists()
+    listed = run_main(capsys, "licenses", "list", "--config", config_path, "--json")
+    assert [r["jti"] for r in json.loads(listed.out)] == ["lic-unseen"]
+    assert listed.err == ""
+
+
 def test_licenses_list(
     capsys: pytest.CaptureFixture[str], config_path: Path, make_token: MakeToken
 ) -> None:

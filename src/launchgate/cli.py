@@ -205,6 +205,29 @@ def _run(coro_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coro_factory())
 
 
+def _no_ledger_yet(config: Any, *, say: bool = True) -> Path | None:
+    """The SQLite ledger file the configuration names, when there is none (yet), else None.
+
+    Staff commands that only read do not make one: an empty ledger at a mistyped or emptied
+    path would answer for the real one (found by QA: `licenses list` printed an empty table and
+    `decide` answered from a ledger it had just made). They say so on stderr.
+    """
+    from launchgate.ledger import open_ledger
+    from launchgate.sqliteledger import SqliteLedger
+
+    ledger = open_ledger(config.store_url, config.base_dir)  # does not connect
+    if isinstance(ledger, SqliteLedger) and not ledger.path.exists():
+        if not say:
+            return ledger.path
+        print(
+            f"note: there is no ledger at {ledger.path} (no gateway on this configuration has"
+            " used it yet)",
+            file=sys.stderr,
+        )
+        return ledger.path
+    return None
+
+
 def _read_token(text: str) -> str:
     return sys.stdin.read().strip() if text == "-" else text.strip()
 
@@ -232,12 +255,14 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     jti = claims.get("jti") if isinstance(claims, dict) else None
 
     async def ledger_view() -> dict[str, Any]:
-        ledger = open_ledger(config.store_url, config.base_dir)
-        try:
-            await ledger.open()
-            state = await ledger.license(jti) if isinstance(jti, str) else None
-        finally:
-            await ledger.close()
+        state = None
+        if isinstance(jti, str) and _no_ledger_yet(config) is None:
+            ledger = open_ledger(config.store_url, config.base_dir)
+            try:
+                await ledger.open()
+                state = await ledger.license(jti)
+            finally:
+                await ledger.close()
         max_acc = claims.get("max_accelerators") if isinstance(claims, dict) else None
         max_acc = (
             state.max_accelerators if state and state.max_accelerators is not None else max_acc
@@ -270,6 +295,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         raise UsageError(f"token revoke: not a license id: {args.jti!r}")
     config = _config(args)
 
+    # Made if missing: a license may be revoked before any gateway has seen it. Said, so that a
+    # mistyped path is noticed (found by QA: a revocation went to a ledger no gateway reads).
+    _no_ledger_yet(config)
+
     async def revoke() -> bool:
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
@@ -289,6 +318,8 @@ def cmd_licenses_list(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def fetch() -> list[Any]:
+        if _no_ledger_yet(config) is not None:
+            return []
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
@@ -349,6 +380,12 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
     audit = AuditLog.open(config.audit_path)
 
     async def give_back() -> Any:
+        missing = _no_ledger_yet(config, say=False)
+        if missing is not None:  # (one line for an error: it goes with it)
+            raise UsageError(
+                f"--decision: no reservation for decision {args.decision}"
+                f" (there is no ledger at {missing})"
+            )
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
@@ -404,6 +441,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
         jti = decision.license.jti
 
         async def state() -> Any:
+            if _no_ledger_yet(config) is not None:
+                return None
             ledger = open_ledger(config.store_url, config.base_dir)
             try:
                 await ledger.open()
