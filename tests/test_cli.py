@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +54,7 @@ from launchgate.gateway import make_verifier
 from launchgate.ledger import Ledger, LicenseState, open_ledger
 from launchgate.sqliteledger import SqliteLedger
 from launchgate.tokens import load_private_key
+from test_ledger import postgres_schema
 
 T = TypeVar("T")
 NOWHERE = "http://127.0.0.1:9"  # an upstream no CLI command ever calls
@@ -938,6 +940,37 @@ def test_staff_commands_that_only_read_make_no_ledger(
     listed = run_main(capsys, "licenses", "list", "--config", config_path, "--json")
     assert [r["jti"] for r in json.loads(listed.out)] == ["lic-unseen"]
     assert listed.err == ""
+
+
+async def test_staff_commands_that_only_read_make_no_postgresql_ledger(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The same on PostgreSQL (found by QA: a mistyped ?schema= was created by a revoke and
+    listed as an empty ledger): the reading commands create no schema, revoke does; both say
+    there was no ledger."""
+    async with postgres_schema() as url:
+        config = write_config(tmp_path, NOWHERE, keys, store={"url": url})
+        schema = url.rpartition("schema=")[2]
+
+        async def schema_exists() -> bool:
+            conn = await asyncpg.connect(url.partition("?")[0], timeout=5)
+            try:
+                found = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
+            finally:
+                await conn.close()
+            return bool(found == 1)
+
+        listed = await asyncio.to_thread(run_cli, "licenses", "list", "--config", config, "--json")
+        assert (listed.code, json.loads(listed.out)) == (0, [])
+        assert f"schema={schema}" in listed.err and "there is no ledger" in listed.err
+        assert not await schema_exists()
+        revoked = await asyncio.to_thread(
+            run_cli, "token", "revoke", "--config", config, "lic-unseen"
+        )
+        assert (revoked.code, "there is no ledger" in revoked.err) == (0, True)
+        assert await schema_exists()
+        listed = await asyncio.to_thread(run_cli, "licenses", "list", "--config", config, "--json")
+        assert ([r["jti"] for r in json.loads(listed.out)], listed.err) == (["lic-unseen"], "")
 
 
 def test_licenses_list(

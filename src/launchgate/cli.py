@@ -205,27 +205,34 @@ def _run(coro_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coro_factory())
 
 
-def _no_ledger_yet(config: Any, *, say: bool = True) -> Path | None:
-    """The SQLite ledger file the configuration names, when there is none (yet), else None.
+async def _no_ledger_yet(config: Any, *, say: bool = True) -> str | None:
+    """Where the configuration's ledger would be, when there is none there (yet), else None:
+    a SQLite file that does not exist, a PostgreSQL database or schema without its tables.
 
     Staff commands that only read do not make one: an empty ledger at a mistyped or emptied
-    path would answer for the real one (found by QA: `licenses list` printed an empty table and
-    `decide` answered from a ledger it had just made). They say so on stderr.
+    path would answer for the real one (found by QA: `licenses list` printed an empty table,
+    `decide` answered from a ledger it had just made, a mistyped schema was created). They say
+    so on stderr. Raises ``StoreUnavailable`` when a database cannot be asked.
     """
     from launchgate.ledger import open_ledger
     from launchgate.sqliteledger import SqliteLedger
 
     ledger = open_ledger(config.store_url, config.base_dir)  # does not connect
-    if isinstance(ledger, SqliteLedger) and not ledger.path.exists():
-        if not say:
-            return ledger.path
+    where: str | None = None
+    if isinstance(ledger, SqliteLedger):
+        where = None if ledger.path.exists() else str(ledger.path)
+    else:
+        from launchgate.pgledger import PostgresLedger  # (open_ledger has loaded it)
+
+        if isinstance(ledger, PostgresLedger) and not await ledger.exists():
+            where = ledger.name
+    if where is not None and say:
         print(
-            f"note: there is no ledger at {ledger.path} (no gateway on this configuration has"
-            " used it yet)",
+            f"note: there is no ledger at {where} (no gateway on this configuration has used it"
+            " yet)",
             file=sys.stderr,
         )
-        return ledger.path
-    return None
+    return where
 
 
 def _read_token(text: str) -> str:
@@ -256,7 +263,7 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
 
     async def ledger_view() -> dict[str, Any]:
         state = None
-        if isinstance(jti, str) and _no_ledger_yet(config) is None:
+        if isinstance(jti, str) and await _no_ledger_yet(config) is None:
             ledger = open_ledger(config.store_url, config.base_dir)
             try:
                 await ledger.open()
@@ -295,11 +302,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         raise UsageError(f"token revoke: not a license id: {args.jti!r}")
     config = _config(args)
 
-    # Made if missing: a license may be revoked before any gateway has seen it. Said, so that a
-    # mistyped path is noticed (found by QA: a revocation went to a ledger no gateway reads).
-    _no_ledger_yet(config)
-
     async def revoke() -> bool:
+        # Made if missing: a license may be revoked before any gateway has seen it. Said, so a
+        # mistyped path is noticed (found by QA: a revocation went to a ledger no gateway reads).
+        await _no_ledger_yet(config)
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
@@ -318,7 +324,7 @@ def cmd_licenses_list(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def fetch() -> list[Any]:
-        if _no_ledger_yet(config) is not None:
+        if await _no_ledger_yet(config) is not None:
             return []
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
@@ -380,7 +386,7 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
     audit = AuditLog.open(config.audit_path)
 
     async def give_back() -> Any:
-        missing = _no_ledger_yet(config, say=False)
+        missing = await _no_ledger_yet(config, say=False)
         if missing is not None:  # (one line for an error: it goes with it)
             raise UsageError(
                 f"--decision: no reservation for decision {args.decision}"
@@ -441,7 +447,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
         jti = decision.license.jti
 
         async def state() -> Any:
-            if _no_ledger_yet(config) is not None:
+            if await _no_ledger_yet(config) is not None:
                 return None
             ledger = open_ledger(config.store_url, config.base_dir)
             try:

@@ -498,6 +498,26 @@ class PostgresLedger:
         self._thens = JobThread("launchgate-ledger-then")
 
     @property
+    def name(self) -> str:
+        """The store's url without its password."""
+        return self._name
+
+    async def exists(self) -> bool:
+        """Whether the database (in the url's schema) holds a ledger, asked without making one;
+        ``StoreUnavailable`` when it cannot be asked."""
+        table = "launchgate_schema_version"
+        if self._schema is not None:
+            table = f'"{self._schema}".{table}'
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
+            try:
+                return await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table) is True
+            finally:
+                await conn.close()
+        except _STORE_ERRORS as e:
+            raise StoreUnavailable(f"ledger {self._name}: {_describe(e)}") from e
+
+    @property
     def schema(self) -> str | None:
         """The schema named by the url's ``?schema=``, or None for the connection's default."""
         return self._schema
