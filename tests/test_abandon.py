@@ -152,10 +152,10 @@ async def test_a_settlement_the_store_refused_is_made_later(
     real = getattr(gw.gateway.ledger, how)
     failures = [StoreUnavailable("the store is away for a moment")]
 
-    async def settle_once_failing(decision_id: str, now: float, then: Then | None = None) -> None:
+    async def settle_once_failing(decision_id: str, now: float, then: Then | None = None) -> bool:
         if failures:
             raise failures.pop()
-        await real(decision_id, now, then)
+        return bool(await real(decision_id, now, then))
 
     monkeypatch.setattr(gw.gateway.ledger, how, settle_once_failing)
     with structlog.testing.capture_logs() as logs:
@@ -180,6 +180,40 @@ async def test_a_settlement_the_store_refused_is_made_later(
     [settled] = [r for r in gw.records() if r["event"] == "reservation.settled"]
     assert (settled["decision_id"], settled["settlement"]) == (decision_id, state)
     assert verify_file(gw.config.audit_path).ok
+
+
+async def test_a_retried_settlement_that_finds_it_settled_records_nothing(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a settlement retried after the sweeper had counted the reservation as
+    used wrote "released" to the decision log all the same (after the sweeper's "used"). The
+    retry now records only a settlement it made."""
+    gw = await start_gateway()
+    await gw.stub_fail(status=500, times=1)
+    real = gw.gateway.ledger.release
+    sweep_first = [True]
+
+    async def release(decision_id: str, now: float, then: Then | None = None) -> bool:
+        if sweep_first:
+            sweep_first.pop()
+            # The sweeper gets there before the retry does.
+            await gw.gateway.ledger.settle_unknown(decision_id, now, "swept")
+            raise StoreUnavailable("the store is away for a moment")
+        return bool(await real(decision_id, now, then))
+
+    monkeypatch.setattr(gw.gateway.ledger, "release", release)
+    with structlog.testing.capture_logs() as logs:
+        status, _, headers = await gw.launch(token=make_token(jti="lic-swept"))
+        assert status == 500
+        decision_id = headers["Launchgate-Decision-Id"]
+        for _ in range(250):
+            if any(e["event"] == "store.settled_on_retry" for e in logs):
+                break
+            await asyncio.sleep(0.02)
+    assert "store.settled_elsewhere" in [e["event"] for e in logs]
+    assert [r for r in gw.records() if r["event"] == "reservation.settled"] == []
+    reservation = await gw.gateway.ledger.reservation(decision_id)
+    assert reservation is not None and reservation.state == "settled_unknown"
 
 
 async def test_stopping_does_not_wait_out_the_retries(

@@ -219,7 +219,7 @@ async def test_reusing_a_decision_id_is_refused_and_reserves_nothing(ledger: Led
 # --- settlement ---------------------------------------------------------------------------
 
 
-def _settle(ledger: Ledger, how: str, decision_id: str) -> Awaitable[None]:
+def _settle(ledger: Ledger, how: str, decision_id: str) -> Awaitable[bool]:
     if how == "commit":
         return ledger.commit(decision_id, T0 + 10)
     if how == "release":
@@ -277,7 +277,7 @@ async def test_then_runs_after_a_settlement_commits(ledger: Ledger, how: str) ->
         await ledger.release("d1", T0 + 10, then=probe)
     else:
         await ledger.settle_unknown("d1", T0 + 10, "upstream timed out", then=probe)
-    assert probe.calls == [None]
+    assert probe.calls == [True]
     assert probe.threads[0] != threading.get_ident()
     if probe.path is not None:
         assert probe.seen == [(SETTLED_STATE[how],)]
@@ -302,7 +302,7 @@ async def test_a_then_that_raises_leaves_the_store_working(ledger: Ledger) -> No
     await reserve(ledger, "d1", 8, then=broken)
     probe = ThenProbe(None)
     await ledger.commit("d1", T0 + 1, then=probe)
-    assert probe.calls == [None]
+    assert probe.calls == [True]
     state = await ledger.license("lic-42")
     assert state is not None and state.used == 8
 
@@ -380,9 +380,9 @@ async def test_a_settled_reservation_is_never_settled_again(
 ) -> None:
     """Only a 'reserved' reservation moves: a second settlement of any kind is a no-op."""
     await reserve(ledger, "d1", 16)
-    await _settle(ledger, first, "d1")
+    assert await _settle(ledger, first, "d1") is True
     before = await ledger.license("lic-42")
-    await _settle(ledger, then, "d1")
+    assert await _settle(ledger, then, "d1") is False  # it says so: nothing moved
     assert await ledger.license("lic-42") == before
     reservation = await ledger.reservation("d1")
     assert reservation is not None
@@ -393,7 +393,7 @@ async def test_a_settled_reservation_is_never_settled_again(
 async def test_settling_an_unknown_decision_is_a_no_op(ledger: Ledger, how: str) -> None:
     """Settling a decision that reserved nothing (e.g. an exhausted one) changes nothing."""
     await reserve(ledger, "d1", 8)
-    await _settle(ledger, how, "never-reserved")
+    assert await _settle(ledger, how, "never-reserved") is False
     state = await ledger.license("lic-42")
     assert state is not None
     assert (state.used, state.reserved) == (0, 8)

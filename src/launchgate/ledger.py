@@ -135,7 +135,7 @@ class IdempotencyKey:
 # What to do once a write has committed, off the event loop and before the call returns (the
 # proxy writes the launch's record with it): called only when the write succeeded, with its
 # result; it must not raise. A store with its own thread runs it there, saving a thread hop.
-Then = Callable[[None], None]
+Then = Callable[[bool], None]
 # Around the ``then`` callbacks of writes that committed together (see ``Ledger.group_thens``).
 ThenGroup = Callable[[], AbstractContextManager[None]]
 
@@ -190,15 +190,16 @@ class Ledger(Protocol):
         reserve, whichever licenses they present.
         """
 
-    def commit(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[None]:
-        """Reserved -> used (the upstream answered 2xx). No-op unless still reserved."""
+    def commit(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
+        """Reserved -> used (the upstream answered 2xx). No-op unless still reserved. Each of
+        the three settlements answers whether it settled (False: no longer reserved)."""
 
-    def release(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[None]:
+    def release(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
         """Reserved -> released (the upstream failed or was not reached). No-op unless reserved."""
 
     def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> Awaitable[None]:
+    ) -> Awaitable[bool]:
         """Reserved -> settled_unknown, counted as used. No-op unless still reserved."""
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:

@@ -601,16 +601,16 @@ class PostgresLedger:
         await self._then(then, result)
         return result
 
-    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._settle(decision_id, "used", now, None, then)
+    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> bool:
+        return await self._settle(decision_id, "used", now, None, then)
 
-    async def release(self, decision_id: str, now: float, then: Then | None = None) -> None:
-        await self._settle(decision_id, "released", now, None, then)
+    async def release(self, decision_id: str, now: float, then: Then | None = None) -> bool:
+        return await self._settle(decision_id, "released", now, None, then)
 
     async def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> None:
-        await self._settle(decision_id, "settled_unknown", now, note, then)
+    ) -> bool:
+        return await self._settle(decision_id, "settled_unknown", now, note, then)
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         async with self._connection() as conn:
@@ -623,10 +623,12 @@ class PostgresLedger:
         now: float,
         note: str | None,
         then: Then | None,
-    ) -> None:
+    ) -> bool:
         async with self._connection() as conn:
-            await conn.execute(_SETTLE, decision_id, to, now, note)
-        await self._then(then, None)
+            status = await conn.execute(_SETTLE, decision_id, to, now, note)
+        settled: bool = status == "UPDATE 1"  # the license row of a reservation that moved
+        await self._then(then, settled)
+        return settled
 
     async def _then(self, then: Callable[[_T], None] | None, value: _T) -> None:
         """``then(value)`` on the then-thread; one that raises is a bug, logged."""

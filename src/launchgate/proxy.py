@@ -617,7 +617,10 @@ async def _settle(
         log.error("store.settle_failed", decision_id=decision_id, settlement=settled, error=str(e))
 
         async def settle_and_record() -> None:
-            await _apply(gateway.ledger, decision_id, how, None)
+            if not await _apply(gateway.ledger, decision_id, how, None):
+                # Settled meanwhile (the sweeper counts it as used, and records that itself).
+                log.warning("store.settled_elsewhere", decision_id=decision_id)
+                return
             # The completion record says "pending": the log says how it ended (found by QA:
             # only stdout did, and usage rebuilt from the log fell short of the ledger's).
             try:
@@ -643,8 +646,9 @@ async def _settle(
     return settled
 
 
-def _apply(ledger: Ledger, decision_id: str, how: str, then: Then | None) -> Awaitable[None]:
-    """Settle the reservation of ``decision_id`` by ``how`` (commit, release, else unknown)."""
+def _apply(ledger: Ledger, decision_id: str, how: str, then: Then | None) -> Awaitable[bool]:
+    """Settle the reservation of ``decision_id`` by ``how`` (commit, release, else unknown);
+    whether it was still reserved."""
     now = time.time()
     if how == "commit":
         return ledger.commit(decision_id, now=now, then=then)

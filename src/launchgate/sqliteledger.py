@@ -251,9 +251,9 @@ def _insert_reservation(
 
 def _settle(
     conn: sqlite3.Connection, decision_id: str, to: ReservationState, now: float, note: str | None
-) -> None:
+) -> bool:
     """Move a reservation out of 'reserved'; a no-op for any other state, so a late commit after
-    TTL settlement never counts the same accelerators twice."""
+    TTL settlement never counts the same accelerators twice. Whether it moved it."""
     # fetchall(), not fetchone(): a RETURNING statement must run to completion before COMMIT.
     rows = conn.execute(
         "UPDATE reservations SET state = ?, settled_at = ?, note = ?"
@@ -261,13 +261,14 @@ def _settle(
         (to, now, note, decision_id),
     ).fetchall()
     if not rows:
-        return
+        return False
     [(jti, amount)] = rows
     used_delta = 0 if to == "released" else amount
     conn.execute(
         "UPDATE licenses SET reserved = reserved - ?, used = used + ? WHERE jti = ?",
         (amount, used_delta, jti),
     )
+    return True
 
 
 def _confirm(conn: sqlite3.Connection, decision_id: str, now: float, note: str) -> bool:
@@ -530,19 +531,19 @@ class SqliteLedger:
 
     def commit(
         self, decision_id: str, now: float, then: Then | None = None
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[bool]:
         return self._submit(lambda conn: _settle(conn, decision_id, "used", now, None), then=then)
 
     def release(
         self, decision_id: str, now: float, then: Then | None = None
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[bool]:
         return self._submit(
             lambda conn: _settle(conn, decision_id, "released", now, None), then=then
         )
 
     def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[bool]:
         return self._submit(
             lambda conn: _settle(conn, decision_id, "settled_unknown", now, note), then=then
         )
