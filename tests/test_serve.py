@@ -600,3 +600,102 @@ def test_a_worker_of_a_supervisor_of_another_version_says_so(
     assert result.returncode == 2
     assert result.stderr.strip().endswith("another version: restart it")
     assert "Traceback" not in result.stderr
+
+
+async def test_workers_survive_a_reload_while_they_start_and_restart_on_a_port_just_used(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Found in review: a worker ended on a SIGHUP that came before its gateway handled it
+    (workers restarted together killed each other), and a supervisor started again right
+    after a stop refused its own port, held by connections in TIME_WAIT. A worker now ignores
+    SIGHUP until it handles it, and the port check lets TIME_WAIT be."""
+    listen, admin = free_port(), free_port()
+    config_path = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+    )
+    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
+    try:
+        started = json.loads(await gateway.wait_for_line("workers.started"))
+        for pid in started["pids"]:  # at once: they are still starting
+            os.kill(pid, signal.SIGHUP)
+        for index in (0, 1):
+            await gateway.wait_for_line(f'"worker": {index}', within_s=20)
+        assert not [e for e in gateway.events() if e.get("event") == "worker.died"]
+        async with aiohttp.ClientSession() as session:  # connections the server side closes
+            for url in (f"http://127.0.0.1:{listen}/x", f"http://127.0.0.1:{admin}/healthz"):
+                async with session.get(url, headers={"Connection": "close"}) as r:
+                    await r.read()
+    finally:
+        assert await gateway.stop() == 0
+    again = await spawn("serve", "--config", str(config_path), "--workers", "2")
+    try:
+        await again.wait_for_line("workers.started", within_s=20)
+        assert again.proc.returncode is None
+    finally:
+        await again.stop()
+
+
+def test_a_host_that_does_not_resolve_is_one_line_with_workers(tmp_path: Path, keys: Keys) -> None:
+    """Found in review: the port check raised a traceback for a listen host that does not
+    resolve; `serve` alone said so in one line."""
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": "no-such-host.invalid:8080", "admin_listen": "127.0.0.1:0"},
+    )
+    result = subprocess.run(
+        [*LAUNCHGATE, "serve", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "cannot serve: no-such-host.invalid:8080" in line
+
+
+def test_a_stop_while_a_worker_is_started_again_reaches_it(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a stop that came while a dead worker was started again reached only
+    the dead process; the new one ran on and the supervisor waited for it forever."""
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", keys))
+    handlers: dict[int, Any] = {}
+    procs: list[Any] = []
+
+    class Proc:
+        pid = 1
+
+        def __init__(self, returncode: int | None) -> None:
+            self.returncode = returncode
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            if signum == signal.SIGTERM:
+                self.returncode = -signum
+
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
+        proc = Proc(1 if index == 1 and not respawn else None)  # worker 1 dies at once
+        procs.append(proc)
+        if respawn:  # SIGTERM arrives while worker 1 is started again
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        return proc
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        assert clock[0] < 60, "the supervisor did not stop"
+
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
+    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    workers.supervise(config, 2)
+    assert len(procs) == 3 and procs[2].returncode == -signal.SIGTERM

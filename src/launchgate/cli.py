@@ -90,7 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from launchgate.workers import port_taken, supervise
 
         for where in (config.listen, config.admin_listen):
-            if port_taken(where.host, where.port):
+            try:
+                taken = port_taken(where.host, where.port)
+            except OSError as e:  # (socket.gaierror too: a host that does not resolve)
+                raise UsageError(
+                    f"{config.source}: cannot serve: {where}: {e.strerror or e}"
+                ) from None
+            if taken:
                 raise UsageError(f"{config.source}: cannot serve: {where}: address already in use")
         return supervise(config, args.workers)
     if args.worker_index is not None:

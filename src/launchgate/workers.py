@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -68,26 +69,32 @@ def _spawn(
     return subprocess.Popen(
         [*command, "--worker-index", str(index), *again],
         env=env,
-        preexec_fn=_end_with_parent(os.getpid()),
+        preexec_fn=_in_child(os.getpid()),
     )
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _end_with_parent(parent: int) -> Callable[[], None] | None:
-    """In the child, before it runs: have the kernel send it SIGTERM (a graceful stop) when
-    the supervisor dies, however it dies (Linux; elsewhere None). Found by QA: workers of a
-    supervisor killed with SIGKILL served on, beyond the reach of any SIGHUP, and a second
-    supervisor's workers joined them on the port with another policy."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None)  # the C library the interpreter runs on
+def _in_child(parent: int) -> Callable[[], None]:
+    """What a worker's process does before it runs launchgate:
+
+    - ignore SIGHUP until its gateway handles it (``server.serve`` installs the handler): a
+      reload sent while it starts would end it, and its siblings get one when it is started
+      again (found in review: workers restarted together killed each other); it reads the
+      files as they are then anyway;
+    - have the kernel send it SIGTERM (a graceful stop) when the supervisor dies, however it
+      dies (Linux). Found by QA: workers of a supervisor killed with SIGKILL served on, beyond
+      the reach of any SIGHUP, and a second supervisor's workers joined them on the port.
+    """
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
     def child() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the supervisor died before the line above
-            os._exit(1)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the supervisor died before the line above
+                os._exit(1)
 
     return child
 
@@ -95,15 +102,20 @@ def _end_with_parent(parent: int) -> Callable[[], None] | None:
 def port_taken(host: str, port: int) -> bool:
     """Whether ``host:port`` is served already. Workers bind with SO_REUSEPORT, which would let
     them join whatever serves the port now (found by QA: another supervisor's workers); a bind
-    without it fails while anything listens there."""
+    without it fails while anything listens there. With SO_REUSEADDR, as the workers bind, so
+    that connections of an earlier run in TIME_WAIT do not count (found in review). Other
+    errors (no such address, no permission) are raised as they are."""
     if port == 0:
         return False
     for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
-            except OSError:
-                return True
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+                raise
     return False
 
 
@@ -166,6 +178,9 @@ def supervise(config: Config, workers: int) -> int:
                         del restart_at[index]
                         procs[index] = _spawn(config_path, index, env, respawn=True)
                         started[index] = now
+                        if stopping:  # came while it started: it was not among procs yet
+                            procs[index].send_signal(signal.SIGTERM)
+                            break
                         _reload_siblings(procs, index)
                     continue
                 code = proc.poll()
