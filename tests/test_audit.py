@@ -859,10 +859,15 @@ def test_library_logs_leave_as_one_json_line_each(monkeypatch: pytest.MonkeyPatc
             raise ConnectionRefusedError("connection refused")
         except ConnectionRefusedError:
             pool.warning("Failed to restore the %s; retrying", "pool", exc_info=True)
+        pool.log(35, "a level of its own")  # found in review: lost, with a traceback on stderr
     finally:
         structlog.reset_defaults()
         root.handlers[:], root.level = handlers, level
-    [line] = out.calls
+    line, own = out.calls
+    assert (json.loads(own)["message"], json.loads(own)["level"]) == (
+        "a level of its own",
+        "warning",
+    )
     assert line.endswith("\n") and "\n" not in line[:-1]
     event = json.loads(line)
     assert (event["event"], event["logger"], event["level"]) == (

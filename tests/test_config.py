@@ -114,6 +114,14 @@ def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], mes
             [GENERIC_ROUTE, GENERIC_ROUTE | {"sku": "/type"}],
             r"routes\[1\] claims the same requests as routes\[0\]",
         ),
+        # aws-ec2 claims every method under its path, PURGE too (found in review: passed).
+        (
+            [
+                {"dialect": "aws-ec2", "path": "/ec2"},
+                {"dialect": "opaque", "path": "/ec2/envelope", "methods": ["PURGE"]},
+            ],
+            r"routes\[1\] claims the same requests as routes\[0\]",
+        ),
     ],
 )
 def test_bad_routes(tmp_path: Path, keys: Keys, routes: list[dict[str, Any]], message: str) -> None:

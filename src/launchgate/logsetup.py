@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -58,15 +58,21 @@ class LineLogger:
     fatal = failure = err = error = critical = exception = msg
 
 
+_LEVELS: Final = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+
+
 class _FromLibraries(logging.Handler):
     """What libraries log through the standard ``logging`` module (asyncpg, aiohttp), as one
     JSON line each like every other event (found by QA: asyncpg's multi-line tracebacks on
     stderr during a database outage)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        # structlog knows the five standard levels only: a library's own (35, say) goes as the
+        # standard one below it (found in review: a KeyError, and the record lost).
+        level = max((n for n in _LEVELS if n <= record.levelno), default=logging.DEBUG)
         try:
             structlog.get_logger("launchgate").log(
-                record.levelno,
+                level,
                 "library.log",
                 logger=record.name,
                 message=record.getMessage(),

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, NoReturn
 
-from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
+from launchgate.dialects import (
+    EVERY_METHOD,
+    Item,
+    Launch,
+    LaunchRequest,
+    check_keys,
+    route_path,
+    route_region,
+)
 from launchgate.dialects.query import Node, nest, parse_params
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
@@ -46,10 +54,6 @@ _ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
 _FORM: Final = "application/x-www-form-urlencoded"
 _HOST = re.compile(r"ec2\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2})\.amazonaws\.com")
 _WEIGHT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
-# What the route claims, for the overlap check of routes (``claims`` takes any method at all).
-_EVERY_METHOD: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class AwsEc2:
     region: str | None
     name: str = "aws-ec2"
     prefix: bool = True  # EC2 ignores the path: every request under it is an EC2 call
-    methods: frozenset[str] = field(default=_EVERY_METHOD)
+    methods: frozenset[str] = field(default=EVERY_METHOD)
 
     def claims(self, method: str, path: str) -> bool:
         return path == self.path or path.startswith(self.path.rstrip("/") + "/")
