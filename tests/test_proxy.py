@@ -304,6 +304,11 @@ async def test_readyz_503_while_the_decision_log_cannot_be_written(
     assert (await gw.launch(UNRESTRICTED))[0] == 500  # fails closed, as before
     log.rmdir()
     assert (await admin.get("/readyz")).status == 200  # the next record starts a new file
+    with monkeypatch.context() as patch:  # ... unless its folder takes no new file
+        patch.setattr("launchgate.audit.os.access", lambda path, mode: False)
+        ready = await admin.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["checks"]["audit"].endswith("takes no new file")
 
     def full(path: Any) -> Any:
         return type("Full", (), {"f_bavail": 0, "f_frsize": 4096})()

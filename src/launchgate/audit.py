@@ -406,7 +406,12 @@ class AuditLog:
         path = self._path
         try:
             status = path.stat()
-        except FileNotFoundError:  # the next write starts the file anew (and its folders)
+        except FileNotFoundError:  # the next write starts the file anew, and its folders
+            folder = path.parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+                return f"{path}: missing, and {folder} takes no new file"
             return None
         except OSError as e:
             return f"{path}: {e.strerror or e}"
