@@ -425,6 +425,9 @@ def test_autoscale_setting_for_another_resource_launches_nothing() -> None:
             {"requests": [{"httpMethod": "PUT", "url": f"//management.azure.com{VM}?{API}"}]},
         ),
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"//h:443{VM}"}]}),
+        # WHATWG skips any number of slashes before the host, and takes "https:h/p" as h.
+        ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"///h{VM}"}]}),
+        ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"https:h{VM}"}]}),
         (
             "POST",
             "/batch",

@@ -336,6 +336,7 @@ async def test_a_claimed_request_that_launches_nothing_goes_on_the_path_it_was_r
         ("application/json; charset=utf-7", 400),
         ('application/json; charset="UTF-16"', 400),
         ("text/plain; charset=iso-8859-1", 400),
+        ("application/json; charset*=utf-8''utf-7", 400),  # RFC 2231 (found by QA)
         ("application/json; charset=UTF-8", 201),
         ("text/plain", 201),  # JSON sent as text, or as curl's form default: read as UTF-8
         ("application/x-www-form-urlencoded", 201),

@@ -299,6 +299,9 @@ def test_require_json_content_type(pairs: tuple[tuple[str, str], ...], ok: bool)
         ((("Content-Type", "application/json; charset=UTF8"),), "application/json"),
         ((("Content-Type", "application/json; charset=utf-7"),), MalformedLaunch),
         ((("Content-Type", "text/plain; q=1; charset=latin1"),), MalformedLaunch),
+        # RFC 2231 forms, which Python's email package reads as the charset (found by QA)
+        ((("Content-Type", "application/json; charset*=utf-8''utf-7"),), MalformedLaunch),
+        ((("Content-Type", "application/json; charset*0=utf-7"),), MalformedLaunch),
         ((("Content-Type", "text/plain"), ("Content-Type", "text/plain")), MalformedLaunch),
     ],
 )

@@ -45,6 +45,10 @@ _TAIL_BLOCK: Final = 64 * 1024
 # A bound on how far back open() searches for the last line, so a log whose end is
 # garbage without newlines cannot make it read gigabytes into memory.
 _MAX_RECORD_BYTES: Final = 16 * 1024 * 1024
+# /readyz: a filesystem with less free than this takes no more than a few batches of records
+# (a record is under 2 KiB). Not _MAX_RECORD_BYTES: found by QA, a log on an 8 MB tmpfs with
+# 8 MB free was called full.
+_LOW_SPACE_BYTES: Final = 64 * 1024
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
 
 
@@ -420,8 +424,8 @@ class AuditLog:
         if not os.access(path, os.W_OK):
             return f"{path}: not writable"
         space = os.statvfs(path)
-        if space.f_bavail * space.f_frsize < _MAX_RECORD_BYTES:
-            return f"{path}: no space left on its filesystem"
+        if space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+            return f"{path}: less than {_LOW_SPACE_BYTES // 1024} KiB free on its filesystem"
         return None
 
     async def append(self, record: Mapping[str, Any]) -> dict[str, Any]:

@@ -203,6 +203,10 @@ def require_utf8_charset(headers: MultiMapping[str]) -> str | None:
         value = value.strip().strip('"').lower()
         if name == "charset" and value not in ("utf-8", "utf8"):
             raise MalformedLaunch(f"charset {value!r} is not UTF-8")
+        if name.startswith("charset") and name != "charset":
+            # RFC 2231 (charset*=utf-8''utf-7, charset*0=...): Python's email package, and so
+            # http.server, reads it as the charset (found by QA: utf-7 passed this way).
+            raise MalformedLaunch(f"a {name!r} parameter: only a plain charset=utf-8 is read")
     return media
 
 

@@ -224,8 +224,11 @@ def _batch(call: _Call) -> Launch | None:
         # "//management.azure.com/subscriptions/..."). Both are judged (found by QA, each in
         # turn: either one alone let the other's launch through unjudged).
         readings = [parts.path] if parts.scheme else [url.partition("?")[0].partition("#")[0]]
-        if not parts.scheme and parts.netloc:
-            readings.append(parts.path)
+        if (not parts.scheme and url.startswith("//")) or (parts.scheme and not parts.netloc):
+            # Host first: "//h/p", "///h/p" (WHATWG skips any number of slashes), "https:h/p".
+            # (Found by QA: "///management.azure.com/..." was read only as a path.)
+            after_host = readings[0].lstrip("/").partition("/")[2]
+            readings.append("/" + after_host)
         for raw in readings:
             if _launches(call, verb, raw):
                 return Launch((), call.region, "a launch inside a batch envelope")
