@@ -933,9 +933,13 @@ def test_staff_commands_that_only_read_make_no_ledger(
     assert json.loads(inspected.out)["used"] == 0
     assert "there is no ledger" in decided.err and "there is no ledger" in inspected.err
     assert not ledger.exists()
+    released = run_main(capsys, "licenses", "release", "--config", config_path, "--decision", "d")
+    assert released.code == 2 and "there is no ledger" in released.err
+    audit = load_config(config_path).audit_path
+    assert not audit.exists()  # found by QA: a refused release left an empty decision log
     revoked = run_main(capsys, "token", "revoke", "--config", config_path, "lic-unseen")
     assert (revoked.code, revoked.out) == (0, "revoked lic-unseen\n")
-    assert "there is no ledger" in revoked.err
+    assert "there is no ledger" in revoked.err and "making one" in revoked.err
     assert ledger.exists()
     listed = run_main(capsys, "licenses", "list", "--config", config_path, "--json")
     assert [r["jti"] for r in json.loads(listed.out)] == ["lic-unseen"]

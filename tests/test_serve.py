@@ -699,3 +699,31 @@ def test_a_stop_while_a_worker_is_started_again_reaches_it(
     monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
     workers.supervise(config, 2)
     assert len(procs) == 3 and procs[2].returncode == -signal.SIGTERM
+
+
+async def test_a_reload_asked_for_while_serve_starts_does_not_end_it(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Found by QA: a SIGHUP in the first half second ended `serve` (the supervisor too) with
+    "Hangup". It is ignored from the first thing `serve` does until the gateway handles it."""
+    config_path = write_config(tmp_path, "http://127.0.0.1:9", keys)
+    gateway = await spawn("serve", "--config", str(config_path))
+    try:
+        status = Path(f"/proc/{gateway.proc.pid}/status")
+        for _ in range(400):  # until serve has set SIGHUP aside (SigIgn's bit 0)
+            if gateway.lines and "gateway.started" in gateway.lines[-1]:
+                break
+            ignored = next(
+                line for line in status.read_text().splitlines() if line.startswith("SigIgn")
+            )
+            if int(ignored.split()[1], 16) & 1:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("serve never set SIGHUP aside while it started")
+        assert not any("gateway.started" in line for line in gateway.lines), "too late to tell"
+        gateway.proc.send_signal(signal.SIGHUP)
+        await gateway.wait_for_line("gateway.started", within_s=20)
+        assert gateway.proc.returncode is None
+    finally:
+        await gateway.stop()

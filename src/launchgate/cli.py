@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,10 @@ MAX_WORKERS = 256
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # A reload asked for before the gateway (or the supervisor) handles SIGHUP would end the
+    # process (found by QA: a supervisor died of one 0.2 s after it started); it reads the
+    # files as they are when it starts anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from launchgate.logsetup import configure_logging
     from launchgate.server import run
 
@@ -211,7 +216,7 @@ def _run(coro_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coro_factory())
 
 
-async def _no_ledger_yet(config: Any, *, say: bool = True) -> str | None:
+async def _no_ledger_yet(config: Any, *, say: bool = True, making: bool = False) -> str | None:
     """Where the configuration's ledger would be, when there is none there (yet), else None:
     a SQLite file that does not exist, a PostgreSQL database or schema without its tables.
 
@@ -233,9 +238,10 @@ async def _no_ledger_yet(config: Any, *, say: bool = True) -> str | None:
         if isinstance(ledger, PostgresLedger) and not await ledger.exists():
             where = ledger.name
     if where is not None and say:
+        made = "; making one" if making else ""
         print(
-            f"note: there is no ledger at {where} (no gateway on this configuration has used it"
-            " yet)",
+            f"note: there is no ledger at {where}{made} (no gateway on this configuration has"
+            " used it yet)",
             file=sys.stderr,
         )
     return where
@@ -311,7 +317,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     async def revoke() -> bool:
         # Made if missing: a license may be revoked before any gateway has seen it. Said, so a
         # mistyped path is noticed (found by QA: a revocation went to a ledger no gateway reads).
-        await _no_ledger_yet(config)
+        await _no_ledger_yet(config, making=True)
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
@@ -387,17 +393,18 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
     from launchgate.ledger import open_ledger
 
     config = _config(args)
+    # Before anything is made (found by QA: a refused release left an empty decision log).
+    missing = _run(lambda: _no_ledger_yet(config, say=False))
+    if missing is not None:  # (one line for an error: it goes with it)
+        raise UsageError(
+            f"--decision: no reservation for decision {args.decision}"
+            f" (there is no ledger at {missing})"
+        )
     # Opened before the ledger is touched: a log that cannot take the record (unwritable,
     # torn last line) must stop the release, not leave a give-back without its record.
     audit = AuditLog.open(config.audit_path)
 
     async def give_back() -> Any:
-        missing = await _no_ledger_yet(config, say=False)
-        if missing is not None:  # (one line for an error: it goes with it)
-            raise UsageError(
-                f"--decision: no reservation for decision {args.decision}"
-                f" (there is no ledger at {missing})"
-            )
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
