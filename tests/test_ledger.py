@@ -115,10 +115,11 @@ async def reserve(
     max_accelerators: int = 64,
     now: float = T0,
     then: Callable[[ReserveResult], None] | None = None,
+    account: str = "acct-2001",
 ) -> ReserveResult:
     return await ledger.reserve(
         jti=jti,
-        account="acct-2001",
+        account=account,
         max_accelerators=max_accelerators,
         expires=EXPIRES,
         amount=amount,
@@ -549,24 +550,17 @@ async def test_a_license_on_record_for_another_account_is_not_spent(ledger: Ledg
     another account under that jti (a second token issued in error) is OTHER_ACCOUNT, on the
     fast path and with an idempotency key alike, and changes nothing."""
     await reserve(ledger, "d1", 8)
-    for key in (None, "key-1"):
-        result = await ledger.reserve(
-            jti="lic-42",
-            account="acct-2002",
-            max_accelerators=64,
-            expires=EXPIRES,
-            amount=8,
-            decision_id=f"d-other-{key}",
-            now=T0 + 1,
-            idempotency_key=key,
-            fingerprint=None if key is None else "fp",
-        )
+    for result in (
+        await reserve(ledger, "d-other-None", 8, account="acct-2002", now=T0 + 1),
+        await reserve_keyed(ledger, "d-other-key-1", 8, account="acct-2002", now=T0 + 1),
+    ):
         assert (result.outcome, result.used, result.reserved) == (
             ReserveOutcome.OTHER_ACCOUNT,
             0,
             8,
         )
-        assert await ledger.reservation(f"d-other-{key}") is None
+    for decision_id in ("d-other-None", "d-other-key-1"):
+        assert await ledger.reservation(decision_id) is None
     assert await ledger.idempotency_key("acct-2002", "key-1") is None
     state = await ledger.license("lic-42")
     assert state is not None
@@ -580,16 +574,8 @@ async def test_a_license_revoked_before_first_sight_is_refused_as_revoked_for_an
     refused as revoked whoever presents it."""
     await ledger.revoke("lic-42", reason=None, now=T0)
     assert (await reserve(ledger, "d1", 8)).outcome is ReserveOutcome.REVOKED
-    result = await ledger.reserve(
-        jti="lic-42",
-        account="acct-2002",
-        max_accelerators=64,
-        expires=EXPIRES,
-        amount=8,
-        decision_id="d2",
-        now=T0 + 1,
-    )
-    assert result.outcome is ReserveOutcome.REVOKED
+    other = await reserve(ledger, "d2", 8, account="acct-2002", now=T0 + 1)
+    assert other.outcome is ReserveOutcome.REVOKED
 
 
 async def test_revoking_twice_reports_false_and_keeps_the_first_reason(ledger: Ledger) -> None:

@@ -493,6 +493,13 @@ def test_a_stop_while_workers_start_starts_no_more(
     assert all(p.returncode == -signal.SIGTERM for p in procs)
 
 
+def _on_free_ports(tmp_path: Path, keys: Keys) -> tuple[Path, int, int]:
+    """A configuration listening on two free ports; the path and the ports."""
+    listen, admin = free_port(), free_port()
+    server = {"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"}
+    return write_config(tmp_path, "http://127.0.0.1:9", keys, server=server), listen, admin
+
+
 async def test_workers_end_with_their_supervisor_and_their_port_is_not_shared(
     tmp_path: Path, keys: Keys
 ) -> None:
@@ -500,13 +507,7 @@ async def test_workers_end_with_their_supervisor_and_their_port_is_not_shared(
     and a second `serve --workers` joined them on the port (SO_REUSEPORT) with another policy.
     A second supervisor now refuses a port that is served (exit 2), and the kernel stops the
     workers of a supervisor that died."""
-    listen, admin = free_port(), free_port()
-    config_path = write_config(
-        tmp_path,
-        "http://127.0.0.1:9",
-        keys,
-        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
-    )
+    config_path, listen, _ = _on_free_ports(tmp_path, keys)
     gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
     started: dict[str, Any] = {"pids": []}
     try:
@@ -609,13 +610,7 @@ async def test_workers_survive_a_reload_while_they_start_and_restart_on_a_port_j
     (workers restarted together killed each other), and a supervisor started again right
     after a stop refused its own port, held by connections in TIME_WAIT. A worker now ignores
     SIGHUP until it handles it, and the port check lets TIME_WAIT be."""
-    listen, admin = free_port(), free_port()
-    config_path = write_config(
-        tmp_path,
-        "http://127.0.0.1:9",
-        keys,
-        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
-    )
+    config_path, listen, admin = _on_free_ports(tmp_path, keys)
     gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
     try:
         started = json.loads(await gateway.wait_for_line("workers.started"))
