@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from launchgate.errors import ConfigError, StoreUnavailable, TokenError
+
+if TYPE_CHECKING:
+    from launchgate.ledger import Ledger
 
 
 class UsageError(Exception):
@@ -216,35 +220,50 @@ def _run(coro_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coro_factory())
 
 
-async def _no_ledger_yet(config: Any, *, say: bool = True, making: bool = False) -> str | None:
-    """Where the configuration's ledger would be, when there is none there (yet), else None:
-    a SQLite file that does not exist, a PostgreSQL database or schema without its tables.
-
-    Staff commands that only read do not make one: an empty ledger at a mistyped or emptied
-    path would answer for the real one (found by QA: `licenses list` printed an empty table,
-    `decide` answered from a ledger it had just made, a mistyped schema was created). They say
-    so on stderr. Raises ``StoreUnavailable`` when a database cannot be asked.
-    """
-    from launchgate.ledger import open_ledger
+async def _missing_ledger(ledger: Ledger) -> str | None:
+    """Where ``ledger`` (not opened) would be, when there is none there yet, else None: a SQLite
+    file that does not exist, a PostgreSQL database or schema without its tables. Raises
+    ``StoreUnavailable`` when a database cannot be asked."""
     from launchgate.sqliteledger import SqliteLedger
 
-    ledger = open_ledger(config.store_url, config.base_dir)  # does not connect
-    where: str | None = None
     if isinstance(ledger, SqliteLedger):
-        where = None if ledger.path.exists() else str(ledger.path)
-    else:
-        from launchgate.pgledger import PostgresLedger  # (open_ledger has loaded it)
+        return None if ledger.path.exists() else str(ledger.path)
+    from launchgate.pgledger import PostgresLedger  # (open_ledger has loaded it)
 
-        if isinstance(ledger, PostgresLedger) and not await ledger.exists():
-            where = ledger.name
-    if where is not None and say:
+    if isinstance(ledger, PostgresLedger) and not await ledger.exists():
+        return ledger.name
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _staff_ledger(config: Any, *, making: bool = False) -> AsyncIterator[Ledger | None]:
+    """The configured ledger, open, for a staff command; closed after. None where there is
+    no ledger yet, unless ``making``.
+
+    Staff commands that only read make none: an empty ledger at a mistyped or emptied path
+    would answer for the real one (found by QA: `licenses list` printed an empty table,
+    `decide` answered from a ledger it had just made, a mistyped schema was created). Either
+    way it is said on stderr.
+    """
+    from launchgate.ledger import open_ledger
+
+    ledger = open_ledger(config.store_url, config.base_dir)  # does not connect
+    missing = await _missing_ledger(ledger)
+    if missing is not None:
         made = "; making one" if making else ""
         print(
-            f"note: there is no ledger at {where}{made} (no gateway on this configuration has"
+            f"note: there is no ledger at {missing}{made} (no gateway on this configuration has"
             " used it yet)",
             file=sys.stderr,
         )
-    return where
+        if not making:
+            yield None
+            return
+    try:
+        await ledger.open()
+        yield ledger
+    finally:
+        await ledger.close()
 
 
 def _read_token(text: str) -> str:
@@ -253,7 +272,6 @@ def _read_token(text: str) -> str:
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
     from launchgate.gateway import make_verifier
-    from launchgate.ledger import open_ledger
     from launchgate.tokens import peek
 
     config = _config(args)
@@ -275,13 +293,9 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
 
     async def ledger_view() -> dict[str, Any]:
         state = None
-        if isinstance(jti, str) and await _no_ledger_yet(config) is None:
-            ledger = open_ledger(config.store_url, config.base_dir)
-            try:
-                await ledger.open()
-                state = await ledger.license(jti)
-            finally:
-                await ledger.close()
+        if isinstance(jti, str):
+            async with _staff_ledger(config) as ledger:
+                state = None if ledger is None else await ledger.license(jti)
         max_acc = claims.get("max_accelerators") if isinstance(claims, dict) else None
         max_acc = (
             state.max_accelerators if state and state.max_accelerators is not None else max_acc
@@ -307,7 +321,6 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from launchgate.ledger import open_ledger
     from launchgate.tokens import license_id_ok
 
     if not license_id_ok(args.jti):
@@ -317,13 +330,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     async def revoke() -> bool:
         # Made if missing: a license may be revoked before any gateway has seen it. Said, so a
         # mistyped path is noticed (found by QA: a revocation went to a ledger no gateway reads).
-        await _no_ledger_yet(config, making=True)
-        ledger = open_ledger(config.store_url, config.base_dir)
-        try:
-            await ledger.open()
+        async with _staff_ledger(config, making=True) as ledger:
+            assert ledger is not None  # (making)
             return await ledger.revoke(args.jti, reason=args.reason, now=time.time())
-        finally:
-            await ledger.close()
 
     newly = _run(revoke)
     print(f"revoked {args.jti}" if newly else f"{args.jti} was already revoked")
@@ -331,19 +340,12 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_licenses_list(args: argparse.Namespace) -> int:
-    from launchgate.ledger import open_ledger
 
     config = _config(args)
 
     async def fetch() -> list[Any]:
-        if await _no_ledger_yet(config) is not None:
-            return []
-        ledger = open_ledger(config.store_url, config.base_dir)
-        try:
-            await ledger.open()
-            return await ledger.licenses()
-        finally:
-            await ledger.close()
+        async with _staff_ledger(config) as ledger:
+            return [] if ledger is None else await ledger.licenses()
 
     rows = [
         {
@@ -394,7 +396,7 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
 
     config = _config(args)
     # Before anything is made (found by QA: a refused release left an empty decision log).
-    missing = _run(lambda: _no_ledger_yet(config, say=False))
+    missing = _run(lambda: _missing_ledger(open_ledger(config.store_url, config.base_dir)))
     if missing is not None:  # (one line for an error: it goes with it)
         raise UsageError(
             f"--decision: no reservation for decision {args.decision}"
@@ -442,7 +444,6 @@ def cmd_decide(args: argparse.Namespace) -> int:
     from launchgate.dialects import Item, Launch
     from launchgate.gateway import make_verifier
     from launchgate.ids import new_ulid
-    from launchgate.ledger import open_ledger
     from launchgate.policy import decide, store_unavailable, with_ledger_state
     from launchgate.records import decision_record
     from launchgate.strict import MAX_COUNT
@@ -460,14 +461,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
         jti = decision.license.jti
 
         async def state() -> Any:
-            if await _no_ledger_yet(config) is not None:
-                return None
-            ledger = open_ledger(config.store_url, config.base_dir)
-            try:
-                await ledger.open()
-                return await ledger.license(jti)
-            finally:
-                await ledger.close()
+            async with _staff_ledger(config) as ledger:
+                return None if ledger is None else await ledger.license(jti)
 
         try:
             decision = with_ledger_state(decision, _run(state))
