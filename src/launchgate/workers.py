@@ -157,15 +157,21 @@ def supervise(config: Config, workers: int) -> int:
                 if proc.poll() is None:
                     proc.send_signal(signum)
 
+        def start(index: int, *, respawn: bool = False) -> bool:
+            """Start worker ``index``; False when a stop came meanwhile (the worker, not yet
+            among ``procs`` when ``forward`` ran, is stopped here)."""
+            procs[index] = _spawn(config_path, index, env, respawn=respawn)
+            started[index] = time.monotonic()
+            if stopping:
+                procs[index].send_signal(signal.SIGTERM)
+            return not stopping
+
         # Before the first worker: a stop while they start reaches each one started.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
         for index in range(workers):
-            if stopping:
+            if stopping or not start(index):
                 break
-            procs[index], started[index] = _spawn(config_path, index, env), time.monotonic()
-            if stopping:  # the stop came while this one started: it was not among procs yet
-                procs[index].send_signal(signal.SIGTERM)
         log.info("workers.started", workers=workers, pids=[p.pid for p in procs.values()])
         while True:
             time.sleep(0.2)
@@ -176,10 +182,7 @@ def supervise(config: Config, workers: int) -> int:
                 if index in restart_at:
                     if now >= restart_at[index]:
                         del restart_at[index]
-                        procs[index] = _spawn(config_path, index, env, respawn=True)
-                        started[index] = now
-                        if stopping:  # came while it started: it was not among procs yet
-                            procs[index].send_signal(signal.SIGTERM)
+                        if not start(index, respawn=True):
                             break
                         _reload_siblings(procs, index)
                     continue
