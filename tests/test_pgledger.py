@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +26,14 @@ import structlog
 from launchgate.errors import StoreUnavailable
 from launchgate.ledger import ReserveOutcome, migrate_store, open_ledger
 from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger
-from test_ledger import POSTGRES_DSN_VAR, T0, open_stores, postgres_schema, reserve
+from test_ledger import (
+    POSTGRES_DSN_VAR,
+    T0,
+    open_stores,
+    postgres_schema,
+    reserve,
+    reserve_keyed,
+)
 
 
 @pytest.fixture
@@ -237,6 +246,333 @@ async def test_the_pool_size_bounds_the_connections_a_ledger_opens(
         assert 1 <= len(pids) <= 3
         state = await store.license("lic-42")
         assert state is not None and state.reserved == 40
+
+
+# --- group commit -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The start of every statement of the ledger's that asyncpg sends from now on (white-box:
+    its ``_do_execute``); not asyncpg's own (type introspection on a first use)."""
+    statements: list[str] = []
+    real = asyncpg.Connection._do_execute
+
+    def counting(self: object, query: str, *args: object, **kwargs: object) -> object:
+        if "launchgate" in query:
+            statements.append(query.split("(")[0].strip())
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "_do_execute", counting)
+    return statements
+
+
+async def test_reservations_asked_together_are_one_batch(url: str, sent: list[str]) -> None:
+    """Twenty reservations of 8 asked in one turn against a license of 64 (and three more under
+    a second license): one statement for all, and exactly eight winners on the first license."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        sent.clear()
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(20)),
+            *(reserve(store, f"e{i}", 1, jti="lic-7", max_accelerators=2) for i in range(3)),
+        )
+        assert sent == ["CALL launchgate_reserve_batch"]
+        outcomes = [r.outcome for r in results]
+        assert outcomes[:20].count(ReserveOutcome.RESERVED) == 8
+        assert outcomes[:20].count(ReserveOutcome.EXHAUSTED) == 12
+        assert outcomes[20:] == [ReserveOutcome.RESERVED] * 2 + [ReserveOutcome.EXHAUSTED]
+        # Each answer carries the counters as its own reservation left them.
+        reserved = sorted(r.reserved for r in results[:20] if r.outcome is ReserveOutcome.RESERVED)
+        assert reserved == [8, 16, 24, 32, 40, 48, 56, 64]
+        first, second = await store.license("lic-42"), await store.license("lic-7")
+        assert first is not None and second is not None
+        assert (first.reserved, second.reserved) == (64, 2)
+
+
+async def test_a_batch_with_a_taken_decision_id_runs_one_by_one(url: str, sent: list[str]) -> None:
+    """A batch that rolls back on one reservation's error (its decision id is taken) runs again
+    call by call: that one raises ValueError, the others reserve once."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        await reserve(store, "d0", 8)
+        sent.clear()
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(4)), return_exceptions=True
+        )
+        assert isinstance(results[0], ValueError)
+        assert [r.outcome for r in results[1:]] == [ReserveOutcome.RESERVED] * 3  # type: ignore[union-attr]
+        assert sent[0] == "CALL launchgate_reserve_batch"
+        assert sent[1:] == ["CALL launchgate_reserve_durable"] * 4
+        state = await store.license("lic-42")
+        assert state is not None and state.reserved == 32
+
+
+async def test_a_deadlocked_batch_runs_one_by_one(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL ending a batch as a deadlock victim (two batches locking in different orders)
+    costs no call: reservations and settlements run again one by one."""
+    from launchgate import pgledger
+
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        await conn.execute(
+            "CREATE FUNCTION deadlock_victim() RETURNS text[]"
+            " LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'victim' USING ERRCODE = '40P01';"
+            " END $$"
+        )
+        monkeypatch.setattr(
+            pgledger,
+            "_RESERVE_BATCH",
+            "SELECT deadlock_victim(), $1::text[], $2::text[], $3::bigint[], $4::float8[],"
+            " $5::bigint[], $6::text[], $7::float8[], $8::text[], $9::text[]",
+        )
+        monkeypatch.setattr(
+            pgledger,
+            "_SETTLE_BATCH",
+            "SELECT deadlock_victim(), $1::text[], $2::text[], $3::float8[], $4::text[]",
+        )
+        results = await asyncio.gather(*(reserve(store, f"d{i}", 8) for i in range(3)))
+        assert [r.outcome for r in results] == [ReserveOutcome.RESERVED] * 3
+        settled = await asyncio.gather(
+            store.commit("d0", T0), store.release("d1", T0), store.commit("d2", T0)
+        )
+        assert list(settled) == [True, True, True]
+        state = await store.license("lic-42")
+        assert state is not None and (state.used, state.reserved) == (16, 0)
+
+
+async def test_a_key_used_twice_in_one_batch_counts_once(url: str, sent: list[str]) -> None:
+    """Two attempts under one idempotency key in one batch: as one after the other, the first
+    reserves and the second finds it in progress; another request under a key is a conflict."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        sent.clear()
+        first, second, other = await asyncio.gather(
+            reserve_keyed(store, "d1", key="k"),
+            reserve_keyed(store, "d2", key="k"),
+            reserve_keyed(store, "d3", key="k", fingerprint="fp-b"),
+        )
+        assert sent == ["CALL launchgate_reserve_batch"]
+        assert first.outcome is ReserveOutcome.RESERVED
+        assert (second.outcome, second.replay_of) == (ReserveOutcome.IN_PROGRESS, "d1")
+        assert (other.outcome, other.replay_of) == (ReserveOutcome.CONFLICT, "d1")
+        state = await store.license("lic-42")
+        assert state is not None and state.reserved == 8
+
+
+async def test_settlements_asked_together_are_one_batch(url: str, sent: list[str]) -> None:
+    """Settlements of one turn across two licenses: one statement; each answers whether it
+    moved its reservation, and both licenses' counters end right. A second settlement of one
+    decision in the same turn goes in the next batch and finds it settled."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        for i in range(3):
+            await reserve(store, f"a{i}", 4, jti="lic-a")
+            await reserve(store, f"b{i}", 2, jti="lic-b")
+        assert await store.commit("b2", T0)
+        sent.clear()
+        settled = await asyncio.gather(
+            store.commit("a0", T0 + 1),
+            store.release("a1", T0 + 1),
+            store.settle_unknown("a2", T0 + 1, "upstream outcome unknown"),
+            store.commit("b0", T0 + 1),
+            store.release("b2", T0 + 1),  # committed already
+            store.release("b0", T0 + 1),  # the same turn's second settlement of b0
+            store.commit("nobody", T0 + 1),
+        )
+        assert settled == [True, True, True, True, False, False, False]
+        assert sent == ["SELECT launchgate_settle_batch", "WITH async_commit AS MATERIALIZED"]
+        a, b = await store.license("lic-a"), await store.license("lic-b")
+        assert a is not None and b is not None
+        assert (a.used, a.reserved) == (8, 0)
+        assert (b.used, b.reserved) == (4, 2)
+        states = {d: await store.reservation(d) for d in ("a0", "a1", "a2", "b0", "b2")}
+        assert {d: r.state for d, r in states.items() if r is not None} == {
+            "a0": "used",
+            "a1": "released",
+            "a2": "settled_unknown",
+            "b0": "used",
+            "b2": "used",
+        }
+        assert states["a2"] is not None and states["a2"].note == "upstream outcome unknown"
+        assert states["a0"] is not None and states["a0"].settled_at == T0 + 1
+
+
+async def test_the_thens_of_a_batch_run_in_one_group(url: str) -> None:
+    """The ``then`` of each call in a batch runs once with its own result, off the event loop,
+    all inside one ``group_thens`` group (one write to the decision log)."""
+    store = PostgresLedger(url)
+    groups: list[list[object]] = []
+    ran: list[object] = []
+    loop_thread = threading.get_ident()
+
+    @contextlib.contextmanager
+    def group() -> Iterator[None]:
+        ran.clear()
+        yield
+        groups.append(list(ran))
+
+    def then(value: object) -> None:
+        assert threading.get_ident() != loop_thread
+        ran.append(value)
+
+    store.group_thens(group)
+    async with open_stores(store):
+        results = await asyncio.gather(*(reserve(store, f"d{i}", 8, then=then) for i in range(9)))
+        assert groups == [list(results)] or sorted(map(id, groups[0])) == sorted(map(id, results))
+        assert len(groups) == 1 and len(groups[0]) == 9
+        settled = await asyncio.gather(*(store.commit(f"d{i}", T0, then=then) for i in range(9)))
+        assert groups[1] == settled == [True] * 8 + [False]
+
+
+async def test_calls_made_before_close_are_answered(url: str) -> None:
+    """close() right after a turn's calls: they still reach the database and are answered."""
+    store = PostgresLedger(url)
+    await store.open()
+    await asyncio.gather(*(reserve(store, f"d{i}", 8) for i in range(3)))
+    reserving = [asyncio.ensure_future(reserve(store, f"d{i}", 8)) for i in range(3, 5)]
+    committing = store.commit("d0", T0)
+    await asyncio.sleep(0)  # the reservations' task starts; its call reaches the queue
+    await store.close()
+    assert [r.result().outcome for r in reserving] == [ReserveOutcome.RESERVED] * 2
+    assert committing.result() is True
+    reopened = PostgresLedger(url)
+    async with open_stores(reopened):
+        state = await reopened.license("lic-42")
+        assert state is not None and (state.used, state.reserved) == (8, 32)
+
+
+async def test_a_call_cancelled_before_its_batch_is_never_sent(url: str) -> None:
+    """A reservation cancelled while it waits for the batch in flight reserves nothing; one
+    cancelled once its batch has started still completes (the sweeper settles it)."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        started = store.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=T0 + 86400,
+            amount=8,
+            decision_id="d1",
+            now=T0,
+        )
+        await asyncio.sleep(0)  # its batch is on its way
+        waiting = store.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=T0 + 86400,
+            amount=8,
+            decision_id="d2",
+            now=T0,
+        )
+        started.cancel()
+        waiting.cancel()
+        await store.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=T0 + 86400,
+            amount=1,
+            decision_id="d3",
+            now=T0,
+        )
+        assert await store.reservation("d2") is None
+        first = await store.reservation("d1")
+        assert first is not None and first.state == "reserved"
+
+
+async def test_a_batch_against_a_closed_port_fails_every_call() -> None:
+    """Every call of a batch that cannot reach the database raises its own StoreUnavailable."""
+    store = PostgresLedger("postgresql://postgres@127.0.0.1:1/test")
+    try:
+        results = await asyncio.gather(
+            *(reserve(store, f"d{i}", 8) for i in range(4)),
+            *(store.commit(f"d{i}", T0) for i in range(4)),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert len({id(r) for r in results}) == len(results)
+
+
+async def waiting_on_a_lock(conn: asyncpg.Connection) -> None:
+    """Return once a ledger connection waits for a row lock."""
+    for _ in range(500):
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'launchgate'"
+            " AND wait_event_type = 'Lock'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no ledger connection waited for a lock")
+
+
+@pytest.mark.parametrize("kind", ["reserve", "settle"])
+async def test_a_batch_locks_licenses_in_byte_order(url: str, kind: str) -> None:
+    """A batch asking for 'lic-b' before 'lic-a' locks 'lic-a' first: with 'lic-b' held
+    elsewhere, the batch waits holding 'lic-a'. (Every batch, and the sweeper, taking license
+    rows in one order is what keeps replicas' batches from deadlocking.)"""
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as other:
+        for jti in ("lic-a", "lic-b"):
+            await reserve(store, f"{jti}-0", 1, jti=jti)
+            await reserve(store, f"{jti}-1", 1, jti=jti)
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-b' FOR UPDATE")
+            batch: asyncio.Future[list[object]] = asyncio.gather(
+                *(
+                    (reserve(store, "b", 1, jti="lic-b"), reserve(store, "a", 1, jti="lic-a"))
+                    if kind == "reserve"
+                    else (store.commit("lic-b-0", T0), store.commit("lic-a-0", T0))
+                )
+            )
+            await waiting_on_a_lock(other)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.execute(
+                    "SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-a' FOR UPDATE NOWAIT"
+                )
+        results = await batch
+        if kind == "reserve":
+            assert [getattr(r, "outcome", r) for r in results] == [ReserveOutcome.RESERVED] * 2
+        else:
+            assert results == [True, True]
+
+
+async def test_replicas_batching_across_licenses_never_over_spend(url: str) -> None:
+    """Four replicas, each asking 60 reservations of one accelerator at once across five licenses
+    of 30, in shuffled orders, then settling them (half used, half released) at once: each
+    license hands out exactly its 30, and every settlement counts once."""
+    replicas = [PostgresLedger(url) for _ in range(4)]
+    rng = random.Random(7)
+    async with open_stores(*replicas):
+        asks = []
+        for n, replica in enumerate(replicas):
+            order = [(f"r{n}-{i}", f"lic-{i % 5}") for i in range(60)]
+            rng.shuffle(order)
+            asks += [(replica, d, jti) for d, jti in order]
+        results = await asyncio.gather(
+            *(reserve(r, d, 1, jti=jti, max_accelerators=30) for r, d, jti in asks)
+        )
+        won = [
+            (r, d)
+            for (r, d, _), res in zip(asks, results, strict=True)
+            if res.outcome is ReserveOutcome.RESERVED
+        ]
+        assert len(won) == 150
+        settled = await asyncio.gather(
+            *((r.commit if i % 2 else r.release)(d, T0) for i, (r, d) in enumerate(won))
+        )
+        assert all(settled)
+        for i in range(5):
+            state = await replicas[0].license(f"lic-{i}")
+            assert state is not None and state.reserved == 0
+        total_used = sum(s.used for s in await replicas[0].licenses())
+        assert total_used == 75
 
 
 # --- several replicas ---------------------------------------------------------------------

@@ -17,6 +17,14 @@ same call (the ``launchgate_reserve_durable`` procedure, ``_RESERVE``) before ``
 Settlements commit asynchronously (see ``_SETTLE``): losing one in a database crash can only count
 a launch as used.
 
+Group commit: the reservations (and, separately, the settlements) that queue up while one call of
+their kind is in flight go to the database as one statement (``_Queue``; migration 5), as the
+SQLite ledger batches its transactions: one round trip, one commit and one durability barrier for
+all, where each launch used to cost two round trips of its own. A batch takes license rows in
+byte order of their jti, as the sweeper does, so batches of several replicas cannot deadlock on
+them; an error that rolls a batch back (a decision id already taken, a deadlock all the same) runs
+its calls again one by one, so each succeeds or fails as it would have alone.
+
 Availability: every asyncpg, OS and timeout error leaves as ``StoreUnavailable``; connecting,
 waiting for a pooled connection and each statement are bounded by ``timeout_s``. After a
 connection failure the ledger answers ``StoreUnavailable`` at once for ``retry_interval_s``, then
@@ -32,8 +40,9 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
@@ -48,7 +57,6 @@ from launchgate.ledger import (
     IdempotencyKey,
     LicenseState,
     Reservation,
-    ReservationState,
     ReserveOutcome,
     ReserveResult,
     Then,
@@ -335,6 +343,101 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             _RESERVE_KEYED_4,
         ),
     ),
+    (
+        5,
+        (
+            # Group commit (see _Queue): the reservations that queued up while one call was in
+            # flight, in one round trip and one transaction, with one durability barrier.
+            # Each is launchgate_reserve_keyed as alone, taken in license order (then arrival),
+            # so batches from any number of replicas lock license rows in one order (byte order,
+            # as the sweeper sorts them). An error rolls the whole batch back (nothing of it
+            # committed) and the caller runs its reservations again one by one.
+            """
+            CREATE PROCEDURE launchgate_reserve_batch(
+                p_jti text[], p_account text[], p_max bigint[], p_expires double precision[],
+                p_amount bigint[], p_decision_id text[], p_now double precision[],
+                p_key text[], p_fingerprint text[],
+                INOUT o_outcome text[], INOUT o_max bigint[], INOUT o_used bigint[],
+                INOUT o_reserved bigint[], INOUT o_replay_of text[]
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                i integer;
+                r record;
+                barrier text;
+            BEGIN
+                FOR i IN
+                    SELECT t.ord FROM unnest(p_jti) WITH ORDINALITY AS t (jti, ord)
+                    ORDER BY t.jti COLLATE "C", t.ord
+                LOOP
+                    SELECT * INTO r FROM launchgate_reserve_keyed(
+                        p_jti[i], p_account[i], p_max[i], p_expires[i], p_amount[i],
+                        p_decision_id[i], p_now[i], p_key[i], p_fingerprint[i]
+                    );
+                    o_outcome[i] := r.o_outcome;
+                    o_max[i] := r.o_max;
+                    o_used[i] := r.o_used;
+                    o_reserved[i] := r.o_reserved;
+                    o_replay_of[i] := r.o_replay_of;
+                    IF r.o_outcome = 'reserved' THEN
+                        barrier := p_decision_id[i];
+                    END IF;
+                END LOOP;
+                IF barrier IS NOT NULL THEN
+                    -- As in launchgate_reserve_durable: commit asynchronously (the license rows
+                    -- are unlocked now), then a no-op write that commits synchronously at the
+                    -- end of CALL flushes the WAL past every reservation of the batch.
+                    COMMIT;
+                    UPDATE launchgate_reservations SET state = state WHERE decision_id = barrier;
+                END IF;
+            END
+            $$
+            """,
+            # The settlements that queued up, in one statement and one (asynchronous, as
+            # _SETTLE) commit; returns the decision ids that moved. Reservation rows are
+            # locked first (by the UPDATE), then license rows one by one in byte order, as the
+            # sweeper and reservation batches take them.
+            """
+            CREATE FUNCTION launchgate_settle_batch(
+                p_decision_id text[], p_state text[], p_now double precision[], p_note text[]
+            ) RETURNS text[] LANGUAGE plpgsql AS $$
+            DECLARE
+                moved_id text[];
+                moved_jti text[];
+                moved_amount bigint[];
+                moved_state text[];
+                l record;
+            BEGIN
+                PERFORM set_config('synchronous_commit', 'off', true);
+                WITH asked AS (
+                    SELECT * FROM unnest(p_decision_id, p_state, p_now, p_note)
+                        AS t (decision_id, state, settled_at, note)
+                ), settled AS (
+                    UPDATE launchgate_reservations AS r
+                    SET state = asked.state, settled_at = asked.settled_at, note = asked.note
+                    FROM asked
+                    WHERE r.decision_id = asked.decision_id AND r.state = 'reserved'
+                    RETURNING r.decision_id, r.jti, r.amount, r.state
+                )
+                SELECT array_agg(decision_id), array_agg(jti), array_agg(amount),
+                    array_agg(state)
+                INTO moved_id, moved_jti, moved_amount, moved_state
+                FROM settled;
+                FOR l IN
+                    SELECT m.jti, sum(m.amount) AS amount,
+                        sum(CASE WHEN m.state = 'released' THEN 0 ELSE m.amount END) AS used
+                    FROM unnest(moved_jti, moved_amount, moved_state) AS m (jti, amount, state)
+                    GROUP BY m.jti ORDER BY m.jti COLLATE "C"
+                LOOP
+                    UPDATE launchgate_licenses
+                    SET reserved = reserved - l.amount, used = used + l.used
+                    WHERE jti = l.jti;
+                END LOOP;
+                RETURN COALESCE(moved_id, '{}');
+            END
+            $$
+            """,
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
@@ -369,6 +472,18 @@ _SETTLE = """
         used = l.used + CASE WHEN $2 = 'released' THEN 0 ELSE settled.amount END
     FROM settled, async_commit WHERE l.jti = settled.jti
 """
+# _RESERVE and _SETTLE for several calls at once (migration 5, group commit: see _Queue).
+_RESERVE_BATCH = (
+    "CALL launchgate_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9,"
+    " NULL, NULL, NULL, NULL, NULL)"
+)
+_SETTLE_BATCH = "SELECT launchgate_settle_batch($1, $2, $3, $4)"
+# Calls in one batch at most: bounds one statement and the license rows it keeps locked.
+_MAX_BATCH = 64
+# What rolls a whole batch back although each call alone would have gone its own way: a decision
+# id already taken (that reservation's ValueError) or a deadlock between two batches. The
+# batch's calls then run one by one.
+_ALONE_ERRORS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
 # Counters do not change (settled_unknown already counts as used); asynchronous like _SETTLE:
 # losing it leaves the reservation settled_unknown, which counts the same.
 _CONFIRM = """
@@ -467,6 +582,98 @@ async def _keep_session(conn: object) -> None:
     transaction), so the default reset query would only cost a round trip per call."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_T]):
+    """A reservation or settlement waiting for its batch."""
+
+    decision_id: str
+    args: tuple[Any, ...]
+    future: asyncio.Future[_T]
+    then: Callable[[_T], None] | None
+
+
+class _Queue(Generic[_T]):
+    """Group commit for one kind of call (reservations or settlements).
+
+    The calls made in one turn of the event loop, and those made while the previous batch of
+    their kind is in flight, go to the database as one batch (at most ``_MAX_BATCH``, one call
+    per decision id; the rest wait for the next). One batch is in flight at a time, so the busier
+    the gateway, the larger the batches, and an idle one sends a lone call at once. A call
+    cancelled before its batch starts is never sent; one cancelled later still completes. ``run``
+    settles the future of every call it is given; one it leaves unsettled (a bug) fails with
+    ``StoreUnavailable`` rather than hanging its launch.
+    """
+
+    def __init__(self, run: Callable[[list[_Call[_T]]], Awaitable[None]], name: str) -> None:
+        self._run = run
+        self._name = name
+        self._waiting: list[_Call[_T]] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._scheduled = False
+
+    def submit(
+        self, decision_id: str, args: tuple[Any, ...], then: Callable[[_T], None] | None
+    ) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._waiting.append(_Call(decision_id, args, future, then))
+        if self._batch is None and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    async def drain(self) -> None:
+        """Return once every call submitted so far has been answered."""
+        while self._batch is not None or self._waiting:
+            if self._batch is None:
+                self._start()
+            if self._batch is not None:
+                await asyncio.wait([self._batch])
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if self._batch is not None or not self._waiting:
+            return
+        batch: list[_Call[_T]] = []
+        later: list[_Call[_T]] = []
+        taken: set[str] = set()
+        for call in self._waiting:
+            if call.future.cancelled():  # nobody waits for it: never sent (as on SQLite)
+                continue
+            if len(batch) < _MAX_BATCH and call.decision_id not in taken:
+                taken.add(call.decision_id)
+                batch.append(call)
+            else:
+                later.append(call)
+        self._waiting = later
+        if not batch:
+            return
+        self._batch = asyncio.ensure_future(self._answer(batch))
+        self._batch.add_done_callback(self._finished)
+
+    async def _answer(self, batch: list[_Call[_T]]) -> None:
+        try:
+            await self._run(batch)
+        finally:
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(
+                        StoreUnavailable(f"{self._name}: the batch ended without an answer")
+                    )
+
+    def _finished(self, batch: asyncio.Future[None]) -> None:
+        self._batch = None
+        error = None if batch.cancelled() else batch.exception()
+        if error is not None:  # a bug: its calls were answered with StoreUnavailable
+            log.error("ledger.batch_failed", store=self._name, error=_describe(error))
+        self._start()
+
+
+def _columns(batch: list[_Call[_T]]) -> list[list[Any]]:
+    """The arguments of ``batch``'s calls, as one array per parameter."""
+    return [list(column) for column in zip(*(call.args for call in batch), strict=True)]
+
+
 class PostgresLedger:
     """``Ledger`` in PostgreSQL through an asyncpg pool, shared by any number of replicas.
 
@@ -496,6 +703,9 @@ class PostgresLedger:
         self._probing = False
         # ``then`` callbacks run here, one at a time (no pool of threads fighting over the log).
         self._thens = JobThread("launchgate-ledger-then")
+        self._then_group: ThenGroup = contextlib.nullcontext
+        self._reserving = _Queue[ReserveResult](self._reserve_batch, self._name)
+        self._settling = _Queue[bool](self._settle_batch, self._name)
 
     @property
     def name(self) -> str:
@@ -531,6 +741,9 @@ class PostgresLedger:
             pass
 
     async def close(self) -> None:
+        # What was asked before close still goes to the database (or fails as it would).
+        await self._reserving.drain()
+        await self._settling.drain()
         self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -547,7 +760,7 @@ class PostgresLedger:
             await conn.fetchval("SELECT 1")
 
     def group_thens(self, group: ThenGroup) -> None:
-        """Ignored: each write commits alone, and its ``then`` runs alone."""
+        self._then_group = group
 
     async def migrate(self) -> int:
         """Apply pending migrations (safe from several replicas at once); return the version.
@@ -559,7 +772,10 @@ class PostgresLedger:
 
     # -- the reservation lifecycle --
 
-    async def reserve(
+    # The four calls of a launch's path return a future of their batch (see _Queue): no
+    # coroutine, so no task when the proxy shields one.
+
+    def reserve(
         self,
         *,
         jti: str,
@@ -572,25 +788,82 @@ class PostgresLedger:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         then: Callable[[ReserveResult], None] | None = None,
-    ) -> ReserveResult:
+    ) -> asyncio.Future[ReserveResult]:
         _check_reserve(amount, idempotency_key, fingerprint)
-        async with self._connection() as conn:
-            try:
-                outcome, max_acc, used, reserved, replay_of = await conn.fetchrow(
-                    _RESERVE,
-                    jti,
-                    account,
-                    max_accelerators,
-                    expires,
-                    amount,
-                    decision_id,
-                    now,
-                    idempotency_key,
-                    fingerprint,
-                )
-            except asyncpg.UniqueViolationError as e:
-                raise _decision_taken(decision_id) from e
-        result = ReserveResult(
+        args = (
+            jti,
+            account,
+            max_accelerators,
+            expires,
+            amount,
+            decision_id,
+            now,
+            idempotency_key,
+            fingerprint,
+        )
+        return self._reserving.submit(decision_id, args, then)
+
+    def commit(
+        self, decision_id: str, now: float, then: Then | None = None
+    ) -> asyncio.Future[bool]:
+        return self._settling.submit(decision_id, (decision_id, "used", now, None), then)
+
+    def release(
+        self, decision_id: str, now: float, then: Then | None = None
+    ) -> asyncio.Future[bool]:
+        return self._settling.submit(decision_id, (decision_id, "released", now, None), then)
+
+    def settle_unknown(
+        self, decision_id: str, now: float, note: str, then: Then | None = None
+    ) -> asyncio.Future[bool]:
+        return self._settling.submit(decision_id, (decision_id, "settled_unknown", now, note), then)
+
+    async def _reserve_batch(self, batch: list[_Call[ReserveResult]]) -> None:
+        """Make the reservations of ``batch``: alone (``_RESERVE``) when it is one, otherwise in
+        one call (``_RESERVE_BATCH``), falling back to one by one when that rolled back."""
+        if len(batch) == 1:
+            await self._answer(batch, [await self._reserve_alone(batch[0])])
+            return
+        try:
+            async with self._connection() as conn:
+                try:
+                    columns = _columns(batch)
+                    row = await conn.fetchrow(_RESERVE_BATCH, *columns)
+                except _ALONE_ERRORS:
+                    row = None
+        except StoreUnavailable as e:
+            self._fail(batch, e)
+            return
+        if row is None:
+            await asyncio.gather(*(self._reserve_batch([call]) for call in batch))
+            return
+        outcomes, maxes, used, reserved, replays = row
+        results = [
+            ReserveResult(
+                outcome=ReserveOutcome(outcomes[i]),
+                max_accelerators=maxes[i],
+                used=used[i],
+                reserved=reserved[i],
+                requested=call.args[4],
+                replay_of=replays[i],
+            )
+            for i, call in enumerate(batch)
+        ]
+        await self._answer(batch, results)
+
+    async def _reserve_alone(self, call: _Call[ReserveResult]) -> ReserveResult | BaseException:
+        amount, decision_id = call.args[4], call.args[5]
+        try:
+            async with self._connection() as conn:
+                try:
+                    outcome, max_acc, used, reserved, replay_of = await conn.fetchrow(
+                        _RESERVE, *call.args
+                    )
+                except asyncpg.UniqueViolationError as e:
+                    raise _decision_taken(decision_id) from e
+        except (StoreUnavailable, ValueError) as e:
+            return e
+        return ReserveResult(
             outcome=ReserveOutcome(outcome),
             max_accelerators=max_acc,
             used=used,
@@ -598,46 +871,75 @@ class PostgresLedger:
             requested=amount,
             replay_of=replay_of,
         )
-        await self._then(then, result)
-        return result
 
-    async def commit(self, decision_id: str, now: float, then: Then | None = None) -> bool:
-        return await self._settle(decision_id, "used", now, None, then)
+    async def _settle_batch(self, batch: list[_Call[bool]]) -> None:
+        """Settle the reservations of ``batch``: alone (``_SETTLE``) when it is one, otherwise
+        in one call (``_SETTLE_BATCH``), falling back to one by one when that rolled back."""
+        try:
+            async with self._connection() as conn:
+                try:
+                    if len(batch) == 1:
+                        status = await conn.execute(_SETTLE, *batch[0].args)
+                        # The license row of a reservation that moved was updated.
+                        moved = {batch[0].decision_id} if status == "UPDATE 1" else set()
+                    else:
+                        columns = _columns(batch)
+                        moved = set(await conn.fetchval(_SETTLE_BATCH, *columns))
+                except asyncpg.DeadlockDetectedError:
+                    if len(batch) == 1:
+                        raise
+                    moved = None
+        except StoreUnavailable as e:
+            self._fail(batch, e)
+            return
+        if moved is None:
+            await asyncio.gather(*(self._settle_batch([call]) for call in batch))
+            return
+        await self._answer(batch, [call.decision_id in moved for call in batch])
 
-    async def release(self, decision_id: str, now: float, then: Then | None = None) -> bool:
-        return await self._settle(decision_id, "released", now, None, then)
+    def _fail(self, batch: list[_Call[_T]], error: StoreUnavailable) -> None:
+        """Answer every call of ``batch`` with ``error`` (each its own copy: exceptions raised in
+        several tasks must not share a traceback)."""
+        for call in batch:
+            if not call.future.done():
+                copy = StoreUnavailable(str(error), late=error.late)
+                copy.__cause__ = error.__cause__
+                call.future.set_exception(copy)
 
-    async def settle_unknown(
-        self, decision_id: str, now: float, note: str, then: Then | None = None
-    ) -> bool:
-        return await self._settle(decision_id, "settled_unknown", now, note, then)
+    async def _answer(self, batch: list[_Call[_T]], results: Sequence[_T | BaseException]) -> None:
+        """Run the ``then`` of each call that succeeded (on the then-thread, in one group),
+        then answer every call with its result or error."""
+        thens = [
+            functools.partial(call.then, result)
+            for call, result in zip(batch, results, strict=True)
+            if call.then is not None and not isinstance(result, BaseException)
+        ]
+        if thens:
+            try:
+                await self._thens.call(functools.partial(self._run_thens, thens))
+            except Exception:
+                log.exception("ledger.then_failed")
+        for call, result in zip(batch, results, strict=True):
+            if call.future.done():  # the caller was cancelled
+                continue
+            if isinstance(result, BaseException):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+
+    def _run_thens(self, thens: Sequence[Callable[[], None]]) -> None:
+        """On the then-thread: each ``then``, together in the gateway's group; one that raises
+        is a bug, logged."""
+        with self._then_group():
+            for then in thens:
+                try:
+                    then()
+                except Exception:
+                    log.exception("ledger.then_failed")
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         async with self._connection() as conn:
             return await conn.fetchval(_CONFIRM, decision_id, now, note) is not None
-
-    async def _settle(
-        self,
-        decision_id: str,
-        to: ReservationState,
-        now: float,
-        note: str | None,
-        then: Then | None,
-    ) -> bool:
-        async with self._connection() as conn:
-            status = await conn.execute(_SETTLE, decision_id, to, now, note)
-        settled: bool = status == "UPDATE 1"  # the license row of a reservation that moved
-        await self._then(then, settled)
-        return settled
-
-    async def _then(self, then: Callable[[_T], None] | None, value: _T) -> None:
-        """``then(value)`` on the then-thread; one that raises is a bug, logged."""
-        if then is None:
-            return
-        try:
-            await self._thens.call(functools.partial(then, value))
-        except Exception:
-            log.exception("ledger.then_failed")
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         note = _expiry_note(ttl_s)
