@@ -543,6 +543,30 @@ async def test_a_batch_locks_licenses_in_byte_order(url: str, kind: str) -> None
             assert results == [True, True]
 
 
+async def test_a_batch_takes_its_licenses_before_any_key(url: str) -> None:
+    """A batch whose first call claims a key and whose later calls wait for a license must not
+    hold the key meanwhile: a lone call of another replica holding a later license and asking
+    for that key would close a cycle (found in review: PostgreSQL broke it after 1 s by failing
+    the lone launch with a store error). The batch takes every license first, then the keys."""
+    batching, alone = PostgresLedger(url), PostgresLedger(url)
+    async with open_stores(batching, alone), connect(url) as other:
+        for jti in ("lic-a", "lic-b", "lic-c"):
+            await reserve(batching, f"{jti}-0", 1, jti=jti)
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-b' FOR UPDATE")
+            batch = asyncio.gather(
+                reserve_keyed(batching, "x1", 1, key="k", jti="lic-a"),
+                reserve(batching, "x2", 1, jti="lic-b"),
+                reserve(batching, "x3", 1, jti="lic-c"),
+            )
+            await waiting_on_a_lock(other)  # the batch, on lic-b
+            lone = await reserve_keyed(alone, "z1", 1, key="k", jti="lic-c")
+            assert lone.outcome is ReserveOutcome.RESERVED  # k was free: the batch had no key yet
+        keyed, *others = await batch
+        assert (keyed.outcome, keyed.replay_of) == (ReserveOutcome.IN_PROGRESS, "z1")
+        assert [r.outcome for r in others] == [ReserveOutcome.RESERVED] * 2
+
+
 async def test_replicas_batching_across_licenses_never_over_spend(url: str) -> None:
     """Four replicas, each asking 60 reservations of one accelerator at once across five licenses
     of 30, in shuffled orders, then settling them (half used, half released) at once: each

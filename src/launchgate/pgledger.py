@@ -20,10 +20,11 @@ a launch as used.
 Group commit: the reservations (and, separately, the settlements) that queue up while one call of
 their kind is in flight go to the database as one statement (``_Queue``; migration 5), as the
 SQLite ledger batches its transactions: one round trip, one commit and one durability barrier for
-all, where each launch used to cost two round trips of its own. A batch takes license rows in
-byte order of their jti, as the sweeper does, so batches of several replicas cannot deadlock on
-them; an error that rolls a batch back (a decision id already taken, a deadlock all the same) runs
-its calls again one by one, so each succeeds or fails as it would have alone.
+all, where each launch used to cost two round trips of its own. A batch takes its license rows
+first, in byte order of their jti (as the sweeper does), then its idempotency keys in order, so
+batches and lone calls of several replicas never wait for each other in a cycle; an error that
+rolls a batch back (a decision id already taken; a deadlock all the same) runs its calls again
+one by one, so each succeeds or fails as it would have alone.
 
 Availability: every asyncpg, OS and timeout error leaves as ``StoreUnavailable``; connecting,
 waiting for a pooled connection and each statement are bounded by ``timeout_s``. After a
@@ -347,11 +348,15 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         5,
         (
             # Group commit (see _Queue): the reservations that queued up while one call was in
-            # flight, in one round trip and one transaction, with one durability barrier.
-            # Each is launchgate_reserve_keyed as alone, taken in license order (then arrival),
-            # so batches from any number of replicas lock license rows in one order (byte order,
-            # as the sweeper sorts them). An error rolls the whole batch back (nothing of it
-            # committed) and the caller runs its reservations again one by one.
+            # flight, in one round trip and one transaction, with one durability barrier. Each
+            # is launchgate_reserve_keyed as alone. Locks are taken as a lone call takes them,
+            # license row before key row, and each kind in one order: first every license of
+            # the batch in byte order of its jti (made with its first call's values if new),
+            # then the calls in order of (account, key). So batches and lone calls of any
+            # number of replicas wait for each other but never in a cycle (a lone call holds one
+            # license and waits at most for a key; review found a batch that claimed a key,
+            # then waited for a license that such a call held). An error rolls the whole batch
+            # back (nothing of it committed) and the caller runs its calls again one by one.
             """
             CREATE PROCEDURE launchgate_reserve_batch(
                 p_jti text[], p_account text[], p_max bigint[], p_expires double precision[],
@@ -363,11 +368,25 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             DECLARE
                 i integer;
                 r record;
+                locked text;
                 barrier text;
             BEGIN
                 FOR i IN
                     SELECT t.ord FROM unnest(p_jti) WITH ORDINALITY AS t (jti, ord)
                     ORDER BY t.jti COLLATE "C", t.ord
+                LOOP
+                    CONTINUE WHEN p_jti[i] = locked;
+                    locked := p_jti[i];
+                    INSERT INTO launchgate_licenses
+                        (jti, account, max_accelerators, expires, first_seen)
+                    VALUES (p_jti[i], p_account[i], p_max[i], p_expires[i], p_now[i])
+                    ON CONFLICT (jti) DO NOTHING;
+                    PERFORM 1 FROM launchgate_licenses WHERE jti = p_jti[i] FOR UPDATE;
+                END LOOP;
+                FOR i IN
+                    SELECT t.ord
+                    FROM unnest(p_account, p_key) WITH ORDINALITY AS t (account, key, ord)
+                    ORDER BY t.account COLLATE "C", t.key COLLATE "C", t.ord
                 LOOP
                     SELECT * INTO r FROM launchgate_reserve_keyed(
                         p_jti[i], p_account[i], p_max[i], p_expires[i], p_amount[i],
