@@ -24,7 +24,7 @@ import pytest
 import structlog
 
 from launchgate.errors import StoreUnavailable
-from launchgate.ledger import ReserveOutcome, migrate_store, open_ledger
+from launchgate.ledger import ReserveOutcome, ReserveResult, migrate_store, open_ledger
 from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger
 from test_ledger import (
     POSTGRES_DSN_VAR,
@@ -448,37 +448,25 @@ async def test_a_call_cancelled_before_its_batch_is_never_sent(url: str) -> None
     """A reservation cancelled while it waits for the batch in flight reserves nothing; one
     cancelled once its batch has started still completes (the sweeper settles it)."""
     store = PostgresLedger(url)
+
+    def ask(decision_id: str, amount: int) -> asyncio.Future[ReserveResult]:
+        return store.reserve(
+            jti="lic-42",
+            account="acct-2001",
+            max_accelerators=64,
+            expires=T0 + 86400,
+            amount=amount,
+            decision_id=decision_id,
+            now=T0,
+        )
+
     async with open_stores(store):
-        started = store.reserve(
-            jti="lic-42",
-            account="acct-2001",
-            max_accelerators=64,
-            expires=T0 + 86400,
-            amount=8,
-            decision_id="d1",
-            now=T0,
-        )
+        started = ask("d1", 8)
         await asyncio.sleep(0)  # its batch is on its way
-        waiting = store.reserve(
-            jti="lic-42",
-            account="acct-2001",
-            max_accelerators=64,
-            expires=T0 + 86400,
-            amount=8,
-            decision_id="d2",
-            now=T0,
-        )
+        waiting = ask("d2", 8)
         started.cancel()
         waiting.cancel()
-        await store.reserve(
-            jti="lic-42",
-            account="acct-2001",
-            max_accelerators=64,
-            expires=T0 + 86400,
-            amount=1,
-            decision_id="d3",
-            now=T0,
-        )
+        await ask("d3", 1)
         assert await store.reservation("d2") is None
         first = await store.reservation("d1")
         assert first is not None and first.state == "reserved"

@@ -688,6 +688,20 @@ class _Queue(Generic[_T]):
         self._start()
 
 
+def _reserve_result(call: _Call[ReserveResult], answer: Sequence[Any]) -> ReserveResult:
+    """The result of reservation ``call`` from what the database answered for it: (outcome,
+    maximum, used, reserved, replay_of)."""
+    outcome, max_accelerators, used, reserved, replay_of = answer
+    return ReserveResult(
+        outcome=ReserveOutcome(outcome),
+        max_accelerators=max_accelerators,
+        used=used,
+        reserved=reserved,
+        requested=call.args[4],  # the amount (see PostgresLedger.reserve)
+        replay_of=replay_of,
+    )
+
+
 def _columns(batch: list[_Call[_T]]) -> list[list[Any]]:
     """The arguments of ``batch``'s calls, as one array per parameter."""
     return [list(column) for column in zip(*(call.args for call in batch), strict=True)]
@@ -856,40 +870,23 @@ class PostgresLedger:
         if row is None:
             await asyncio.gather(*(self._reserve_batch([call]) for call in batch))
             return
-        outcomes, maxes, used, reserved, replays = row
+        # One array per output column, in the batch's order.
+        answers = zip(*row, strict=True)
         results = [
-            ReserveResult(
-                outcome=ReserveOutcome(outcomes[i]),
-                max_accelerators=maxes[i],
-                used=used[i],
-                reserved=reserved[i],
-                requested=call.args[4],
-                replay_of=replays[i],
-            )
-            for i, call in enumerate(batch)
+            _reserve_result(call, answer) for call, answer in zip(batch, answers, strict=True)
         ]
         await self._answer(batch, results)
 
     async def _reserve_alone(self, call: _Call[ReserveResult]) -> ReserveResult | BaseException:
-        amount, decision_id = call.args[4], call.args[5]
         try:
             async with self._connection() as conn:
                 try:
-                    outcome, max_acc, used, reserved, replay_of = await conn.fetchrow(
-                        _RESERVE, *call.args
-                    )
+                    row = await conn.fetchrow(_RESERVE, *call.args)
                 except asyncpg.UniqueViolationError as e:
-                    raise _decision_taken(decision_id) from e
+                    raise _decision_taken(call.decision_id) from e
         except (StoreUnavailable, ValueError) as e:
             return e
-        return ReserveResult(
-            outcome=ReserveOutcome(outcome),
-            max_accelerators=max_acc,
-            used=used,
-            reserved=reserved,
-            requested=amount,
-            replay_of=replay_of,
-        )
+        return _reserve_result(call, row)
 
     async def _settle_batch(self, batch: list[_Call[bool]]) -> None:
         """Settle the reservations of ``batch``: alone (``_SETTLE``) when it is one, otherwise
