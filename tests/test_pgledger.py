@@ -472,6 +472,48 @@ async def test_a_call_cancelled_before_its_batch_is_never_sent(url: str) -> None
         assert first is not None and first.state == "reserved"
 
 
+@pytest.fixture
+def acquired(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every connection asyncpg's pools hand out from now on (white-box: ``Pool.acquire``)."""
+    taken: list[object] = []
+    real = asyncpg.Pool.acquire
+
+    def counting(self: object, *args: object, **kwargs: object) -> object:
+        taken.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counting)
+    return taken
+
+
+@pytest.mark.parametrize("pool_size", [10, 2])
+async def test_the_queues_keep_their_connection_between_batches(
+    url: str, pool_size: int, acquired: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten launches one after another take one pooled connection for their reservations and
+    one for their settlements, kept between batches and given back once idle; with a pool too
+    small to spare two, every batch takes one from the pool and gives it back."""
+    from launchgate import pgledger
+
+    monkeypatch.setattr(pgledger, "_LEASE_IDLE_S", 0.2)
+    store = PostgresLedger(url, max_size=pool_size)
+    async with open_stores(store):
+        acquired.clear()
+        for i in range(10):
+            assert (await reserve(store, f"d{i}", 1)).outcome is ReserveOutcome.RESERVED
+            assert await store.commit(f"d{i}", T0)
+        assert len(acquired) == (2 if pool_size == 10 else 20)
+        pool = store._pool  # white-box: how many connections the pool has out
+        busy = pool.get_size() - pool.get_idle_size()
+        assert busy == (2 if pool_size == 10 else 0)
+        await asyncio.sleep(0.5)
+        assert pool.get_size() - pool.get_idle_size() == 0
+        assert (await reserve(store, "d10", 1)).outcome is ReserveOutcome.RESERVED
+        assert len(acquired) == (3 if pool_size == 10 else 21)
+        state = await store.license("lic-42")
+        assert state is not None and (state.used, state.reserved) == (10, 1)
+
+
 async def test_a_batch_against_a_closed_port_fails_every_call() -> None:
     """Every call of a batch that cannot reach the database raises its own StoreUnavailable."""
     store = PostgresLedger("postgresql://postgres@127.0.0.1:1/test")
@@ -490,6 +532,8 @@ async def test_a_batch_against_a_closed_port_fails_every_call() -> None:
 async def waiting_on_a_lock(conn: asyncpg.Connection) -> None:
     """Return once a ledger connection waits for a row lock."""
     for _ in range(500):
+        # Inside a transaction, PostgreSQL shows the activity it saw first until told to look again.
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
         waiting = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'launchgate'"
             " AND wait_event_type = 'Lock'"
