@@ -514,6 +514,26 @@ async def test_the_queues_keep_their_connection_between_batches(
         assert state is not None and (state.used, state.reserved) == (10, 1)
 
 
+async def test_a_kept_connection_is_not_used_after_a_store_failure(url: str) -> None:
+    """The database drops every connection (a restart); a settlement finds out first. Once the
+    ledger retries, the reservations' queue takes a fresh connection instead of failing a
+    launch on the dead one it kept."""
+    store = PostgresLedger(url, retry_interval_s=0.1)
+    async with open_stores(store), connect(url) as admin:
+        await reserve(store, "d0", 1)
+        assert await store.commit("d0", T0)
+        dropped = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'launchgate' AND datname = current_database()"
+        )
+        assert dropped >= 2  # the two kept, and any idle in the pool
+        with pytest.raises(StoreUnavailable):  # the settlements' kept connection was dropped
+            await store.commit("d0", T0)
+        await asyncio.sleep(0.2)  # past the retry interval
+        assert (await reserve(store, "d1", 1)).outcome is ReserveOutcome.RESERVED
+        assert await store.commit("d1", T0)
+
+
 async def test_a_batch_against_a_closed_port_fails_every_call() -> None:
     """Every call of a batch that cannot reach the database raises its own StoreUnavailable."""
     store = PostgresLedger("postgresql://postgres@127.0.0.1:1/test")
