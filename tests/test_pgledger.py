@@ -25,7 +25,7 @@ import structlog
 
 from launchgate.errors import StoreUnavailable
 from launchgate.ledger import ReserveOutcome, ReserveResult, migrate_store, open_ledger
-from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger
+from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger, _attached
 from test_ledger import (
     POSTGRES_DSN_VAR,
     T0,
@@ -514,10 +514,9 @@ async def test_the_queues_keep_their_connection_between_batches(
         assert state is not None and (state.used, state.reserved) == (10, 1)
 
 
-async def test_a_kept_connection_is_not_used_after_a_store_failure(url: str) -> None:
-    """The database drops every connection (a restart); a settlement finds out first. Once the
-    ledger retries, the reservations' queue takes a fresh connection instead of failing a
-    launch on the dead one it kept."""
+async def test_a_kept_connection_the_server_ended_costs_no_launch(url: str) -> None:
+    """The database ends every connection (a restart, an administrator): the queues notice that
+    the ones they keep are gone and take fresh ones, and no launch fails on them."""
     store = PostgresLedger(url, retry_interval_s=0.1)
     async with open_stores(store), connect(url) as admin:
         await reserve(store, "d0", 1)
@@ -527,11 +526,35 @@ async def test_a_kept_connection_is_not_used_after_a_store_failure(url: str) -> 
             " WHERE application_name = 'launchgate' AND datname = current_database()"
         )
         assert dropped >= 2  # the two kept, and any idle in the pool
-        with pytest.raises(StoreUnavailable):  # the settlements' kept connection was dropped
-            await store.commit("d0", T0)
-        await asyncio.sleep(0.2)  # past the retry interval
+        await asyncio.sleep(0.3)  # the client reads that they ended
         assert (await reserve(store, "d1", 1)).outcome is ReserveOutcome.RESERVED
         assert await store.commit("d1", T0)
+
+
+async def test_a_store_failure_lets_go_of_the_kept_connections(
+    forwarder: Forwarder, url: str
+) -> None:
+    """A partition: once a call finds the database gone, the queues close the connections they
+    keep to it at once (they might never answer again) and take fresh ones when it is back."""
+    store = PostgresLedger(forwarder.url(url), timeout_s=0.5, retry_interval_s=0.2)
+    try:
+        await reserve(store, "d0", 1)
+        assert await store.commit("d0", T0)
+        kept = [store._reserving._lease.conn, store._settling._lease.conn]  # white-box
+        assert None not in kept
+        forwarder.freeze()
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        assert store._reserving._lease.conn is None and store._settling._lease.conn is None
+        assert all(not _attached(conn) or conn.is_closed() for conn in kept)
+        await forwarder.stop()  # the partition heals: the frozen connections are cut
+        forwarder.frozen, forwarder.mode = False, "forward"
+        await forwarder.start()
+        await asyncio.sleep(0.3)  # past the retry interval
+        assert (await reserve(store, "d1", 1)).outcome is ReserveOutcome.RESERVED
+        assert await store.commit("d1", T0)
+    finally:
+        await store.close()
 
 
 async def test_a_batch_against_a_closed_port_fails_every_call() -> None:
@@ -1069,3 +1092,97 @@ async def test_a_database_down_at_start_is_used_once_it_is_up(
         assert (await reserve(store, "d1", 8)).outcome is ReserveOutcome.RESERVED
     finally:
         await store.close()
+
+
+# --- the connections the queues keep (found in review) ------------------------------------
+
+
+async def test_a_batch_run_again_one_by_one_gives_its_kept_connection_back(url: str) -> None:
+    """With a pool of 3, both queues keeping one and the third busy elsewhere, a batch rolled
+    back by a taken decision id runs its calls one by one on connections from the pool: its
+    own kept one goes back first (the calls waited for the pool, timed out and tripped the
+    store, failing every one)."""
+    store = PostgresLedger(url, timeout_s=1.0, max_size=3)
+    async with open_stores(store):
+        await reserve(store, "taken", 1)
+        assert await store.commit("taken", T0)  # the settlements' queue keeps one
+        busy = await store._pool.acquire()  # white-box: the sweeper, say, holds the third
+        try:
+            results = await asyncio.gather(
+                *(reserve(store, d, 1, jti="lic-7") for d in ("taken", "n1", "n2", "n3")),
+                return_exceptions=True,
+            )
+        finally:
+            await store._pool.release(busy)
+        assert isinstance(results[0], ValueError)
+        assert [getattr(r, "outcome", r) for r in results[1:]] == [ReserveOutcome.RESERVED] * 3
+
+
+async def test_a_probe_does_not_wait_on_a_kept_connection_to_a_frozen_database(
+    forwarder: Forwarder, url: str
+) -> None:
+    """The database stops answering (a partition) while the settlements' queue keeps a
+    connection to it. Once a reservation has found out, the next settlement fails at once
+    within the retry interval, and after it (as the probe) within one timeout: a graceful
+    close of the kept connection would first wait a timeout for an answer that never comes."""
+    store = PostgresLedger(forwarder.url(url), timeout_s=1.0, retry_interval_s=0.5)
+    try:
+        await reserve(store, "d1", 8)
+        assert await store.commit("d1", T0)  # kept by the settlements' queue
+        forwarder.freeze()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d2", 8)  # times out after 1 s: the store is failing
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.release("d1", T0)
+        assert time.monotonic() - started < 0.2
+        await asyncio.sleep(0.6)  # past the retry interval: the next call probes
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.release("d1", T0)
+        assert time.monotonic() - started < 1.5  # one timeout, not two
+    finally:
+        await store.close()
+
+
+async def test_letting_an_idle_connection_go_does_not_hold_up_a_failing_queue(
+    forwarder: Forwarder, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settlements' queue lets its idle connection go while the database is known to be
+    gone: a settlement asked meanwhile fails at once instead of waiting behind a graceful close
+    of that connection."""
+    from launchgate import pgledger
+
+    monkeypatch.setattr(pgledger, "_LEASE_IDLE_S", 1.5)
+    store = PostgresLedger(forwarder.url(url), timeout_s=1.0, retry_interval_s=30)
+    try:
+        await reserve(store, "d1", 8)
+        assert await store.commit("d1", T0)  # kept; let go 1.5 s from now
+        forwarder.freeze()
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "d2", 8)  # times out after 1 s: the store is failing
+        await asyncio.sleep(0.6)  # the settlements' queue lets its connection go
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.release("d1", T0)
+        assert time.monotonic() - started < 0.2
+    finally:
+        await store.close()
+
+
+async def test_close_lets_no_kept_connection_outlive_it(url: str) -> None:
+    """A reservation asked while close() drains the settlements still completes, and close()
+    returns with no connection kept and no timer left to fire."""
+    store = PostgresLedger(url)
+    await store.open()
+    await reserve(store, "d0", 1)
+    settling = store.commit("d0", T0)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    late = asyncio.ensure_future(reserve(store, "d1", 1))
+    await closing
+    assert await settling
+    assert (await late).outcome is ReserveOutcome.RESERVED
+    assert store._reserving.idle and store._settling.idle
+    assert store._reserving._idle is None and store._settling._idle is None

@@ -631,11 +631,35 @@ class _Lease:
         self.generation = -1  # PostgresLedger._generation when it was taken
 
     async def end(self) -> None:
-        """Give the connection back to the pool (which closes it if its generation expired)."""
+        """Give the connection back to the pool."""
         conn, self.conn = self.conn, None
         if conn is not None:
             with contextlib.suppress(*_STORE_ERRORS):  # the pool drops one it cannot reset
                 await self.pool.release(conn)
+
+    def drop(self) -> None:
+        """Close the connection at once (it may lead to a database that no longer answers: a
+        graceful close would wait for it) and give its place back to the pool."""
+        conn, self.conn = self.conn, None
+        if conn is not None and _attached(conn):
+            conn.terminate()  # the pool's slot is free again; a release after it is a no-op
+
+    def take(self) -> Any:
+        """The connection, unless asyncpg has seen it close meanwhile (the server ended it: it
+        is back in the pool already); then None."""
+        if self.conn is not None and (not _attached(self.conn) or self.conn.is_closed()):
+            self.conn = None
+        return self.conn
+
+
+def _attached(conn: Any) -> bool:
+    """Whether a pooled connection is still ours: asyncpg hands one whose connection closed back
+    to the pool itself, and then refuses every call on it."""
+    try:
+        conn.is_closed()
+    except asyncpg.InterfaceError:  # "connection has been released back to the pool"
+        return False
+    return True
 
 
 class _Queue(Generic[_T]):
@@ -672,6 +696,15 @@ class _Queue(Generic[_T]):
             self._scheduled = True
             loop.call_soon(self._start)
         return future
+
+    @property
+    def idle(self) -> bool:
+        """No call waiting or in flight, and no connection kept."""
+        return self._batch is None and not self._waiting and self._lease.conn is None
+
+    def drop_lease(self) -> None:
+        """Close the kept connection now, unless a batch is using it (see ``_Lease.drop``)."""
+        self._lease.drop()
 
     async def drain(self) -> None:
         """Return once every call submitted so far has been answered, and give the lease back."""
@@ -833,8 +866,10 @@ class PostgresLedger:
 
     async def close(self) -> None:
         # What was asked before close still goes to the database (or fails as it would).
-        await self._reserving.drain()
-        await self._settling.drain()
+        # A reservation asked while the settlements drain (or the other way round) goes too.
+        while not (self._reserving.idle and self._settling.idle):
+            await self._reserving.drain()
+            await self._settling.drain()
         self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -928,6 +963,8 @@ class PostgresLedger:
             self._fail(batch, e)
             return
         if row is None:
+            if lease is not None:  # the calls alone take their own connections from the pool
+                await lease.end()
             await asyncio.gather(*(self._reserve_batch([call]) for call in batch))
             return
         # One array per output column, in the batch's order.
@@ -971,6 +1008,8 @@ class PostgresLedger:
             self._fail(batch, e)
             return
         if moved is None:
+            if lease is not None:  # as in _reserve_batch
+                await lease.end()
             await asyncio.gather(*(self._settle_batch([call]) for call in batch))
             return
         await self._answer(batch, [call.decision_id in moved for call in batch])
@@ -1173,27 +1212,31 @@ class PostgresLedger:
         """A connection for ``_connection``: ``lease``'s when it holds one taken since the last
         failure (``_trip``), else one from the pool. A leased one (only with room in the pool
         for the two queues and everything else) is kept in ``lease`` when the caller is done,
-        and given back to the pool when the caller raised."""
+        given back to the pool when the caller raised, and closed at once when the store
+        failed meanwhile."""
         if lease is None or self._max_size < _LEASE_MIN_POOL:
             pool = self._pool if self._pool is not None else await self._connect()
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 yield conn
             return
         if lease.generation != self._generation:
-            await lease.end()  # taken before a failure: the pool replaces it
-        conn = lease.conn
+            lease.drop()  # taken before a failure (and in use then, or _trip dropped it)
+        conn = lease.take()
         if conn is None:
             pool = self._pool if self._pool is not None else await self._connect()
             conn = await pool.acquire(timeout=self._timeout_s)
             lease.pool, lease.generation = pool, self._generation
         lease.conn = None  # in use
+        failed = True
         try:
             yield conn
-        except BaseException:
+            failed = False
+        finally:
             lease.conn = conn
-            await lease.end()
-            raise
-        lease.conn = conn
+            if lease.generation != self._generation:  # the store failed meanwhile
+                lease.drop()
+            elif failed:
+                await lease.end()
 
     def _admit(self, *, force: bool) -> bool:
         """Whether this call is the probe; raise ``StoreUnavailable`` if it must not try."""
@@ -1219,6 +1262,9 @@ class PostgresLedger:
         self._probing = False
         if self._pool is not None:
             await self._pool.expire_connections()
+        # Connections the queues keep may lead to a database that no longer answers.
+        self._reserving.drop_lease()
+        self._settling.drop_lease()
 
     async def _connect(self) -> Any:
         """Create the pool and migrate the schema; one caller at a time."""
