@@ -641,25 +641,24 @@ class _Lease:
         """Close the connection at once (it may lead to a database that no longer answers: a
         graceful close would wait for it) and give its place back to the pool."""
         conn, self.conn = self.conn, None
-        if conn is not None and _attached(conn):
+        if conn is not None and _open(conn):
             conn.terminate()  # the pool's slot is free again; a release after it is a no-op
 
     def take(self) -> Any:
         """The connection, unless asyncpg has seen it close meanwhile (the server ended it: it
         is back in the pool already); then None."""
-        if self.conn is not None and (not _attached(self.conn) or self.conn.is_closed()):
+        if self.conn is not None and not _open(self.conn):
             self.conn = None
         return self.conn
 
 
-def _attached(conn: Any) -> bool:
-    """Whether a pooled connection is still ours: asyncpg hands one whose connection closed back
-    to the pool itself, and then refuses every call on it."""
+def _open(conn: Any) -> bool:
+    """Whether a pooled connection is still open and ours: asyncpg hands one whose connection
+    closed back to the pool itself, and then refuses every call on it."""
     try:
-        conn.is_closed()
+        return not conn.is_closed()
     except asyncpg.InterfaceError:  # "connection has been released back to the pool"
         return False
-    return True
 
 
 class _Queue(Generic[_T]):
@@ -749,10 +748,11 @@ class _Queue(Generic[_T]):
     async def _drive(self, batch: list[_Call[_T]]) -> None:
         """Run ``batch``, then each batch that queued up meanwhile, until none is waiting."""
         while batch:
-            await self._answer(batch, self._lease)
+            await self._run_answering(batch, self._lease)
             batch = self._take()
 
-    async def _answer(self, batch: list[_Call[_T]], lease: _Lease) -> None:
+    async def _run_answering(self, batch: list[_Call[_T]], lease: _Lease) -> None:
+        """``run`` the batch; a call it left unanswered fails rather than hangs."""
         try:
             await self._run(batch, lease)
         finally:
