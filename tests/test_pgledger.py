@@ -176,6 +176,29 @@ async def test_a_reservation_is_one_round_trip(url: str, monkeypatch: pytest.Mon
         assert len(sent) == 2 and all(q.startswith("CALL launchgate_reserve_durable") for q in sent)
 
 
+async def test_a_reservation_writes_its_license_row_once(url: str) -> None:
+    """A reservation of a license already on record writes the row once (its counter); taking
+    the row's lock writes nothing (migration 6: the upsert wrote a second version each time)."""
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "first", 8)  # puts the license on record
+        async with conn.transaction():
+            for n in range(3):
+                await conn.fetchrow(
+                    "SELECT * FROM launchgate_reserve_keyed($1, $2, $3, $4, $5, $6, $7, NULL, NULL)",
+                    *("lic-42", "acct-2001", 64, T0 + 86400, 8, f"d{n}", T0),
+                )
+            # This transaction's own row writes so far (inserts, updates), per table.
+            written = await conn.fetchval(
+                "SELECT n_tup_upd FROM pg_stat_xact_user_tables"
+                " WHERE relname = 'launchgate_licenses' AND schemaname = $1",
+                schema_of(url),
+            )
+        assert written == 3
+        state = await store.license("lic-42")
+        assert state is not None and state.reserved == 32
+
+
 async def test_a_newer_schema_is_refused(url: str) -> None:
     """A ledger written by a newer launchgate is not used blindly."""
     store = PostgresLedger(url)

@@ -201,6 +201,49 @@ _RESERVE_KEYED_4: Final = _amended(
         "                END IF;\n",
     ),
 )
+# Migration 6: the same function again, taking the license row with SELECT ... FOR UPDATE and
+# upserting only a row it cannot use as it is (none yet, or one a revoke made, with its account,
+# maximum, expiry or first sighting still NULL). The upsert's DO UPDATE wrote a new version of the
+# row on every reservation although it changed nothing once the row was complete; the row then
+# carried two versions per reservation (this and the counter's), and every lock and read of it
+# walked the chain of dead ones until a prune. Measured in PL/pgSQL, 2,000 reservations of one
+# license in a row: 103 -> 68 us each. Locking and the counters read are as before: FOR UPDATE
+# waits for a concurrent holder, then reads the row's latest version (READ COMMITTED).
+_RESERVE_KEYED_6: Final = _amended(
+    _RESERVE_KEYED_4,
+    (
+        """                INSERT INTO launchgate_licenses AS l
+                    (jti, account, max_accelerators, expires, first_seen)
+                VALUES (p_jti, p_account, p_max, p_expires, p_now)
+                ON CONFLICT (jti) DO UPDATE SET
+                    account = COALESCE(l.account, EXCLUDED.account),
+                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
+                    expires = COALESCE(l.expires, EXCLUDED.expires),
+                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
+                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked, l.account
+                INTO o_max, o_used, o_reserved, is_revoked, on_record_for;
+""",
+        """                SELECT l.max_accelerators, l.used, l.reserved, l.revoked, l.account
+                INTO o_max, o_used, o_reserved, is_revoked, on_record_for
+                FROM launchgate_licenses AS l
+                WHERE l.jti = p_jti AND l.account IS NOT NULL AND l.max_accelerators IS NOT NULL
+                    AND l.expires IS NOT NULL AND l.first_seen IS NOT NULL
+                FOR UPDATE;
+                IF NOT FOUND THEN
+                    INSERT INTO launchgate_licenses AS l
+                        (jti, account, max_accelerators, expires, first_seen)
+                    VALUES (p_jti, p_account, p_max, p_expires, p_now)
+                    ON CONFLICT (jti) DO UPDATE SET
+                        account = COALESCE(l.account, EXCLUDED.account),
+                        max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
+                        expires = COALESCE(l.expires, EXCLUDED.expires),
+                        first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
+                    RETURNING l.max_accelerators, l.used, l.reserved, l.revoked, l.account
+                    INTO o_max, o_used, o_reserved, is_revoked, on_record_for;
+                END IF;
+""",
+    ),
+)
 
 _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
@@ -455,6 +498,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             END
             $$
             """,
+        ),
+    ),
+    (
+        6,
+        (
+            # launchgate_reserve_keyed locks a complete license row without writing it (see
+            # _RESERVE_KEYED_6); otherwise as in 4.
+            _RESERVE_KEYED_6,
         ),
     ),
 )
