@@ -1025,6 +1025,26 @@ async def test_a_reservation_delivered_after_its_timeout_is_abandoned(
         assert await conn.fetchval(state_of_d1) == "released"
 
 
+async def test_a_lock_held_elsewhere_fails_only_the_calls_that_wait_for_it(url: str) -> None:
+    """A license row another session holds locked (a stuck transaction) fails the reservations
+    that wait for it after the lock wait bound (a quarter of the timeout), and the store stays
+    up: a launch under another license goes through at once, and once the lock is gone so does
+    one under this license. (Waiting out the statement timeout tripped the whole store.)"""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "d0", 8)  # the license on record
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await reserve(store, "d1", 8)
+            assert time.monotonic() - started < 1.5
+            other = await reserve(store, "d2", 8, jti="lic-43")
+            assert other.outcome is ReserveOutcome.RESERVED
+        again = await reserve(store, "d3", 8)
+        assert (again.outcome, again.reserved) == (ReserveOutcome.RESERVED, 16)
+
+
 async def test_only_one_call_probes_a_database_that_is_down(forwarder: Forwarder, url: str) -> None:
     """After the retry interval one call tries the database while the others fail at once."""
     forwarder.mode = "silent"

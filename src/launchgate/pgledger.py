@@ -27,7 +27,8 @@ rolls a batch back (a decision id already taken; a deadlock all the same) runs i
 one by one, so each succeeds or fails as it would have alone.
 
 Availability: every asyncpg, OS and timeout error leaves as ``StoreUnavailable``; connecting,
-waiting for a pooled connection and each statement are bounded by ``timeout_s``. After a
+waiting for a pooled connection and each statement are bounded by ``timeout_s``, and a wait for a
+row lock by a quarter of it (``_LOCK_WAIT_SHARE``), which fails that call alone. After a
 connection failure the ledger answers ``StoreUnavailable`` at once for ``retry_interval_s``, then
 lets one call through as a probe (creating the pool if it never was); calls arriving while the
 probe runs fail at once too. A database that is down thus costs callers no waiting beyond one
@@ -556,6 +557,13 @@ _LEASE_MIN_POOL = 3
 # How long a queue keeps its connection (see _Lease) with no call: well under the pool's limit for
 # an idle connection (asyncpg's max_inactive_connection_lifetime, 300 s).
 _LEASE_IDLE_S = 10.0
+# A statement waiting for a row lock gives up after this share of ``timeout_s`` (the session's
+# lock_timeout), well before the statement timeout: a lock held elsewhere (a stuck transaction of
+# another client, a hot license under a pile-up) fails the calls that wait for it, with a
+# PostgreSQL error that leaves the store up. Waiting out the statement timeout instead is a
+# connection failure, which marks the whole store down for the retry interval: every launch of
+# every license would fail for one held row.
+_LOCK_WAIT_SHARE = 0.25
 # What rolls a whole batch back although each call alone would have gone its own way: a decision
 # id already taken (that reservation's ValueError) or a deadlock between two batches. The
 # batch's calls then run one by one.
@@ -1322,7 +1330,10 @@ class PostgresLedger:
         async with self._connecting:
             if self._pool is not None:
                 return self._pool
-            settings = {"application_name": "launchgate"}
+            settings = {
+                "application_name": "launchgate",
+                "lock_timeout": f"{max(1, round(self._timeout_s * _LOCK_WAIT_SHARE * 1000))}ms",
+            }
             if self._schema is not None:
                 settings["search_path"] = self._schema
             pool = await asyncpg.create_pool(
@@ -1347,6 +1358,9 @@ class PostgresLedger:
 
     async def _migrate(self, conn: Any) -> int:
         async with conn.transaction():
+            # Replicas starting together wait here for each other's migration, bounded by the
+            # statement timeout alone.
+            await conn.execute("SET LOCAL lock_timeout = 0")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             if self._schema is not None:
                 # Only when missing: CREATE SCHEMA IF NOT EXISTS would still need CREATE rights.
