@@ -202,14 +202,71 @@ _RESERVE_KEYED_4: Final = _amended(
         "                END IF;\n",
     ),
 )
-# Migration 6: the same function again, taking the license row with SELECT ... FOR UPDATE and
-# upserting only a row it cannot use as it is (none yet, or one a revoke made, with its account,
-# maximum, expiry or first sighting still NULL). The upsert's DO UPDATE wrote a new version of the
-# row on every reservation although it changed nothing once the row was complete; the row then
-# carried two versions per reservation (this and the counter's), and every lock and read of it
-# walked the chain of dead ones until a prune. Measured in PL/pgSQL, 2,000 reservations of one
-# license in a row: 103 -> 68 us each. Locking and the counters read are as before: FOR UPDATE
-# waits for a concurrent holder, then reads the row's latest version (READ COMMITTED).
+# Migration 5's reservation batch procedure (described there); migration 6 amends it.
+_RESERVE_BATCH_5: Final = """
+            CREATE PROCEDURE launchgate_reserve_batch(
+                p_jti text[], p_account text[], p_max bigint[], p_expires double precision[],
+                p_amount bigint[], p_decision_id text[], p_now double precision[],
+                p_key text[], p_fingerprint text[],
+                INOUT o_outcome text[], INOUT o_max bigint[], INOUT o_used bigint[],
+                INOUT o_reserved bigint[], INOUT o_replay_of text[]
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                i integer;
+                r record;
+                locked text;
+                barrier text;
+            BEGIN
+                FOR i IN
+                    SELECT t.ord FROM unnest(p_jti) WITH ORDINALITY AS t (jti, ord)
+                    ORDER BY t.jti COLLATE "C", t.ord
+                LOOP
+                    CONTINUE WHEN p_jti[i] = locked;
+                    locked := p_jti[i];
+                    INSERT INTO launchgate_licenses
+                        (jti, account, max_accelerators, expires, first_seen)
+                    VALUES (p_jti[i], p_account[i], p_max[i], p_expires[i], p_now[i])
+                    ON CONFLICT (jti) DO NOTHING;
+                    PERFORM 1 FROM launchgate_licenses WHERE jti = p_jti[i] FOR UPDATE;
+                END LOOP;
+                FOR i IN
+                    SELECT t.ord
+                    FROM unnest(p_account, p_key) WITH ORDINALITY AS t (account, key, ord)
+                    ORDER BY t.account COLLATE "C", t.key COLLATE "C", t.ord
+                LOOP
+                    SELECT * INTO r FROM launchgate_reserve_keyed(
+                        p_jti[i], p_account[i], p_max[i], p_expires[i], p_amount[i],
+                        p_decision_id[i], p_now[i], p_key[i], p_fingerprint[i]
+                    );
+                    o_outcome[i] := r.o_outcome;
+                    o_max[i] := r.o_max;
+                    o_used[i] := r.o_used;
+                    o_reserved[i] := r.o_reserved;
+                    o_replay_of[i] := r.o_replay_of;
+                    IF r.o_outcome = 'reserved' THEN
+                        barrier := p_decision_id[i];
+                    END IF;
+                END LOOP;
+                IF barrier IS NOT NULL THEN
+                    -- As in launchgate_reserve_durable: commit asynchronously (the license rows
+                    -- are unlocked now), then a no-op write that commits synchronously at the
+                    -- end of CALL flushes the WAL past every reservation of the batch.
+                    COMMIT;
+                    UPDATE launchgate_reservations SET state = state WHERE decision_id = barrier;
+                END IF;
+            END
+            $$
+            """
+# Migration 6: the same function again, taking the license row with SELECT ... FOR NO KEY UPDATE
+# and upserting only a row it cannot use as it is (none yet, or one a revoke made, with its
+# account, maximum, expiry or first sighting still NULL). The upsert's DO UPDATE wrote a new
+# version of the row on every reservation although it changed nothing once the row was complete;
+# the row then carried two versions per reservation (this and the counter's), and every lock and
+# read of it walked the chain of dead ones until a prune. Measured in PL/pgSQL, 2,000 reservations
+# of one license in a row: 103 -> 68 us each. Locking and the counters read are as before: the
+# lock is the one the upsert took (NO KEY UPDATE, which lets another session insert a reservation
+# row that refers to the license, as abandon does: FOR UPDATE would make it wait), it waits for a
+# concurrent holder, then reads the row's latest version (READ COMMITTED).
 _RESERVE_KEYED_6: Final = _amended(
     _RESERVE_KEYED_4,
     (
@@ -229,7 +286,7 @@ _RESERVE_KEYED_6: Final = _amended(
                 FROM launchgate_licenses AS l
                 WHERE l.jti = p_jti AND l.account IS NOT NULL AND l.max_accelerators IS NOT NULL
                     AND l.expires IS NOT NULL AND l.first_seen IS NOT NULL
-                FOR UPDATE;
+                FOR NO KEY UPDATE;
                 IF NOT FOUND THEN
                     INSERT INTO launchgate_licenses AS l
                         (jti, account, max_accelerators, expires, first_seen)
@@ -243,6 +300,25 @@ _RESERVE_KEYED_6: Final = _amended(
                     INTO o_max, o_used, o_reserved, is_revoked, on_record_for;
                 END IF;
 """,
+    ),
+)
+# Migration 6's batch procedure: migration 5's, locking each license row of the batch as
+# launchgate_reserve_keyed does (NO KEY UPDATE, not FOR UPDATE), and with no lock timeout for the
+# durability barrier after COMMIT. So a lock timeout (the sessions' lock_timeout, _LOCK_WAIT_SHARE)
+# can only end the batch before its COMMIT, when nothing of it has landed, and the caller runs its
+# calls again one by one (only those waiting for the held row fail); the barrier's row is this
+# batch's own reservation, which nothing else locks before the launch is answered.
+_RESERVE_BATCH_6: Final = _amended(
+    _RESERVE_BATCH_5,
+    ("CREATE PROCEDURE", "CREATE OR REPLACE PROCEDURE"),
+    (
+        "WHERE jti = p_jti[i] FOR UPDATE;",
+        "WHERE jti = p_jti[i] FOR NO KEY UPDATE;",
+    ),
+    (
+        "                    COMMIT;\n",
+        "                    COMMIT;\n"
+        "                    PERFORM set_config('lock_timeout', '0', true);\n",
     ),
 )
 
@@ -401,60 +477,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # license and waits at most for a key; review found a batch that claimed a key,
             # then waited for a license that such a call held). An error rolls the whole batch
             # back (nothing of it committed) and the caller runs its calls again one by one.
-            """
-            CREATE PROCEDURE launchgate_reserve_batch(
-                p_jti text[], p_account text[], p_max bigint[], p_expires double precision[],
-                p_amount bigint[], p_decision_id text[], p_now double precision[],
-                p_key text[], p_fingerprint text[],
-                INOUT o_outcome text[], INOUT o_max bigint[], INOUT o_used bigint[],
-                INOUT o_reserved bigint[], INOUT o_replay_of text[]
-            ) LANGUAGE plpgsql AS $$
-            DECLARE
-                i integer;
-                r record;
-                locked text;
-                barrier text;
-            BEGIN
-                FOR i IN
-                    SELECT t.ord FROM unnest(p_jti) WITH ORDINALITY AS t (jti, ord)
-                    ORDER BY t.jti COLLATE "C", t.ord
-                LOOP
-                    CONTINUE WHEN p_jti[i] = locked;
-                    locked := p_jti[i];
-                    INSERT INTO launchgate_licenses
-                        (jti, account, max_accelerators, expires, first_seen)
-                    VALUES (p_jti[i], p_account[i], p_max[i], p_expires[i], p_now[i])
-                    ON CONFLICT (jti) DO NOTHING;
-                    PERFORM 1 FROM launchgate_licenses WHERE jti = p_jti[i] FOR UPDATE;
-                END LOOP;
-                FOR i IN
-                    SELECT t.ord
-                    FROM unnest(p_account, p_key) WITH ORDINALITY AS t (account, key, ord)
-                    ORDER BY t.account COLLATE "C", t.key COLLATE "C", t.ord
-                LOOP
-                    SELECT * INTO r FROM launchgate_reserve_keyed(
-                        p_jti[i], p_account[i], p_max[i], p_expires[i], p_amount[i],
-                        p_decision_id[i], p_now[i], p_key[i], p_fingerprint[i]
-                    );
-                    o_outcome[i] := r.o_outcome;
-                    o_max[i] := r.o_max;
-                    o_used[i] := r.o_used;
-                    o_reserved[i] := r.o_reserved;
-                    o_replay_of[i] := r.o_replay_of;
-                    IF r.o_outcome = 'reserved' THEN
-                        barrier := p_decision_id[i];
-                    END IF;
-                END LOOP;
-                IF barrier IS NOT NULL THEN
-                    -- As in launchgate_reserve_durable: commit asynchronously (the license rows
-                    -- are unlocked now), then a no-op write that commits synchronously at the
-                    -- end of CALL flushes the WAL past every reservation of the batch.
-                    COMMIT;
-                    UPDATE launchgate_reservations SET state = state WHERE decision_id = barrier;
-                END IF;
-            END
-            $$
-            """,
+            _RESERVE_BATCH_5,
             # The settlements that queued up, in one statement and one (asynchronous, as
             # _SETTLE) commit; returns the decision ids that moved. Reservation rows are
             # locked first (by the UPDATE), then license rows one by one in byte order, as the
@@ -505,8 +528,10 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         6,
         (
             # launchgate_reserve_keyed locks a complete license row without writing it (see
-            # _RESERVE_KEYED_6); otherwise as in 4.
+            # _RESERVE_KEYED_6); otherwise as in 4. The batch procedure takes its license rows
+            # with the same lock, and its barrier waits out no lock timeout (_RESERVE_BATCH_6).
             _RESERVE_KEYED_6,
+            _RESERVE_BATCH_6,
         ),
     ),
 )
@@ -565,9 +590,16 @@ _LEASE_IDLE_S = 10.0
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
 # What rolls a whole batch back although each call alone would have gone its own way: a decision
-# id already taken (that reservation's ValueError) or a deadlock between two batches. The
-# batch's calls then run one by one.
-_ALONE_ERRORS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
+# id already taken (that reservation's ValueError), a deadlock between two batches, or a wait for
+# a row lock held elsewhere that outlasted the lock timeout (only the calls under that row should
+# fail; and since the lock timeout is shorter than PostgreSQL's deadlock_timeout, 1 s by default,
+# a deadlock usually ends as one). The batch's calls then run one by one. (A batch of reservations
+# can only end so before its COMMIT: see _RESERVE_BATCH_6.)
+_ALONE_ERRORS = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.LockNotAvailableError,
+)
 # Counters do not change (settled_unknown already counts as used); asynchronous like _SETTLE:
 # losing it leaves the reservation settled_unknown, which counts the same.
 _CONFIRM = """
@@ -1059,7 +1091,7 @@ class PostgresLedger:
                     else:
                         columns = _columns(batch)
                         moved = set(await conn.fetchval(_SETTLE_BATCH, *columns))
-                except asyncpg.DeadlockDetectedError:
+                except _ALONE_ERRORS:
                     if len(batch) == 1:
                         raise
                     moved = None
