@@ -1056,9 +1056,10 @@ async def test_a_lock_held_elsewhere_fails_only_the_calls_that_wait_for_it(url: 
         async with conn.transaction():
             await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
             started = time.monotonic()
-            with pytest.raises(StoreUnavailable, match="lock timeout"):
+            with pytest.raises(StoreUnavailable, match="lock timeout") as refused:
                 await reserve(store, "d1", 8)
             assert time.monotonic() - started < 1.5
+            assert refused.value.late is False  # rolled back whole: nothing for abandon to do
             other = await reserve(store, "d2", 8, jti="lic-43")
             assert other.outcome is ReserveOutcome.RESERVED
         again = await reserve(store, "d3", 8)
@@ -1085,7 +1086,7 @@ async def test_a_lock_held_elsewhere_fails_only_its_calls_in_a_batch(
                 return_exceptions=True,
             )
             assert sent[0] == "CALL launchgate_reserve_batch"
-            assert isinstance(held, StoreUnavailable)
+            assert isinstance(held, StoreUnavailable) and held.late is False
             assert isinstance(free, ReserveResult) and free.outcome is ReserveOutcome.RESERVED
             sent.clear()
             settled = await asyncio.gather(

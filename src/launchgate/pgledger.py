@@ -182,6 +182,34 @@ _RESERVE_KEYED_2: Final = """
             END
             $$
             """
+# Migration 3's lone reservation procedure (described there); migration 6 amends it.
+_RESERVE_DURABLE_3: Final = """
+            CREATE PROCEDURE launchgate_reserve_durable(
+                p_jti text, p_account text, p_max bigint, p_expires double precision,
+                p_amount bigint, p_decision_id text, p_now double precision,
+                p_key text, p_fingerprint text,
+                INOUT o_outcome text, INOUT o_max bigint, INOUT o_used bigint,
+                INOUT o_reserved bigint, INOUT o_replay_of text
+            ) LANGUAGE plpgsql AS $$
+            BEGIN
+                SELECT r.o_outcome, r.o_max, r.o_used, r.o_reserved, r.o_replay_of
+                INTO o_outcome, o_max, o_used, o_reserved, o_replay_of
+                FROM launchgate_reserve_keyed(
+                    p_jti, p_account, p_max, p_expires, p_amount, p_decision_id, p_now,
+                    p_key, p_fingerprint
+                ) AS r;
+                IF o_outcome = 'reserved' THEN
+                    -- Asynchronously (launchgate_reserve_keyed turned synchronous_commit off
+                    -- for this transaction alone): the license row is unlocked now.
+                    COMMIT;
+                    -- The barrier, in a transaction of its own that commits, at the end of
+                    -- CALL, with the session's synchronous_commit (see _RESERVE).
+                    UPDATE launchgate_reservations SET state = state
+                    WHERE decision_id = p_decision_id;
+                END IF;
+            END
+            $$
+            """
 # Migration 4: the same function, refusing a license on record for another account (a second
 # token issued under its jti: a jti names one license) instead of spending it.
 _RESERVE_KEYED_4: Final = _amended(
@@ -321,6 +349,18 @@ _RESERVE_BATCH_6: Final = _amended(
         "                    PERFORM set_config('lock_timeout', '0', true);\n",
     ),
 )
+# Migration 6's lone reservation procedure: migration 3's, with no lock timeout for its barrier
+# either. So a reservation that ends on a lock timeout, alone or in a batch, certainly left
+# nothing behind: its caller hears so (StoreUnavailable with late=False) and abandons nothing.
+_RESERVE_DURABLE_6: Final = _amended(
+    _RESERVE_DURABLE_3,
+    ("CREATE PROCEDURE", "CREATE OR REPLACE PROCEDURE"),
+    (
+        "                    COMMIT;\n",
+        "                    COMMIT;\n"
+        "                    PERFORM set_config('lock_timeout', '0', true);\n",
+    ),
+)
 
 _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
@@ -427,33 +467,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         (
             # launchgate_reserve_keyed and its durability barrier in one round trip (see
             # _RESERVE): a procedure may end transactions, a function may not.
-            """
-            CREATE PROCEDURE launchgate_reserve_durable(
-                p_jti text, p_account text, p_max bigint, p_expires double precision,
-                p_amount bigint, p_decision_id text, p_now double precision,
-                p_key text, p_fingerprint text,
-                INOUT o_outcome text, INOUT o_max bigint, INOUT o_used bigint,
-                INOUT o_reserved bigint, INOUT o_replay_of text
-            ) LANGUAGE plpgsql AS $$
-            BEGIN
-                SELECT r.o_outcome, r.o_max, r.o_used, r.o_reserved, r.o_replay_of
-                INTO o_outcome, o_max, o_used, o_reserved, o_replay_of
-                FROM launchgate_reserve_keyed(
-                    p_jti, p_account, p_max, p_expires, p_amount, p_decision_id, p_now,
-                    p_key, p_fingerprint
-                ) AS r;
-                IF o_outcome = 'reserved' THEN
-                    -- Asynchronously (launchgate_reserve_keyed turned synchronous_commit off
-                    -- for this transaction alone): the license row is unlocked now.
-                    COMMIT;
-                    -- The barrier, in a transaction of its own that commits, at the end of
-                    -- CALL, with the session's synchronous_commit (see _RESERVE).
-                    UPDATE launchgate_reservations SET state = state
-                    WHERE decision_id = p_decision_id;
-                END IF;
-            END
-            $$
-            """,
+            _RESERVE_DURABLE_3,
         ),
     ),
     (
@@ -529,9 +543,11 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         (
             # launchgate_reserve_keyed locks a complete license row without writing it (see
             # _RESERVE_KEYED_6); otherwise as in 4. The batch procedure takes its license rows
-            # with the same lock, and its barrier waits out no lock timeout (_RESERVE_BATCH_6).
+            # with the same lock (_RESERVE_BATCH_6), and no barrier waits out a lock timeout
+            # (_RESERVE_BATCH_6, _RESERVE_DURABLE_6).
             _RESERVE_KEYED_6,
             _RESERVE_BATCH_6,
+            _RESERVE_DURABLE_6,
         ),
     ),
 )
@@ -1074,6 +1090,11 @@ class PostgresLedger:
                     row = await conn.fetchrow(_RESERVE, *call.args)
                 except asyncpg.UniqueViolationError as e:
                     raise _decision_taken(call.decision_id) from e
+                except asyncpg.LockNotAvailableError as e:
+                    # Rolled back before its COMMIT (_RESERVE_DURABLE_6): nothing to abandon.
+                    raise StoreUnavailable(
+                        f"ledger {self._name}: {_describe(e)}", late=False
+                    ) from e
         except (StoreUnavailable, ValueError) as e:
             return e
         return _reserve_result(call, row)
@@ -1290,7 +1311,7 @@ class PostgresLedger:
             if probe or isinstance(e, _CONNECTION_ERRORS):
                 await self._trip(e)
             raise StoreUnavailable(f"ledger {self._name}: {_describe(e)}") from e
-        except StoreUnavailable as e:  # a schema newer than this launchgate, or closed meanwhile
+        except StoreUnavailable as e:  # a newer schema, closed meanwhile, a lock timeout
             if probe:
                 await self._trip(e)
             raise
