@@ -1069,34 +1069,74 @@ async def test_a_lock_held_elsewhere_fails_only_the_calls_that_wait_for_it(url: 
 async def test_a_lock_held_elsewhere_fails_only_its_calls_in_a_batch(
     url: str, sent: list[str]
 ) -> None:
-    """Batches too: reservations, then settlements, asked together under a held license and a
-    free one. The batch's wait outlasts the lock timeout and it runs again one by one, so only
-    the calls under the held license fail; the other reserves and settles (found in review: the
-    whole batch failed)."""
+    """Batches too: 30 reservations under a held license and one under a free license asked
+    together, then 20 settlements and one likewise. Each batch waits out the lock timeout and
+    runs again one by one: only the calls under the held license fail (found in review: the
+    whole batch failed), the first of them after one more lock timeout and the others at once,
+    unsent (found in review: all at once, each holding a pool connection for the lock timeout,
+    ran the pool of 10 dry, and the wait for a connection marked the whole store down)."""
     store = PostgresLedger(url, timeout_s=2.0)
     async with open_stores(store), connect(url) as conn:
-        await reserve(store, "a0", 8)
-        await reserve(store, "b0", 8, jti="lic-43")
+        for n in range(20):
+            await reserve(store, f"a{n}", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
             await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
             sent.clear()
-            held, free = await asyncio.gather(
-                reserve(store, "a1", 8),
-                reserve(store, "b1", 8, jti="lic-43"),
+            started = time.monotonic()
+            *held, free = await asyncio.gather(
+                *(reserve(store, f"h{n}", 1) for n in range(30)),
+                reserve(store, "b1", 1, jti="lic-43"),
                 return_exceptions=True,
             )
-            assert sent[0] == "CALL launchgate_reserve_batch"
-            assert isinstance(held, StoreUnavailable) and held.late is False
+            assert time.monotonic() - started < 1.8  # two lock timeouts, not thirty
+            assert sent[:2] == ["CALL launchgate_reserve_batch", "CALL launchgate_reserve_durable"]
+            assert sent.count("CALL launchgate_reserve_durable") == 2  # one per license
+            assert all(isinstance(e, StoreUnavailable) and e.late is False for e in held)
             assert isinstance(free, ReserveResult) and free.outcome is ReserveOutcome.RESERVED
             sent.clear()
-            settled = await asyncio.gather(
-                store.commit("a0", T0 + 1), store.commit("b1", T0 + 1), return_exceptions=True
+            *waited, settled = await asyncio.gather(
+                *(store.commit(f"a{n}", T0 + 1) for n in range(20)),
+                store.commit("b1", T0 + 1),
+                return_exceptions=True,
             )
             assert sent[0] == "SELECT launchgate_settle_batch"
-            assert isinstance(settled[0], StoreUnavailable) and settled[1] is True
+            assert all(isinstance(e, StoreUnavailable) for e in waited) and settled is True
+            started = time.monotonic()  # the store is up: no retry interval to wait out
+            after = await reserve(store, "b2", 1, jti="lic-43")
+            assert after.outcome is ReserveOutcome.RESERVED
+            assert time.monotonic() - started < 0.4
         state = await store.license("lic-43")
-        assert state is not None and (state.used, state.reserved) == (8, 8)
+        assert state is not None and (state.used, state.reserved) == (1, 2)
         assert (await store.commit("a0", T0 + 2)) is True  # the held license, once let go
+
+
+async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:
+    """The durability barrier after a reservation's COMMIT (alone, or a batch's) waits for a
+    lock as long as the statement may take: a lock timeout there would come after the
+    reservations landed, which the caller could no longer tell from one before (late=False,
+    and a batch run again would find its own decision ids taken). Suggested in review: a
+    trigger makes the barrier's update wait 0.8 s for an advisory lock another session holds."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn, connect(url) as other:
+        await conn.execute(
+            """
+            CREATE FUNCTION wait_for_4242() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
+            CREATE TRIGGER wait_for_4242 BEFORE UPDATE ON launchgate_reservations
+                FOR EACH ROW EXECUTE FUNCTION wait_for_4242();
+            """
+        )
+        for calls in (1, 2):
+            async with other.transaction():
+                await other.execute("SELECT pg_advisory_xact_lock(4242)")
+                asked = asyncio.gather(
+                    *(reserve(store, f"d{calls}-{n}", 1) for n in range(calls)),
+                    return_exceptions=True,
+                )
+                await asyncio.sleep(0.8)
+            results = await asked
+            assert [getattr(r, "outcome", r) for r in results] == [ReserveOutcome.RESERVED] * calls
 
 
 @pytest.mark.parametrize("holder", ["reservation", "batch"])

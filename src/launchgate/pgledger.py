@@ -704,6 +704,18 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return parts._replace(query=urlencode(rest)).geturl(), schemas[0]
 
 
+def _lock_timed_out(future: asyncio.Future[Any]) -> StoreUnavailable | None:
+    """The error of a call answered with a lock timeout (a row held elsewhere), else None."""
+    if not future.done() or future.cancelled():
+        return None
+    error = future.exception()
+    if isinstance(error, StoreUnavailable) and isinstance(
+        error.__cause__, asyncpg.LockNotAvailableError
+    ):
+        return error
+    return None
+
+
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -1072,7 +1084,7 @@ class PostgresLedger:
         if row is None:
             if lease is not None:  # the calls alone take their own connections from the pool
                 await lease.end()
-            await asyncio.gather(*(self._reserve_batch([call]) for call in batch))
+            await self._again_alone(batch, self._reserve_batch, lambda call: call.args[0])
             return
         # One array per output column, in the batch's order.
         answers = zip(*row, strict=True)
@@ -1122,9 +1134,42 @@ class PostgresLedger:
         if moved is None:
             if lease is not None:  # as in _reserve_batch
                 await lease.end()
-            await asyncio.gather(*(self._settle_batch([call]) for call in batch))
+            # (By decision: the license of a settlement is not known here. Few settlements wait
+            # for a held license: its reservations fail meanwhile, so no new ones come.)
+            await self._again_alone(batch, self._settle_batch, lambda call: call.decision_id)
             return
         await self._answer(batch, [call.decision_id in moved for call in batch])
+
+    async def _again_alone(
+        self,
+        batch: list[_Call[_T]],
+        alone: Callable[[list[_Call[_T]]], Awaitable[None]],
+        group: Callable[[_Call[_T]], object],
+    ) -> None:
+        """Run the calls of a batch that rolled back again one by one (``alone([call])``
+        answers each): the calls of one group (a license) in turn, and a bounded number of
+        groups at a time, each call on a pool connection of its own. A call that waits for a
+        row held elsewhere keeps its connection for the whole lock timeout, so all of them at
+        once ran the pool dry; the wait for a connection then timed out, which marks the store
+        down (found in review). Once a call of a group ends on the lock timeout, the group's
+        later calls fail with it, unsent (their row is held: each would wait as long)."""
+        at_once = asyncio.Semaphore(
+            max(1, self._max_size - 2)
+        )  # one for the other queue, one spare
+        groups: dict[object, list[_Call[_T]]] = {}
+        for call in batch:
+            groups.setdefault(group(call), []).append(call)
+
+        async def in_turn(calls: list[_Call[_T]]) -> None:
+            async with at_once:
+                for n, call in enumerate(calls):
+                    await alone([call])
+                    held = _lock_timed_out(call.future)
+                    if held is not None:
+                        self._fail(calls[n + 1 :], held)
+                        return
+
+        await asyncio.gather(*(in_turn(calls) for calls in groups.values()))
 
     def _fail(self, batch: list[_Call[_T]], error: StoreUnavailable) -> None:
         """Answer every call of ``batch`` with ``error`` (each its own copy: exceptions raised in
