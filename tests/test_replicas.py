@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
 
 from conftest import H100_SKU, RESTRICTED, UNRESTRICTED, Keys, MakeToken, write_config
 from test_ledger import postgres_schema
-from test_pgledger import Forwarder
+from test_pgledger import Forwarder, postgres_dsn
 from test_pgledger import forwarder as forwarder  # a fixture, used by name
 from test_serve import LAUNCHGATE, Process, free_port, spawn, start_serve
 
@@ -240,6 +241,50 @@ async def test_store_outage_fails_closed_and_heals(
         while await ready() != 200:
             assert time.monotonic() < deadline, "/readyz did not recover"
             await asyncio.sleep(0.2)
+
+
+async def test_a_license_row_held_elsewhere_fails_only_its_launches(
+    pg_url: str,
+    start_replica: Any,
+    make_token: MakeToken,
+) -> None:
+    """A stuck transaction elsewhere holds one license's row: launches under that license get
+    503 store_unavailable after the lock timeout (0.5 s), not the statement timeout; launches
+    under another license and /readyz go on as if nothing were wrong; nothing is left behind
+    for the refused ones (no abandon: they certainly reserved nothing); once the row is let
+    go, the license launches again."""
+    replica = await start_replica(pg_url, "r")
+    held, free = make_token(jti="lic-held"), make_token(jti="lic-free")
+    assert (await launch(replica.url, RESTRICTED, held))[0] == 201  # the license on record
+    schema = pg_url.rpartition("schema=")[2]
+    conn = await asyncpg.connect(postgres_dsn(), timeout=5, server_settings={"search_path": schema})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-held' FOR UPDATE"
+                )
+                started = time.monotonic()
+                results = await asyncio.gather(
+                    *(launch(replica.url, RESTRICTED, held) for _ in range(12)),
+                    launch(replica.url, RESTRICTED, free),
+                )
+                assert time.monotonic() - started < 1.8
+                assert {(s, b["reason"]) for s, b in results[:-1]} == {(503, "store_unavailable")}
+                assert results[-1][0] == 201
+                started = time.monotonic()
+                assert (await launch(replica.url, RESTRICTED, free))[0] == 201
+                assert time.monotonic() - started < 0.5  # the store was never marked down
+                async with session.get(f"{replica.admin}/readyz") as r:
+                    assert r.status == 200
+            assert (await launch(replica.url, RESTRICTED, held))[0] == 201
+            placeholders = await conn.fetchval(
+                "SELECT count(*) FROM launchgate_reservations WHERE state <> 'reserved'"
+                " AND amount = 0"
+            )
+            assert placeholders == 0
+    finally:
+        await conn.close()
 
 
 async def test_store_migrate_command(pg_url: str, tmp_path: Path, keys: Keys) -> None:
