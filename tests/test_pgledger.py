@@ -1070,16 +1070,14 @@ async def test_a_lock_held_elsewhere_fails_only_its_calls_in_a_batch(
     url: str, sent: list[str]
 ) -> None:
     """Batches too: 30 reservations under a held license and one under a free license asked
-    together, then 20 settlements and one likewise. Each batch waits out the lock timeout and
-    runs again one by one: only the calls under the held license fail (found in review: the
-    whole batch failed), the first of them after one more lock timeout and the others at once,
-    unsent (found in review: all at once, each holding a pool connection for the lock timeout,
-    ran the pool of 10 dry, and the wait for a connection marked the whole store down)."""
+    together. The batch waits out the lock timeout and runs again one by one: only the calls
+    under the held license fail (found in review: the whole batch failed), the first of them
+    after one more lock timeout and the others at once, unsent (found in review: all at once,
+    each holding a pool connection for the lock timeout, ran the pool of 10 dry, and the wait
+    for a connection marked the whole store down)."""
     store = PostgresLedger(url, timeout_s=2.0)
     async with open_stores(store), connect(url) as conn:
-        for n in range(20):
-            await reserve(store, f"a{n}", 1)
-        await reserve(store, "b0", 1, jti="lic-43")
+        await reserve(store, "a0", 1)
         async with conn.transaction():
             await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
             sent.clear()
@@ -1094,21 +1092,87 @@ async def test_a_lock_held_elsewhere_fails_only_its_calls_in_a_batch(
             assert sent.count("CALL launchgate_reserve_durable") == 2  # one per license
             assert all(isinstance(e, StoreUnavailable) and e.late is False for e in held)
             assert isinstance(free, ReserveResult) and free.outcome is ReserveOutcome.RESERVED
-            sent.clear()
-            *waited, settled = await asyncio.gather(
-                *(store.commit(f"a{n}", T0 + 1) for n in range(20)),
-                store.commit("b1", T0 + 1),
-                return_exceptions=True,
-            )
-            assert sent[0] == "SELECT launchgate_settle_batch"
-            assert all(isinstance(e, StoreUnavailable) for e in waited) and settled is True
             started = time.monotonic()  # the store is up: no retry interval to wait out
             after = await reserve(store, "b2", 1, jti="lic-43")
             assert after.outcome is ReserveOutcome.RESERVED
             assert time.monotonic() - started < 0.4
         state = await store.license("lic-43")
-        assert state is not None and (state.used, state.reserved) == (1, 2)
+        assert state is not None and state.reserved == 2
+
+
+async def test_a_lock_held_elsewhere_fails_only_its_settlements_in_a_batch(
+    url: str, sent: list[str]
+) -> None:
+    """Settlements likewise: 20 under a held license and one under a free license asked
+    together run again one by one, license by license; only those under the held license
+    fail, the first after one more lock timeout and the others at once."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        for n in range(20):
+            await reserve(store, f"a{n}", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            sent.clear()
+            started = time.monotonic()
+            *waited, settled = await asyncio.gather(
+                *(store.commit(f"a{n}", T0 + 1) for n in range(20)),
+                store.commit("b0", T0 + 1),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - started < 1.8
+            assert sent[0] == "SELECT launchgate_settle_batch"
+            assert len(sent) == 3  # the batch, then one settlement per license
+            assert all(isinstance(e, StoreUnavailable) for e in waited) and settled is True
+        state = await store.license("lic-43")
+        assert state is not None and (state.used, state.reserved) == (1, 0)
         assert (await store.commit("a0", T0 + 2)) is True  # the held license, once let go
+
+
+async def test_a_held_row_holds_up_no_other_license(url: str, sent: list[str]) -> None:
+    """Once a call under a license has waited out the lock timeout, the next call under it goes
+    alone, outside the queues, and the others fail at once, unsent, while it waits: launches
+    and settlements under other licenses go on as fast as ever (found by QA: every batch that
+    held a call under the held license waited out the lock timeout, and every other license's
+    calls waited behind it, for as long as the row was held). The lone call is first in line
+    for the row: once it is let go, it gets through and the license goes back to batches."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            with pytest.raises(StoreUnavailable):
+                await reserve(store, "a1", 1)  # finds the row held
+            sent.clear()
+            started = time.monotonic()
+            alone = asyncio.ensure_future(reserve(store, "a2", 1))  # goes alone, and waits
+            await asyncio.sleep(0)
+            *refused, free, settled_elsewhere = await asyncio.gather(
+                reserve(store, "a3", 1),
+                store.commit("a0", T0 + 1),  # its license is known: a0 was reserved here
+                reserve(store, "b1", 1, jti="lic-43"),
+                store.commit("b0", T0 + 1),
+                return_exceptions=True,
+            )
+            assert time.monotonic() - started < 0.3
+            assert all(
+                isinstance(e, StoreUnavailable) and "held by another session" in str(e)
+                for e in refused
+            )
+            assert isinstance(free, ReserveResult) and free.outcome is ReserveOutcome.RESERVED
+            assert settled_elsewhere is True
+            assert not alone.done()
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await alone
+            alone = asyncio.ensure_future(reserve(store, "a4", 1))  # the next one goes alone
+            await asyncio.sleep(0.1)
+        got = await alone  # first in line when the row is let go
+        assert got.outcome is ReserveOutcome.RESERVED
+        sent.clear()
+        assert (await reserve(store, "a5", 1)).outcome is ReserveOutcome.RESERVED
+        assert (await store.commit("a0", T0 + 2)) is True
+        assert sent == ["CALL launchgate_reserve_durable", "WITH async_commit AS MATERIALIZED"]
 
 
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:

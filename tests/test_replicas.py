@@ -275,6 +275,20 @@ async def test_a_license_row_held_elsewhere_fails_only_its_launches(
                 started = time.monotonic()
                 assert (await launch(replica.url, RESTRICTED, free))[0] == 201
                 assert time.monotonic() - started < 0.5  # the store was never marked down
+
+                async def timed(token: str) -> tuple[int, float]:
+                    began = time.monotonic()
+                    status, _ = await launch(replica.url, RESTRICTED, token)
+                    return status, time.monotonic() - began
+
+                # Known held now: one launch under it waits alone, the rest fail at once, and
+                # nobody else waits for any of them (found by QA: every batch did, for 1 s).
+                again = await asyncio.gather(
+                    *(timed(held) for _ in range(12)), timed(free), timed(free)
+                )
+                assert {status for status, _ in again[:12]} == {503}
+                assert sum(took < 0.3 for _, took in again[:12]) >= 11
+                assert [(status, took < 0.3) for status, took in again[12:]] == [(201, True)] * 2
                 async with session.get(f"{replica.admin}/readyz") as r:
                     assert r.status == 200
             assert (await launch(replica.url, RESTRICTED, held))[0] == 201
