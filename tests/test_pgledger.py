@@ -1175,6 +1175,38 @@ async def test_a_held_row_holds_up_no_other_license(url: str, sent: list[str]) -
         assert sent == ["CALL launchgate_reserve_durable", "WITH async_commit AS MATERIALIZED"]
 
 
+async def test_calls_queued_before_a_row_was_found_held_do_not_wait_for_it(
+    url: str, sent: list[str]
+) -> None:
+    """Calls under a held license that were queued before it was found held fail at once when
+    their batch starts, unsent: a batch of them would wait out the lock timeout again, and
+    every call behind it with it (found by QA: the first 2-3.5 s of a hold stalled every
+    license)."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            started = time.monotonic()
+            first = asyncio.gather(
+                reserve(store, "a1", 1),
+                reserve(store, "b1", 1, jti="lic-43"),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.1)  # that batch is in flight: these queue behind it
+            second = asyncio.gather(
+                reserve(store, "a2", 1),
+                reserve(store, "b2", 1, jti="lic-43"),
+                return_exceptions=True,
+            )
+            (held1, free1), (held2, free2) = await first, await second
+            assert time.monotonic() - started < 1.4  # one batch and one call waited, no more
+            assert "lock timeout" in str(held1) and "held by another session" in str(held2)
+            assert [free1.outcome, free2.outcome] == [ReserveOutcome.RESERVED] * 2  # type: ignore[union-attr]
+            assert sent.count("CALL launchgate_reserve_batch") == 1
+
+
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:
     """The durability barrier after a reservation's COMMIT (alone, or a batch's) waits for a
     lock as long as the statement may take: a lock timeout there would come after the
