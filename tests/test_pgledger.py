@@ -1207,6 +1207,65 @@ async def test_calls_queued_before_a_row_was_found_held_do_not_wait_for_it(
             assert sent.count("CALL launchgate_reserve_batch") == 1
 
 
+async def test_one_call_at_a_time_goes_alone_under_a_held_row(url: str) -> None:
+    """Under steady calls (one every 2 ms for 2.5 s) at a license found held, one call at a
+    time goes alone (found in review: marking the row held again as a lone call came back let
+    a second one start, and more, each holding a connection)."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            with pytest.raises(StoreUnavailable):
+                await reserve(store, "a1", 1)
+            asked, most = [], 0
+            ends = time.monotonic() + 2.5
+            while time.monotonic() < ends:
+                asked.append(asyncio.ensure_future(reserve(store, f"a{len(asked) + 2}", 1)))
+                await asyncio.sleep(0.002)
+                most = max(most, len(store._probes))  # white-box: the calls on their way alone
+            answers = await asyncio.gather(*asked, return_exceptions=True)
+        assert most == 1
+        assert all(isinstance(a, StoreUnavailable) for a in answers)
+        assert 3 <= sum("lock timeout" in str(a) for a in answers) <= 6  # one per 0.5 s
+
+
+async def test_a_row_counts_as_free_only_once_a_call_gets_past_it(url: str) -> None:
+    """A lone call that never asked for the row says nothing about it: a settlement of a
+    reservation settled elsewhere already (found in review: it counted as getting through, and
+    the next batch under the held license stalled every license again). A row not found held
+    for 2 s counts as free again, and so does every row after a store failure."""
+    store, other = PostgresLedger(url, timeout_s=2.0), PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store, other), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        assert await other.commit("a0", T0 + 1)  # the sweeper, say, or another replica
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            with pytest.raises(StoreUnavailable):
+                await reserve(store, "a1", 1)
+            assert (await store.commit("a0", T0 + 2)) is False  # goes alone, asks for no row
+            started = time.monotonic()
+            alone = asyncio.ensure_future(reserve(store, "a2", 1))  # still known held: alone
+            await asyncio.sleep(0)
+            with pytest.raises(StoreUnavailable, match="held by another session"):
+                await reserve(store, "a3", 1)
+            free = await reserve(store, "b1", 1, jti="lic-43")
+            assert free.outcome is ReserveOutcome.RESERVED
+            assert time.monotonic() - started < 0.3  # no batch waited for the held row
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await alone
+        await asyncio.sleep(2.1)
+        started = time.monotonic()
+        assert [
+            r.outcome  # type: ignore[union-attr]
+            for r in await asyncio.gather(reserve(store, "a4", 1), reserve(store, "a5", 1))
+        ] == [ReserveOutcome.RESERVED] * 2  # in one batch again, both
+        assert time.monotonic() - started < 0.3
+        store._rows.mark("lic-42")  # white-box: found held, then the store fails
+        await store._trip(OSError("a test"))
+        assert not store._rows.is_held("lic-42")
+
+
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:
     """The durability barrier after a reservation's COMMIT (alone, or a batch's) waits for a
     lock as long as the statement may take: a lock timeout there would come after the

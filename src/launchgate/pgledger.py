@@ -606,6 +606,9 @@ _LEASE_IDLE_S = 10.0
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
 # The most open reservations whose license a ledger remembers for their settlement (_HeldRows).
+# A license row found held counts as free again once no call has found it so for this long
+# (_HeldRows; while it stays held and calls come, a lone call finds it so every lock timeout).
+_HELD_FORGET_S = 2.0
 _LICENSES_REMEMBERED = 100_000
 # What rolls a whole batch back although each call alone would have gone its own way: a decision
 # id already taken (that reservation's ValueError), a deadlock between two batches, or a wait for
@@ -706,6 +709,19 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return parts._replace(query=urlencode(rest)).geturl(), schemas[0]
 
 
+def _got_through(future: asyncio.Future[Any]) -> bool:
+    """Whether a lone call under a held license got past the row's lock: a reservation
+    answered (whatever its outcome; a decision id found taken comes after the lock too), or a
+    settlement that moved its reservation. One that failed otherwise, or found its reservation
+    settled already (it never asked for the row), says nothing (found in review)."""
+    if not future.done() or future.cancelled():
+        return False
+    error = future.exception()
+    if error is not None:
+        return isinstance(error, ValueError)
+    return future.result() is not False
+
+
 def _lock_timed_out(future: asyncio.Future[Any]) -> StoreUnavailable | None:
     """The error of a call answered with a lock timeout (a row held elsewhere), else None."""
     if not future.done() or future.cancelled():
@@ -738,6 +754,12 @@ class _Call(Generic[_T]):
     then: Callable[[_T], None] | None
 
 
+@dataclass(slots=True)
+class _Held:
+    at: float  # time.monotonic() when a call under the license last waited out the lock timeout
+    probing: bool = False  # a call under it is on its way alone
+
+
 class _HeldRows:
     """License rows found held by another session: a call under one waited out the lock
     timeout (a stuck transaction elsewhere holds it). Calls under such a license then go
@@ -747,37 +769,55 @@ class _HeldRows:
     licensed launches under every license from 1,250/s to 30/s, and the settlements on which
     each launch's answer waits likewise). The lone call waits in the row's lock queue, so it is
     the first to have the row once it is let go; the row counts as free again when a call gets
-    past it. A settlement's license is the one its reservation was made under, when this
-    process made it (``reserved``)."""
+    past its lock, and when no call has found it held for ``_HELD_FORGET_S`` (while it stays
+    held, lone calls find it so every lock timeout). A settlement's license is the one its
+    reservation was made under, when this process made it (``reserved``)."""
 
     def __init__(self) -> None:
-        self._held: dict[str, bool] = {}  # jti -> whether a call under it is on its way alone
+        self._held: dict[str, _Held] = {}
         self._license_of: dict[str, str] = {}  # decision id -> jti, open reservations
 
     def is_held(self, jti: str) -> bool:
-        return jti in self._held
+        held = self._held.get(jti)
+        if held is None:
+            return False
+        if not held.probing and time.monotonic() - held.at > _HELD_FORGET_S:
+            del self._held[jti]  # found held long ago, and not since: try it in batches again
+            return False
+        return True
 
-    def admit(self, jti: str | None, *, room: bool) -> str:
-        """How a call under ``jti`` goes: "batch" as usual, "probe" alone, or "refuse" (a call
+    def admit(self, jti: str, *, room: bool) -> str:
+        """How a call under ``jti``, which ``is_held``, goes: "probe" alone, or "refuse" (a call
         under it is on its way alone already, or no ``room`` for another lone call)."""
-        if jti is None or jti not in self._held:
-            return "batch"
-        if self._held[jti] or not room:
+        held = self._held[jti]
+        if held.probing or not room:
             return "refuse"
-        self._held[jti] = True
+        held.probing = True
         return "probe"
 
     def mark(self, jti: str | None) -> None:
-        """A call under ``jti`` waited out the lock timeout."""
-        if jti is not None:
-            self._held[jti] = False
-
-    def probed(self, jti: str, held_still: bool) -> None:
-        """The lone call under ``jti`` came back (having waited out the lock timeout or not)."""
-        if held_still:
-            self.mark(jti)
+        """A call under ``jti`` waited out the lock timeout (a lone call on its way stays the
+        only one: found in review, marking anew let a second one start)."""
+        if jti is None:
+            return
+        held = self._held.get(jti)
+        if held is None:
+            self._held[jti] = _Held(time.monotonic())
         else:
+            held.at = time.monotonic()
+
+    def probed(self, jti: str, *, through: bool) -> None:
+        """The lone call under ``jti`` came back, having got past the row's lock or not."""
+        if through:
             self._held.pop(jti, None)
+        else:
+            held = self._held.get(jti)
+            if held is not None:
+                held.probing = False
+
+    def forget(self) -> None:
+        """The store failed: what was found held before may not be so any more."""
+        self._held.clear()
 
     def reserved(self, decision_id: str, jti: str) -> None:
         if len(self._license_of) >= _LICENSES_REMEMBERED:  # the oldest (never settled here)
@@ -1105,9 +1145,7 @@ class PostgresLedger:
             idempotency_key,
             fingerprint,
         )
-        future = self._route(self._reserving, self._reserve_batch, jti, decision_id, args, then)
-        future.add_done_callback(functools.partial(self._note_reserved, decision_id, jti))
-        return future
+        return self._route(self._reserving, self._reserve_batch, jti, decision_id, args, then)
 
     def commit(
         self, decision_id: str, now: float, then: Then | None = None
@@ -1128,9 +1166,7 @@ class PostgresLedger:
         self, decision_id: str, args: tuple[Any, ...], then: Then | None
     ) -> asyncio.Future[bool]:
         jti = self._rows.license_of(decision_id)
-        future = self._route(self._settling, self._settle_batch, jti, decision_id, args, then)
-        future.add_done_callback(functools.partial(self._note_settled, decision_id))
-        return future
+        return self._route(self._settling, self._settle_batch, jti, decision_id, args, then)
 
     def _route(
         self,
@@ -1145,9 +1181,9 @@ class PostgresLedger:
         goes alone (``alone([call])``), or fails at once while another does. Lone calls are
         bounded (at most about half the pool), so many held licenses cannot take every
         connection."""
-        how = self._rows.admit(jti, room=len(self._probes) < max(1, self._max_size // 2 - 1))
-        if how == "batch" or jti is None:
+        if jti is None or not self._rows.is_held(jti):
             return queue.submit(decision_id, args, then)
+        how = self._rows.admit(jti, room=len(self._probes) < max(1, self._max_size // 2 - 1))
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         if how == "refuse":
             future.set_exception(self._held_error(jti))
@@ -1202,21 +1238,15 @@ class PostgresLedger:
         finally:
             if not call.future.done():  # (a bug) rather than a launch hanging
                 call.future.set_exception(StoreUnavailable(f"ledger {self._name}: no answer"))
-            self._rows.probed(jti, held_still=_lock_timed_out(call.future) is not None)
+            self._rows.probed(jti, through=_got_through(call.future))
 
     def _note_reserved(
-        self, decision_id: str, jti: str, future: asyncio.Future[ReserveResult]
+        self, batch: list[_Call[ReserveResult]], results: Sequence[ReserveResult | BaseException]
     ) -> None:
-        if (
-            not future.cancelled()
-            and future.exception() is None
-            and future.result().outcome is ReserveOutcome.RESERVED
-        ):
-            self._rows.reserved(decision_id, jti)
-
-    def _note_settled(self, decision_id: str, future: asyncio.Future[bool]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._rows.settled(decision_id)
+        """Remember the license of each reservation made, for its settlement (``_HeldRows``)."""
+        for call, result in zip(batch, results, strict=True):
+            if isinstance(result, ReserveResult) and result.outcome is ReserveOutcome.RESERVED:
+                self._rows.reserved(call.decision_id, call.args[0])
 
     async def _reserve_batch(
         self, batch: list[_Call[ReserveResult]], lease: _Lease | None = None
@@ -1224,7 +1254,9 @@ class PostgresLedger:
         """Make the reservations of ``batch``: alone (``_RESERVE``) when it is one, otherwise in
         one call (``_RESERVE_BATCH``), falling back to one by one when that rolled back."""
         if len(batch) == 1:
-            await self._answer(batch, [await self._reserve_alone(batch[0], lease)])
+            alone = [await self._reserve_alone(batch[0], lease)]
+            self._note_reserved(batch, alone)
+            await self._answer(batch, alone)
             return
         try:
             async with self._connection(lease=lease) as conn:
@@ -1246,6 +1278,7 @@ class PostgresLedger:
         results = [
             _reserve_result(call, answer) for call, answer in zip(batch, answers, strict=True)
         ]
+        self._note_reserved(batch, results)
         await self._answer(batch, results)
 
     async def _reserve_alone(
@@ -1299,6 +1332,8 @@ class PostgresLedger:
                 lambda call: self._rows.license_of(call.decision_id) or call.decision_id,
             )
             return
+        for call in batch:  # settled (or found settled already): forget its license
+            self._rows.settled(call.decision_id)
         await self._answer(batch, [call.decision_id in moved for call in batch])
 
     async def _again_alone(
@@ -1576,6 +1611,7 @@ class PostgresLedger:
             log.error("store.failing", store=self._name, error=_describe(error))
         self._failure = error
         self._generation += 1  # connections leased before now are not used again
+        self._rows.forget()
         self._retry_at = time.monotonic() + self._retry_interval_s
         self._probing = False
         if self._pool is not None:
