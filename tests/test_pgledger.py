@@ -1266,6 +1266,30 @@ async def test_a_row_counts_as_free_only_once_a_call_gets_past_it(url: str) -> N
         assert not store._rows.is_held("lic-42")
 
 
+async def test_a_batch_run_again_sends_nothing_under_a_row_found_held_meanwhile(
+    url: str,
+) -> None:
+    """A settlement batch in flight when its license's row is found held (by the reservation
+    queue, here marked by hand) runs again one by one without that license's calls: they fail
+    at once instead of waiting out the lock timeout a second time (found by QA: launches
+    settling when a hold began held up every license for 2 s, not 1)."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            started = time.monotonic()
+            settling = asyncio.gather(
+                store.commit("a0", T0 + 1), store.commit("b0", T0 + 1), return_exceptions=True
+            )
+            await asyncio.sleep(0.2)
+            store._rows.mark("lic-42")  # white-box: as the reservation queue would
+            held, free = await settling
+            assert time.monotonic() - started < 0.85  # one lock timeout, not two
+            assert "held by another session" in str(held) and free is True
+
+
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:
     """The durability barrier after a reservation's COMMIT (alone, or a batch's) waits for a
     lock as long as the statement may take: a lock timeout there would come after the

@@ -1356,16 +1356,21 @@ class PostgresLedger:
         for call in batch:
             groups.setdefault(group(call), []).append(call)
 
-        async def in_turn(calls: list[_Call[_T]]) -> None:
+        async def in_turn(key: object, calls: list[_Call[_T]]) -> None:
             async with at_once:
                 for n, call in enumerate(calls):
+                    if isinstance(key, str) and self._rows.is_held(key):
+                        # Found held meanwhile (by the other queue, say: found by QA, a
+                        # settlement batch then waited out the lock timeout once more).
+                        self._fail(calls[n:], self._held_error(key))
+                        return
                     await alone([call])
                     held = _lock_timed_out(call.future)
                     if held is not None:
                         self._fail(calls[n + 1 :], held)
                         return
 
-        await asyncio.gather(*(in_turn(calls) for calls in groups.values()))
+        await asyncio.gather(*(in_turn(key, calls) for key, calls in groups.items()))
 
     def _fail(self, batch: list[_Call[_T]], error: StoreUnavailable) -> None:
         """Answer every call of ``batch`` with ``error`` (each its own copy: exceptions raised in
