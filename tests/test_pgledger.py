@@ -1218,7 +1218,8 @@ async def test_one_call_at_a_time_goes_alone_under_a_held_row(url: str) -> None:
             await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
             with pytest.raises(StoreUnavailable):
                 await reserve(store, "a1", 1)
-            asked, most = [], 0
+            asked: list[asyncio.Future[ReserveResult]] = []
+            most = 0
             ends = time.monotonic() + 2.5
             while time.monotonic() < ends:
                 asked.append(asyncio.ensure_future(reserve(store, f"a{len(asked) + 2}", 1)))
@@ -1257,7 +1258,7 @@ async def test_a_row_counts_as_free_only_once_a_call_gets_past_it(url: str) -> N
         await asyncio.sleep(2.1)
         started = time.monotonic()
         assert [
-            r.outcome  # type: ignore[union-attr]
+            r.outcome
             for r in await asyncio.gather(reserve(store, "a4", 1), reserve(store, "a5", 1))
         ] == [ReserveOutcome.RESERVED] * 2  # in one batch again, both
         assert time.monotonic() - started < 0.3
