@@ -886,6 +886,21 @@ def test_revoke_then_inspect_and_list(
     assert (row["jti"], row["revoked"]) == ("lic-bad", True)
 
 
+def test_revoke_against_a_store_it_cannot_reach_says_to_run_it_again(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
+) -> None:
+    """A revocation the store did not take says so and what to do: exit 2, one line naming the
+    license and asking for the command again (found by QA: only the store's error)."""
+    config = write_config(
+        tmp_path, NOWHERE, keys, store={"url": "postgresql://postgres@127.0.0.1:1/test"}
+    )
+    result = run_main(capsys, "token", "revoke", "--config", config, "lic-42")
+    assert result.code == 2 and result.out == ""
+    assert "Traceback" not in result.err
+    [line] = [x for x in result.err.splitlines() if x.startswith("launchgate: error:")]
+    assert "store unavailable" in line and "lic-42 may not be revoked: run this again" in line
+
+
 def test_revoke_a_license_never_seen(
     capsys: pytest.CaptureFixture[str], config_path: Path, make_token: MakeToken
 ) -> None:

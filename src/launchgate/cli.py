@@ -334,7 +334,14 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
             assert ledger is not None  # (making)
             return await ledger.revoke(args.jti, reason=args.reason, now=time.time())
 
-    newly = _run(revoke)
+    try:
+        newly = _run(revoke)
+    except StoreUnavailable as e:
+        # Say what staff must do (found by QA: against a license row held by another session
+        # the command failed and did not say the license might still be unrevoked).
+        raise StoreUnavailable(
+            f"{e}; {args.jti} may not be revoked: run this again (revoking twice is harmless)"
+        ) from e
     print(f"revoked {args.jti}" if newly else f"{args.jti} was already revoked")
     return 0
 
