@@ -1260,7 +1260,7 @@ async def test_a_row_counts_as_free_only_once_a_call_gets_past_it(url: str) -> N
         assert [
             r.outcome
             for r in await asyncio.gather(reserve(store, "a4", 1), reserve(store, "a5", 1))
-        ] == [ReserveOutcome.RESERVED] * 2  # in one batch again, both
+        ] == [ReserveOutcome.RESERVED] * 2  # both at once, neither refused
         assert time.monotonic() - started < 0.3
         store._rows.mark("lic-42")  # white-box: found held, then the store fails
         await store._trip(OSError("a test"))
@@ -1289,6 +1289,31 @@ async def test_a_batch_run_again_sends_nothing_under_a_row_found_held_meanwhile(
             held, free = await settling
             assert time.monotonic() - started < 0.85  # one lock timeout, not two
             assert "held by another session" in str(held) and free is True
+
+
+async def test_a_call_long_after_a_row_was_found_held_still_goes_alone(url: str) -> None:
+    """A row found held, then no call for 2 s, while it stays held: the next call under it
+    goes alone, not into a batch, so calls under other licenses do not wait for it (found in
+    review: the mark was dropped after 2 s, and a client backing off longer than that stalled
+    every license for 1 s at each retry)."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            with pytest.raises(StoreUnavailable):
+                await reserve(store, "a1", 1)
+            await asyncio.sleep(2.1)
+            alone = asyncio.ensure_future(reserve(store, "a2", 1))
+            first = asyncio.ensure_future(reserve(store, "b1", 1, jti="lic-43"))
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            assert (await reserve(store, "b2", 1, jti="lic-43")).outcome is ReserveOutcome.RESERVED
+            assert time.monotonic() - started < 0.3
+            assert (await first).outcome is ReserveOutcome.RESERVED
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await alone
 
 
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:

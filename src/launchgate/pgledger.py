@@ -606,7 +606,7 @@ _LEASE_IDLE_S = 10.0
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
 # The most open reservations whose license a ledger remembers for their settlement (_HeldRows).
-# A license row found held counts as free again once no call has found it so for this long
+# A license row found held no longer refuses calls once none has found it so for this long
 # (_HeldRows; while it stays held and calls come, a lone call finds it so every lock timeout).
 _HELD_FORGET_S = 2.0
 _LICENSES_REMEMBERED = 100_000
@@ -769,29 +769,36 @@ class _HeldRows:
     licensed launches under every license from 1,250/s to 30/s, and the settlements on which
     each launch's answer waits likewise). The lone call waits in the row's lock queue, so it is
     the first to have the row once it is let go; the row counts as free again when a call gets
-    past its lock, and when no call has found it held for ``_HELD_FORGET_S`` (while it stays
-    held, lone calls find it so every lock timeout). A settlement's license is the one its
+    past its lock. One that no call has found held for ``_HELD_FORGET_S`` still sends its next
+    call alone, but refuses none (see ``admit``). A settlement's license is the one its
     reservation was made under, when this process made it (``reserved``)."""
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
         self._license_of: dict[str, str] = {}  # decision id -> jti, open reservations
 
+    def __bool__(self) -> bool:
+        """Whether any license is marked (found held, recently or not)."""
+        return bool(self._held)
+
+    def marked(self, jti: str) -> bool:
+        return jti in self._held
+
     def is_held(self, jti: str) -> bool:
+        """Whether ``jti`` was found held recently (within ``_HELD_FORGET_S``)."""
         held = self._held.get(jti)
-        if held is None:
-            return False
-        if not held.probing and time.monotonic() - held.at > _HELD_FORGET_S:
-            del self._held[jti]  # found held long ago, and not since: try it in batches again
-            return False
-        return True
+        return held is not None and time.monotonic() - held.at <= _HELD_FORGET_S
 
     def admit(self, jti: str, *, room: bool) -> str:
-        """How a call under ``jti``, which ``is_held``, goes: "probe" alone, or "refuse" (a call
-        under it is on its way alone already, or no ``room`` for another lone call)."""
+        """How a call under ``jti``, which is ``marked``, goes: "probe" alone, unless a call
+        under it is on its way alone already (or there is no ``room`` for another); then
+        "refuse" while the mark is recent, else "batch". A mark no call has renewed for
+        ``_HELD_FORGET_S`` is not dropped (found in review: a call coming later then went into
+        a batch, waited out the lock timeout there and stalled every license again), but no
+        longer refuses: a burst long after the row was let go is not refused for it."""
         held = self._held[jti]
         if held.probing or not room:
-            return "refuse"
+            return "refuse" if time.monotonic() - held.at <= _HELD_FORGET_S else "batch"
         held.probing = True
         return "probe"
 
@@ -1181,9 +1188,11 @@ class PostgresLedger:
         goes alone (``alone([call])``), or fails at once while another does. Lone calls are
         bounded (at most about half the pool), so many held licenses cannot take every
         connection."""
-        if jti is None or not self._rows.is_held(jti):
+        if jti is None or not self._rows.marked(jti):
             return queue.submit(decision_id, args, then)
         how = self._rows.admit(jti, room=len(self._probes) < max(1, self._max_size // 2 - 1))
+        if how == "batch":
+            return queue.submit(decision_id, args, then)
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         if how == "refuse":
             future.set_exception(self._held_error(jti))
@@ -1220,6 +1229,8 @@ class PostgresLedger:
         they were made (``_route`` looked when each was made); those fail at once. Found by QA:
         the calls queued before a row was found held each cost their batch the lock timeout
         again, and every other license's calls waited behind it (3.5 s in all)."""
+        if not self._rows:
+            return calls
         batch: list[_Call[_T]] = []
         for call in calls:
             jti = license_of(call)
