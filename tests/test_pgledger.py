@@ -64,6 +64,11 @@ async def connect(url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+async def hold_row(conn: asyncpg.Connection, jti: str = "lic-42") -> None:
+    """Lock a license row as a stuck transaction elsewhere would (inside a transaction)."""
+    await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = $1 FOR UPDATE", jti)
+
+
 def schema_of(url: str) -> str:
     return url.rpartition("schema=")[2]
 
@@ -1054,7 +1059,7 @@ async def test_a_lock_held_elsewhere_fails_only_the_calls_that_wait_for_it(url: 
     async with open_stores(store), connect(url) as conn:
         await reserve(store, "d0", 8)  # the license on record
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="lock timeout") as refused:
                 await reserve(store, "d1", 8)
@@ -1079,7 +1084,7 @@ async def test_a_lock_held_elsewhere_fails_only_its_calls_in_a_batch(
     async with open_stores(store), connect(url) as conn:
         await reserve(store, "a0", 1)
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             sent.clear()
             started = time.monotonic()
             *held, free = await asyncio.gather(
@@ -1112,7 +1117,7 @@ async def test_a_lock_held_elsewhere_fails_only_its_settlements_in_a_batch(
             await reserve(store, f"a{n}", 1)
         await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             sent.clear()
             started = time.monotonic()
             *waited, settled = await asyncio.gather(
@@ -1141,7 +1146,7 @@ async def test_a_held_row_holds_up_no_other_license(url: str, sent: list[str]) -
         await reserve(store, "a0", 1)
         await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             with pytest.raises(StoreUnavailable):
                 await reserve(store, "a1", 1)  # finds the row held
             sent.clear()
@@ -1187,7 +1192,7 @@ async def test_calls_queued_before_a_row_was_found_held_do_not_wait_for_it(
         await reserve(store, "a0", 1)
         await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             started = time.monotonic()
             first = asyncio.gather(
                 reserve(store, "a1", 1),
@@ -1215,7 +1220,7 @@ async def test_one_call_at_a_time_goes_alone_under_a_held_row(url: str) -> None:
     async with open_stores(store), connect(url) as conn:
         await reserve(store, "a0", 1)
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             with pytest.raises(StoreUnavailable):
                 await reserve(store, "a1", 1)
             asked: list[asyncio.Future[ReserveResult]] = []
@@ -1241,7 +1246,7 @@ async def test_a_row_counts_as_free_only_once_a_call_gets_past_it(url: str) -> N
         await reserve(store, "a0", 1)
         assert await other.commit("a0", T0 + 1)  # the sweeper, say, or another replica
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             with pytest.raises(StoreUnavailable):
                 await reserve(store, "a1", 1)
             assert (await store.commit("a0", T0 + 2)) is False  # goes alone, asks for no row
@@ -1279,7 +1284,7 @@ async def test_a_batch_run_again_sends_nothing_under_a_row_found_held_meanwhile(
         await reserve(store, "a0", 1)
         await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             started = time.monotonic()
             settling = asyncio.gather(
                 store.commit("a0", T0 + 1), store.commit("b0", T0 + 1), return_exceptions=True
@@ -1301,7 +1306,7 @@ async def test_a_call_long_after_a_row_was_found_held_still_goes_alone(url: str)
         await reserve(store, "a0", 1)
         await reserve(store, "b0", 1, jti="lic-43")
         async with conn.transaction():
-            await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = 'lic-42' FOR UPDATE")
+            await hold_row(conn)
             with pytest.raises(StoreUnavailable):
                 await reserve(store, "a1", 1)
             await asyncio.sleep(2.1)

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import re
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -285,6 +286,12 @@ _RESERVE_BATCH_5: Final = """
             END
             $$
             """
+# Migration 4's upsert of the license row (as migration 2 wrote it, amended), which migration 6
+# keeps for a row it cannot use as it is: cut out of migration 4's text, so the two cannot differ.
+_UPSERT_AT: Final = _RESERVE_KEYED_4.index("                INSERT INTO launchgate_licenses AS l\n")
+_LICENSE_UPSERT_4: Final = _RESERVE_KEYED_4[
+    _UPSERT_AT : _RESERVE_KEYED_4.index("on_record_for;\n", _UPSERT_AT) + len("on_record_for;\n")
+]
 # Migration 6: the same function again, taking the license row with SELECT ... FOR NO KEY UPDATE
 # and upserting only a row it cannot use as it is (none yet, or one a revoke made, with its
 # account, maximum, expiry or first sighting still NULL). The upsert's DO UPDATE wrote a new
@@ -298,36 +305,22 @@ _RESERVE_BATCH_5: Final = """
 _RESERVE_KEYED_6: Final = _amended(
     _RESERVE_KEYED_4,
     (
-        """                INSERT INTO launchgate_licenses AS l
-                    (jti, account, max_accelerators, expires, first_seen)
-                VALUES (p_jti, p_account, p_max, p_expires, p_now)
-                ON CONFLICT (jti) DO UPDATE SET
-                    account = COALESCE(l.account, EXCLUDED.account),
-                    max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
-                    expires = COALESCE(l.expires, EXCLUDED.expires),
-                    first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
-                RETURNING l.max_accelerators, l.used, l.reserved, l.revoked, l.account
-                INTO o_max, o_used, o_reserved, is_revoked, on_record_for;
-""",
-        """                SELECT l.max_accelerators, l.used, l.reserved, l.revoked, l.account
+        _LICENSE_UPSERT_4,
+        "".join(
+            (
+                """\
+                SELECT l.max_accelerators, l.used, l.reserved, l.revoked, l.account
                 INTO o_max, o_used, o_reserved, is_revoked, on_record_for
                 FROM launchgate_licenses AS l
                 WHERE l.jti = p_jti AND l.account IS NOT NULL AND l.max_accelerators IS NOT NULL
                     AND l.expires IS NOT NULL AND l.first_seen IS NOT NULL
                 FOR NO KEY UPDATE;
                 IF NOT FOUND THEN
-                    INSERT INTO launchgate_licenses AS l
-                        (jti, account, max_accelerators, expires, first_seen)
-                    VALUES (p_jti, p_account, p_max, p_expires, p_now)
-                    ON CONFLICT (jti) DO UPDATE SET
-                        account = COALESCE(l.account, EXCLUDED.account),
-                        max_accelerators = COALESCE(l.max_accelerators, EXCLUDED.max_accelerators),
-                        expires = COALESCE(l.expires, EXCLUDED.expires),
-                        first_seen = COALESCE(l.first_seen, EXCLUDED.first_seen)
-                    RETURNING l.max_accelerators, l.used, l.reserved, l.revoked, l.account
-                    INTO o_max, o_used, o_reserved, is_revoked, on_record_for;
-                END IF;
 """,
+                textwrap.indent(_LICENSE_UPSERT_4, "    "),
+                "                END IF;\n",
+            )
+        ),
     ),
 )
 # Migration 6's batch procedure: migration 5's, locking each license row of the batch as
