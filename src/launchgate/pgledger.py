@@ -329,6 +329,13 @@ _RESERVE_KEYED_6: Final = _amended(
 # can only end the batch before its COMMIT, when nothing of it has landed, and the caller runs its
 # calls again one by one (only those waiting for the held row fail); the barrier's row is this
 # batch's own reservation, which nothing else locks before the launch is answered.
+# Migration 6's edit of both reservation procedures: the barrier after COMMIT (a transaction of
+# its own) waits out no lock timeout.
+_BARRIER_WITHOUT_LOCK_TIMEOUT: Final = (
+    "                    COMMIT;\n",
+    "                    COMMIT;\n"
+    "                    PERFORM set_config('lock_timeout', '0', true);\n",
+)
 _RESERVE_BATCH_6: Final = _amended(
     _RESERVE_BATCH_5,
     ("CREATE PROCEDURE", "CREATE OR REPLACE PROCEDURE"),
@@ -336,11 +343,7 @@ _RESERVE_BATCH_6: Final = _amended(
         "WHERE jti = p_jti[i] FOR UPDATE;",
         "WHERE jti = p_jti[i] FOR NO KEY UPDATE;",
     ),
-    (
-        "                    COMMIT;\n",
-        "                    COMMIT;\n"
-        "                    PERFORM set_config('lock_timeout', '0', true);\n",
-    ),
+    _BARRIER_WITHOUT_LOCK_TIMEOUT,
 )
 # Migration 6's lone reservation procedure: migration 3's, with no lock timeout for its barrier
 # either. So a reservation that ends on a lock timeout, alone or in a batch, certainly left
@@ -348,11 +351,7 @@ _RESERVE_BATCH_6: Final = _amended(
 _RESERVE_DURABLE_6: Final = _amended(
     _RESERVE_DURABLE_3,
     ("CREATE PROCEDURE", "CREATE OR REPLACE PROCEDURE"),
-    (
-        "                    COMMIT;\n",
-        "                    COMMIT;\n"
-        "                    PERFORM set_config('lock_timeout', '0', true);\n",
-    ),
+    _BARRIER_WITHOUT_LOCK_TIMEOUT,
 )
 
 _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -598,10 +597,10 @@ _LEASE_IDLE_S = 10.0
 # connection failure, which marks the whole store down for the retry interval: every launch of
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
-# The most open reservations whose license a ledger remembers for their settlement (_HeldRows).
 # A license row found held no longer refuses calls once none has found it so for this long
 # (_HeldRows; while it stays held and calls come, a lone call finds it so every lock timeout).
 _HELD_FORGET_S = 2.0
+# The most open reservations whose license a ledger remembers for their settlement (_HeldRows).
 _LICENSES_REMEMBERED = 100_000
 # What rolls a whole batch back although each call alone would have gone its own way: a decision
 # id already taken (that reservation's ValueError), a deadlock between two batches, or a wait for
@@ -700,6 +699,11 @@ def _split_url(url: str) -> tuple[str, str | None]:
         )
     rest = [(key, value) for key, value in query if key != "schema"]
     return parts._replace(query=urlencode(rest)).geturl(), schemas[0]
+
+
+def _license_reserved(call: _Call[ReserveResult]) -> str:
+    """The license a reservation is made under (its first argument: see PostgresLedger.reserve)."""
+    return str(call.args[0])
 
 
 def _got_through(future: asyncio.Future[Any]) -> bool:
@@ -1196,6 +1200,10 @@ class PostgresLedger:
         probe.add_done_callback(self._probes.discard)
         return future
 
+    def _license_settled(self, call: _Call[bool]) -> str | None:
+        """The license of a settlement, when this process made its reservation."""
+        return self._rows.license_of(call.decision_id)
+
     def _held_error(self, jti: str) -> StoreUnavailable:
         return StoreUnavailable(
             f"ledger {self._name}: the row of license {jti} is held by another session"
@@ -1205,13 +1213,13 @@ class PostgresLedger:
 
     async def _reserve_queued(self, batch: list[_Call[ReserveResult]], lease: _Lease) -> None:
         """A batch the reservation queue took (see ``_unheld``)."""
-        batch = self._unheld(batch, lambda call: call.args[0])
+        batch = self._unheld(batch, _license_reserved)
         if batch:
             await self._reserve_batch(batch, lease)
 
     async def _settle_queued(self, batch: list[_Call[bool]], lease: _Lease) -> None:
         """A batch the settlement queue took (see ``_unheld``)."""
-        batch = self._unheld(batch, lambda call: self._rows.license_of(call.decision_id))
+        batch = self._unheld(batch, self._license_settled)
         if batch:
             await self._settle_batch(batch, lease)
 
@@ -1250,7 +1258,7 @@ class PostgresLedger:
         """Remember the license of each reservation made, for its settlement (``_HeldRows``)."""
         for call, result in zip(batch, results, strict=True):
             if isinstance(result, ReserveResult) and result.outcome is ReserveOutcome.RESERVED:
-                self._rows.reserved(call.decision_id, call.args[0])
+                self._rows.reserved(call.decision_id, _license_reserved(call))
 
     async def _reserve_batch(
         self, batch: list[_Call[ReserveResult]], lease: _Lease | None = None
@@ -1275,7 +1283,7 @@ class PostgresLedger:
         if row is None:
             if lease is not None:  # the calls alone take their own connections from the pool
                 await lease.end()
-            await self._again_alone(batch, self._reserve_batch, lambda call: call.args[0])
+            await self._again_alone(batch, self._reserve_batch, _license_reserved)
             return
         # One array per output column, in the batch's order.
         answers = zip(*row, strict=True)
@@ -1295,7 +1303,7 @@ class PostgresLedger:
                 except asyncpg.UniqueViolationError as e:
                     raise _decision_taken(call.decision_id) from e
                 except asyncpg.LockNotAvailableError as e:
-                    self._rows.mark(call.args[0])
+                    self._rows.mark(_license_reserved(call))
                     # Rolled back before its COMMIT (_RESERVE_DURABLE_6): nothing to abandon.
                     raise StoreUnavailable(
                         f"ledger {self._name}: {_describe(e)}", late=False
@@ -1320,7 +1328,7 @@ class PostgresLedger:
                 except _ALONE_ERRORS as e:
                     if len(batch) == 1:
                         if isinstance(e, asyncpg.LockNotAvailableError):
-                            self._rows.mark(self._rows.license_of(batch[0].decision_id))
+                            self._rows.mark(self._license_settled(batch[0]))
                         raise
                     moved = None
         except StoreUnavailable as e:
@@ -1333,7 +1341,7 @@ class PostgresLedger:
             await self._again_alone(
                 batch,
                 self._settle_batch,
-                lambda call: self._rows.license_of(call.decision_id) or call.decision_id,
+                lambda call: self._license_settled(call) or call.decision_id,
             )
             return
         for call in batch:  # settled (or found settled already): forget its license
@@ -1353,9 +1361,8 @@ class PostgresLedger:
         once ran the pool dry; the wait for a connection then timed out, which marks the store
         down (found in review). Once a call of a group ends on the lock timeout, the group's
         later calls fail with it, unsent (their row is held: each would wait as long)."""
-        at_once = asyncio.Semaphore(
-            max(1, self._max_size - 2)
-        )  # one for the other queue, one spare
+        # A connection left for the other queue, and one spare.
+        at_once = asyncio.Semaphore(max(1, self._max_size - 2))
         groups: dict[object, list[_Call[_T]]] = {}
         for call in batch:
             groups.setdefault(group(call), []).append(call)
@@ -1542,10 +1549,10 @@ class PostgresLedger:
     ) -> AsyncIterator[Any]:
         """A pooled connection, creating the pool on first use; every store error leaves as
         ``StoreUnavailable``. ``force`` ignores the retry interval (open, migrate). With a
-        ``lease``, the connection it holds, or one kept in it afterwards (see ``_held``)."""
+        ``lease``, the connection it holds, or one kept in it afterwards (see ``_leased``)."""
         probe = self._admit(force=force)
         try:
-            async with self._held(lease) as conn:
+            async with self._leased(lease) as conn:
                 if probe:
                     if self._failure is not None:
                         log.info("store.recovered", store=self._name)
@@ -1570,7 +1577,7 @@ class PostgresLedger:
                 self._probing = False
 
     @contextlib.asynccontextmanager
-    async def _held(self, lease: _Lease | None) -> AsyncIterator[Any]:
+    async def _leased(self, lease: _Lease | None) -> AsyncIterator[Any]:
         """A connection for ``_connection``: ``lease``'s when it holds one taken since the last
         failure (``_trip``), else one from the pool. A leased one (only with room in the pool
         for the two queues and everything else) is kept in ``lease`` when the caller is done,
