@@ -763,6 +763,31 @@ async def test_a_commit_racing_the_sweep_counts_once(url: str) -> None:
             assert reservation.state in ("used", "settled_unknown")
 
 
+async def test_a_held_license_row_holds_up_no_other_license_s_sweep(url: str) -> None:
+    """The sweeper settles each license's expired reservations in a transaction of its own: a
+    license row held elsewhere (a stuck transaction) leaves that license's reservations open
+    for a later sweep, and every other license's are settled as used now. (In one transaction
+    for all, the held row's lock timeout rolled back the whole sweep, every sweep, for as long
+    as it was held.)"""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        for n, jti in enumerate(("lic-41", "lic-42", "lic-43")):
+            await reserve(store, f"d{n}", 8, jti=jti, now=T0)
+        async with conn.transaction():
+            await hold_row(conn, "lic-42")
+            started = time.monotonic()
+            swept = await store.expire_reservations(now=T0 + 400, ttl_s=300)
+            assert time.monotonic() - started < 1.5  # one lock timeout, not the statement's
+            assert swept == ["d0", "d2"]
+        for jti, used in (("lic-41", 8), ("lic-42", 0), ("lic-43", 8)):
+            state = await store.license(jti)
+            assert state is not None and (state.used, state.reserved) == (used, 8 - used), jti
+        # Let go, it is swept like the others.
+        assert await store.expire_reservations(now=T0 + 400, ttl_s=300) == ["d1"]
+        state = await store.license("lic-42")
+        assert state is not None and (state.used, state.reserved) == (8, 0)
+
+
 # --- an unreachable database --------------------------------------------------------------
 
 

@@ -624,17 +624,27 @@ _CONFIRM = """
     FROM async_commit WHERE decision_id = $1 AND state = 'settled_unknown'
     RETURNING 1
 """
-# SKIP LOCKED: a reservation another replica (or a late commit) is settling right now is theirs.
+# The sweeper's licenses: those with a reservation open since before $1, in jti order, so
+# replicas sweeping at once lock license rows in one order.
+_EXPIRED_LICENSES = """
+    SELECT DISTINCT jti FROM launchgate_reservations
+    WHERE state = 'reserved' AND created_at < $1 ORDER BY jti
+"""
+# One license's expired reservations ($4), settled as used. SKIP LOCKED: a reservation another
+# replica (or a late commit) is settling right now is theirs.
 _EXPIRE = """
     UPDATE launchgate_reservations AS r
     SET state = 'settled_unknown', settled_at = $2, note = $3
     WHERE r.state = 'reserved' AND r.decision_id IN (
         SELECT decision_id FROM launchgate_reservations
-        WHERE state = 'reserved' AND created_at < $1
+        WHERE state = 'reserved' AND created_at < $1 AND jti = $4
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING r.decision_id, r.jti, r.amount, r.created_at
+    RETURNING r.decision_id, r.amount, r.created_at
 """
+_EXPIRED_COUNTED = (
+    "UPDATE launchgate_licenses SET reserved = reserved - $2, used = used + $2 WHERE jti = $1"
+)
 _REVOKE = """
     INSERT INTO launchgate_licenses AS l (jti, revoked, revoked_reason, revoked_at)
     VALUES ($1, true, $2, $3)
@@ -1428,21 +1438,30 @@ class PostgresLedger:
             return await conn.fetchval(_CONFIRM, decision_id, now, note) is not None
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
+        """Each license's expired reservations in a transaction of its own: a license row held
+        elsewhere (a stuck transaction) fails only its own after the lock timeout, and they
+        wait for a later sweep (found in review: in one transaction for all, it rolled back
+        every sweep, for every license, for as long as it was held)."""
         note = _expiry_note(ttl_s)
-        async with self._connection() as conn, conn.transaction():
-            rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note)
-            totals: dict[str, int] = {}
-            for row in rows:
-                totals[row["jti"]] = totals.get(row["jti"], 0) + row["amount"]
-            if totals:
-                # In jti order, so replicas sweeping at once lock license rows in one order.
-                await conn.executemany(
-                    "UPDATE launchgate_licenses SET reserved = reserved - $2, used = used + $2"
-                    " WHERE jti = $1",
-                    sorted(totals.items()),
-                )
-        rows = sorted(rows, key=lambda row: (row["created_at"], row["decision_id"]))
-        return [str(row["decision_id"]) for row in rows]
+        swept: list[Any] = []
+        held: list[str] = []
+        async with self._connection() as conn:
+            for (jti,) in await conn.fetch(_EXPIRED_LICENSES, now - ttl_s):
+                try:
+                    async with conn.transaction():
+                        rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note, jti)
+                        if rows:
+                            await conn.execute(
+                                _EXPIRED_COUNTED, jti, sum(r["amount"] for r in rows)
+                            )
+                except asyncpg.LockNotAvailableError:  # rolled back: the next sweep tries again
+                    held.append(jti)
+                    continue
+                swept.extend(rows)
+        if held:
+            log.warning("store.sweep_deferred", store=self._name, licenses=held, reason="row held")
+        swept.sort(key=lambda row: (row["created_at"], row["decision_id"]))
+        return [str(row["decision_id"]) for row in swept]
 
     # -- staff operations --
 
