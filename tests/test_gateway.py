@@ -35,8 +35,11 @@ from conftest import (
     replying,
     tls_certificates,
     tls_site,
+    write_config,
 )
 from launchgate.audit import verify_file
+from launchgate.config import load_config
+from launchgate.gateway import Gateway
 from launchgate.stub import create_stub_app
 from launchgate.tokens import issue_token
 
@@ -1188,6 +1191,89 @@ async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
             break
         await asyncio.sleep(0.05)
     assert reservation is not None and reservation.state == "settled_unknown"
+
+
+async def test_a_gateway_stopping_mid_sweep_records_what_the_sweep_settled(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway told to stop while a sweep is under way (a license row held elsewhere keeps
+    a sweep waiting) lets the sweep finish and write its `reservation.settled` records before
+    it closes the log. (The sweep was cancelled: what it had settled as used was in the ledger
+    with no record of it in the decision log.)"""
+    gateway = Gateway(load_config(write_config(tmp_path, "http://127.0.0.1:9", keys)))
+    ledger = gateway.ledger
+    expire = ledger.expire_reservations
+    swept, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_sweep(*, now: float, ttl_s: float) -> list[str]:
+        await ledger.reserve(
+            jti="lic-swept",
+            account=RESTRICTED,
+            max_accelerators=8,
+            expires=now + 600,
+            amount=8,
+            decision_id="d-swept",
+            now=now - ttl_s - 5,
+        )
+        settled = await expire(now=now, ttl_s=ttl_s)
+        swept.set()
+        await go_on.wait()  # the rest of a sweep: another license's row, held elsewhere
+        return settled
+
+    monkeypatch.setattr(ledger, "expire_reservations", slow_sweep)
+    await gateway.start()
+    await asyncio.wait_for(swept.wait(), 5)
+    stopping = asyncio.ensure_future(gateway.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # waiting for the sweep
+    go_on.set()
+    await asyncio.wait_for(stopping, 5)
+    lines = gateway.config.audit_path.read_text().splitlines()
+    settled = [json.loads(line) for line in lines]
+    assert [(r["event"], r["decision_id"], r["settlement"]) for r in settled] == [
+        ("reservation.settled", "d-swept", "used")
+    ]
+
+
+async def test_the_sweeper_outlives_a_record_it_could_not_write(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `reservation.settled` record the decision log refuses (a full disk) is logged on stdout
+    with its decision id, and the sweeper goes on sweeping. (The error ended the sweeper: no
+    reservation expired again until a restart.)"""
+    with structlog.testing.capture_logs() as logs:  # (a TTL this short is warned about)
+        gw = await start_gateway(store={"reservation_ttl_s": 1})  # a sweep every 0.5 s
+        write = gw.gateway.recorder.event
+        refused: list[str] = []
+
+        async def full_disk_once(event: str, **fields: Any) -> dict[str, Any]:
+            if not refused:
+                refused.append(fields["decision_id"])
+                raise OSError(28, "No space left on device")
+            return await write(event, **fields)
+
+        monkeypatch.setattr(gw.gateway.recorder, "event", full_disk_once)
+        for decision_id in ("d-first", "d-second"):
+            await gw.gateway.ledger.reserve(
+                jti="lic-ttl",
+                account=RESTRICTED,
+                max_accelerators=16,
+                expires=now() + 600,
+                amount=8,
+                decision_id=decision_id,
+                now=now() - 5,
+            )
+            for _ in range(60):  # 3 s
+                reservation = await gw.gateway.ledger.reservation(decision_id)
+                if reservation is not None and reservation.state != "reserved":
+                    break
+                await asyncio.sleep(0.05)
+            assert reservation is not None and reservation.state == "settled_unknown"
+    assert refused == ["d-first"]
+    [failed] = [e for e in logs if e["event"] == "audit.write_failed"]
+    assert (failed["decision_id"], failed["record"]) == ("d-first", "reservation.settled")
+    settled = [r["decision_id"] for r in gw.records() if r["event"] == "reservation.settled"]
+    assert settled == ["d-second"]
 
 
 async def test_a_second_token_under_a_jti_for_another_account_cannot_spend_it(

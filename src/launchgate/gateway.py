@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -24,6 +24,8 @@ from launchgate.tokens import TokenVerifier
 from launchgate.upstream import UpstreamClient
 
 log = structlog.get_logger("launchgate")
+
+_T = TypeVar("_T")
 
 
 def make_verifier(config: Config) -> TokenVerifier:
@@ -93,11 +95,12 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_reservations())
         self.running = True
 
-    def keep(self, work: Awaitable[Any]) -> None:
+    def keep(self, work: Awaitable[_T]) -> asyncio.Future[_T]:
         """Run ``work`` to its end even if nobody awaits it (stop() waits for it)."""
         future = asyncio.ensure_future(work)
         self._background.add(future)
         future.add_done_callback(self._background.discard)
+        return future
 
     async def stop(self) -> None:
         self.running = False
@@ -115,22 +118,38 @@ class Gateway:
             await self._recorder.aclose()
 
     async def _sweep_reservations(self) -> None:
-        """Settle, as used, reservations whose gateway died before the upstream answered."""
+        """Settle, as used, reservations whose gateway died before the upstream answered.
+        Each sweep runs to its end, records included, whenever the gateway stops: cancelled
+        midway, it left reservations settled in the ledger with no record of it in the log."""
         while True:
             ttl = self.config.reservation_ttl_s  # as last reloaded
             try:
-                expired = await self.ledger.expire_reservations(now=time.time(), ttl_s=ttl)
-            except StoreUnavailable as e:
-                log.warning("store.unavailable", error=str(e))
-                expired = []
-            for decision_id in expired:
+                await asyncio.shield(self.keep(self._sweep(ttl)))
+            except Exception:  # a bug: the sweeper must outlive it, or nothing expires again
+                log.exception("sweeper.failed")
+            await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
+
+    async def _sweep(self, ttl: float) -> None:
+        try:
+            expired = await self.ledger.expire_reservations(now=time.time(), ttl_s=ttl)
+        except StoreUnavailable as e:
+            log.warning("store.unavailable", error=str(e))
+            return
+        for decision_id in expired:
+            try:
                 await self.recorder.event(
                     "reservation.settled",
                     decision_id=decision_id,
                     settlement="used",
                     note=f"outcome unknown after {ttl:g} s; counted as used",
                 )
-            await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
+            except (OSError, ValueError) as e:  # settled all the same: stdout keeps the trace
+                log.error(
+                    "audit.write_failed",
+                    record="reservation.settled",
+                    decision_id=decision_id,
+                    error=str(e),
+                )
 
     async def reload(self, path: Path) -> bool:
         """Re-read every configuration file; keep the running one if the new one is bad."""
