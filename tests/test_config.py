@@ -114,12 +114,16 @@ def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], mes
             [GENERIC_ROUTE, GENERIC_ROUTE | {"sku": "/type"}],
             r"routes\[1\] claims the same requests as routes\[0\]",
         ),
-        # aws-ec2 claims every method under its path, PURGE too (found in review: passed).
+        # aws-ec2 claims every method on its mount, PURGE too (found in review: passed).
         (
             [
                 {"dialect": "aws-ec2", "path": "/ec2"},
-                {"dialect": "opaque", "path": "/ec2/envelope", "methods": ["PURGE"]},
+                {"dialect": "opaque", "path": "/ec2", "methods": ["PURGE"]},
             ],
+            r"routes\[1\] claims the same requests as routes\[0\]",
+        ),
+        (  # one API of known shapes mounted twice on one path
+            [{"dialect": "azure-arm"}, {"dialect": "azure-arm", "region": "westeurope"}],
             r"routes\[1\] claims the same requests as routes\[0\]",
         ),
     ],

@@ -1276,6 +1276,94 @@ async def test_the_sweeper_outlives_a_record_it_could_not_write(
     assert settled == ["d-second"]
 
 
+async def test_every_dialect_on_its_default_mount_beside_a_generic_route(
+    start_gateway: StartGateway,
+) -> None:
+    """Routes are tried deepest mount first (found by QA: an aws-ec2 or azure-arm route on its
+    default path "/" could not be configured beside any other route). Each launch below is
+    judged by the route it belongs to, an opaque mount under aws-ec2's "/" takes its own
+    requests, and nothing of a restricted account's reaches the upstream."""
+    gw = await start_gateway(
+        routes=[
+            {"dialect": "aws-ec2"},
+            {"dialect": "azure-arm"},
+            {"dialect": "gcp-compute"},
+            {"dialect": "openstack-nova", "region": "RegionOne"},
+            {"dialect": "opaque", "path": "/batch", "methods": ["POST"]},
+            {
+                "method": "POST",
+                "path": "/v1/instances",
+                "dialect": "generic-json",
+                "sku": "/instance_type",
+                "count": "/count",
+            },
+        ]
+    )
+    assert [route.dialect.name for route in gw.config.routes] == [
+        "generic-json",  # /v1/instances, an exact path
+        "gcp-compute",  # /compute/v1, its launch calls
+        "openstack-nova",  # /v2.1
+        "opaque",  # /batch
+        "azure-arm",  # /, its launch calls only
+        "aws-ec2",  # /, every request
+    ]
+    vm = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMachines/vm1"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    launches: list[tuple[str, str, dict[str, Any] | bytes, dict[str, str] | None, str]] = [
+        (
+            "POST",
+            "/v1/instances",
+            {"instance_type": H100_SKU, "count": 1},
+            None,
+            "license_required",
+        ),
+        (
+            "POST",
+            "/",
+            b"Action=RunInstances&InstanceType=p5.48xlarge&MinCount=1&MaxCount=1",
+            form,
+            "license_required",
+        ),
+        (
+            "PUT",
+            f"{vm}?api-version=2024-07-01",
+            {
+                "location": "eastus",
+                "properties": {"hardwareProfile": {"vmSize": "Standard_ND96isr_H100_v5"}},
+            },
+            None,
+            "license_required",
+        ),
+        (
+            "POST",
+            "/compute/v1/projects/p1/zones/us-central1-a/instances",
+            {"name": "vm-1", "machineType": "zones/us-central1-a/machineTypes/a3-highgpu-8g"},
+            None,
+            "license_required",
+        ),
+        ("POST", "/v2.1/servers", {"server": {"flavorRef": "g1.h100x8"}}, None, "license_required"),
+        (
+            "POST",
+            "/batch",
+            b"--b--",
+            {"Content-Type": "multipart/mixed; boundary=b"},
+            "unresolvable_launch",
+        ),
+    ]
+    for method, path, body, headers, reason in launches:
+        status, answer = await gw.send(method, path, body, headers=headers)
+        assert (status, answer.get("reason")) == (403, reason), (method, path, answer)
+    assert await gw.stub_requests() == []
+    status, _ = await gw.send(
+        "POST", "/v1/instances", {"instance_type": H100_SKU, "count": 1}, account=UNRESTRICTED
+    )
+    assert status == 201
+    assert [r["path"] for r in gw.decisions()] == [
+        *(path.partition("?")[0] for _, path, *_ in launches),
+        "/v1/instances",
+    ]
+
+
 async def test_a_second_token_under_a_jti_for_another_account_cannot_spend_it(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

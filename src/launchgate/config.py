@@ -71,7 +71,7 @@ class Config:
     accounts: Mapping[str, Account]
     jurisdictions: Jurisdictions
     controlled_eccns: frozenset[str]
-    routes: tuple[Route, ...]
+    routes: tuple[Route, ...]  # in the order a request tries them (Route.precedence)
 
     @property
     def base_dir(self) -> Path:
@@ -304,8 +304,10 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     )
     for i, route in enumerate(routes):
         for j, other in enumerate(routes[:i]):
-            if route.overlaps(other):
+            if route.ties(other):
                 raise ConfigError(f"{source}: routes[{i}] claims the same requests as routes[{j}]")
+    # Tried in this order, the first that claims a request taking it (``Route.precedence``).
+    routes = tuple(sorted(routes, key=lambda route: route.precedence))
     account_header = identity.header("account_header", "X-Account-Id")
     token_header = tokens.header("header", "License-Token")
     # One name for both would remove the account with the token; "_" counts as "-" (CGI).

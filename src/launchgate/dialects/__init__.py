@@ -58,8 +58,8 @@ class LaunchRequest:
 
 
 # The ``methods`` of a dialect that claims a request whatever its method (aws-ec2), for the
-# overlap check of routes; an opaque route may name any method at all (found in review: one on
-# "PURGE" under an aws-ec2 route passed the check, and aws-ec2 took its requests unjudged).
+# check that no two routes tie; an opaque route may name any method at all (found in review:
+# one on "PURGE" beside an aws-ec2 route passed the check).
 EVERY_METHOD: Final = frozenset({"*"})
 
 
@@ -75,10 +75,13 @@ class Dialect(Protocol):
 
     @property
     def prefix(self) -> bool:
-        """True when the dialect claims requests under ``path``, not only ``path`` itself.
+        """True when the dialect claims requests under ``path``, not only ``path`` itself."""
+        ...
 
-        The overlap check between routes reads it.
-        """
+    @property
+    def shaped(self) -> bool:
+        """True when, under ``path``, it claims only the calls of its API's launch shapes (by
+        method and path), not every request there. The routes' precedence reads it."""
         ...
 
     def claims(self, method: str, path: str) -> bool: ...
@@ -98,19 +101,28 @@ class Route:
     def matches(self, method: str, path: str) -> bool:
         return self.dialect.claims(method, path)
 
-    def overlaps(self, other: Route) -> bool:
-        """Whether both routes could claim one request (a configuration error)."""
+    @property
+    def precedence(self) -> tuple[int, int]:
+        """The order in which routes are tried on a request, the first that claims it taking
+        it: the deepest mount first, as in any path-based router (an API mounted under another
+        takes its own requests: found by QA, an aws-ec2 route on its default path "/" could
+        not be configured beside any other route); on one mount, an exact path, then the
+        launch calls of an API of known shapes, then a mount that claims every request."""
+        dialect = self.dialect
+        rank = 0 if not dialect.prefix else 1 if dialect.shaped else 2
+        return (-_depth(dialect.path), rank)
+
+    def ties(self, other: Route) -> bool:
+        """Whether both routes could claim one request with neither first (a configuration
+        error): one mount, the same rank, and a method in common."""
         a, b = self.dialect, other.dialect
-        every = EVERY_METHOD in (a.methods, b.methods)
-        if not every and not a.methods & b.methods:
+        if self.precedence != other.precedence or a.path != b.path:
             return False
-        if a.path == b.path:
-            return True
-        return (a.prefix and _under(b.path, a.path)) or (b.prefix and _under(a.path, b.path))
+        return EVERY_METHOD in (a.methods, b.methods) or bool(a.methods & b.methods)
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path.startswith(prefix.rstrip("/") + "/")
+def _depth(path: str) -> int:
+    return len([segment for segment in path.split("/") if segment])
 
 
 def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str, dialect: str) -> None:

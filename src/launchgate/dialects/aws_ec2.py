@@ -62,6 +62,7 @@ class AwsEc2:
     region: str | None
     name: str = "aws-ec2"
     prefix: bool = True  # EC2 ignores the path: every request under it is an EC2 call
+    shaped: bool = False
     methods: frozenset[str] = field(default=EVERY_METHOD)
 
     def claims(self, method: str, path: str) -> bool:

@@ -299,6 +299,7 @@ class AzureArm:
     region: str | None = None
     name: str = "azure-arm"
     prefix: bool = True
+    shaped: bool = True
 
     @property
     def methods(self) -> frozenset[str]:

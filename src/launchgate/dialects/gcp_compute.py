@@ -335,6 +335,7 @@ class GcpCompute:
     region: str | None = None
     name: str = "gcp-compute"
     prefix: bool = True
+    shaped: bool = True
 
     @property
     def methods(self) -> frozenset[str]:

@@ -32,6 +32,7 @@ class GenericJson:
     default_region: str | None
     name: str = "generic-json"
     prefix: bool = False
+    shaped: bool = False  # (its one path)
 
     @property
     def methods(self) -> frozenset[str]:

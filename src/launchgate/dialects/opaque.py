@@ -28,6 +28,7 @@ class Opaque:
     ignore_case: bool = False
     name: str = "opaque"
     prefix: bool = True
+    shaped: bool = False  # every request under its path with one of its methods
 
     def claims(self, method: str, path: str) -> bool:
         if method not in self.methods:

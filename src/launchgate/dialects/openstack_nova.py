@@ -58,7 +58,8 @@ class OpenstackNova:
     path: str
     region: str | None
     name: str = "openstack-nova"
-    prefix: bool = True  # claims calls under ``path`` (for overlap checks: all of it)
+    prefix: bool = True  # claims calls under ``path``
+    shaped: bool = True
     methods: frozenset[str] = field(default=frozenset({"POST"}))
 
     def claims(self, method: str, path: str) -> bool:
