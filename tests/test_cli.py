@@ -321,6 +321,16 @@ USER_ERRORS: list[Any] = [
         id="unknown-flag",
     ),
     pytest.param(lambda c: (issue_argv(c.pem, kid=None), ["--kid"]), id="issue-missing-kid"),
+    # An unknown key id (CONTRACT section 1), in the JWK Set beside the key (found by QA: a
+    # token was printed, and every gateway trusting that set refused it).
+    pytest.param(
+        lambda c: (issue_argv(c.pem, kid="k-nosuch"), ["--kid", "k-nosuch", "jwks.json"]),
+        id="issue-unknown-kid",
+    ),
+    pytest.param(  # the set holds k-es, but for the P-256 key, not this Ed25519 one
+        lambda c: (issue_argv(c.pem, kid="k-es"), ["--kid", "k-es", "jwks.json"]),
+        id="issue-kid-of-another-key",
+    ),
     pytest.param(lambda c: (issue_argv(c.pem, sku=None), ["--sku"]), id="issue-missing-sku"),
     pytest.param(lambda c: (["check"], ["--config"]), id="check-missing-config"),
     pytest.param(
@@ -729,6 +739,18 @@ def test_token_issue_optional_claims(keys: Keys) -> None:
     assert claims["license_ref"] == "D1234567"
     assert claims["aud"] == "gate-eu"
     assert claims["nbf"] == int(datetime(2026, 12, 31, 23, 0, tzinfo=UTC).timestamp())
+
+
+def test_token_issue_with_no_jwks_beside_the_key(keys: Keys, tmp_path: Path) -> None:
+    """A key kept apart from any JWK Set (its public half published elsewhere) signs under the
+    kid given: nothing beside it says which kids exist."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    pem = alone / "k-ed.pem"
+    pem.write_bytes((keys.folder / "k-ed.pem").read_bytes())
+    result = run_cli(*issue_argv(pem, kid="k-elsewhere"))
+    assert (result.code, result.err) == (0, "")
+    assert jwt.get_unverified_header(result.out.strip())["kid"] == "k-elsewhere"
 
 
 def test_token_issue_not_before_in_utc(keys: Keys) -> None:

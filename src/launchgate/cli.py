@@ -180,7 +180,12 @@ def _iso_time(text: str) -> int:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
-    from launchgate.tokens import issue_token, load_private_key, parse_duration
+    from launchgate.tokens import (
+        check_signing_kid,
+        issue_token,
+        load_private_key,
+        parse_duration,
+    )
 
     try:
         expires_in = parse_duration(args.expires_in)
@@ -196,6 +201,10 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: must not be empty")
     not_before = _iso_time(args.not_before) if args.not_before is not None else None
     private_key = load_private_key(Path(args.key))
+    # The JWK Set `keys generate` keeps beside the key, when there is one, must know the kid.
+    jwks = Path(args.key).parent / "jwks.json"
+    if jwks.exists():
+        check_signing_kid(private_key, args.kid, jwks)
     try:
         token = issue_token(
             private_key=private_key,

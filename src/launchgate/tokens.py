@@ -266,6 +266,19 @@ def issue_token(
     return _JWS.encode(payload, private_key, algorithm=alg, headers={"kid": kid, "typ": "JWT"})
 
 
+def check_signing_kid(private_key: PrivateKey, kid: str, jwks_path: Path) -> None:
+    """``ConfigError`` naming ``kid`` and the file unless the JWK Set at ``jwks_path`` holds
+    ``kid`` with this private key's public half: a token signed under a kid the set does not
+    hold, or holds for another key, is refused by every gateway trusting that set (CONTRACT
+    section 1: an unknown key id is a user error)."""
+    trusted = KeyRing.from_jwks_file(jwks_path).get(kid)
+    if trusted is None:
+        raise ConfigError(f"--kid {kid!r}: unknown key id, not in {jwks_path}")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if trusted.key.public_bytes(*spki) != private_key.public_key().public_bytes(*spki):
+        raise ConfigError(f"--kid {kid!r}: {jwks_path} holds another public key under this key id")
+
+
 def _alg_of_private_key(key: PrivateKey) -> str:
     if isinstance(key, Ed25519PrivateKey):
         return "EdDSA"
