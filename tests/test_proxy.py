@@ -241,6 +241,29 @@ async def test_admin_health_ready_and_metrics(
     assert "launchgate_decision_seconds_count 3.0" in text
 
 
+async def test_admin_errors_are_problems(start_gateway: StartGateway, aiohttp_client: Any) -> None:
+    """The admin listener's own errors are problem+json like every error the gateway answers
+    (found by QA: an unknown path and a wrong method were text/plain)."""
+    gw = await start_gateway()
+    admin = await _admin(gw, aiohttp_client)
+    for method, path, status, reason in (
+        ("GET", "/nope", 404, "not_found"),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+    ):
+        answer = await admin.request(method, path)
+        assert answer.status == status
+        assert answer.headers["Content-Type"] == "application/problem+json"
+        body = await answer.json(content_type=None)
+        assert (body["status"], body["reason"], body["type"]) == (
+            status,
+            reason,
+            f"urn:launchgate:problem:{reason}",
+        )
+        assert body["title"] and body["detail"] and body["decision_id"] is None
+        if status == 405:
+            assert set(answer.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
 async def test_readyz_503_when_store_unusable(
     start_gateway: StartGateway, aiohttp_client: Any, tmp_path: Any
 ) -> None:

@@ -6,10 +6,12 @@ import asyncio
 import os
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from launchgate.errors import StoreUnavailable
 from launchgate.gateway import Gateway
+from launchgate.problems import problem
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -48,8 +50,24 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The listener's own errors (an unknown path, a method a path does not take) as
+    problem+json, like every error the gateway answers (CONTRACT section 3; found by QA:
+    text/plain)."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return problem("not_found", 404, f"no {request.path} here: /healthz, /readyz, /metrics")
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        response = problem("method_not_allowed", 405, f"{request.path} takes {allowed}")
+        response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+        return response
+
+
 def create_admin_app(gateway: Gateway) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[problems])
     app[GATEWAY_KEY] = gateway
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,7 +35,6 @@ from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
 from launchgate.paths import UnsafePath, normalize_path
 from launchgate.policy import (
-    TITLES,
     Decision,
     after_reservation,
     decide,
@@ -46,6 +44,7 @@ from launchgate.policy import (
     verdict,
     within_token,
 )
+from launchgate.problems import DECISION_HEADER, problem
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
 from launchgate.tokens import License
@@ -61,28 +60,6 @@ log = structlog.get_logger("launchgate")
 
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 _OVERRIDE_VARIABLES = frozenset(name.lower() for name in METHOD_OVERRIDES)
-DECISION_HEADER = "Launchgate-Decision-Id"
-
-
-def problem(reason: str, status: int, detail: str, decision_id: str | None = None) -> web.Response:
-    """An ``application/problem+json`` answer of the gateway's own (RFC 9457)."""
-    body: dict[str, Any] = {
-        "type": f"urn:launchgate:problem:{reason}",
-        "title": TITLES.get(reason, reason),
-        "status": status,
-        "detail": detail,
-        "reason": reason,
-        "decision_id": decision_id,
-    }
-    # The media type alone, as RFC 9457 registers it (JSON is UTF-8 by definition, RFC 8259).
-    response = web.Response(
-        body=json.dumps(body).encode(),
-        status=status,
-        headers={"Content-Type": "application/problem+json"},
-    )
-    if decision_id:
-        response.headers[DECISION_HEADER] = decision_id
-    return response
 
 
 class BodyTooLarge(Exception):

@@ -17,7 +17,8 @@ from aiohttp.web_request import BaseRequest
 from launchgate.admin import create_admin_app
 from launchgate.config import Config
 from launchgate.gateway import Gateway
-from launchgate.proxy import create_app, problem
+from launchgate.problems import problem
+from launchgate.proxy import create_app
 
 log = structlog.get_logger("launchgate")
 
