@@ -474,7 +474,8 @@ def test_deleting_a_record_is_detected(tmp_path: Path) -> None:
     path.write_bytes(b"".join(lines[:2] + lines[3:]))
     result = verify_file(path)
     assert (result.ok, result.bad_seq) == (False, 3)
-    assert "seq is 4, expected 3" in result.detail
+    assert "found the record of seq 4 where seq 3 belongs" in result.detail
+    assert result.summary().startswith("bad record seq 3: ")
 
 
 def test_swapping_two_records_is_detected(tmp_path: Path) -> None:

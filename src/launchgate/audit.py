@@ -686,8 +686,10 @@ def verify_file(path: Path) -> VerifyResult:
                     record = _parse_record(line.removesuffix(b"\n"))
                     if record["seq"] != expected:
                         raise _BadRecord(
-                            f"seq is {record['seq']}, expected {expected} "
-                            "(a record is missing, repeated or out of order)"
+                            # Both numbers said as "seq N": the record found there, and
+                            # the one that belongs there (the report's own seq).
+                            f"found the record of seq {record['seq']} where seq {expected}"
+                            " belongs (a record is missing, repeated or out of order)"
                         )
                     if record["prev_hash"] != head:
                         raise _BadRecord("prev_hash is not the previous record's hash")
