@@ -63,9 +63,23 @@ def wait_for(url: str, timeout_s: float = 20.0) -> None:
             time.sleep(0.2)
 
 
+def _published(kid: str) -> bool:
+    """Whether config/keys/jwks.json holds ``kid``."""
+    try:
+        keys = json.loads((KEYS / "jwks.json").read_text())["keys"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(isinstance(key, dict) and key.get("kid") == kid for key in keys)
+
+
 def demo() -> int:
     setup()
-    if not (KEYS / f"{DEMO_KID}.pem").exists():
+    pem = KEYS / f"{DEMO_KID}.pem"
+    if pem.exists() and not _published(DEMO_KID):
+        # A demo key left from an earlier run whose public half is gone from jwks.json (a
+        # checkout restored the shipped, empty set): `token issue` would refuse its kid.
+        pem.unlink()
+    if not pem.exists():
         launchgate("keys", "generate", "--kid", DEMO_KID, "--out-dir", str(KEYS))
     token = launchgate(
         "token",
