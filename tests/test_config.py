@@ -122,6 +122,17 @@ def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], mes
             ],
             r"routes\[1\] claims the same requests as routes\[0\]",
         ),
+        (  # mounts that differ only in letter case, which the dialect ignores (found in review)
+            [{"dialect": "gcp-compute"}, {"dialect": "gcp-compute", "path": "/Compute/v1"}],
+            r"routes\[1\] claims the same requests as routes\[0\]",
+        ),
+        (
+            [
+                {"dialect": "aws-ec2", "path": "/ec2"},
+                {"dialect": "opaque", "path": "/EC2", "methods": ["GET"], "ignore_case": True},
+            ],
+            r"routes\[1\] claims the same requests as routes\[0\]",
+        ),
         (  # one API of known shapes mounted twice on one path
             [{"dialect": "azure-arm"}, {"dialect": "azure-arm", "region": "westeurope"}],
             r"routes\[1\] claims the same requests as routes\[0\]",

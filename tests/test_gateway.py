@@ -1276,6 +1276,23 @@ async def test_the_sweeper_outlives_a_record_it_could_not_write(
     assert settled == ["d-second"]
 
 
+# Every dialect on its default mount, beside a generic-json route (aws-ec2 and azure-arm on "/").
+EVERY_DIALECT: list[dict[str, Any]] = [
+    {"dialect": "aws-ec2"},
+    {"dialect": "azure-arm"},
+    {"dialect": "gcp-compute"},
+    {"dialect": "openstack-nova", "region": "RegionOne"},
+    {"dialect": "opaque", "path": "/batch", "methods": ["POST"]},
+    {
+        "method": "POST",
+        "path": "/v1/instances",
+        "dialect": "generic-json",
+        "sku": "/instance_type",
+        "count": "/count",
+    },
+]
+
+
 async def test_every_dialect_on_its_default_mount_beside_a_generic_route(
     start_gateway: StartGateway,
 ) -> None:
@@ -1283,22 +1300,7 @@ async def test_every_dialect_on_its_default_mount_beside_a_generic_route(
     default path "/" could not be configured beside any other route). Each launch below is
     judged by the route it belongs to, an opaque mount under aws-ec2's "/" takes its own
     requests, and nothing of a restricted account's reaches the upstream."""
-    gw = await start_gateway(
-        routes=[
-            {"dialect": "aws-ec2"},
-            {"dialect": "azure-arm"},
-            {"dialect": "gcp-compute"},
-            {"dialect": "openstack-nova", "region": "RegionOne"},
-            {"dialect": "opaque", "path": "/batch", "methods": ["POST"]},
-            {
-                "method": "POST",
-                "path": "/v1/instances",
-                "dialect": "generic-json",
-                "sku": "/instance_type",
-                "count": "/count",
-            },
-        ]
-    )
+    gw = await start_gateway(routes=EVERY_DIALECT)
     assert [route.dialect.name for route in gw.config.routes] == [
         "generic-json",  # /v1/instances, an exact path
         "gcp-compute",  # /compute/v1, its launch calls
@@ -1362,6 +1364,59 @@ async def test_every_dialect_on_its_default_mount_beside_a_generic_route(
         *(path.partition("?")[0] for _, path, *_ in launches),
         "/v1/instances",
     ]
+
+
+_EC2_LAUNCH = "Action=RunInstances&InstanceType=p5.48xlarge&MinCount=4&MaxCount=4"
+_VM = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMachines/vm1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        pytest.param(
+            "PATCH", f"{_VM}?api-version=2024-07-01&{_EC2_LAUNCH}", {"tags": {}}, id="arm"
+        ),
+        pytest.param("POST", f"/BATCH?{_EC2_LAUNCH}", {"requests": []}, id="arm-batch"),
+        pytest.param(
+            "POST", f"/v2.1/servers/abc/action?{_EC2_LAUNCH}", {"reboot": {}}, id="nova-action"
+        ),
+        pytest.param(
+            "POST",
+            f"/compute/v1/projects/p1/zones/us-central1-a/instances/i1/setMachineResources?{_EC2_LAUNCH}",
+            {"guestAccelerators": []},
+            id="gce",
+        ),
+        pytest.param(
+            "POST", f"/v1/instances?{_EC2_LAUNCH}", {"instance_type": "m5.large"}, id="generic"
+        ),
+        pytest.param(
+            "POST",
+            "/v1/instances",
+            {"instance_type": "m5.large", "note": f"&{_EC2_LAUNCH.replace('Action', 'ACTION')}&"},
+            id="generic-body",
+        ),
+        pytest.param("POST", f"/batch?{_EC2_LAUNCH}", {"requests": []}, id="opaque"),
+    ],
+)
+async def test_an_ec2_call_under_another_route_has_two_meanings(
+    start_gateway: StartGateway, method: str, path: str, body: dict[str, Any]
+) -> None:
+    """Found in review: with aws-ec2 on "/" beside other routes, a request another route takes
+    (a Nova reboot, an ARM PATCH, a generic launch of an uncontrolled SKU) carrying an EC2
+    launch Action in its query or body went to an EC2-style upstream unjudged, or under a
+    record of something else, and launched 4x H100. EC2 serves its API on any path: such a
+    request reads as two things, and is malformed for every account."""
+    gw = await start_gateway(routes=EVERY_DIALECT)
+    for account in (RESTRICTED, UNRESTRICTED):
+        status, answer = await gw.send(method, path, body, account=account)
+        assert (status, answer.get("reason")) == (400, "malformed_request"), answer
+        assert "EC2 RunInstances" in answer["detail"]
+    assert await gw.stub_requests() == []
+    # Another EC2 Action there launches nothing: the route's own reading stands.
+    status, _ = await gw.send(
+        "POST", "/v1/instances?Action=DescribeInstances", {"instance_type": "m5.large"}
+    )
+    assert status == 201
 
 
 async def test_a_second_token_under_a_jti_for_another_account_cannot_spend_it(

@@ -24,7 +24,7 @@ from launchgate.accounts import (
     load_country_groups,
 )
 from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
-from launchgate.dialects import Route, build_route
+from launchgate.dialects import Route, build_route, with_second_readings
 from launchgate.errors import ConfigError
 from launchgate.forward import GATEWAY_SET, HOP_BY_HOP
 from launchgate.tokens import KeyRing
@@ -307,7 +307,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             if route.ties(other):
                 raise ConfigError(f"{source}: routes[{i}] claims the same requests as routes[{j}]")
     # Tried in this order, the first that claims a request taking it (``Route.precedence``).
-    routes = tuple(sorted(routes, key=lambda route: route.precedence))
+    routes = with_second_readings(routes)
     account_header = identity.header("account_header", "X-Account-Id")
     token_header = tokens.header("header", "License-Token")
     # One name for both would remove the account with the token; "_" counts as "-" (CGI).

@@ -166,6 +166,13 @@ async def handle_launch(
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
         _one_identity(request.headers, config)
+        for second_reading in route.second_readings:  # one meaning or none
+            action = second_reading(launch_request)
+            if action is not None:
+                raise MalformedLaunch(
+                    f"the request also reads as an EC2 {action} call, which a route mounted"
+                    f" above {route.dialect.path} judges"
+                )
         launch = route.dialect.parse(launch_request)
     except MalformedLaunch as e:
         decision = malformed(e.detail, account, token)

@@ -8,8 +8,8 @@ parses a claimed request's bytes into a ``Launch``: the SKUs and counts it can s
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from multidict import CIMultiDictProxy
@@ -26,9 +26,11 @@ __all__ = [
     "LaunchRequest",
     "MalformedLaunch",
     "Route",
+    "SecondReading",
     "check_keys",
     "route_path",
     "route_region",
+    "with_second_readings",
 ]
 
 
@@ -94,9 +96,18 @@ class Dialect(Protocol):
         ...
 
 
+# How a dialect that claims every request under its mount reads one that another route takes:
+# the launch it would make of it, named, or None (``AwsEc2.launch_action``).
+SecondReading = Callable[["LaunchRequest"], str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     dialect: Dialect
+    # The second readings of the routes that come after this one and claim its requests too,
+    # set by ``with_second_readings``: a request this route takes that one of them reads as a
+    # launch has two meanings (malformed), whatever this route makes of it.
+    second_readings: tuple[SecondReading, ...] = ()
 
     def matches(self, method: str, path: str) -> bool:
         return self.dialect.claims(method, path)
@@ -114,15 +125,43 @@ class Route:
 
     def ties(self, other: Route) -> bool:
         """Whether both routes could claim one request with neither first (a configuration
-        error): one mount, the same rank, and a method in common."""
+        error): one mount (in any letter case: several dialects match theirs so, found in
+        review), the same rank, and a method in common."""
         a, b = self.dialect, other.dialect
-        if self.precedence != other.precedence or a.path != b.path:
+        if self.precedence != other.precedence or a.path.lower() != b.path.lower():
             return False
-        return EVERY_METHOD in (a.methods, b.methods) or bool(a.methods & b.methods)
+        return _methods_meet(a, b)
+
+
+def _methods_meet(a: Dialect, b: Dialect) -> bool:
+    return EVERY_METHOD in (a.methods, b.methods) or bool(a.methods & b.methods)
 
 
 def _depth(path: str) -> int:
     return len([segment for segment in path.split("/") if segment])
+
+
+def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
+    """``routes`` in the order a request tries them (``Route.precedence``), each with the
+    second readings of the later routes whose mount holds its own, with a method in common."""
+    ordered = sorted(routes, key=lambda route: route.precedence)
+    result = []
+    for i, route in enumerate(ordered):
+        readings = tuple(
+            reading
+            for later in ordered[i + 1 :]
+            if (reading := getattr(later.dialect, "launch_action", None)) is not None
+            and _holds(later.dialect.path, route.dialect.path)
+            and _methods_meet(later.dialect, route.dialect)
+        )
+        result.append(replace(route, second_readings=readings))
+    return tuple(result)
+
+
+def _holds(mount: str, path: str) -> bool:
+    """Whether ``path`` is ``mount`` or under it, in any letter case."""
+    mount, path = mount.lower(), path.lower()
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 
 def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str, dialect: str) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, NoReturn
+from urllib.parse import parse_qsl
 
 from launchgate.dialects import (
     EVERY_METHOD,
@@ -67,6 +68,20 @@ class AwsEc2:
 
     def claims(self, method: str, path: str) -> bool:
         return path == self.path or path.startswith(self.path.rstrip("/") + "/")
+
+    def launch_action(self, request: LaunchRequest) -> str | None:
+        """The launch Action that a request another route takes carries for EC2, which serves
+        its Query API on any path: read leniently from the query string and the body alike
+        (any letter case, whatever the media type), since the route that takes the request
+        reads it its own way (found in review: with aws-ec2 on "/", a Nova server action or an
+        ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged)."""
+        for text in (request.query, request.body.decode("latin-1")):
+            if "=" not in text:
+                continue
+            for name, value in parse_qsl(text, keep_blank_values=True):
+                if name.strip().lower() == "action" and value.strip().lower() in _FOLDED_ACTIONS:
+                    return value.strip()
+        return None
 
     def parse(self, request: LaunchRequest) -> Launch | None:
         """The items of a launch Action; None for an Action that launches nothing.
