@@ -1366,7 +1366,8 @@ async def test_every_dialect_on_its_default_mount_beside_a_generic_route(
     ]
 
 
-_EC2_LAUNCH = "Action=RunInstances&InstanceType=p5.48xlarge&MinCount=4&MaxCount=4"
+_P5_TIMES_4 = "InstanceType=p5.48xlarge&MinCount=4&MaxCount=4"
+_EC2_LAUNCH = f"Action=RunInstances&{_P5_TIMES_4}"
 _VM = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMachines/vm1"
 
 
@@ -1396,6 +1397,38 @@ _VM = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMa
             id="generic-body",
         ),
         pytest.param("POST", f"/batch?{_EC2_LAUNCH}", {"requests": []}, id="opaque"),
+        # Read as an upstream might (found in a second review: the stub decodes twice, and
+        # launched 4x H100 for "%2541ction" on each of these routes).
+        pytest.param(
+            "PATCH",
+            f"{_VM}?api-version=2024-07-01&%2541ction=RunInstances&{_P5_TIMES_4}",
+            {"tags": {}},
+            id="arm-name-encoded-twice",
+        ),
+        pytest.param(
+            "POST",
+            f"/v2.1/servers/abc/action?Action=Run%2549nstances&{_P5_TIMES_4}",
+            {"reboot": {}},
+            id="nova-value-encoded-twice",
+        ),
+        pytest.param(
+            "POST",
+            f"/v1/instances?x=1%26Action%3DRunInstances%26{_P5_TIMES_4}",
+            {"instance_type": "m5.large"},
+            id="decoded-then-split",
+        ),
+        pytest.param(
+            "POST",
+            f"/v1/instances?x=1;Action=RunInstances;{_P5_TIMES_4}",
+            {"instance_type": "m5.large"},
+            id="semicolons",
+        ),
+        pytest.param(
+            "POST",
+            f"/v1/instances?Action%00x=RunInstances&{_P5_TIMES_4}",
+            {"instance_type": "m5.large"},
+            id="name-cut-at-nul",
+        ),
     ],
 )
 async def test_an_ec2_call_under_another_route_has_two_meanings(
@@ -1417,6 +1450,23 @@ async def test_an_ec2_call_under_another_route_has_two_meanings(
         "POST", "/v1/instances?Action=DescribeInstances", {"instance_type": "m5.large"}
     )
     assert status == 201
+
+
+async def test_an_ec2_route_under_another_reads_its_own_launches(
+    start_gateway: StartGateway,
+) -> None:
+    """An aws-ec2 route mounted under another one judges the EC2 launches on its mount by
+    itself (found in review: the outer route's second reading made every one of them 400)."""
+    gw = await start_gateway(
+        routes=[
+            {"dialect": "aws-ec2", "region": "us-east-1"},
+            {"dialect": "aws-ec2", "path": "/eu-west-1", "region": "eu-west-1"},
+        ]
+    )
+    status, answer = await gw.send("GET", f"/eu-west-1?{_EC2_LAUNCH}", b"")
+    assert (status, answer.get("reason")) == (403, "license_required"), answer
+    [record] = gw.decisions()
+    assert (record["region"], record["sku"], record["count"]) == ("eu-west-1", "p5.48xlarge", 4)
 
 
 async def test_a_second_token_under_a_jti_for_another_account_cannot_spend_it(

@@ -143,7 +143,8 @@ def _depth(path: str) -> int:
 
 def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
     """``routes`` in the order a request tries them (``Route.precedence``), each with the
-    second readings of the later routes whose mount holds its own, with a method in common."""
+    second readings of the later routes of another dialect whose mount holds its own, with a
+    method in common."""
     ordered = sorted(routes, key=lambda route: route.precedence)
     result = []
     for i, route in enumerate(ordered):
@@ -151,6 +152,9 @@ def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
             reading
             for later in ordered[i + 1 :]
             if (reading := getattr(later.dialect, "launch_action", None)) is not None
+            # (an EC2 route under another reads EC2 itself: found in review, the outer one's
+            # reading refused every launch on the inner one)
+            and later.dialect.name != route.dialect.name
             and _holds(later.dialect.path, route.dialect.path)
             and _methods_meet(later.dialect, route.dialect)
         )

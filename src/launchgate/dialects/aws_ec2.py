@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, NoReturn
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from launchgate.dialects import (
     EVERY_METHOD,
@@ -71,16 +71,14 @@ class AwsEc2:
 
     def launch_action(self, request: LaunchRequest) -> str | None:
         """The launch Action that a request another route takes carries for EC2, which serves
-        its Query API on any path: read leniently from the query string and the body alike
-        (any letter case, whatever the media type), since the route that takes the request
-        reads it its own way (found in review: with aws-ec2 on "/", a Nova server action or an
-        ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged)."""
+        its Query API on any path (found in review: with aws-ec2 on "/", a Nova server action or
+        an ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged).
+        Read from the query string and the body alike, whatever the media type, since the route
+        that takes the request reads it its own way; see ``_launch_action_in``."""
         for text in (request.query, request.body.decode("latin-1")):
-            if "=" not in text:
-                continue
-            for name, value in parse_qsl(text, keep_blank_values=True):
-                if name.strip().lower() == "action" and value.strip().lower() in _FOLDED_ACTIONS:
-                    return value.strip()
+            action = _launch_action_in(text)
+            if action is not None:
+                return action
         return None
 
     def parse(self, request: LaunchRequest) -> Launch | None:
@@ -354,6 +352,42 @@ def _refuse_case_variants(params: Mapping[str, str]) -> None:
             expected = _FOLDED_PARTS.get(part.lower())
             if expected is not None and part != expected:
                 raise MalformedLaunch(f"parameter {name}: {part!r} is not spelled {expected!r}")
+
+
+# How many times over ``_launch_action_in`` decodes: an upstream may decode twice (found in
+# review: "%2541ction" got past one decoding, and the stub, which decodes twice, launched).
+_DECODINGS: Final = 8
+_SEPARATORS = re.compile(r"[&;]")
+
+
+def _launch_action_in(text: str) -> str | None:
+    """A launch Action in ``text`` as any upstream might read it: split on ``&`` or ``;`` and
+    then decoded, or decoded first and then split, once or several times over; names cut at
+    a NUL; blanks and letter case ignored."""
+    for _ in range(_DECODINGS):
+        if "=" not in text and "%" not in text:
+            return None
+        for part in _SEPARATORS.split(text):
+            name, _, value = part.partition("=")
+            if _unwrapped(name) == "action" and _unwrapped(value) in _FOLDED_ACTIONS:
+                return _unwrapped(value, fold=False)
+        decoded = unquote_plus(text)
+        if decoded == text:
+            return None
+        text = decoded
+    return None
+
+
+def _unwrapped(text: str, *, fold: bool = True) -> str:
+    """``text`` percent-decoded until it no longer changes (at most ``_DECODINGS`` times), cut at
+    a NUL, without surrounding blanks, and (``fold``) lower-cased."""
+    for _ in range(_DECODINGS):
+        decoded = unquote_plus(text)
+        if decoded == text:
+            break
+        text = decoded
+    text = text.split("\x00", 1)[0].strip()
+    return text.lower() if fold else text
 
 
 def _form_body(request: LaunchRequest) -> str | None:
