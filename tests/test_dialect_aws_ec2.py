@@ -22,7 +22,7 @@ from yarl import URL
 
 from conftest import CPU_SKU, H100_SKU, RESTRICTED, UNRESTRICTED, MakeToken, StartGateway
 from launchgate.dialects import EVERY_METHOD, Item, LaunchRequest
-from launchgate.dialects.aws_ec2 import AwsEc2, build
+from launchgate.dialects.aws_ec2 import AwsEc2, _launch_action_in, build
 from launchgate.dialects.query import encode_params, nest, parse_pairs, parse_params
 from launchgate.errors import ConfigError
 from launchgate.strict import MalformedLaunch
@@ -903,3 +903,39 @@ async def test_body_labelled_gzip_that_is_not_gzip_is_malformed(
     status, text, _ = await ec2_call(gw, RUN_P5, headers={"Content-Encoding": "gzip"})
     assert status == 400 and '"malformed_request"' in text
     assert await gw.stub_requests() == []
+
+
+# --- the second reading of a request another route takes (``AwsEc2.launch_action``) ----------
+
+
+@pytest.mark.parametrize(
+    ("text", "action"),
+    [
+        ("api-version=1&Action=RunInstances", "RunInstances"),
+        ("%2541ction=RunInstances", "RunInstances"),  # an upstream that decodes twice
+        ("Action=Run%2549nstances", "RunInstances"),
+        ("q=1%2526Action%253DCreateFleet", "CreateFleet"),  # decoded, then split
+        ("x=1;action=runinstances", "RunInstances"),
+        ("Action%00x=RequestSpotInstances", "RequestSpotInstances"),
+        ("Action+=+RunInstances+", "RunInstances"),
+        ("Action=DescribeInstances", None),
+        ('{"name": "vm-1", "note": "action items"}', None),
+        ("", None),
+    ],
+)
+def test_the_second_reading_finds_a_launch_action(text: str, action: str | None) -> None:
+    assert _launch_action_in(text) == action
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("%41" * 5000, "percent-escapes"),
+        ("action=x&" * 100, "could be an EC2 Action"),
+    ],
+)
+def test_the_second_reading_refuses_what_it_cannot_read_in_time(text: str, complaint: str) -> None:
+    """Its work is bounded: a request of 1 MiB crafted to be decoded and split over and over
+    held the event loop for 0.6-0.8 s before the bounds (measured); now at most about 40 ms."""
+    with pytest.raises(MalformedLaunch, match=complaint):
+        _launch_action_in(text)

@@ -357,37 +357,60 @@ def _refuse_case_variants(params: Mapping[str, str]) -> None:
 # How many times over ``_launch_action_in`` decodes: an upstream may decode twice (found in
 # review: "%2541ction" got past one decoding, and the stub, which decodes twice, launched).
 _DECODINGS: Final = 8
-_SEPARATORS = re.compile(r"[&;]")
+# Bounds on the work of one second reading, past which a request has no one meaning it can
+# read in time (a request of 1 MiB could otherwise hold the event loop for a second).
+_MAX_ESCAPES: Final = 4096  # percent signs in the query, or in the body
+_MAX_CANDIDATES: Final = 64  # parameters that could be an Action, per decoding
+_MAX_PART: Final = 512  # longer, a name or value cannot be an Action or an Action's name
+# A parameter whose name could be "Action": holds it, or an escape; and a separator or "=" that
+# one more decoding would make (an upstream that decodes before it splits).
+# (The look-ahead and the possessive quantifiers keep the search linear in the text's length.)
+_CANDIDATE = re.compile(r"(?:^|[&;])(?=[^&;=]*(?:action|%))([^&;=]*+)=([^&;]*+)")
+_HIDDEN_SEPARATOR = re.compile(r"%(?:25|26|3b|3d)")
+_CANONICAL: Final = {action.lower(): action for action in _READERS}
 
 
 def _launch_action_in(text: str) -> str | None:
     """A launch Action in ``text`` as any upstream might read it: split on ``&`` or ``;`` and
     then decoded, or decoded first and then split, once or several times over; names cut at
-    a NUL; blanks and letter case ignored."""
+    a NUL; blanks and letter case ignored. MalformedLaunch when that would take too long."""
+    if text.count("%") > _MAX_ESCAPES:
+        raise MalformedLaunch(
+            "under an EC2 mount, a query or body with more than"
+            f" {_MAX_ESCAPES} percent-escapes cannot be read for an EC2 Action in time"
+        )
     for _ in range(_DECODINGS):
-        if "=" not in text and "%" not in text:
+        lowered = text.lower()
+        hidden = _HIDDEN_SEPARATOR.search(lowered) is not None
+        if "=" not in lowered and not hidden:  # no parameter, now or after decoding
             return None
-        for part in _SEPARATORS.split(text):
-            name, _, value = part.partition("=")
-            if _unwrapped(name) == "action" and _unwrapped(value) in _FOLDED_ACTIONS:
-                return _unwrapped(value, fold=False)
-        decoded = unquote_plus(text)
-        if decoded == text:
+        for n, match in enumerate(_CANDIDATE.finditer(lowered)):
+            if n >= _MAX_CANDIDATES:
+                raise MalformedLaunch(
+                    f"under an EC2 mount, more than {_MAX_CANDIDATES} parameters could be an"
+                    " EC2 Action"
+                )
+            name, value = match.groups()
+            if len(name) > _MAX_PART or len(value) > _MAX_PART or _unwrapped(name) != "action":
+                continue
+            action = _CANONICAL.get(_unwrapped(value))
+            if action is not None:
+                return action
+        if not hidden:
             return None
-        text = decoded
+        text = unquote_plus(text)
     return None
 
 
-def _unwrapped(text: str, *, fold: bool = True) -> str:
+def _unwrapped(text: str) -> str:
     """``text`` percent-decoded until it no longer changes (at most ``_DECODINGS`` times), cut at
-    a NUL, without surrounding blanks, and (``fold``) lower-cased."""
+    a NUL, without surrounding blanks, lower-cased."""
     for _ in range(_DECODINGS):
         decoded = unquote_plus(text)
         if decoded == text:
             break
         text = decoded
-    text = text.split("\x00", 1)[0].strip()
-    return text.lower() if fold else text
+    return text.split("\x00", 1)[0].strip().lower()
 
 
 def _form_body(request: LaunchRequest) -> str | None:
