@@ -1390,11 +1390,11 @@ _VM = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMa
         pytest.param(
             "POST", f"/v1/instances?{_EC2_LAUNCH}", {"instance_type": "m5.large"}, id="generic"
         ),
-        pytest.param(
+        pytest.param(  # JSON to the generic route, a form to an upstream that trusts the type
             "POST",
             "/v1/instances",
             {"instance_type": "m5.large", "note": f"&{_EC2_LAUNCH.replace('Action', 'ACTION')}&"},
-            id="generic-body",
+            id="generic-body-sent-as-a-form",
         ),
         pytest.param("POST", f"/batch?{_EC2_LAUNCH}", {"requests": []}, id="opaque"),
         # Read as an upstream might (found in a second review: the stub decodes twice, and
@@ -1432,7 +1432,11 @@ _VM = "/subscriptions/s1/resourceGroups/g1/providers/Microsoft.Compute/virtualMa
     ],
 )
 async def test_an_ec2_call_under_another_route_has_two_meanings(
-    start_gateway: StartGateway, method: str, path: str, body: dict[str, Any]
+    start_gateway: StartGateway,
+    request: pytest.FixtureRequest,
+    method: str,
+    path: str,
+    body: dict[str, Any],
 ) -> None:
     """Found in review: with aws-ec2 on "/" beside other routes, a request another route takes
     (a Nova reboot, an ARM PATCH, a generic launch of an uncontrolled SKU) carrying an EC2
@@ -1440,8 +1444,10 @@ async def test_an_ec2_call_under_another_route_has_two_meanings(
     record of something else, and launched 4x H100. EC2 serves its API on any path: such a
     request reads as two things, and is malformed for every account."""
     gw = await start_gateway(routes=EVERY_DIALECT)
+    form = "form" in request.node.callspec.id
+    headers = {"Content-Type": "application/x-www-form-urlencoded" if form else "application/json"}
     for account in (RESTRICTED, UNRESTRICTED):
-        status, answer = await gw.send(method, path, body, account=account)
+        status, answer = await gw.send(method, path, body, account=account, headers=headers)
         assert (status, answer.get("reason")) == (400, "malformed_request"), answer
         assert "EC2 RunInstances" in answer["detail"]
     assert await gw.stub_requests() == []
@@ -1450,6 +1456,25 @@ async def test_an_ec2_call_under_another_route_has_two_meanings(
         "POST", "/v1/instances?Action=DescribeInstances", {"instance_type": "m5.large"}
     )
     assert status == 201
+
+
+async def test_a_json_body_that_mentions_an_ec2_call_is_no_ec2_call(
+    start_gateway: StartGateway,
+) -> None:
+    """A JSON body is read as JSON: a startup script that calls EC2 is text, not a second
+    meaning (found in review: a GCE launch carrying one was refused for every account). Only
+    a body a Content-Type calls a form is read for an EC2 Action, as EC2 and the stub read."""
+    gw = await start_gateway(routes=EVERY_DIALECT)
+    script = f"curl 'https://ec2.us-east-1.amazonaws.com/?Version=2016-11-15&{_EC2_LAUNCH}'"
+    launch = {
+        "name": "vm-1",
+        "machineType": "zones/us-central1-a/machineTypes/n2-standard-4",
+        "metadata": {"items": [{"key": "startup-script", "value": script}]},
+    }
+    path = "/compute/v1/projects/p1/zones/us-central1-a/instances"
+    status, answer = await gw.send("POST", path, launch, account=UNRESTRICTED)
+    assert status == 200, answer
+    assert [(r["path"], r["method"]) for r in await gw.stub_requests()] == [(path, "POST")]
 
 
 async def test_an_ec2_route_under_another_reads_its_own_launches(

@@ -72,14 +72,16 @@ class AwsEc2:
     def launch_action(self, request: LaunchRequest) -> str | None:
         """The launch Action that a request another route takes carries for EC2, which serves
         its Query API on any path (found in review: with aws-ec2 on "/", a Nova server action or
-        an ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged).
-        Read from the query string and the body alike, whatever the media type, since the route
-        that takes the request reads it its own way; see ``_launch_action_in``."""
-        for text in (request.query, request.body.decode("latin-1")):
-            action = _launch_action_in(text)
-            if action is not None:
-                return action
-        return None
+        an ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged):
+        in its query string, and in its body when a Content-Type says it is a form, whatever
+        the method (EC2 and the stub read no other body; found in review: a JSON startup script
+        calling EC2 was refused). See ``_launch_action_in`` for how."""
+        action = _launch_action_in(request.query)
+        if action is None and any(
+            _media_type(value) == _FORM for value in request.headers.getall("Content-Type", [])
+        ):
+            action = _launch_action_in(request.body.decode("latin-1"))
+        return action
 
     def parse(self, request: LaunchRequest) -> Launch | None:
         """The items of a launch Action; None for an Action that launches nothing.
@@ -429,6 +431,10 @@ def _form_body(request: LaunchRequest) -> str | None:
         return request.body.decode("ascii")
     except UnicodeDecodeError:
         raise MalformedLaunch("form body holds bytes that are not percent-encoded") from None
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 def _is_form(content_type: str) -> bool:
