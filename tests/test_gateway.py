@@ -1477,6 +1477,18 @@ async def test_a_json_body_that_mentions_an_ec2_call_is_no_ec2_call(
     assert [(r["path"], r["method"]) for r in await gw.stub_requests()] == [(path, "POST")]
 
 
+async def test_an_ec2_mount_claims_its_path_in_any_letter_case(
+    start_gateway: StartGateway,
+) -> None:
+    """EC2 ignores the path: an upstream that routes paths case-insensitively sends "/EC2" to it
+    too (found in review: that went unjudged with aws-ec2 on /ec2)."""
+    gw = await start_gateway(routes=[{"dialect": "aws-ec2", "path": "/ec2"}])
+    for path in ("/EC2", "/Ec2/x"):
+        status, answer = await gw.send("GET", f"{path}?{_EC2_LAUNCH}", b"")
+        assert (status, answer.get("reason")) == (403, "license_required"), (path, answer)
+    assert await gw.stub_requests() == []
+
+
 async def test_an_ec2_route_under_another_reads_its_own_launches(
     start_gateway: StartGateway,
 ) -> None:

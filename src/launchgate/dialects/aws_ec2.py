@@ -67,7 +67,11 @@ class AwsEc2:
     methods: frozenset[str] = field(default=EVERY_METHOD)
 
     def claims(self, method: str, path: str) -> bool:
-        return path == self.path or path.startswith(self.path.rstrip("/") + "/")
+        # In any letter case: EC2 ignores the path, so whatever the provider's router sends it
+        # (found in review: with aws-ec2 on /ec2, "/EC2?Action=RunInstances&..." went unjudged
+        # to an upstream that routes paths case-insensitively).
+        path, mount = path.lower(), self.path.lower()
+        return path == mount or path.startswith(mount.rstrip("/") + "/")
 
     def launch_action(self, request: LaunchRequest) -> str | None:
         """The launch Action that a request another route takes carries for EC2, which serves
