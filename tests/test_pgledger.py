@@ -69,6 +69,17 @@ async def hold_row(conn: asyncpg.Connection, jti: str = "lic-42") -> None:
     await conn.execute("SELECT 1 FROM launchgate_licenses WHERE jti = $1 FOR UPDATE", jti)
 
 
+@contextlib.asynccontextmanager
+async def two_licenses(url: str) -> AsyncIterator[tuple[PostgresLedger, asyncpg.Connection]]:
+    """A ledger (2 s timeout) with one reservation under lic-42 (a0) and one under lic-43 (b0),
+    and another session's connection to hold a license row with (``hold_row``)."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "a0", 1)
+        await reserve(store, "b0", 1, jti="lic-43")
+        yield store, conn
+
+
 def schema_of(url: str) -> str:
     return url.rpartition("schema=")[2]
 
@@ -1166,10 +1177,7 @@ async def test_a_held_row_holds_up_no_other_license(url: str, sent: list[str]) -
     held a call under the held license waited out the lock timeout, and every other license's
     calls waited behind it, for as long as the row was held). The lone call is first in line
     for the row: once it is let go, it gets through and the license goes back to batches."""
-    store = PostgresLedger(url, timeout_s=2.0)
-    async with open_stores(store), connect(url) as conn:
-        await reserve(store, "a0", 1)
-        await reserve(store, "b0", 1, jti="lic-43")
+    async with two_licenses(url) as (store, conn):
         async with conn.transaction():
             await hold_row(conn)
             with pytest.raises(StoreUnavailable):
@@ -1212,29 +1220,25 @@ async def test_calls_queued_before_a_row_was_found_held_do_not_wait_for_it(
     their batch starts, unsent: a batch of them would wait out the lock timeout again, and
     every call behind it with it (found by QA: the first 2-3.5 s of a hold stalled every
     license)."""
-    store = PostgresLedger(url, timeout_s=2.0)
-    async with open_stores(store), connect(url) as conn:
-        await reserve(store, "a0", 1)
-        await reserve(store, "b0", 1, jti="lic-43")
-        async with conn.transaction():
-            await hold_row(conn)
-            started = time.monotonic()
-            first = asyncio.gather(
-                reserve(store, "a1", 1),
-                reserve(store, "b1", 1, jti="lic-43"),
-                return_exceptions=True,
-            )
-            await asyncio.sleep(0.1)  # that batch is in flight: these queue behind it
-            second = asyncio.gather(
-                reserve(store, "a2", 1),
-                reserve(store, "b2", 1, jti="lic-43"),
-                return_exceptions=True,
-            )
-            (held1, free1), (held2, free2) = await first, await second
-            assert time.monotonic() - started < 1.4  # one batch and one call waited, no more
-            assert "lock timeout" in str(held1) and "held by another session" in str(held2)
-            assert [free1.outcome, free2.outcome] == [ReserveOutcome.RESERVED] * 2  # type: ignore[union-attr]
-            assert sent.count("CALL launchgate_reserve_batch") == 1
+    async with two_licenses(url) as (store, conn), conn.transaction():
+        await hold_row(conn)
+        started = time.monotonic()
+        first = asyncio.gather(
+            reserve(store, "a1", 1),
+            reserve(store, "b1", 1, jti="lic-43"),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.1)  # that batch is in flight: these queue behind it
+        second = asyncio.gather(
+            reserve(store, "a2", 1),
+            reserve(store, "b2", 1, jti="lic-43"),
+            return_exceptions=True,
+        )
+        (held1, free1), (held2, free2) = await first, await second
+        assert time.monotonic() - started < 1.4  # one batch and one call waited, no more
+        assert "lock timeout" in str(held1) and "held by another session" in str(held2)
+        assert [free1.outcome, free2.outcome] == [ReserveOutcome.RESERVED] * 2  # type: ignore[union-attr]
+        assert sent.count("CALL launchgate_reserve_batch") == 1
 
 
 async def test_one_call_at_a_time_goes_alone_under_a_held_row(url: str) -> None:
@@ -1304,21 +1308,17 @@ async def test_a_batch_run_again_sends_nothing_under_a_row_found_held_meanwhile(
     queue, here marked by hand) runs again one by one without that license's calls: they fail
     at once instead of waiting out the lock timeout a second time (found by QA: launches
     settling when a hold began held up every license for 2 s, not 1)."""
-    store = PostgresLedger(url, timeout_s=2.0)
-    async with open_stores(store), connect(url) as conn:
-        await reserve(store, "a0", 1)
-        await reserve(store, "b0", 1, jti="lic-43")
-        async with conn.transaction():
-            await hold_row(conn)
-            started = time.monotonic()
-            settling = asyncio.gather(
-                store.commit("a0", T0 + 1), store.commit("b0", T0 + 1), return_exceptions=True
-            )
-            await asyncio.sleep(0.2)
-            store._rows.mark("lic-42")  # white-box: as the reservation queue would
-            held, free = await settling
-            assert time.monotonic() - started < 0.85  # one lock timeout, not two
-            assert "held by another session" in str(held) and free is True
+    async with two_licenses(url) as (store, conn), conn.transaction():
+        await hold_row(conn)
+        started = time.monotonic()
+        settling = asyncio.gather(
+            store.commit("a0", T0 + 1), store.commit("b0", T0 + 1), return_exceptions=True
+        )
+        await asyncio.sleep(0.2)
+        store._rows.mark("lic-42")  # white-box: as the reservation queue would
+        held, free = await settling
+        assert time.monotonic() - started < 0.85  # one lock timeout, not two
+        assert "held by another session" in str(held) and free is True
 
 
 async def test_a_call_long_after_a_row_was_found_held_still_goes_alone(url: str) -> None:
@@ -1326,24 +1326,20 @@ async def test_a_call_long_after_a_row_was_found_held_still_goes_alone(url: str)
     goes alone, not into a batch, so calls under other licenses do not wait for it (found in
     review: the mark was dropped after 2 s, and a client backing off longer than that stalled
     every license for 1 s at each retry)."""
-    store = PostgresLedger(url, timeout_s=2.0)
-    async with open_stores(store), connect(url) as conn:
-        await reserve(store, "a0", 1)
-        await reserve(store, "b0", 1, jti="lic-43")
-        async with conn.transaction():
-            await hold_row(conn)
-            with pytest.raises(StoreUnavailable):
-                await reserve(store, "a1", 1)
-            await asyncio.sleep(2.1)
-            alone = asyncio.ensure_future(reserve(store, "a2", 1))
-            first = asyncio.ensure_future(reserve(store, "b1", 1, jti="lic-43"))
-            await asyncio.sleep(0)
-            started = time.monotonic()
-            assert (await reserve(store, "b2", 1, jti="lic-43")).outcome is ReserveOutcome.RESERVED
-            assert time.monotonic() - started < 0.3
-            assert (await first).outcome is ReserveOutcome.RESERVED
-            with pytest.raises(StoreUnavailable, match="lock timeout"):
-                await alone
+    async with two_licenses(url) as (store, conn), conn.transaction():
+        await hold_row(conn)
+        with pytest.raises(StoreUnavailable):
+            await reserve(store, "a1", 1)
+        await asyncio.sleep(2.1)
+        alone = asyncio.ensure_future(reserve(store, "a2", 1))
+        first = asyncio.ensure_future(reserve(store, "b1", 1, jti="lic-43"))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert (await reserve(store, "b2", 1, jti="lic-43")).outcome is ReserveOutcome.RESERVED
+        assert time.monotonic() - started < 0.3
+        assert (await first).outcome is ReserveOutcome.RESERVED
+        with pytest.raises(StoreUnavailable, match="lock timeout"):
+            await alone
 
 
 async def test_a_barrier_waits_out_no_lock_timeout(url: str) -> None:
