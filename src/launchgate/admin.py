@@ -60,9 +60,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPNotFound:
         return problem("not_found", 404, f"no {request.path} here: /healthz, /readyz, /metrics")
     except web.HTTPMethodNotAllowed as e:
-        allowed = ", ".join(sorted(e.allowed_methods))
-        response = problem("method_not_allowed", 405, f"{request.path} takes {allowed}")
-        response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
+        allowed = sorted(e.allowed_methods)
+        response = problem("method_not_allowed", 405, f"{request.path} takes {', '.join(allowed)}")
+        response.headers["Allow"] = ",".join(allowed)
         return response
 
 

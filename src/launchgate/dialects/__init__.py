@@ -30,6 +30,7 @@ __all__ = [
     "check_keys",
     "route_path",
     "route_region",
+    "under_mount",
     "with_second_readings",
 ]
 
@@ -164,7 +165,11 @@ def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
 
 def _holds(mount: str, path: str) -> bool:
     """Whether ``path`` is ``mount`` or under it, in any letter case."""
-    mount, path = mount.lower(), path.lower()
+    return under_mount(path.lower(), mount.lower())
+
+
+def under_mount(path: str, mount: str) -> bool:
+    """Whether ``path`` is ``mount`` or a path under it (letter case as given)."""
     return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 

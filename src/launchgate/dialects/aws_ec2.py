@@ -46,6 +46,7 @@ from launchgate.dialects import (
     check_keys,
     route_path,
     route_region,
+    under_mount,
 )
 from launchgate.dialects.query import Node, nest, parse_params
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
@@ -70,8 +71,7 @@ class AwsEc2:
         # In any letter case: EC2 ignores the path, so whatever the provider's router sends it
         # (found in review: with aws-ec2 on /ec2, "/EC2?Action=RunInstances&..." went unjudged
         # to an upstream that routes paths case-insensitively).
-        path, mount = path.lower(), self.path.lower()
-        return path == mount or path.startswith(mount.rstrip("/") + "/")
+        return under_mount(path.lower(), self.path.lower())
 
     def launch_action(self, request: LaunchRequest) -> str | None:
         """The launch Action that a request another route takes carries for EC2, which serves

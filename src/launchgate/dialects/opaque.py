@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from launchgate.dialects import Launch, LaunchRequest, check_keys, route_path, route_region
+from launchgate.dialects import (
+    Launch,
+    LaunchRequest,
+    check_keys,
+    route_path,
+    route_region,
+    under_mount,
+)
 from launchgate.errors import ConfigError
 
 _KEYS: Final = frozenset({"path", "methods", "region", "ignore_case"})
@@ -35,7 +42,7 @@ class Opaque:
             return False
         mount = self.path.lower() if self.ignore_case else self.path
         path = path.lower() if self.ignore_case else path
-        return path == mount or path.startswith(mount.rstrip("/") + "/")
+        return under_mount(path, mount)
 
     def parse(self, request: LaunchRequest) -> Launch:
         """Always a launch that cannot be resolved to SKUs; never malformed."""
