@@ -546,6 +546,15 @@ def test_claims_only_under_a_mounted_path() -> None:
     assert not dialect.claims("POST", "/ec2x") and not dialect.claims("POST", "/")
 
 
+def test_claims_its_mount_however_a_case_folding_router_reads_it() -> None:
+    """EC2 ignores the path, so a router that decodes paths and ignores case sends these to it
+    too: escapes of letters that match ASCII ones in another case (a long s, a dotless i)."""
+    dialect = build({"path": "/aws/ec2"}, "routes[0]")
+    for path in ("/AWS/EC2", "/aw%C5%BF/ec2", "/AW%c5%bf/Ec2/x", "/aw\u017f/ec2"):
+        assert dialect.claims("GET", path), path
+    assert not dialect.claims("GET", "/aw%C5%BFx/ec2")
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

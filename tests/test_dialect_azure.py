@@ -393,6 +393,21 @@ def test_autoscale_setting_for_another_resource_launches_nothing() -> None:
             f"{RG}/providers/Microsoft.Insights/autoscaleSettings/a",
             {"properties": {"enabled": True}},
         ),
+        # ... however the target's path is spelt (found in review: read as another resource)
+        *(
+            (
+                "PUT",
+                f"{RG}/providers/microsoft.insights/autoscalesettings/a",
+                {"properties": {"targetResourceUri": target}},
+            )
+            for target in (
+                VMSS.replace("/", "//"),
+                VMSS.replace("Compute/virtualMachineScaleSets", "Compute//virtualMachineScaleSets"),
+                VMSS.replace("virtualMachineScaleSets", "virtualMachine%53caleSets"),
+                VMSS.replace("Microsoft", "M%C4%B1crosoft"),
+                f"https://management.azure.com{VMSS.upper()}",
+            )
+        ),
         # launch_apis.md 3.4: the portal's /batch envelope
         ("POST", "/batch", BATCH_PUT_VM),
         (
@@ -415,6 +430,13 @@ def test_autoscale_setting_for_another_resource_launches_nothing() -> None:
             {"requests": [{"httpMethod": "POST", "url": "/batch?api-version=2022-12-01"}]},
         ),
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"{VM.upper()}?{API}"}]}),
+        *(
+            ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"{url}?{API}"}]})
+            for url in (
+                VM.replace("/subscriptions", "/%C5%BFubscriptions"),
+                f"https://management.azure.com{VM.replace('Microsoft', 'M%C4%B1crosoft')}",
+            )
+        ),
         # A leading "//" reads as a host to a URL parser, as a repeated slash to a path router.
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"/{VM}?{API}"}]}),
         ("POST", "/batch", {"requests": [{"httpMethod": "PUT", "url": f"///{VM}?{API}"}]}),
@@ -649,6 +671,16 @@ def test_malformed(
         ("PUT", f"{RG}/providers/Microsoft.Insights/autoscalesettings/a", True),
         ("POST", "/batch", True),
         ("POST", "/BATCH", True),
+        # Escapes of letters that match ASCII ones when case is ignored (found in review: ARM
+        # decodes the path, then matches it as .NET's OrdinalIgnoreCase does; these went
+        # unjudged): a long s, a dotless i, a dotted capital I (Python's IGNORECASE, the stub's)
+        ("PUT", VM.replace("/subscriptions", "/%C5%BFubscriptions"), True),
+        ("PUT", VM.replace("Microsoft", "M%C4%B1crosoft"), True),
+        ("PUT", VM.replace("/subscriptions", "/subscr%C4%B0ptions"), True),
+        ("PUT", VM.replace("virtualMachines", "virtualMachine%C5%BF"), True),
+        ("PUT", VMSS.replace("/subscriptions", "/%c5%bfubscriptions"), True),
+        ("PUT", DEPLOYMENT.replace("Resources", "Re%C5%BFources"), True),
+        ("PUT", VM.replace("/subscriptions", "/\u017fubscriptions"), True),  # unescaped
         # not launches: reads, deletes, actions, children, other resource types
         ("GET", VM, False),
         ("DELETE", VM, False),
@@ -1027,6 +1059,32 @@ BYPASSES: list[tuple[str, str, str, Any, dict[str, str] | None, int]] = [
         403,
     ),
     ("7.44 trailing slash", "PUT", f"{VM}/?{API}", H100_VM, None, 403),
+    # found in review: escapes of letters that ARM (and the stub) match with ASCII ones when
+    # ignoring case went unjudged, and the stub launched the VM
+    (
+        "7.44 encoded long s",
+        "PUT",
+        f"{VM.replace('/subscriptions', '/%C5%BFubscriptions')}?{API}",
+        H100_VM,
+        None,
+        403,
+    ),
+    (
+        "7.44 encoded dotless i",
+        "PUT",
+        f"{VM.replace('Microsoft', 'M%C4%B1crosoft')}?{API}",
+        H100_VM,
+        None,
+        403,
+    ),
+    (
+        "7.44 encoded dotted capital I",
+        "PUT",
+        f"{VM.replace('/subscriptions', '/subscr%C4%B0ptions')}?{API}",
+        H100_VM,
+        None,
+        403,
+    ),
     ("7.44 ;param", "PUT", f"{VM};x=1?{API}", H100_VM, None, 403),
     # 7.45 api-version games
     ("7.45 api-version twice", "PUT", f"{VM}?{API}&api-version=2015-06-15", H100_VM, None, 400),

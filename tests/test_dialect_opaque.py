@@ -52,6 +52,11 @@ def test_ignore_case_matches_paths_as_arm_does() -> None:
     arm = build({"path": "/batch", "methods": ["POST"], "ignore_case": True}, "r")
     assert arm.claims("POST", "/BATCH") and arm.claims("POST", "/Batch/x")
     assert not arm.claims("POST", "/batches")
+    # ... and as a router that decodes the path first (found in review, on azure-arm's paths)
+    deploy = build({"path": "/deployments", "methods": ["PUT"], "ignore_case": True}, "r")
+    assert deploy.claims("PUT", "/DEPLOYMENT%C5%BF/d") and deploy.claims("PUT", "/deployment\u017f")
+    exact = build({"path": "/deployments", "methods": ["PUT"]}, "r")  # case-sensitive: as given
+    assert not exact.claims("PUT", "/deployment%C5%BF/d")
 
 
 @pytest.mark.parametrize(

@@ -299,6 +299,9 @@ def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:
         Launch((Item("standard_nd96isr_h100_v5", 1),), None), RESTRICTED, "t", config, never
     )
     assert strict.reason == "unknown_sku"  # other APIs' SKU names are case-sensitive
+    # ARM matches a size with a dotless i (U+0131) as .NET's OrdinalIgnoreCase does: the same
+    odd = Launch((Item("STANDARD_ND96\u0131SR_H100_V5", 1, fold_case=True),), "eastus")
+    assert decide(odd, RESTRICTED, "t", config, verifier(license)).reason == "licensed"
 
 
 @pytest.mark.parametrize(

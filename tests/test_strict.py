@@ -18,6 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from launchgate.strict import (
     MalformedLaunch,
+    fold_case,
     loads_json,
     parse_count,
     parse_query,
@@ -376,3 +377,21 @@ def test_only_short_keys_have_their_case_folds_kept() -> None:
     assert strict._cached_folds.cache_info().currsize == before
     assert strict.resolve_pointer({"a-short-key-7f3a": 1}, ("a-short-key-7f3a",)) == 1
     assert strict._cached_folds.cache_info().currsize == before + 1
+
+
+@pytest.mark.parametrize(
+    ("text", "folded"),
+    [
+        ("Microsoft.Compute", "microsoft.compute"),
+        ("\u017fubscriptions", "subscriptions"),  # long s: upper-cased, S (.NET)
+        ("M\u0131crosoft", "microsoft"),  # dotless i: upper-cased, I (.NET)
+        ("subscr\u0130ptions", "subscriptions"),  # dotted capital I: i (re.IGNORECASE)
+        ("\u212aelvin", "kelvin"),  # the Kelvin sign: lower-cased, k
+        ("Stra\u00dfe", "strasse"),
+    ],
+)
+def test_fold_case_is_as_coarse_as_the_upstreams(text: str, folded: str) -> None:
+    """One spelling per name however an upstream ignores case (found in review: letters that
+    .NET or Python match with ASCII ones made ARM paths that went unjudged)."""
+    assert fold_case(text) == folded
+    assert fold_case(folded) == folded

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from launchgate import strict
 from launchgate.errors import ConfigError
 from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
@@ -59,13 +60,13 @@ class Sku:
 class Catalog:
     accelerators: Mapping[str, Accelerator]
     skus: Mapping[str, Sku]
-    skus_folded: Mapping[str, Sku]  # by lower-cased name, for APIs that ignore case
+    skus_folded: Mapping[str, Sku]  # by folded name (``fold_case``), for APIs that ignore case
 
     def sku(self, name: str, *, fold_case: bool = False) -> Sku | None:
         """The SKU called ``name``; with ``fold_case``, whatever the letter case."""
         found = self.skus.get(name)
         if found is None and fold_case:
-            found = self.skus_folded.get(name.lower())
+            found = self.skus_folded.get(strict.fold_case(name))
         return found
 
 
@@ -124,7 +125,7 @@ def parse_catalog(data: Mapping[str, Any], source: str) -> Catalog:
         skus[name] = Sku(name, accelerator, per)
     folded: dict[str, Sku] = {}
     for name, sku in skus.items():
-        other = folded.setdefault(name.lower(), sku)
+        other = folded.setdefault(strict.fold_case(name), sku)
         if other is not sku:
             raise ConfigError(
                 f"{source}: skus.{name!r} and skus.{other.name!r} differ only in letter case"

@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 import string
 from typing import Final
+from urllib.parse import unquote
+
+from launchgate.strict import fold_case
 
 _UNRESERVED: Final = frozenset(string.ascii_letters + string.digits + "-._~")
 _ESCAPE = re.compile(r"%(..)?", re.DOTALL)
@@ -64,3 +67,19 @@ def normalize_path_slowly(raw: str) -> str:
         else:
             segments.append(segment)
     return "/" + "/".join(segments)
+
+
+def decoded_segment(segment: str) -> str:
+    """A path segment with every percent-escape decoded, as an upstream that routes on the
+    decoded path reads it (found by review: "%C5%BFubscriptions", a long s, went unjudged to
+    an ARM upstream, which ignores case). Normalization leaves escapes of non-ASCII bytes
+    encoded, and these can decode to a letter that matches an ASCII one in another case."""
+    return unquote(segment, errors="replace") if "%" in segment else segment
+
+
+def fold_path(path: str) -> str:
+    """``path`` as a router that decodes it and ignores case would match it: each segment
+    decoded (``decoded_segment``), then folded (``fold_case``)."""
+    if "%" not in path and path.isascii():
+        return path.lower()
+    return "/".join(fold_case(decoded_segment(segment)) for segment in path.split("/"))

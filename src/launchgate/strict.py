@@ -130,6 +130,19 @@ def _uncached_folds(text: str) -> frozenset[str]:
 _cached_folds: Final = functools.lru_cache(maxsize=4096)(_uncached_folds)
 
 
+def fold_case(text: str) -> str:
+    """One spelling per case-insensitive name, at least as coarse as every upstream's way of
+    ignoring case: .NET's ``OrdinalIgnoreCase`` (upper-casing takes the dotless i, U+0131,
+    and the long s, U+017F, to ``I`` and ``S``), Unicode lower-casing (the Kelvin sign,
+    U+212A, is ``k``) and Python's ``re.IGNORECASE``, which also matches the dotted capital
+    I, U+0130, with ``i`` (as the stub backend does). Coarser than an upstream only ever
+    judges more, never less."""
+    if text.isascii():
+        return text.lower()
+    # Each character's lower case cut to its first (U+0130's is "i" and a combining dot).
+    return "".join(c.lower()[:1] for c in text.upper())
+
+
 def parse_count(
     value: object, where: str, *, allow_zero: bool = False, digit_strings: bool = False
 ) -> int:

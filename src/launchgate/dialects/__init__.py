@@ -15,7 +15,7 @@ from typing import Any, Final, Protocol
 from multidict import CIMultiDictProxy
 
 from launchgate.errors import ConfigError
-from launchgate.paths import UnsafePath, normalize_path
+from launchgate.paths import UnsafePath, fold_path, normalize_path
 from launchgate.strict import MalformedLaunch
 
 __all__ = [
@@ -129,7 +129,7 @@ class Route:
         error): one mount (in any letter case: several dialects match theirs so, found in
         review), the same rank, and a method in common."""
         a, b = self.dialect, other.dialect
-        if self.precedence != other.precedence or a.path.lower() != b.path.lower():
+        if self.precedence != other.precedence or fold_path(a.path) != fold_path(b.path):
             return False
         return _methods_meet(a, b)
 
@@ -165,7 +165,7 @@ def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
 
 def _holds(mount: str, path: str) -> bool:
     """Whether ``path`` is ``mount`` or under it, in any letter case."""
-    return under_mount(path.lower(), mount.lower())
+    return under_mount(fold_path(path), fold_path(mount))
 
 
 def under_mount(path: str, mount: str) -> bool:

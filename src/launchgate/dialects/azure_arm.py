@@ -37,10 +37,11 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
-from launchgate.paths import UnsafePath, normalize_path
+from launchgate.paths import UnsafePath, decoded_segment, normalize_path
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
+    fold_case,
     loads_json,
     parse_count,
     parse_query,
@@ -55,16 +56,8 @@ _METHODS: Final = frozenset({"PUT", "PATCH", "POST"})
 _READ_ONLY: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 _HTTP_METHODS: Final = _READ_ONLY | {"PUT", "PATCH", "POST", "DELETE"}
 _OVERRIDES: Final = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-
-
-def _fold(text: str) -> str:
-    """One spelling per case-insensitive name; at least as coarse as .NET's ignore-case.
-
-    Upper-casing first makes the dotless i (U+0131) and the long s (U+017F) match ``i``
-    and ``s``, as ``OrdinalIgnoreCase`` does; lower-casing then catches the Kelvin sign
-    (U+212A) and friends. Coarser than ARM only ever judges more, never less.
-    """
-    return text.upper().lower()
+# ARM ignores case in paths, keys and values: one spelling for each (see ``fold_case``).
+_fold: Final = fold_case
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,10 +188,21 @@ def _autoscale(call: _Call) -> Launch | None:
         return Launch((), _region(body, call), why)
     if not isinstance(target, str):
         raise MalformedLaunch("targetResourceUri must be a string")
-    if "/providers/microsoft.compute/virtualmachinescalesets/" in _fold(target):
+    if _names_a_scale_set(target):
         why = "an autoscale setting raises a scale set's capacity later"
         return Launch((), _region(body, call), why)
     return None
+
+
+def _names_a_scale_set(target: str) -> bool:
+    """Whether an autoscale setting's ``targetResourceUri`` may name a scale set: read by its
+    segments, decoded and folded, so repeated slashes or escapes do not hide one (found in
+    review: "//providers//Microsoft.Compute//virtualMachineScaleSets/x" was read as another
+    resource)."""
+    segments = _segments(target)
+    if "microsoft.compute" not in segments:
+        return False
+    return "virtualmachinescalesets" in segments[segments.index("microsoft.compute") :]
 
 
 def _batch(call: _Call) -> Launch | None:
@@ -260,8 +264,9 @@ def _no_method_override(entry: Mapping[str, Any]) -> None:
 
 
 def _segments(path: str) -> list[str]:
-    # A ';param' suffix never changes which resource a segment names for matching.
-    return [_fold(s.split(";", 1)[0]) for s in path.split("/") if s]
+    """The path's segments as ARM matches them: decoded (``decoded_segment``) and folded. A
+    ';param' suffix never changes which resource a segment names for matching."""
+    return [_fold(decoded_segment(s).split(";", 1)[0]) for s in path.split("/") if s]
 
 
 def _endpoint(method: str, f: list[str]) -> _Reader | None:

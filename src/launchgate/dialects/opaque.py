@@ -23,6 +23,7 @@ from launchgate.dialects import (
     under_mount,
 )
 from launchgate.errors import ConfigError
+from launchgate.paths import fold_path
 
 _KEYS: Final = frozenset({"path", "methods", "region", "ignore_case"})
 
@@ -40,8 +41,8 @@ class Opaque:
     def claims(self, method: str, path: str) -> bool:
         if method not in self.methods:
             return False
-        mount = self.path.lower() if self.ignore_case else self.path
-        path = path.lower() if self.ignore_case else path
+        mount = fold_path(self.path) if self.ignore_case else self.path
+        path = fold_path(path) if self.ignore_case else path
         return under_mount(path, mount)
 
     def parse(self, request: LaunchRequest) -> Launch:
