@@ -445,6 +445,22 @@ async def test_gce_calls_answer_compute_operations(
     assert [(i["instance_type"], i["region"]) for i in listed] == instances
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/compute/v1/projects/p/regions/us-central1/instances",
+        "/compute/v1/projects/p/regions/us-central1/instances/train-1/setMachineType",
+    ],
+)
+async def test_gce_has_no_regional_insert_or_resize(client: Client, path: str) -> None:
+    """Compute Engine's regional instance calls are bulkInsert and templates only: the stub
+    launches nothing elsewhere (found in review: it launched on a regional insert, which the
+    gateway rightly does not judge as one)."""
+    response = await client.post(path, json={"name": "x", "machineType": "a3-highgpu-8g"})
+    assert response.status == 404
+    assert (await (await client.get("/v1/instances")).json())["instances"] == []
+
+
 async def test_arm_put_answers_201_with_the_resource(client: Client) -> None:
     """An ARM VM PUT answers 201 with the resource echoed, its id and provisioningState."""
     path = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"

@@ -453,8 +453,12 @@ def _gce(request: web.Request) -> web.Response | None:
     match = _GCE.fullmatch(request.path)
     if request.method != "POST" or match is None:
         return None
-    body = _json_object(request)
     parts = match.groupdict()
+    if parts["scope"] == "regions" and not (parts["bulk"] or parts["regional_template"]):
+        # Compute Engine has no regional insert or setMachineType: only regionInstances.bulkInsert
+        # and regionInstanceTemplates (found in review: the stub launched on such a path).
+        return None
+    body = _json_object(request)
     base = f"https://compute.googleapis.com{parts['base']}/projects/{parts['project']}"
     scope = f"{parts['scope']}/{parts['location']}" if parts["scope"] else "global"
     if parts["template"] or parts["regional_template"]:
