@@ -26,6 +26,7 @@ def test_shipped_config_loads() -> None:
     assert config.reservation_ttl_s == 300
     assert config.store_pool_size == 10
     assert config.upstream_deduplicates_idempotency_key is False  # the safe default
+    assert config.upstream_idempotency_key_window_s is None  # (no retry is sent on)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,10 @@ def test_shipped_config_loads() -> None:
         (
             {"upstream": {"deduplicates_idempotency_key": "yes"}},
             r"\[upstream\]\.deduplicates_idempotency_key: must be true or false",
+        ),
+        (
+            {"upstream": {"idempotency_key_window_s": 0}},
+            r"\[upstream\]\.idempotency_key_window_s: must be a number > 0",
         ),
         ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
         # A referenced file that is missing: the main file's key, then the file.

@@ -111,6 +111,30 @@ async def test_a_retry_after_a_201_is_counted_once(
     assert await launches_received(gw) == 2
 
 
+async def test_a_retry_past_the_upstreams_window_is_not_sent_again(
+    store: dict[str, Any], start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """An upstream deduplicates an Idempotency-Key only for a while
+    (``idempotency_key_window_s``): a retry later than that would launch again, uncounted,
+    so it is refused (409) and not forwarded (found by QA: it was sent on however late)."""
+    window_s = 0.5
+    gw = await start_gateway(
+        store=store, upstream={**DEDUPLICATES, "idempotency_key_window_s": window_s}
+    )
+    token = make_token(jti=JTI)
+    status, _, first_headers = await gw.launch(token=token, headers=KEY)
+    assert status == 201
+    assert (await gw.launch(token=token, headers=KEY))[0] == 201  # within it: sent on
+    await asyncio.sleep(window_s + 0.1)
+    status, problem, _ = await gw.launch(token=token, headers=KEY)
+    assert (status, problem["reason"]) == (409, "idempotency_conflict")
+    assert "not sent again" in problem["detail"]
+    first = first_headers["Launchgate-Decision-Id"]
+    assert [r["replay_of"] for r in gw.decisions()[1:]] == [first, first]
+    assert await used_and_reserved(gw) == (8, 0)
+    assert await launches_received(gw) == 2
+
+
 @pytest.mark.parametrize("first_answer", ["201", "timeout"])
 async def test_a_retry_is_not_sent_again_to_an_upstream_that_ignores_the_key(
     store: dict[str, Any], start_gateway: StartGateway, make_token: MakeToken, first_answer: str

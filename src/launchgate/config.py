@@ -27,6 +27,7 @@ from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
 from launchgate.dialects import Route, build_route, with_second_readings
 from launchgate.errors import ConfigError
 from launchgate.forward import GATEWAY_SET, HOP_BY_HOP
+from launchgate.idempotency import CLIENT_TOKEN_WINDOW_S
 from launchgate.tokens import KeyRing
 from launchgate.tomlfile import as_table, only_tables, read_toml, require_table
 
@@ -55,6 +56,9 @@ class Config:
     # Whether the upstream deduplicates launches on the Idempotency-Key header: only then is a
     # retry of a launch already counted sent on under that header (else 409).
     upstream_deduplicates_idempotency_key: bool
+    # For how long after a first attempt it does (``idempotency_key_window_s``; None when it
+    # does not): a later retry of a counted launch is refused (409), as it could launch again.
+    upstream_idempotency_key_window_s: float | None
     account_header: str
     token_header: str
     jwks_path: Path
@@ -260,7 +264,13 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         data,
         "upstream",
         source,
-        {"url", "connect_timeout_s", "timeout_s", "deduplicates_idempotency_key"},
+        {
+            "url",
+            "connect_timeout_s",
+            "timeout_s",
+            "deduplicates_idempotency_key",
+            "idempotency_key_window_s",
+        },
     )
     upstream_url = URL(upstream.text("url"))
     if upstream_url.scheme not in ("http", "https") or not upstream_url.host:
@@ -317,6 +327,10 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             " ([identity].account_header); they must be different headers"
         )
 
+    # Checked whether or not the flag is set, so a bad value never waits for it to surface.
+    key_window_s = upstream.number("idempotency_key_window_s", CLIENT_TOKEN_WINDOW_S)
+    deduplicates = upstream.flag("deduplicates_idempotency_key", default=False)
+
     return Config(
         source=source,
         listen=listen,
@@ -326,9 +340,8 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         upstream_url=upstream_url,
         connect_timeout_s=upstream.number("connect_timeout_s", 5),
         timeout_s=upstream.number("timeout_s", 60),
-        upstream_deduplicates_idempotency_key=upstream.flag(
-            "deduplicates_idempotency_key", default=False
-        ),
+        upstream_deduplicates_idempotency_key=deduplicates,
+        upstream_idempotency_key_window_s=key_window_s if deduplicates else None,
         account_header=account_header,
         token_header=token_header,
         jwks_path=jwks_path,

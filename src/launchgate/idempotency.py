@@ -52,15 +52,21 @@ def idempotency_key(headers: CIMultiDictProxy[str], launch: Launch) -> str | Non
     return key or None
 
 
-def replay_sent_on(from_header: bool, header_deduplicated: bool, first: str, now: float) -> bool:
+def replay_sent_on(
+    from_header: bool, header_window_s: float | None, first: str, now: float
+) -> bool:
     """Whether a retry of a launch already counted (decision ``first``, a ULID) may go to the
-    upstream without reserving: only if the upstream will not launch it again. Under the
-    Idempotency-Key header, as configured (``header_deduplicated``); under a client token,
-    within the API's window."""
-    if from_header:
-        return header_deduplicated
+    upstream without reserving: only if the upstream will not launch it again, so only within
+    the time it deduplicates the key for. Under the Idempotency-Key header, the configured
+    ``header_window_s`` (None: the upstream does not deduplicate on it); under a client
+    token, the API's window. A later retry is refused (found by QA: a header key's retry was
+    sent on, uncounted, however long after the first attempt; providers keep keys for a day
+    or so)."""
+    window = header_window_s if from_header else CLIENT_TOKEN_WINDOW_S
+    if window is None:
+        return False
     try:
-        return now - ulid_time(first) <= CLIENT_TOKEN_WINDOW_S
+        return now - ulid_time(first) <= window
     except ValueError:
         return False
 

@@ -311,7 +311,7 @@ async def reserve_license(
         # it again: see ``idempotency.replay_sent_on``.
         sent_on = result.replay_of is not None and replay_sent_on(
             from_header,
-            config.upstream_deduplicates_idempotency_key,
+            config.upstream_idempotency_key_window_s,
             result.replay_of,
             now,
         )
