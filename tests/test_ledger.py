@@ -824,6 +824,39 @@ async def test_a_lock_held_elsewhere_fails_writes_at_once_after_the_first_waits_
         assert (await reserve(store, "d14", 8)).outcome is ReserveOutcome.RESERVED
 
 
+async def test_writes_queued_behind_one_waiting_out_a_lock_fail_with_it(tmp_path: Path) -> None:
+    """Found by QA: with the lock held elsewhere, the launches that arrived while the first one
+    waited out the busy timeout then waited it out again themselves (a burst of 50: one 503
+    after 5 s, 49 after 10 s). They fail together with the first; reads still go through."""
+    async with another_connection_beside(tmp_path / "ledger.sqlite3", busy_timeout_s=0.4) as (
+        store,
+        other,
+    ):
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        first = asyncio.create_task(reserve(store, "d1", 8))
+        await asyncio.sleep(0.1)  # the first batch is waiting for the lock
+        later = [asyncio.create_task(reserve(store, f"d{i}", 8)) for i in range(2, 12)]
+        reading = asyncio.create_task(store.license("lic-42"))
+        results = await asyncio.gather(first, *later, return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        assert time.monotonic() - started < 0.7  # one wait of 0.4 s, not two
+        await reading
+        other.execute("COMMIT")
+
+
+async def test_the_default_wait_for_a_lock_is_a_second(tmp_path: Path) -> None:
+    """The ledger's own batches hold the write lock for milliseconds: a launch waits a second
+    at most for one held elsewhere before its 503 (it was 5 s; found by QA)."""
+    async with another_connection_beside(tmp_path / "ledger.sqlite3") as (store, other):
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await reserve(store, "d1", 8)
+        assert 0.9 <= time.monotonic() - started < 2.0
+        other.execute("COMMIT")
+
+
 async def test_waiting_for_a_lock_does_not_block_the_event_loop(tmp_path: Path) -> None:
     """While another process holds the write lock, reserve waits off the loop, then succeeds."""
     async with another_connection_beside(tmp_path / "ledger.sqlite3") as (store, other):
