@@ -577,6 +577,47 @@ def test_check_refuses_a_decision_log_serve_would_refuse(
     assert f"{path}: [audit].path: {log}" in result.err and says in result.err
 
 
+def _newer_ledger(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (999)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda p: p.write_bytes(os.urandom(4096)), "is not a SQLite database"),
+        (lambda p: p.write_bytes(b"SQLite format 3"), "is not a SQLite database"),
+        (lambda p: p.mkdir(), "is not a file"),
+        (_newer_ledger, "schema version 999"),
+    ],
+    ids=["random-bytes", "cut-header", "folder", "newer-schema"],
+)
+def test_check_refuses_a_ledger_file_serve_could_not_use(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Keys,
+    make: Callable[[Path], object],
+    says: str,
+) -> None:
+    """Found by QA: `check` said ok for a ledger file of random bytes, which /readyz then
+    reported as "file is not a database". A ledger not there yet, or a real one, is fine."""
+    ledger = tmp_path / "ledger.sqlite3"
+    path = write_config(tmp_path, NOWHERE, keys, None, store={"url": f"sqlite:{ledger}"})
+    assert run_main(capsys, "check", "--config", path).code == 0  # not there: serve makes it
+    assert not ledger.exists()
+    assert run_main(capsys, "token", "revoke", "--config", path, "lic-1").code == 0  # a real one
+    assert run_main(capsys, "check", "--config", path).code == 0
+    for leftover in tmp_path.glob("ledger.sqlite3*"):
+        leftover.unlink()
+    make(ledger)
+    result = run_main(capsys, "check", "--config", path)
+    assert_user_error(result, f"{path}: [store].url: {ledger}")
+    assert says in result.err
+
+
 def test_check_creates_no_decision_log(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
 ) -> None:
@@ -921,6 +962,36 @@ def test_revoke_against_a_store_it_cannot_reach_says_to_run_it_again(
     assert "Traceback" not in result.err
     [line] = [x for x in result.err.splitlines() if x.startswith("launchgate: error:")]
     assert "store unavailable" in line and "lic-42 may not be revoked: run this again" in line
+
+
+def test_a_locked_ledger_is_one_line_on_stderr_and_nothing_on_stdout(
+    capsys: pytest.CaptureFixture[str], config_path: Path
+) -> None:
+    """Found by QA: with the SQLite ledger locked by another process, staff commands printed the
+    ledger's own store.failing log line (on stdout, where it would break `licenses list
+    --json`) before their one error line."""
+    assert run_main(capsys, "token", "revoke", "--config", config_path, "lic-1").code == 0
+    other = sqlite3.connect(config_path.parent / "ledger.sqlite3", isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        for argv in (
+            ("token", "revoke", "--config", config_path, "lic-2"),
+            (
+                "licenses",
+                "release",
+                "--config",
+                config_path,
+                "--decision",
+                "01JAAAAAAAAAAAAAAAAAAAAAAA",
+            ),
+            ("licenses", "list", "--config", config_path, "--json"),
+        ):
+            result = run_cli(*argv)
+            assert (result.code, result.out) == (2, ""), (argv, result)
+            [line] = result.err.splitlines()
+            assert line.startswith("launchgate: error: store unavailable:"), line
+    finally:
+        other.close()
 
 
 def test_revoke_a_license_never_seen(

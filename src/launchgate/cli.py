@@ -146,9 +146,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     # load_config takes [store] url as text; building the ledger (without connecting)
     # rejects a url no store understands, as `serve` would at start.
     try:
-        open_ledger(config.store_url, config.base_dir)
+        ledger = open_ledger(config.store_url, config.base_dir)
     except ConfigError as e:
         raise ConfigError(f"{config.source}: {e}") from None
+    # A SQLite ledger already there must be one (found by QA: a file of random bytes passed,
+    # and /readyz then said 503 "file is not a database"). A database server's state is not
+    # checked: `check` validates files, offline.
+    from launchgate.sqliteledger import SqliteLedger, check_ledger_file
+
+    if isinstance(ledger, SqliteLedger) and (why := check_ledger_file(ledger.path)):
+        raise ConfigError(f"{config.source}: [store].url: {why}")
     # And the decision log as `serve` would open it (a folder, a torn last line), unchanged.
     try:
         check_log(config.audit_path)
@@ -670,7 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:
             # argparse exits after --help; main() returns the status instead.
             return e.code if isinstance(e.code, int) else 0
-        result: int = args.func(args)
+        if args.func in (cmd_serve, cmd_stub_backend):  # servers: they log as they run
+            result: int = args.func(args)
+        else:
+            from launchgate.logsetup import quiet_logs
+
+            with quiet_logs():
+                result = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
         return result
     except (UsageError, ConfigError) as e:
