@@ -15,7 +15,7 @@ from conftest import GENERIC_ROUTE, SHIPPED, Keys, write_config
 from launchgate.config import load_config
 from launchgate.errors import ConfigError
 from launchgate.gateway import Gateway
-from launchgate.paths import UnsafePath, normalize_path, normalize_path_slowly
+from launchgate.paths import UnsafePath, normalize_path, normalize_path_slowly, with_dot_segments
 
 
 def test_shipped_config_loads() -> None:
@@ -243,6 +243,22 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, keys: 
 def test_normalize_path(raw: str, normalized: str) -> None:
     """Paths are brought to one form before matching."""
     assert normalize_path(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        ("/a/./b", "/a/./b"),
+        ("/a/%2e%2E/b", "/a/../b"),
+        ("//a//./", "/a/."),
+        ("/a/b", None),
+        ("/a.b/c.", None),
+        ("/a/%2Fb", None),  # (refused by normalization anyway)
+    ],
+)
+def test_with_dot_segments(raw: str, kept: str | None) -> None:
+    """The reading of an upstream that keeps dot segments, only when normalization drops one."""
+    assert with_dot_segments(raw) == kept
 
 
 @pytest.mark.parametrize(

@@ -1551,3 +1551,52 @@ async def test_a_token_reissued_under_a_jti_with_less_is_held_to_its_own_quantit
     [*_, record] = [r for r in gw.decisions() if r["event"] == "launch.decision"]
     assert (record["reason"], record["reserved"]) == ("license_exhausted", None)
     assert (await gw.launch(token=first))[0] == 201  # the first token's 64 still hold: 16 used
+
+
+_ARM_VM_NAMED_DOTS = (
+    "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/.."
+    "?api-version=2024-07-01"
+)
+_ARM_H100 = {
+    "location": "eastus",
+    "properties": {"hardwareProfile": {"vmSize": "Standard_ND96isr_H100_v5"}},
+}
+
+
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+async def test_a_path_that_launches_only_with_its_dot_segments_kept_is_malformed(
+    start_gateway: StartGateway, mode: str
+) -> None:
+    """ ".../virtualMachines/.." is no launch once normalized, but an upstream that keeps dot
+    segments (the stub) creates a VM named "..": two meanings, so a malformed launch, recorded
+    (found in review: it went unjudged, as sent, and the stub launched an H100 VM). Shadow
+    mode records it and forwards it as sent."""
+    gw = await start_gateway(server={"mode": mode}, routes=[{"dialect": "azure-arm"}])
+    status, answer = await gw.send("PUT", _ARM_VM_NAMED_DOTS, _ARM_H100)
+    [record] = gw.decisions()
+    assert (record["reason"], record["path"]) == (
+        "malformed_request",
+        _ARM_VM_NAMED_DOTS.split("?")[0],
+    )
+    if mode == "enforce":
+        assert (status, answer["reason"]) == (400, "malformed_request")
+        assert "'..' segments kept" in answer["detail"]
+        assert await gw.stub_requests() == []
+    else:
+        assert status == 201 and record["enforced"] is False
+        [sent] = await gw.stub_requests()
+        assert sent["path"] == _ARM_VM_NAMED_DOTS.split("?")[0]
+
+
+async def test_dot_segments_on_a_path_that_launches_in_neither_reading_pass_as_sent(
+    start_gateway: StartGateway,
+) -> None:
+    """A non-launch request with dot segments that no route claims either way is forwarded
+    unjudged and unchanged, as every request that is not a launch is."""
+    gw = await start_gateway(routes=[{"dialect": "azure-arm"}])
+    path = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Storage/./storageAccounts/.."
+    status, _ = await gw.send("PUT", f"{path}?api-version=2024-01-01", {"location": "eastus"})
+    assert status == 404  # the stub has no storage accounts
+    assert gw.decisions() == []
+    [sent] = await gw.stub_requests()
+    assert sent["path"] == path

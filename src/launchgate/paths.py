@@ -77,6 +77,25 @@ def decoded_segment(segment: str) -> str:
     return unquote(segment, errors="replace") if "%" in segment else segment
 
 
+def with_dot_segments(raw: str) -> str | None:
+    """``raw`` as an upstream that does not remove dot segments reads it (normalized in every
+    other way), when normalization removes a ``.`` or ``..`` segment from it; else None.
+
+    Such a path has two readings when a route claims this one and not the normalized one
+    (found in review: ".../virtualMachines/.." was no launch once normalized, went to the stub
+    as sent, and the stub launched a VM named "..")."""
+    if "." not in raw and "%2" not in raw.upper():
+        return None
+    try:
+        decoded = _ESCAPE.sub(_unescape, raw)
+    except UnsafePath:
+        return None
+    segments = [segment for segment in decoded.split("/") if segment]
+    if not any(segment in (".", "..") for segment in segments):
+        return None
+    return "/" + "/".join(segments)
+
+
 def fold_path(path: str) -> str:
     """``path`` as a router that decodes it and ignores case would match it: each segment
     decoded (``decoded_segment``), then folded (``fold_case``)."""

@@ -139,8 +139,8 @@ def fold_case(text: str) -> str:
     judges more, never less."""
     if text.isascii():
         return text.lower()
-    # Each character's lower case cut to its first (U+0130's is "i" and a combining dot).
-    return "".join(c.lower()[:1] for c in text.upper())
+    # U+0130 is the one character whose lower case is two ("i" and a combining dot above).
+    return text.upper().lower().replace("i\u0307", "i")
 
 
 def parse_count(
