@@ -547,6 +547,70 @@ def test_verify_accepts_a_chain_written_by_another_implementation(tmp_path: Path
         record["hash"] = prev = record_hash(record)
         out.append(json.dumps(record, indent=None) + "\n")
     path.write_text("".join(out), encoding="utf-8")
+    result = verify_file(path)
+    assert result.summary() == "ok 2 records"
+    # ... with a note that its lines are not spelt as the gateway writes them
+    assert (result.not_canonical, result.first_not_canonical) == (2, 1)
+    assert "2 record(s), the first seq 1" in (result.note() or "")
+
+
+def test_verify_notes_a_record_respelt_with_the_same_content(tmp_path: Path) -> None:
+    """Found by QA: a line respelt (an escape, a longer spelling of a number) hashes as before,
+    so the chain holds, yet a reader that keeps spellings may show it differently. `audit
+    verify` says ok (the CONTRACT defines a record by its content's hash) and notes which
+    records are not byte for byte as written, on stderr."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 3)
+    assert verify_file(path).note() is None  # as the gateway writes them
+    lines = lines_of(path)
+    lines[1] = lines[1].replace(b'"acct-2001"', b'"\\u0061cct-2001"')
+    path.write_bytes(b"".join(lines))
+    result = verify_file(path)
+    assert result.summary() == "ok 3 records"
+    assert (result.not_canonical, result.first_not_canonical) == (1, 2)
+    done = subprocess.run(
+        [sys.executable, "-m", "launchgate", "audit", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "ok 3 records\n")
+    assert done.stderr.startswith("note: 1 record(s), the first seq 2,")
+
+
+def test_a_record_nested_too_deeply_is_a_bad_record_not_a_traceback(tmp_path: Path) -> None:
+    """Found by QA: a line nested 1000 deep made verify, check and serve fail with a Python
+    RecursionError. It is a bad record: verify names its seq, and a log ending in one is
+    refused at open with the reason."""
+    path = tmp_path / "decisions.jsonl"
+    write_chain(path, 2)
+    lines = lines_of(path)
+    lines[1] = lines[1].replace(b'"region":null', b'"region":' + b"[" * 1000 + b"]" * 1000)
+    path.write_bytes(b"".join(lines))
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq) == (False, 2)
+    assert "nested too deeply" in result.detail
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        AuditLog.open(path)
+
+
+def test_a_record_too_long_to_reopen_is_refused_and_the_chain_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: a launch body of 6 MB (max_body_bytes raised) made an 18 MB record, longer
+    than the gateway reads back at start, and it could not restart. Such a record is refused
+    (the launch fails closed); the chain goes on and the log reopens."""
+    monkeypatch.setattr(audit, "_MAX_RECORD_BYTES", 4096)
+    path = tmp_path / "decisions.jsonl"
+    log = AuditLog.open(path)
+    try:
+        log.append_sync(decision(1))
+        with pytest.raises(ValueError, match="over 4096 bytes"):
+            log.append_sync({**decision(2), "sku": "x" * 5000})
+        assert log.append_sync(decision(3))["seq"] == 2
+    finally:
+        log.close()
+    AuditLog.open(path).close()
     assert verify_file(path).summary() == "ok 2 records"
 
 

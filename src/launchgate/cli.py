@@ -528,6 +528,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: not a regular file")
     result = verify_file(path)
     print(result.summary())
+    if (note := result.note()) is not None:
+        print(note, file=sys.stderr)
     return 0 if result.ok else 1
 
 
