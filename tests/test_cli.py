@@ -872,6 +872,19 @@ def test_inspect_shows_ledger_use(
     assert (data["used"], data["remaining"], data["revoked"]) == (32, 32, False)
 
 
+def test_inspect_holds_a_reissued_token_to_its_own_quantity(
+    capsys: pytest.CaptureFixture[str], config_path: Path, make_token: MakeToken
+) -> None:
+    """A token re-issued under a jti with a smaller quantity is held to it by the gateway: so
+    inspect's max and remaining, and decide (found in review: they showed the first token's)."""
+    reserve(config_path, "lic-small", 24, "d-1")  # the ledger first saw lic-small for 64
+    token = make_token(jti="lic-small", max_accelerators=32)
+    data = inspect(capsys, config_path, token)
+    assert (data["max_accelerators"], data["used"], data["remaining"]) == (32, 24, 8)
+    record = decide(capsys, config_path, RESTRICTED, H100_SKU, "--count", "2", "--token", token)
+    assert (record["outcome"], record["reason"]) == ("deny", "license_exhausted")
+
+
 def test_inspect_reads_the_token_from_stdin(config_path: Path, make_token: MakeToken) -> None:
     """`token inspect --config FILE -` reads the token from stdin."""
     token = make_token(jti="lic-stdin")

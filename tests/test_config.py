@@ -47,6 +47,9 @@ def test_shipped_config_loads() -> None:
             r"\[upstream\]\.idempotency_key_window_s: must be a number > 0",
         ),
         ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
+        # seconds of clock skew, not hours (found in review: 1e12 revived expired tokens)
+        ({"tokens": {"leeway_s": 301}}, r"\[tokens\]\.leeway_s: must be from 0 to 300"),
+        ({"tokens": {"leeway_s": -0.5}}, r"\[tokens\]\.leeway_s: must be from 0 to 300"),
         # A referenced file that is missing: the main file's key, then the file.
         (
             {"tokens": {"jwks": "/nonexistent/jwks.json"}},

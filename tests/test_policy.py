@@ -286,6 +286,15 @@ def test_offline_ledger_view(config: Config) -> None:
         "token_account_mismatch"
     )
     assert with_ledger_state(licensed, state(0, account=None)).reason == "licensed"  # revoke-made
+    # A token re-issued under the jti with a smaller quantity is held to its own, as the
+    # gateway holds it (found in review: `decide` said licensed where the gateway said no).
+    small = decide(one(count=2), RESTRICTED, "t", config, verifier(lic(max_accelerators=20)))
+    assert with_ledger_state(small, state(0)).reason == "licensed"
+    exhausted = with_ledger_state(small, state(8))
+    assert (exhausted.reason, exhausted.detail) == (
+        "license_exhausted",
+        "license lic-1 has 12 of 20 accelerators left; this launch needs 16",
+    )
 
 
 def test_case_folding_items_use_the_catalog_spelling(config: Config) -> None:

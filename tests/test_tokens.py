@@ -446,6 +446,12 @@ def test_a_jwk_without_alg_takes_the_one_its_key_type_signs_with(keys: Keys) -> 
     assert (ed.alg, es.alg) == ("EdDSA", "ES256")
 
 
+def test_keyring_takes_a_key_whose_key_ops_allow_verify(keys: Keys) -> None:
+    """A JWK may list its operations (RFC 7517 4.3): one that allows "verify" is a signing key."""
+    ring = KeyRing.from_jwks({"keys": [_jwk(keys, key_ops=["verify"])]}, "conf/jwks.json")
+    assert ring.kids == ("a",)
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
@@ -463,6 +469,8 @@ def test_a_jwk_without_alg_takes_the_one_its_key_type_signs_with(keys: Keys) -> 
         (lambda k: {"keys": [_jwk(k, kty="EC")]}, "needs kty 'OKP'"),
         (lambda k: {"keys": [_es_jwk(k, crv="P-384")]}, "crv 'P-256'"),
         (lambda k: {"keys": [_jwk(k, use="enc")]}, "'use'"),
+        (lambda k: {"keys": [_jwk(k, key_ops=["encrypt"])]}, "'key_ops'"),
+        (lambda k: {"keys": [_jwk(k, key_ops="verify")]}, "'key_ops'"),
         (lambda k: {"keys": [_jwk(k, x="AAAA")]}, "not a valid Ed25519 public key"),
         (lambda k: {"keys": [_jwk(k, x=7)]}, "non-string x"),
         (lambda k: {"keys": [_es_jwk(k, y=_es_jwk(k)["x"])]}, "not a valid P-256"),
@@ -486,6 +494,8 @@ def test_a_jwk_without_alg_takes_the_one_its_key_type_signs_with(keys: Keys) -> 
         "es256-alg-on-okp",
         "p384",
         "use-enc",
+        "key-ops-without-verify",
+        "key-ops-not-a-list",
         "bad-x",
         "x-not-string",
         "point-not-on-curve",

@@ -313,9 +313,10 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
             async with _staff_ledger(config) as ledger:
                 state = None if ledger is None else await ledger.license(jti)
         max_acc = claims.get("max_accelerators") if isinstance(claims, dict) else None
-        max_acc = (
-            state.max_accelerators if state and state.max_accelerators is not None else max_acc
-        )
+        if state and state.max_accelerators is not None:
+            # The lower of the ledger's and this token's own, as the gateway holds a launch.
+            claimed = max_acc if type(max_acc) is int else None
+            max_acc = min(state.max_accelerators, claimed or state.max_accelerators)
         used = state.used if state else 0
         reserved = state.reserved if state else 0
         remaining = max(0, max_acc - used - reserved) if isinstance(max_acc, int) else None

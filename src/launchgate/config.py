@@ -215,6 +215,7 @@ class _Section:
 _REQUIRED = object()
 # A bound against a slip of the keyboard (PostgreSQL allows 100 connections by default).
 _MAX_POOL_SIZE: Final = 1000
+_MAX_LEEWAY_S: Final = 300
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
 # Framing headers, the hop-by-hop ones (RFC 9110 7.6.1) that never reach the upstream, and
 # those the gateway sets: none can carry an account or a license token too.
@@ -327,6 +328,11 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
             " ([identity].account_header); they must be different headers"
         )
 
+    # Clock skew allowed on exp and nbf: seconds, not hours (found in review: 1e12 made tokens
+    # a year past their expiry valid, and `check` said ok).
+    leeway_s = tokens.number("leeway_s", 30, minimum=-1)
+    if not 0 <= leeway_s <= _MAX_LEEWAY_S:
+        raise ConfigError(f"{tokens.where}.leeway_s: must be from 0 to {_MAX_LEEWAY_S} seconds")
     # Checked whether or not the flag is set, so a bad value never waits for it to surface.
     key_window_s = upstream.number("idempotency_key_window_s", CLIENT_TOKEN_WINDOW_S)
     deduplicates = upstream.flag("deduplicates_idempotency_key", default=False)
@@ -348,7 +354,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         keyring=tokens.load("jwks", base, KeyRing.from_jwks_file),
         issuers=tokens.strings("issuers"),
         audience=tokens.text("audience", "launchgate"),
-        leeway_s=tokens.number("leeway_s", 30, minimum=-1),
+        leeway_s=leeway_s,
         store_url=store.text("url", "sqlite:data/ledger.sqlite3"),
         store_pool_size=pool_size,
         reservation_ttl_s=store.number("reservation_ttl_s", 300),

@@ -321,11 +321,12 @@ def with_ledger_state(decision: Decision, state: LicenseState | None) -> Decisio
     license = decision.license
     if license is None:
         return decision
-    maximum = (
-        state.max_accelerators
-        if state and state.max_accelerators is not None
-        else license.max_accelerators
-    )
+    # The ledger keeps the first token's quantity for a jti; a token re-issued under it with a
+    # smaller one is held to that too, as the gateway holds it (``within_token``; found by
+    # review: `decide` said licensed where the gateway said license_exhausted).
+    maximum = license.max_accelerators
+    if state and state.max_accelerators is not None:
+        maximum = min(maximum, state.max_accelerators)
     used, reserved = (state.used, state.reserved) if state else (0, 0)
     if state and state.revoked:
         outcome = ReserveOutcome.REVOKED

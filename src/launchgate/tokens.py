@@ -383,6 +383,10 @@ def _trusted_key_from_jwk(jwk: Any, where: str) -> TrustedKey:
         )
     if jwk.get("use", "sig") != "sig":
         raise ConfigError(f"{where}: 'use' is {jwk.get('use')!r}, expected 'sig'")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        # (found in review: a key for "encrypt" only still verified tokens)
+        raise ConfigError(f"{where}: 'key_ops' is {key_ops!r}, which does not allow 'verify'")
     coordinates = ("x",) if kty == "OKP" else ("x", "y")
     if not all(isinstance(jwk.get(c), str) for c in coordinates):
         raise ConfigError(f"{where}: missing or non-string {' / '.join(coordinates)}")
