@@ -723,6 +723,21 @@ FAILURES: dict[str, Case] = {
         lambda k: ed_token(k, base_claims(iss="x", aud="y")),
         "token_wrong_issuer",
     ),
+    # RFC 7519 7.2: the JSON is UTF-8 (found in review: json.loads guessed these, and verified)
+    "claims-utf16": (
+        lambda k: ed_token(k, json.dumps(base_claims()).encode("utf-16")),
+        "token_invalid",
+    ),
+    "claims-utf8-bom": (
+        lambda k: ed_token(k, b"\xef\xbb\xbf" + json.dumps(base_claims()).encode()),
+        "token_invalid",
+    ),
+    "header-utf32": (
+        lambda k: sign_raw(
+            json.dumps({"alg": "EdDSA", "kid": "ed-1"}).encode("utf-32"), base_claims(), k.ed
+        ),
+        "token_invalid",
+    ),
 }
 
 
