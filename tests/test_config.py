@@ -15,7 +15,7 @@ from conftest import GENERIC_ROUTE, SHIPPED, Keys, write_config
 from launchgate.config import load_config
 from launchgate.errors import ConfigError
 from launchgate.gateway import Gateway
-from launchgate.paths import UnsafePath, normalize_path, normalize_path_slowly, with_dot_segments
+from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, normalize_path_slowly
 
 
 def test_shipped_config_loads() -> None:
@@ -48,8 +48,13 @@ def test_shipped_config_loads() -> None:
         ),
         ({"tokens": {"issuers": "one"}}, r"\[tokens\]\.issuers"),
         # seconds of clock skew, not hours (found in review: 1e12 revived expired tokens)
-        ({"tokens": {"leeway_s": 301}}, r"\[tokens\]\.leeway_s: must be from 0 to 300"),
-        ({"tokens": {"leeway_s": -0.5}}, r"\[tokens\]\.leeway_s: must be from 0 to 300"),
+        ({"tokens": {"leeway_s": 301}}, r"\[tokens\]\.leeway_s: must be a number from 0 to 300"),
+        ({"tokens": {"leeway_s": -0.5}}, r"\[tokens\]\.leeway_s: must be a number from 0 to 300"),
+        ({"tokens": {"leeway_s": True}}, r"\[tokens\]\.leeway_s: must be a number from 0 to 300"),
+        (
+            {"upstream": {"idempotency_key_window_s": 1e308}},
+            r"\[upstream\]\.idempotency_key_window_s: must be at most 604800 seconds",
+        ),
         # A referenced file that is missing: the main file's key, then the file.
         (
             {"tokens": {"jwks": "/nonexistent/jwks.json"}},
@@ -249,19 +254,27 @@ def test_normalize_path(raw: str, normalized: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "kept"),
+    ("raw", "dotted"),
     [
-        ("/a/./b", "/a/./b"),
-        ("/a/%2e%2E/b", "/a/../b"),
-        ("//a//./", "/a/."),
-        ("/a/b", None),
-        ("/a.b/c.", None),
-        ("/a/%2Fb", None),  # (refused by normalization anyway)
+        ("/a/./b", True),
+        ("/a/%2e%2E/b", True),
+        ("/a/.%2E", True),
+        ("/.", True),
+        ("/v2.1/servers", False),
+        ("/a.b/c.", False),
+        ("/a/.../b", False),
+        ("/x/%2ex", False),
     ],
 )
-def test_with_dot_segments(raw: str, kept: str | None) -> None:
-    """The reading of an upstream that keeps dot segments, only when normalization drops one."""
-    assert with_dot_segments(raw) == kept
+def test_has_dot_segments(raw: str, dotted: bool) -> None:
+    """Whether normalization removes a "." or ".." segment, however its dots are escaped."""
+    assert has_dot_segments(raw) is dotted
+
+
+@pytest.mark.parametrize("raw", ["/x/..;/y", "/x/.;a/y", "/x/%2e%2e;a/y"])
+def test_a_dot_segment_with_parameters_cannot_be_normalized(raw: str) -> None:
+    with pytest.raises(UnsafePath, match="dot segment with parameters"):
+        normalize_path(raw)
 
 
 @pytest.mark.parametrize(

@@ -555,6 +555,24 @@ def test_claims_its_mount_however_a_case_folding_router_reads_it() -> None:
     assert not dialect.claims("GET", "/aw%C5%BFx/ec2")
 
 
+def test_claims_folds_only_the_mount_s_share_of_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long path of escapes is not folded whole, route after route (found in review: 9 KB of
+    them cost 1.9 ms on each catch-all route): only as many segments as the mount has."""
+    import launchgate.dialects as dialects
+    from launchgate.paths import fold_path as real
+
+    folded: list[str] = []
+
+    def counted(path: str) -> str:
+        folded.append(path)
+        return real(path)
+
+    monkeypatch.setattr(dialects, "fold_path", counted)
+    dialect = build({"path": "/aws/ec2"}, "routes[0]")
+    assert dialect.claims("GET", "/aws/ec2" + "/%C5%BF" * 1000)
+    assert max(len(p) for p in folded) <= len("/aws/ec2")
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

@@ -40,6 +40,7 @@ from conftest import (
 from launchgate.audit import verify_file
 from launchgate.config import load_config
 from launchgate.gateway import Gateway
+from launchgate.paths import normalize_path
 from launchgate.stub import create_stub_app
 from launchgate.tokens import issue_token
 
@@ -1553,50 +1554,107 @@ async def test_a_token_reissued_under_a_jti_with_less_is_held_to_its_own_quantit
     assert (await gw.launch(token=first))[0] == 201  # the first token's 64 still hold: 16 used
 
 
-_ARM_VM_NAMED_DOTS = (
-    "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/.."
-    "?api-version=2024-07-01"
-)
 _ARM_H100 = {
     "location": "eastus",
     "properties": {"hardwareProfile": {"vmSize": "Standard_ND96isr_H100_v5"}},
 }
+_GCE_A3 = {"name": "vm-1", "machineType": "zones/us-central1-a/machineTypes/a3-highgpu-8g"}
+_VM = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines"
 
 
-@pytest.mark.parametrize("mode", ["enforce", "shadow"])
-async def test_a_path_that_launches_only_with_its_dot_segments_kept_is_malformed(
-    start_gateway: StartGateway, mode: str
+@pytest.mark.parametrize(
+    ("method", "raw", "body", "sent"),
+    [
+        # a VM named "..": no launch once normalized, one to an upstream that keeps the dots
+        (
+            "PUT",
+            f"/azure{_VM}/..",
+            _ARM_H100,
+            "/azure/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute",
+        ),
+        (
+            "PUT",
+            f"/azure{_VM}/%2E%2e",
+            _ARM_H100,
+            "/azure/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute",
+        ),
+        (
+            "PUT",
+            "/azure/./subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/.",
+            _ARM_H100,
+            "/azure/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines",
+        ),
+        ("PUT", f"/azure/x/../{_VM[1:]}/%2e", _ARM_H100, f"/azure{_VM}"),
+        # a zone or a project named ".." or "."
+        (
+            "POST",
+            "/compute/v1/projects/p/zones/../instances",
+            _GCE_A3,
+            "/compute/v1/projects/p/instances",
+        ),
+        (
+            "POST",
+            "/compute/v1/./projects/p/zones/./instances",
+            _GCE_A3,
+            "/compute/v1/projects/p/zones/instances",
+        ),
+        (
+            "POST",
+            "/compute/v1/projects/../zones/us-central1-a/instances",
+            _GCE_A3,
+            "/compute/v1/zones/us-central1-a/instances",
+        ),
+    ],
+)
+async def test_an_unjudged_request_goes_on_without_its_dot_segments(
+    start_gateway: StartGateway, method: str, raw: str, body: Any, sent: str
 ) -> None:
-    """ ".../virtualMachines/.." is no launch once normalized, but an upstream that keeps dot
-    segments (the stub) creates a VM named "..": two meanings, so a malformed launch, recorded
-    (found in review: it went unjudged, as sent, and the stub launched an H100 VM). Shadow
-    mode records it and forwards it as sent."""
-    gw = await start_gateway(server={"mode": mode}, routes=[{"dialect": "azure-arm"}])
-    status, answer = await gw.send("PUT", _ARM_VM_NAMED_DOTS, _ARM_H100)
-    [record] = gw.decisions()
-    assert (record["reason"], record["path"]) == (
-        "malformed_request",
-        _ARM_VM_NAMED_DOTS.split("?")[0],
+    """A request no route claims once normalized goes upstream on that normalized path when it
+    has dot segments, as RFC 3986 resolves them: sent as written, an upstream that keeps them
+    (the stub) read a launch into it (found in review: ".../virtualMachines/.." created an
+    H100 VM named ".."; a first fix that refused such paths when a route claimed the reading
+    with the dots kept was bypassed by a "." in the mount, and refused "/ec2/../x")."""
+    gw = await start_gateway(
+        routes=[
+            {"dialect": "azure-arm", "path": "/azure"},
+            {"dialect": "gcp-compute", "path": "/compute/v1"},
+        ]
     )
-    if mode == "enforce":
-        assert (status, answer["reason"]) == (400, "malformed_request")
-        assert "'..' segments kept" in answer["detail"]
-        assert await gw.stub_requests() == []
-    else:
-        assert status == 201 and record["enforced"] is False
-        [sent] = await gw.stub_requests()
-        assert sent["path"] == _ARM_VM_NAMED_DOTS.split("?")[0]
-
-
-async def test_dot_segments_on_a_path_that_launches_in_neither_reading_pass_as_sent(
-    start_gateway: StartGateway,
-) -> None:
-    """A non-launch request with dot segments that no route claims either way is forwarded
-    unjudged and unchanged, as every request that is not a launch is."""
-    gw = await start_gateway(routes=[{"dialect": "azure-arm"}])
-    path = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Storage/./storageAccounts/.."
-    status, _ = await gw.send("PUT", f"{path}?api-version=2024-01-01", {"location": "eastus"})
-    assert status == 404  # the stub has no storage accounts
+    status, _ = await gw.send(method, f"{raw}?api-version=2024-07-01", body)
+    assert status == 404  # the stub has nothing there
     assert gw.decisions() == []
-    [sent] = await gw.stub_requests()
-    assert sent["path"] == path
+    [forwarded] = await gw.stub_requests()
+    assert forwarded["path"] == sent
+    async with gw.session.get(f"{gw.stub_url}/v1/instances") as r:
+        assert (await r.json())["instances"] == []
+
+
+@pytest.mark.parametrize("raw", ["/ec2/../x", "/EC2/%2e%2E/v1/instances", "/batch/../x"])
+async def test_dot_segments_that_leave_a_catch_all_mount_are_not_a_launch(
+    start_gateway: StartGateway, raw: str
+) -> None:
+    """Found in review of that first fix: "GET /ec2/../x" was 400 because the aws-ec2 route
+    claims every path under its mount with the dots kept. It is an ordinary request, sent on."""
+    gw = await start_gateway(
+        routes=[
+            {"dialect": "aws-ec2", "path": "/ec2"},
+            {"dialect": "opaque", "path": "/batch", "methods": ["GET"]},
+        ]
+    )
+    status, _ = await gw.send("GET", raw, b"")
+    assert status in (200, 404)
+    assert gw.decisions() == []
+    [forwarded] = await gw.stub_requests()
+    assert forwarded["path"] == normalize_path(raw)
+
+
+@pytest.mark.parametrize("raw", ["/x/..;/v1/instances", "/x/.;a/y", "/x/%2e%2E;a/v1/instances"])
+async def test_a_dot_segment_with_parameters_is_refused(
+    start_gateway: StartGateway, raw: str
+) -> None:
+    """ "..;x" is a name to the gateway and a dot segment to a server that cuts parameters
+    first (Tomcat's reading): two meanings, so 400, whatever the route."""
+    gw = await start_gateway()
+    status, answer = await gw.send("POST", raw, {"instance_type": "p5.48xlarge"})
+    assert (status, answer["reason"]) == (400, "malformed_request")
+    assert await gw.stub_requests() == []

@@ -33,7 +33,7 @@ from launchgate.gateway import Gateway
 from launchgate.idempotency import fingerprint, idempotency_key, replay_sent_on
 from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
-from launchgate.paths import UnsafePath, normalize_path, with_dot_segments
+from launchgate.paths import UnsafePath, has_dot_segments, normalize_path
 from launchgate.policy import (
     Decision,
     after_reservation,
@@ -118,9 +118,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     for route in config.routes:
         if route.matches(method, path):
             return await handle_launch(request, gateway, config, route, path, query)
-    dotted = with_dot_segments(raw_path)
-    if dotted is not None and any(route.matches(method, dotted) for route in config.routes):
-        return await refuse_dot_segments(request, gateway, config, dotted, raw)
+    if has_dot_segments(raw_path):
+        # Sent as judged, its dot segments removed as RFC 3986 resolves them: sent as written,
+        # an upstream that keeps them could read another resource, a launch (found in review:
+        # ".../virtualMachines/.." and ".../zones/../instances" launched on the stub).
+        return await forward(request, gateway, config, path + (f"?{query}" if query else ""), None)
     return await forward(request, gateway, config, raw, None)
 
 
@@ -145,25 +147,6 @@ async def refuse_override(
         gateway, config, request, path, decision, decision_id, started, enforced=True
     )
     return problem(decision.reason, 400, detail, decision_id)
-
-
-async def refuse_dot_segments(
-    request: web.Request, gateway: Gateway, config: Config, dotted: str, raw: str
-) -> web.StreamResponse:
-    """A request whose path launches only if its dot segments are kept: it has two meanings,
-    since an upstream may keep them or remove them, so it is malformed (a launch decision,
-    recorded; in shadow mode forwarded as sent, like any malformed launch)."""
-    started = time.perf_counter()
-    decision_id = new_ulid()
-    detail = (
-        "the path reads as a launch only with its '.' or '..' segments kept, which an upstream"
-        " may remove"
-    )
-    decision = malformed(detail, *_presented(request, config))
-    await _record_refusal(gateway, config, request, dotted, decision, decision_id, started)
-    if config.enforcing:
-        return problem(decision.reason, 400, detail, decision_id)
-    return await forward(request, gateway, config, raw, None, decision_id=decision_id)
 
 
 async def handle_launch(

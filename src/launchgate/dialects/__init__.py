@@ -165,7 +165,18 @@ def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
 
 def _holds(mount: str, path: str) -> bool:
     """Whether ``path`` is ``mount`` or under it, in any letter case."""
-    return under_mount(fold_path(path), fold_path(mount))
+    return under_mount_in_any_case(path, mount)
+
+
+def under_mount_in_any_case(path: str, mount: str) -> bool:
+    """``under_mount`` as a router that decodes paths and ignores case reads both
+    (``fold_path``), for a normalized ``path``. Folds only as many of its segments as the mount
+    has (found in review: a path of 9 KB of escapes cost 1.9 ms a route folded whole)."""
+    depth = _depth(mount)
+    if depth == 0:
+        return True
+    head = "/".join(path.split("/", depth + 1)[: depth + 1])
+    return fold_path(head) == fold_path(mount.rstrip("/"))
 
 
 def under_mount(path: str, mount: str) -> bool:

@@ -46,10 +46,9 @@ from launchgate.dialects import (
     check_keys,
     route_path,
     route_region,
-    under_mount,
+    under_mount_in_any_case,
 )
 from launchgate.dialects.query import Node, nest, parse_params
-from launchgate.paths import fold_path
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
 _KEYS: Final = frozenset({"path", "region"})
@@ -72,7 +71,7 @@ class AwsEc2:
         # In any letter case: EC2 ignores the path, so whatever the provider's router sends it
         # (found in review: with aws-ec2 on /ec2, "/EC2?Action=RunInstances&..." went unjudged
         # to an upstream that routes paths case-insensitively).
-        return under_mount(fold_path(path), fold_path(self.path))
+        return under_mount_in_any_case(path, self.path)
 
     def launch_action(self, request: LaunchRequest) -> str | None:
         """The launch Action that a request another route takes carries for EC2, which serves

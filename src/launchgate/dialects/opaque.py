@@ -21,9 +21,9 @@ from launchgate.dialects import (
     route_path,
     route_region,
     under_mount,
+    under_mount_in_any_case,
 )
 from launchgate.errors import ConfigError
-from launchgate.paths import fold_path
 
 _KEYS: Final = frozenset({"path", "methods", "region", "ignore_case"})
 
@@ -41,9 +41,9 @@ class Opaque:
     def claims(self, method: str, path: str) -> bool:
         if method not in self.methods:
             return False
-        mount = fold_path(self.path) if self.ignore_case else self.path
-        path = fold_path(path) if self.ignore_case else path
-        return under_mount(path, mount)
+        if self.ignore_case:
+            return under_mount_in_any_case(path, self.path)
+        return under_mount(path, self.path)
 
     def parse(self, request: LaunchRequest) -> Launch:
         """Always a launch that cannot be resolved to SKUs; never malformed."""
