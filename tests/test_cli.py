@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import jwt
 import pytest
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -609,7 +611,9 @@ def test_check_refuses_a_ledger_file_serve_could_not_use(
     assert run_main(capsys, "check", "--config", path).code == 0  # not there: serve makes it
     assert not ledger.exists()
     assert run_main(capsys, "token", "revoke", "--config", path, "lic-1").code == 0  # a real one
+    files = sorted(tmp_path.glob("ledger.sqlite3*"))
     assert run_main(capsys, "check", "--config", path).code == 0
+    assert sorted(tmp_path.glob("ledger.sqlite3*")) == files  # only read (found in review)
     for leftover in tmp_path.glob("ledger.sqlite3*"):
         leftover.unlink()
     make(ledger)
@@ -1005,6 +1009,30 @@ def test_a_locked_ledger_is_one_line_on_stderr_and_nothing_on_stdout(
             assert line.startswith("launchgate: error: store unavailable:"), line
     finally:
         other.close()
+
+
+def test_quiet_logs_silence_a_logger_only_while_they_last(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A logger that structlog cached while staff commands were quiet logs again afterwards
+    (found in review: it stayed silent for the rest of the process)."""
+    from launchgate.logsetup import configure_logging, quiet_logs
+
+    before = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging()
+        log = structlog.get_logger("launchgate.test")
+        with quiet_logs():
+            log.info("while.quiet")
+        log.info("after.quiet")
+        out = capsys.readouterr().out
+        assert "while.quiet" not in out and "after.quiet" in out
+    finally:
+        structlog.configure(**before)
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def test_revoke_a_license_never_seen(

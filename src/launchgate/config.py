@@ -172,6 +172,17 @@ class _Section:
             raise ConfigError(f"{self.where}.{key}: must be a number > {minimum:g}")
         return float(value)
 
+    def between(self, key: str, default: float, low: float, high: float) -> float:
+        """A number from ``low`` to ``high``, both included."""
+        value = self._get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise ConfigError(f"{self.where}.{key}: must be a number from {low:g} to {high:g}")
+        return float(value)
+
     def integer(self, key: str, default: int | None = None) -> int:
         value = self._get(key, _REQUIRED if default is None else default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -216,6 +227,7 @@ _REQUIRED = object()
 # A bound against a slip of the keyboard (PostgreSQL allows 100 connections by default).
 _MAX_POOL_SIZE: Final = 1000
 _MAX_LEEWAY_S: Final = 300
+_MAX_KEY_WINDOW_S: Final = 7 * 24 * 3600
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
 # Framing headers, the hop-by-hop ones (RFC 9110 7.6.1) that never reach the upstream, and
 # those the gateway sets: none can carry an account or a license token too.
@@ -330,11 +342,14 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
 
     # Clock skew allowed on exp and nbf: seconds, not hours (found in review: 1e12 made tokens
     # a year past their expiry valid, and `check` said ok).
-    leeway_s = tokens.number("leeway_s", 30, minimum=-1)
-    if not 0 <= leeway_s <= _MAX_LEEWAY_S:
-        raise ConfigError(f"{tokens.where}.leeway_s: must be from 0 to {_MAX_LEEWAY_S} seconds")
+    leeway_s = tokens.between("leeway_s", 30, 0, _MAX_LEEWAY_S)
     # Checked whether or not the flag is set, so a bad value never waits for it to surface.
     key_window_s = upstream.number("idempotency_key_window_s", CLIENT_TOKEN_WINDOW_S)
+    if key_window_s > _MAX_KEY_WINDOW_S:  # (found in review: 1e308 meant "however late" again)
+        raise ConfigError(
+            f"{upstream.where}.idempotency_key_window_s: must be at most {_MAX_KEY_WINDOW_S}"
+            " seconds (7 days)"
+        )
     deduplicates = upstream.flag("deduplicates_idempotency_key", default=False)
 
     return Config(

@@ -105,18 +105,33 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     root.setLevel(logging.WARNING)  # libraries' warnings and errors; not aiohttp's access log
 
 
-def _dropped(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
-    raise structlog.DropEvent
+_quiet = False  # set by quiet_logs, read by _dropped_while_quiet on any thread
+
+
+def _dropped_while_quiet(
+    _: object, __: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    if _quiet:
+        raise structlog.DropEvent
+    return event
 
 
 @contextmanager
 def quiet_logs() -> Iterator[None]:
     """No structlog lines while a one-shot command runs: what it has to say is its output and,
     on failure, its one line on stderr (found by QA: a failing ledger's store.failing went to
-    stdout, before that line, where it would also break ``licenses list --json``)."""
+    stdout, before that line, where it would also break ``licenses list --json``).
+
+    A flag, read by a processor put first in the chain, rather than a chain that drops all: a
+    logger bound while it is set (structlog may cache it so) logs again once it is cleared
+    (found in review). The ledger logs from its own thread, hence a plain flag, not a context
+    variable."""
+    global _quiet
     before = structlog.get_config()
-    structlog.configure(processors=[_dropped])
+    if _dropped_while_quiet not in before["processors"]:
+        structlog.configure(processors=[_dropped_while_quiet, *before["processors"]])
+    _quiet = True
     try:
         yield
     finally:
-        structlog.configure(**before)
+        _quiet = False

@@ -396,8 +396,12 @@ def check_ledger_file(path: Path) -> str | None:
         return f"{path}: {e.strerror or e}"
     if (header and header != _SQLITE_HEADER[: len(header)]) or 0 < len(header) < 16:
         return f"{path} is not a SQLite database"
+    # Read in place: without a write-ahead log beside it, as "immutable", which makes none
+    # (found in review: `check` left -wal and -shm files behind).
+    wal = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.absolute().as_uri()}?mode=ro" + ("" if wal else "&immutable=1")
     try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error:
         return None
     try:
