@@ -39,7 +39,7 @@ def _unescape(match: re.Match[str]) -> str:
 
 
 # Anything that normalization could change or refuse; a path without any is already normal.
-_NOT_PLAIN = re.compile(r"%|//|/\.|.\Z(?<=/)|[\\\x00-\x20\x7f]")
+_NOT_PLAIN = re.compile(r"%|//|/\.|/;|.\Z(?<=/)|[\\\x00-\x20\x7f]")
 
 
 def normalize_path(raw: str) -> str:
@@ -60,9 +60,10 @@ def normalize_path_slowly(raw: str) -> str:
     for segment in decoded.split("/"):
         if segment in ("", "."):
             continue
-        if ";" in segment and segment.partition(";")[0] in (".", ".."):
-            # "..;x": a name here, a dot segment to a server that cuts parameters first.
-            raise UnsafePath(f"a dot segment with parameters ({segment[:16]!r})")
+        if ";" in segment and segment.partition(";")[0] in ("", ".", ".."):
+            # "..;x" or ";x": a name here; a dot segment, or an empty one that a repeated
+            # slash collapses, to a server that cuts parameters first (Tomcat's reading).
+            raise UnsafePath(f"a parameter on an empty or dot segment ({segment[:16]!r})")
         if segment == "..":
             if not segments:
                 raise UnsafePath("'..' above the root")

@@ -119,9 +119,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if route.matches(method, path):
             return await handle_launch(request, gateway, config, route, path, query)
     if has_dot_segments(raw_path):
-        # Sent as judged, its dot segments removed as RFC 3986 resolves them: sent as written,
-        # an upstream that keeps them could read another resource, a launch (found in review:
-        # ".../virtualMachines/.." and ".../zones/../instances" launched on the stub).
+        # Sent as judged, normalized (dot segments resolved, repeated slashes collapsed):
+        # sent as written, an upstream that keeps dot segments could read another resource
+        # into it, a launch (found in review: ".../virtualMachines/.." and
+        # ".../zones/../instances" launched on the stub).
         return await forward(request, gateway, config, path + (f"?{query}" if query else ""), None)
     return await forward(request, gateway, config, raw, None)
 
