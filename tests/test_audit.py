@@ -475,7 +475,7 @@ def test_deleting_a_record_is_detected(tmp_path: Path) -> None:
     result = verify_file(path)
     assert (result.ok, result.bad_seq) == (False, 3)
     assert "found the record of seq 4 where seq 3 belongs" in result.detail
-    assert result.summary().startswith("bad record seq 3: ")
+    assert result.summary() == "bad record seq 3"  # the only number on stdout (QA)
 
 
 def test_swapping_two_records_is_detected(tmp_path: Path) -> None:

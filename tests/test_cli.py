@@ -1503,8 +1503,22 @@ def test_audit_verify_failure_from_the_console_entry(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b'"d-1"', b'"d-7"'))
     result = run_cli("audit", "verify", path)
     assert result.code == 1
-    assert "seq 2" in result.out
     assert "Traceback" not in result.err
+    # Only the bad seq on stdout (found by QA: the reason after it named other numbers); the
+    # reason on stderr.
+    assert result.out == "bad record seq 2\n"
+    assert result.err.startswith("line 2: hash does not match")
+
+
+def test_audit_verify_names_only_the_bad_seq_on_stdout_for_a_missing_record(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    lines = write_log(path, 4)
+    path.write_bytes(b"".join(lines[:1] + lines[2:]))
+    result = run_cli("audit", "verify", path)
+    assert (result.code, result.out) == (1, "bad record seq 2\n")
+    assert "found the record of seq 3 where seq 2 belongs" in result.err
 
 
 # --- stub-backend --------------------------------------------------------------------------

@@ -187,10 +187,16 @@ class VerifyResult:
     first_not_canonical: int | None = None
 
     def summary(self) -> str:
-        """One line for ``launchgate audit verify``: ``ok N records`` or the first bad seq."""
+        """One line for ``launchgate audit verify``'s stdout: ``ok N records``, or the first bad
+        record's seq, the only number on the line (a reader taking the first or the last
+        number gets it; found by QA: the reason, which names other numbers, followed it)."""
         if self.ok:
             return f"ok {self.records} records"
-        return f"bad record seq {self.bad_seq}: {self.detail}"
+        return f"bad record seq {self.bad_seq}"
+
+    def reason(self) -> str | None:
+        """Why the first bad record is bad, for stderr (None when ok)."""
+        return None if self.ok else self.detail
 
     def note(self) -> str | None:
         """A line for stderr when some records hash right but are not spelt as the gateway

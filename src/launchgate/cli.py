@@ -529,8 +529,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"{path}: not a regular file")
     result = verify_file(path)
     print(result.summary())
-    if (note := result.note()) is not None:
-        print(note, file=sys.stderr)
+    for line in (result.reason(), result.note()):
+        if line is not None:
+            print(line, file=sys.stderr)
     return 0 if result.ok else 1
 
 
