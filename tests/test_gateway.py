@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -741,6 +743,19 @@ async def test_a_reservation_ttl_within_the_upstream_timeouts_is_warned_of(
         assert (warnings[0]["reservation_ttl_s"], warnings[0]["upstream_s"]) == (5, 7)
 
 
+async def test_a_reload_to_a_short_reservation_ttl_is_warned_of(
+    start_gateway: StartGateway,
+) -> None:
+    """The same warning when a reload brings the short TTL (found by QA: only a start warned)."""
+    gw = await start_gateway(store={"reservation_ttl_s": 60})
+    text = gw.config_path.read_text()
+    gw.config_path.write_text(text.replace("reservation_ttl_s = 60", "reservation_ttl_s = 5"))
+    with structlog.testing.capture_logs() as logs:
+        assert await gw.gateway.reload(gw.config_path)
+    [warning] = [e for e in logs if e["event"] == "config.reservation_ttl_short"]
+    assert (warning["reservation_ttl_s"], warning["upstream_s"]) == (5, 7)
+
+
 async def test_body_too_large_is_413(start_gateway: StartGateway) -> None:
     """A launch body over max_body_bytes gets 413 body_too_large and is not forwarded."""
     gw = await start_gateway(server={"max_body_bytes": 1024})
@@ -1132,6 +1147,67 @@ async def test_a_reload_keeps_restart_only_keys_as_running_until_a_restart(
     assert [e["event"] for e in logs].count("config.reloaded") == 2
 
 
+async def test_a_launch_is_judged_by_one_configuration_across_a_reload(
+    start_gateway: StartGateway, make_token: MakeToken, tmp_path: Path
+) -> None:
+    """A reload while a launch's body is still arriving: the launch is judged wholly by the
+    configuration it began under, its token by that configuration's keys too (found by QA: the
+    verifier was read after the body, so the new keys judged the token and the old registry
+    the account: a launch either alone would deny went through, or the reverse)."""
+    gw = await start_gateway()
+    token = make_token(jti="lic-reload")
+    empty = tmp_path / "no-keys.json"
+    empty.write_text('{"keys": []}')
+    text = gw.config_path.read_text()
+    jwks = str(gw.config.jwks_path)
+    assert jwks in text
+    halfway = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"instance_type": "p5.48xlarge", '
+        halfway.set()
+        await go_on.wait()
+        yield b'"count": 1, "region": "us-east-1"}'
+
+    async def send() -> tuple[int, dict[str, Any]]:
+        headers = {"Content-Type": "application/json", "X-Account-Id": RESTRICTED}
+        headers["License-Token"] = token
+        async with gw.session.post(f"{gw.url}/v1/instances", data=body(), headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    sending = asyncio.create_task(send())
+    await halfway.wait()
+    await asyncio.sleep(0.1)  # the gateway has the headers and is reading the body
+    gw.config_path.write_text(text.replace(jwks, str(empty)))
+    assert await gw.gateway.reload(gw.config_path)
+    go_on.set()
+    status, answer = await sending
+    assert status == 201, answer  # the keys it began under trust the token
+    status, answer, _ = await gw.launch(token=token)
+    assert (status, answer["reason"]) == (403, "token_unknown_key")  # the next: the new keys
+
+
+async def test_reloads_apply_in_the_order_they_were_asked(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two SIGHUPs close together: the first one's load is slow, the second's quick. The files
+    as the second read them win, not the first's read, which finished last (found by QA)."""
+    gw = await start_gateway()
+    first, second = gw.gateway.config, load_config(gw.config_path)
+    loads = iter([(0.3, first), (0.0, second)])
+
+    def load(path: Path) -> Any:
+        pause, config = next(loads)
+        time.sleep(pause)  # (in the thread that loads)
+        return config
+
+    monkeypatch.setattr("launchgate.gateway.load_config", load)
+    reloads = [asyncio.create_task(gw.gateway.reload(gw.config_path)) for _ in range(2)]
+    assert [await reload for reload in reloads] == [True, True]
+    assert gw.gateway.config is second
+
+
 async def test_the_store_pool_size_is_restart_only(start_gateway: StartGateway) -> None:
     """The ledger's connections are made at start: a reload that changes [store] pool_size
     warns and keeps the size that runs."""
@@ -1192,6 +1268,23 @@ async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
             break
         await asyncio.sleep(0.05)
     assert reservation is not None and reservation.state == "settled_unknown"
+
+
+async def test_a_completion_record_says_when_the_sweeper_settled_the_launch_first(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """The upstream answers 500 after the TTL: the sweeper has already settled the reservation
+    as used, so the release finds nothing reserved, and the completion record says so rather
+    than "released" (found by QA: it said released, and the ledger had counted it used)."""
+    with structlog.testing.capture_logs():  # (a TTL this short is warned about)
+        gw = await start_gateway(store={"reservation_ttl_s": 1})
+    await gw.stub_fail(status=500, times=1, delay_s=2.0)
+    status, _, _ = await gw.launch(token=make_token(jti="lic-swept"))
+    assert status == 500
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert (completed["upstream_status"], completed["settlement"]) == (500, "settled_elsewhere")
+    state = await gw.license("lic-swept")
+    assert (state.used, state.reserved) == (8, 0)
 
 
 async def test_a_gateway_stopping_mid_sweep_records_what_the_sweep_settled(

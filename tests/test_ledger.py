@@ -749,6 +749,28 @@ async def another_connection_beside(
         await store.close()
 
 
+async def test_ping_fails_while_the_ledger_s_filesystem_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz said 200 while every reservation failed "database or disk is full" (found by
+    QA): taking the write lock needs no room. A ping now also looks at the free space."""
+    store = SqliteLedger(tmp_path / "ledger.sqlite3")
+    await store.open()
+    try:
+
+        def free(blocks: int) -> Any:
+            return lambda path: type("Space", (), {"f_bavail": blocks, "f_frsize": 4096})()
+
+        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(16))
+        with pytest.raises(StoreUnavailable, match="KiB free"):
+            await store.ping()
+        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(2048))  # 8 MB
+        await store.ping()
+    finally:
+        monkeypatch.undo()
+        await store.close()
+
+
 async def test_ping_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
     """/readyz said 200 while a lock held elsewhere made every reservation wait out its busy
     timeout and fail: a ping now takes the write lock, waiting a quarter second at most."""

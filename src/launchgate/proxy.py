@@ -17,7 +17,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from aiohttp import ClientError, web
@@ -47,7 +47,7 @@ from launchgate.policy import (
 from launchgate.problems import DECISION_HEADER, problem
 from launchgate.records import decision_record
 from launchgate.strict import MalformedLaunch
-from launchgate.tokens import License
+from launchgate.tokens import License, TokenVerifier
 from launchgate.upstream import (
     BadAnswer,
     BadRequestHead,
@@ -102,7 +102,10 @@ async def fail_closed(request: web.Request) -> web.StreamResponse:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY_KEY]
-    config = gateway.config  # one configuration for the whole request, whatever reloads do
+    # One configuration and its verifier for the whole request, whatever reloads do meanwhile
+    # (found by QA: the verifier was read after the body, so a reload while it arrived judged
+    # the token by the new keys and the account by the old registry).
+    config, verifier = gateway.config, gateway.verifier
     if _overrides_method(request.headers):
         return await refuse_override(request, gateway, config)
     raw = request.raw_path
@@ -117,7 +120,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     method = request.method
     for route in config.routes:
         if route.matches(method, path):
-            return await handle_launch(request, gateway, config, route, path, query)
+            return await handle_launch(request, gateway, config, verifier, route, path, query)
     if has_dot_segments(raw_path):
         # Sent as judged, normalized (dot segments resolved, repeated slashes collapsed):
         # sent as written, an upstream that keeps dot segments could read another resource
@@ -151,7 +154,13 @@ async def refuse_override(
 
 
 async def handle_launch(
-    request: web.Request, gateway: Gateway, config: Config, route: Route, path: str, query: str
+    request: web.Request,
+    gateway: Gateway,
+    config: Config,
+    verifier: TokenVerifier,
+    route: Route,
+    path: str,
+    query: str,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     decision_id = new_ulid()
@@ -189,9 +198,7 @@ async def handle_launch(
             target = path + (f"?{query}" if query else "")
             return await forward(request, gateway, config, target, body)
         now = time.time()
-        decision = decide(
-            launch, account, token, config, lambda t: gateway.verifier.verify(t, now=now)
-        )
+        decision = decide(launch, account, token, config, lambda t: verifier.verify(t, now=now))
     result: ReserveResult | None = None
     recorded = False
     if decision.reason == "licensed" and decision.license is not None and launch is not None:
@@ -597,7 +604,13 @@ async def _settle(
     if decision_id is None or not reserved:
         return None
     settled = {"commit": "used", "release": "released"}.get(how, "used_unknown")
-    then = None if completion is None else (lambda _: completion.settled(settled))
+    # The record says what happened: a reservation no longer reserved (the sweeper settled it
+    # as used meanwhile) is not "released" (found by QA: the record said so, the ledger used).
+    then = (
+        None
+        if completion is None
+        else (lambda moved: completion.settled(settled if moved else _SETTLED_ELSEWHERE))
+    )
     try:
         await asyncio.shield(_apply(gateway.ledger, decision_id, how, then))
     except StoreUnavailable as e:
@@ -634,6 +647,11 @@ async def _settle(
         )
         return "pending"
     return settled
+
+
+# The ``settlement`` of a completion record whose reservation had already been settled by
+# another (the sweeper, as used, once ``reservation_ttl_s`` had passed).
+_SETTLED_ELSEWHERE: Final = "settled_elsewhere"
 
 
 def _apply(ledger: Ledger, decision_id: str, how: str, then: Then | None) -> Awaitable[bool]:

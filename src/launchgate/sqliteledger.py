@@ -374,6 +374,9 @@ def _one(
 _MAX_BATCH = 128
 # How long a ping waits for the write lock: far longer than any batch holds it.
 _PING_WAIT_MS = 250
+# /readyz: less room than this on the ledger's filesystem takes no more than a few batches
+# (each commit appends a few 4 KiB pages to the write-ahead log).
+_LOW_SPACE_BYTES: Final = 256 * 1024
 # How long writes fail at once after one waited out the busy timeout, before one tries again.
 _LOCKED_RETRY_S = 1.0
 
@@ -526,6 +529,13 @@ class SqliteLedger:
             for name in (self._path, *(Path(f"{self._path}{s}") for s in ("-wal", "-shm"))):
                 if name.exists() and not os.access(name, os.W_OK):
                     raise sqlite3.OperationalError(f"{name} is not writable")
+            # Nor does it need room: a full filesystem passed while every reservation failed
+            # "database or disk is full" (found by QA).
+            space = os.statvfs(self._path)
+            if space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+                raise sqlite3.OperationalError(
+                    f"less than {_LOW_SPACE_BYTES // 1024} KiB free on {self._path}'s filesystem"
+                )
 
         await self._call(can_write, write=False)
 
