@@ -1214,6 +1214,28 @@ def test_release_gives_back_an_unknown_outcome(
     assert verified == Result(0, "ok 2 records\n", "")
 
 
+def test_release_settles_an_expired_reservation_no_gateway_swept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
+) -> None:
+    """A gateway died mid-launch and none has run since: its reservation is still open past
+    the TTL. release first settles what any gateway's sweeper would (each with its
+    reservation.settled record), then gives this one back (found by QA: it was refused as
+    still reserved until a gateway ran again)."""
+    path = write_config(tmp_path, NOWHERE, keys, store={"reservation_ttl_s": 0.2})
+    reserve(path, "lic-r", 8, "d-lost", settle=None)
+    reserve(path, "lic-r", 16, "d-other", settle=None)
+    time.sleep(0.3)
+    result = run_cli("licenses", "release", "--config", path, "--decision", "d-lost")
+    assert result.code == 0, result.err
+    state = license_state(path, "lic-r")
+    assert state is not None and (state.used, state.reserved) == (16, 0)  # d-other: used
+    records = [json.loads(line) for line in load_config(path).audit_path.read_text().splitlines()]
+    swept = sorted(r["decision_id"] for r in records if r["event"] == "reservation.settled")
+    assert swept == ["d-lost", "d-other"]
+    assert records[-1]["event"] == "license.released"
+    assert run_main(capsys, "audit", "verify", load_config(path).audit_path).code == 0
+
+
 @pytest.mark.parametrize("settle", ["commit", None, "unknown-released"])
 def test_release_refuses_what_is_not_settled_unknown(config_path: Path, settle: str | None) -> None:
     """release of a used, still-reserved or already released reservation: exit 2, one line."""

@@ -430,10 +430,25 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
     # torn last line) must stop the release, not leave a give-back without its record.
     audit = AuditLog.open(config.audit_path)
 
+    ttl = config.reservation_ttl_s
+
     async def give_back() -> Any:
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
+            # First what any gateway's sweeper does, recorded as it records it: with no gateway
+            # running since one died mid-launch, its reservation is still open past the TTL,
+            # and would not be given back (found by QA: only a running gateway settled it).
+            for decision_id in await ledger.expire_reservations(now=time.time(), ttl_s=ttl):
+                audit.append_sync(
+                    {
+                        "event": "reservation.settled",
+                        "timestamp": utc_timestamp(time.time()),
+                        "decision_id": decision_id,
+                        "settlement": "used",
+                        "note": f"outcome unknown after {ttl:g} s; counted as used",
+                    }
+                )
             return await ledger.give_back(args.decision, now=time.time(), note=args.note)
         finally:
             await ledger.close()
