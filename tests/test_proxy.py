@@ -119,6 +119,7 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
         ("X-Forwarded-Proto", "gopher"),
         ("Authorization", "Bearer provider-credential"),
         ("User-Agent", "client/1.0"),
+        ("Expect", "100-continue"),  # met by the gateway (review)
     ]
     async with gw.session.get(f"{gw.url}/v1/instances", headers=headers) as r:
         assert r.status == 200
@@ -126,7 +127,14 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
     got = recorded["raw_headers"]
     names = [name.lower() for name, _ in got]
     assert [v for n, v in got if n.lower() == "x-dup"] == ["one", "two"]
-    for dropped in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "license-token"):
+    for dropped in (
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "license-token",
+        "expect",
+    ):
         assert dropped not in names
     values = {n.lower(): v for n, v in got}
     assert values["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
@@ -135,6 +143,56 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
     assert values["authorization"] == "Bearer provider-credential"
     assert values["user-agent"] == "client/1.0"
     assert "accept-encoding" not in names or ("Accept-Encoding", "gzip, deflate") not in got
+
+
+async def test_forwarding_headers_in_any_spelling_are_the_gateway_s(
+    start_gateway: StartGateway,
+) -> None:
+    """CGI-style servers read "X_Forwarded_For" as X-Forwarded-For: such spellings went on beside
+    the gateway's own (found in review). So does a mixed spelling of a token header."""
+    gw = await start_gateway(tokens={"header": "X-License-Token"})
+    headers = [
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X-Forwarded_Proto", "https"),
+        ("x_license-token", "eyJhbGciOiJFZERTQSJ9.e30.c2ln"),
+    ]
+    async with gw.session.get(f"{gw.url}/v1/instances", headers=headers) as r:
+        assert r.status == 200
+    got = (await gw.stub_requests())[-1]["raw_headers"]
+    assert [n for n, _ in got if n.lower().replace("_", "-") == "x-forwarded-for"] == [
+        "X-Forwarded-For"
+    ]
+    assert not [n for n, _ in got if "_" in n]
+
+
+@pytest.mark.parametrize("listed", ["Idempotency-Key", "X-Account-Id", "content-type, close"])
+async def test_a_launch_whose_connection_header_lists_a_field_it_reads_is_malformed(
+    start_gateway: StartGateway, make_token: MakeToken, listed: str
+) -> None:
+    """A field that Connection lists is dropped on the way upstream, as HTTP has it: a launch
+    judged with its account or idempotency key would go without them (found in review:
+    retries with "Connection: Idempotency-Key" went on uncounted, without their key)."""
+    gw = await start_gateway()
+    headers = {"Connection": listed, "Idempotency-Key": "k-1"}
+    status, problem, _ = await gw.launch(token=make_token(), headers=headers)
+    assert (status, problem["reason"]) == (400, "malformed_request")
+    assert "Connection header lists" in problem["detail"]
+    assert await gw.stub_requests() == []
+    # Connection options of its own are fine
+    status, _, _ = await gw.launch(UNRESTRICTED, headers={"Connection": "keep-alive, TE"})
+    assert status == 201
+
+
+async def test_an_upstream_reason_phrase_with_a_control_character_is_not_relayed(
+    start_gateway: StartGateway,
+) -> None:
+    """aiohttp refuses to send it, and the client's connection was cut instead of the answer
+    (found in review): the status's own phrase goes instead."""
+    answer = replying(b"HTTP/1.1 200 O\x01K\xff\r\nContent-Length: 2\r\n\r\nok")
+    async with raw_upstream(answer) as url:
+        gw = await start_gateway(upstream_url=url)
+        async with gw.session.get(f"{gw.url}/anything") as r:
+            assert (r.status, r.reason, await r.read()) == (200, "OK", b"ok")
 
 
 async def test_upstream_response_relayed_untouched(

@@ -780,3 +780,48 @@ async def test_an_https_upstream_whose_certificate_does_not_check_out_is_not_rea
             await send(client, URL(f"https://localhost:{port}"), "/x")
     assert not caught.value.timed_out
     assert requests == []
+
+
+# --- a review of the client's answers (each failed before its fix) ----------------------------
+
+
+async def test_a_switch_of_protocols_is_a_bad_answer(client: UpstreamClient) -> None:
+    """The gateway forwards no Upgrade: a 101 was relayed, and the client's connection then
+    stayed HTTP while a front proxy would tunnel it (found in review)."""
+    answer = replying(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nRAW")
+    server, url = await raw_server(answer)
+    async with server:
+        with pytest.raises(BadAnswer, match="101"):
+            await send(client, url)
+
+
+async def test_endless_interim_answers_are_a_bad_answer(client: UpstreamClient) -> None:
+    """An upstream that sends 100 Continue over and over never gets to its answer."""
+    answer = replying(b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\n\r\n")
+    server, url = await raw_server(answer)
+    async with server:
+        with pytest.raises(BadAnswer, match="interim answers"):
+            await send(client, url)
+
+
+async def test_a_head_trickled_byte_by_byte_is_due_within_the_read_timeout(
+    client: UpstreamClient,
+) -> None:
+    """The read timer restarts at every byte: an upstream trickling its answer's head held the
+    request for as long as it went on (found in review). The head is due within the read
+    timeout in all."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    server, url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    async with server:
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await send(client, url, read_timeout_s=0.5)
+        assert loop.time() - started < 2.0  # not the 6 s the trickle takes

@@ -1,8 +1,8 @@
 """What goes upstream and what comes back: headers both ways, and relaying the answer.
 
 Requests keep their method, path, query, body and headers, less the hop-by-hop ones
-(RFC 9110 section 7.6.1), the license-token header, and the forwarding headers that the
-gateway sets itself. Responses come back as the upstream sent them, bytes untouched
+(RFC 9110 section 7.6.1), the license-token header, ``Expect`` (met here), and the forwarding
+headers that the gateway sets itself. Responses come back as the upstream sent them, bytes untouched
 (nothing is decompressed). The connections themselves are ``upstream.py``'s.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable
 from typing import Final
 
@@ -37,37 +38,51 @@ GATEWAY_SET: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "forward
 
 @functools.cache
 def _never_forwarded(*extra: str) -> frozenset[str]:
-    """Header names (lower case) never passed on: hop-by-hop, the gateway's own, ``extra``
-    (also spelt with ``_`` for ``-``, which CGI-style servers read as the same name)."""
-    return HOP_BY_HOP | GATEWAY_SET | {s for e in extra for s in (e.lower(), _underscored(e))}
+    """Header names never passed on, as ``as_variable`` spells them: hop-by-hop, the gateway's
+    own, ``extra``. Compared so, any mix of ``_`` and ``-`` matches, as CGI-style servers read
+    both as one name (found in review: "X_Forwarded_For" went on beside the gateway's own)."""
+    return frozenset(as_variable(name) for name in (*HOP_BY_HOP, *GATEWAY_SET, *extra))
 
 
-def _underscored(name: str) -> str:
-    return name.lower().replace("-", "_")
+def as_variable(name: str) -> str:
+    """A header name as CGI-style servers read it: letter case and ``_`` or ``-`` alike."""
+    return name.lower().replace("_", "-")
 
 
-def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
-    """``always`` plus the headers this message's ``Connection`` names as hop-by-hop."""
+def connection_options(
+    headers: CIMultiDictProxy[str], spell: Callable[[str], str] = as_variable
+) -> frozenset[str]:
+    """The names a message's ``Connection`` header lists, spelt by ``spell``."""
     listed = headers.getall(hdrs.CONNECTION, ())
-    if not listed:
+    return frozenset(spell(token.strip()) for value in listed for token in value.split(",")) - {""}
+
+
+def _dropped(
+    headers: CIMultiDictProxy[str], always: frozenset[str], spell: Callable[[str], str]
+) -> frozenset[str]:
+    """``always`` plus the headers this message's ``Connection`` names as hop-by-hop, spelt
+    by ``spell`` as ``always``'s names are."""
+    if hdrs.CONNECTION not in headers:
         return always
-    named = {token.strip().lower() for value in listed for token in value.split(",")}
-    return always | (named - {""})
+    return always | connection_options(headers, spell)
 
 
 def upstream_headers(
     request: web.Request, token_header: str, *, body_known: bool
 ) -> list[tuple[str, str]]:
     """Headers to send upstream: the client's, less hop-by-hop and token, plus forwarding."""
-    # A body sent as bytes gets its length from the upstream client.
+    # A body sent as bytes gets its length from the upstream client. Expect is answered here
+    # (aiohttp sends the 100 Continue) and the body goes upstream without waiting for one: an
+    # upstream answering early that kept the connection would read the body as a request of
+    # its own (found in review, with an upstream that breaks RFC 9110 10.1.1).
     always = (
-        _never_forwarded(token_header, hdrs.CONTENT_LENGTH)
+        _never_forwarded(token_header, hdrs.EXPECT, hdrs.CONTENT_LENGTH)
         if body_known
-        else _never_forwarded(token_header)
+        else _never_forwarded(token_header, hdrs.EXPECT)
     )
     headers = request.headers
-    dropped = _dropped(headers, always)
-    kept = [(k, v) for k, v in headers.items() if k.lower() not in dropped]
+    dropped = _dropped(headers, always, as_variable)
+    kept = [(k, v) for k, v in headers.items() if as_variable(k) not in dropped]
     peer = request.remote or "unknown"
     scheme = request.scheme
     forwarded_for = f'"[{peer}]"' if ":" in peer else peer
@@ -80,7 +95,7 @@ def upstream_headers(
 
 def response_headers(upstream: UpstreamResponse, extra: dict[str, str]) -> list[tuple[str, str]]:
     """The upstream's answer headers, less hop-by-hop, plus ``extra`` (replacing any same)."""
-    dropped = _dropped(upstream.headers, HOP_BY_HOP)
+    dropped = _dropped(upstream.headers, HOP_BY_HOP, str.lower)
     if extra:
         dropped = dropped | {name.lower() for name in extra}
     kept = [(k, v) for k, v in upstream.headers.items() if k.lower() not in dropped]
@@ -105,6 +120,16 @@ def received_whole(request: web.Request, upstream: UpstreamResponse) -> bool:
     )
 
 
+_PHRASE: Final = re.compile(r"[\t\x20-\x7e]*")
+
+
+def _phrase(reason: str | None) -> str | None:
+    """The upstream's reason phrase when it is plain text, else None (the status's own): aiohttp
+    refuses to send a control character, and the client's connection was cut instead (found in
+    review: "200 O\x01K" cost a launch its answer, counted as used all the same)."""
+    return reason if reason is not None and _PHRASE.fullmatch(reason) else None
+
+
 async def relay_response(
     request: web.Request,
     upstream: UpstreamResponse,
@@ -116,11 +141,10 @@ async def relay_response(
     caller read it already (an answer received whole, sent in one write), else streamed;
     ``broke_off(error)`` hears of an answer that broke off mid-stream (the client's is cut)."""
     headers = response_headers(upstream, extra)
+    reason = _phrase(upstream.reason)
     if body is not None:
-        return web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=body
-        )
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        return web.Response(status=upstream.status, reason=reason, headers=headers, body=body)
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     try:
         await response.prepare(request)
     except ConnectionError:  # the client is gone: no fault of the upstream's

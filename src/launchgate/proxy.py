@@ -28,7 +28,14 @@ from launchgate.audit import utc_timestamp
 from launchgate.config import Config
 from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.errors import StoreUnavailable
-from launchgate.forward import received_whole, relay_response, upstream_headers
+from launchgate.forward import (
+    HOP_BY_HOP,
+    as_variable,
+    connection_options,
+    received_whole,
+    relay_response,
+    upstream_headers,
+)
 from launchgate.gateway import Gateway
 from launchgate.idempotency import fingerprint, idempotency_key, replay_sent_on
 from launchgate.ids import new_ulid
@@ -181,6 +188,7 @@ async def handle_launch(
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
         _one_identity(request.headers, config)
+        _nothing_read_is_dropped(request.headers)
         for second_reading in route.second_readings:  # one meaning or none
             action = second_reading(launch_request)
             if action is not None:
@@ -262,18 +270,31 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
     """MalformedLaunch for a launch with two account headers or two token headers: the gateway
     would judge one while the upstream might act on the other (one meaning or none). A name
     spelt with ``_`` for ``-`` counts too: CGI-style servers read both as one variable."""
-    names = {_as_variable(name): name for name in (config.account_header, config.token_header)}
+    names = {as_variable(name): name for name in (config.account_header, config.token_header)}
     seen: set[str] = set()
     for key, _ in headers.items():  # every field line (keys() folds repeats into one)
-        variable = _as_variable(key)
+        variable = as_variable(key)
         if variable in names:
             if variable in seen:
                 raise MalformedLaunch(f"more than one {names[variable]} header")
             seen.add(variable)
 
 
-def _as_variable(name: str) -> str:
-    return name.lower().replace("_", "-")
+# What a launch's Connection header may list: the connection options of HTTP/1.1 and the
+# hop-by-hop fields, which mean nothing to the upstream anyway.
+_CONNECTION_OPTIONS: Final = frozenset({"close", *(as_variable(h) for h in HOP_BY_HOP)})
+
+
+def _nothing_read_is_dropped(headers: CIMultiDictProxy[str]) -> None:
+    """MalformedLaunch for a launch whose ``Connection`` header lists another field: it would
+    be judged here (an account, an idempotency key, the body's type) and dropped on the way
+    upstream, as HTTP has it (found in review: ``Connection: Idempotency-Key`` sent a counted
+    launch's retries on without their key, uncounted, to an upstream deduplicating on it)."""
+    listed = connection_options(headers) - _CONNECTION_OPTIONS
+    if listed:
+        raise MalformedLaunch(
+            f"the Connection header lists {min(listed)!r}, which would not reach the upstream"
+        )
 
 
 def _overrides_method(headers: CIMultiDictProxy[str]) -> bool:
@@ -283,7 +304,7 @@ def _overrides_method(headers: CIMultiDictProxy[str]) -> bool:
     for name in METHOD_OVERRIDES:
         if name in headers:
             return True
-    return any("_" in key and _as_variable(key) in _OVERRIDE_VARIABLES for key in headers)
+    return any("_" in key and as_variable(key) in _OVERRIDE_VARIABLES for key in headers)
 
 
 def _replay_of(result: ReserveResult | None) -> str | None:

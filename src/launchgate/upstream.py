@@ -56,6 +56,11 @@ _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 _BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
+# Interim (1xx) answers taken before the final one: 100 Continue and 103 Early Hints come once
+# or a few times; more is an upstream that never gets to its answer.
+_MAX_INTERIM_ANSWERS: Final = 16
+
+
 class ConnectFailed(Exception):
     """No connection to the upstream could be made: nothing reached it."""
 
@@ -283,13 +288,34 @@ class UpstreamClient:
             else:
                 transport.write(head + body if body else head)
                 conn.start_timeout()
+            # With the body sent whole, the final answer's head is due within the read timeout
+            # in all: the timer alone restarts at every byte, and an upstream trickling its head
+            # or sending interim answers held the request for as long as it went on (found in
+            # review). (A streamed upload's own end starts the timer: ``_Upload``.)
+            deadline = (
+                None
+                if upload is not None or not read_timeout_s
+                else asyncio.get_running_loop().time() + read_timeout_s
+            )
+            interim = 0
             while True:
                 try:
-                    message, payload = await conn.read()
+                    async with asyncio.timeout_at(deadline):
+                        message, payload = await conn.read()
                 except HttpProcessingError as e:
                     raise BadAnswer(f"the upstream's answer is not HTTP/1.1: {e.message}") from e
-                if not 100 <= message.code < 200 or message.code == 101:
+                if message.code == 101:
+                    # The gateway forwards no Upgrade, so no switch was asked for: the bytes
+                    # that follow are no HTTP it can relay (found in review: the 101 went to
+                    # the client, whose connection then stayed HTTP).
+                    raise BadAnswer("the upstream switched protocols (101), which was not asked")
+                if not 100 <= message.code < 200:
                     break
+                interim += 1
+                if interim > _MAX_INTERIM_ANSWERS:
+                    raise BadAnswer(
+                        f"the upstream sent over {_MAX_INTERIM_ANSWERS} interim answers"
+                    )
                 # aiohttp stops the read timer at an interim answer: the final one is still due
                 # (unless it is queued already, its body read and its timer stopped).
                 if (upload is None or upload.done) and not len(conn):
