@@ -281,8 +281,11 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
 
 
 # What a launch's Connection header may list: the connection options of HTTP/1.1 and the
-# hop-by-hop fields, which mean nothing to the upstream anyway.
-_CONNECTION_OPTIONS: Final = frozenset({"close", *(as_variable(h) for h in HOP_BY_HOP)})
+# hop-by-hop fields, which mean nothing to the upstream anyway (HTTP2-Settings: curl's h2c
+# upgrade, RFC 7540 3.2.1).
+_CONNECTION_OPTIONS: Final = frozenset(
+    {"close", "http2-settings", *(as_variable(h) for h in HOP_BY_HOP)}
+)
 
 
 def _nothing_read_is_dropped(headers: CIMultiDictProxy[str]) -> None:
