@@ -807,9 +807,9 @@ async def test_endless_interim_answers_are_a_bad_answer(client: UpstreamClient) 
 async def test_a_head_trickled_byte_by_byte_is_due_within_the_read_timeout(
     client: UpstreamClient,
 ) -> None:
-    """The read timer restarts at every byte: an upstream trickling its answer's head held the
-    request for as long as it went on (found in review). The head is due within the read
-    timeout in all."""
+    """The read timer restarts at every byte: an upstream trickling its answer's head held a
+    launch (and its reservation) for as long as it went on (found in review). With the body
+    sent whole, as a launch's is, the head is due within the read timeout in all."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -823,5 +823,5 @@ async def test_a_head_trickled_byte_by_byte_is_due_within_the_read_timeout(
     async with server:
         started = loop.time()
         with pytest.raises(TimeoutError):
-            await send(client, url, read_timeout_s=0.5)
+            await send(client, url, method="POST", body=b"{}", read_timeout_s=0.5)
         assert loop.time() - started < 2.0  # not the 6 s the trickle takes
