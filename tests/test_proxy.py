@@ -119,7 +119,7 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
         ("X-Forwarded-Proto", "gopher"),
         ("Authorization", "Bearer provider-credential"),
         ("User-Agent", "client/1.0"),
-        ("Expect", "100-continue"),  # met by the gateway (review)
+        ("Expect", "100-continue"),
     ]
     async with gw.session.get(f"{gw.url}/v1/instances", headers=headers) as r:
         assert r.status == 200
@@ -133,7 +133,6 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
         "te",
         "proxy-authorization",
         "license-token",
-        "expect",
     ):
         assert dropped not in names
     values = {n.lower(): v for n, v in got}
@@ -142,6 +141,7 @@ async def test_headers_forwarded_less_hop_by_hop_and_token(start_gateway: StartG
     assert values["forwarded"] == "for=127.0.0.1;proto=http"
     assert values["authorization"] == "Bearer provider-credential"
     assert values["user-agent"] == "client/1.0"
+    assert values["expect"] == "100-continue"  # end to end (CONTRACT section 6)
     assert "accept-encoding" not in names or ("Accept-Encoding", "gzip, deflate") not in got
 
 
@@ -178,6 +178,16 @@ async def test_a_launch_whose_connection_header_lists_a_field_it_reads_is_malfor
     assert (status, problem["reason"]) == (400, "malformed_request")
     assert "Connection header lists" in problem["detail"]
     assert await gw.stub_requests() == []
+    # A request on the route that launches nothing goes on as any other, less what Connection
+    # lists (found in review of the first version: an EC2 DescribeInstances was 400)
+    ec2 = await start_gateway(routes=[{"dialect": "aws-ec2", "path": "/ec2"}])
+    async with ec2.session.get(
+        f"{ec2.url}/ec2/?Action=DescribeInstances",
+        headers={"X-Account-Id": RESTRICTED, "Connection": "X-Trace", "X-Trace": "1"},
+    ) as r:
+        assert r.status == 200
+    sent = (await ec2.stub_requests())[-1]["raw_headers"]
+    assert "x-trace" not in [n.lower() for n, _ in sent]
     # Connection options of its own are fine
     for options in ("keep-alive, TE", "Upgrade, HTTP2-Settings"):  # (the latter: curl --http2)
         status, _, _ = await gw.launch(UNRESTRICTED, headers={"Connection": options})
@@ -194,6 +204,12 @@ async def test_an_upstream_reason_phrase_with_a_control_character_is_not_relayed
         gw = await start_gateway(upstream_url=url)
         async with gw.session.get(f"{gw.url}/anything") as r:
             assert (r.status, r.reason, await r.read()) == (200, "OK", b"ok")
+    # ... while text in another script goes on as it came (review of the first version)
+    answer = replying("HTTP/1.1 200 Ça va\r\nContent-Length: 2\r\n\r\nok".encode())
+    async with raw_upstream(answer) as url:
+        gw = await start_gateway(upstream_url=url)
+        async with gw.session.get(f"{gw.url}/anything") as r:
+            assert (r.status, r.reason) == (200, "Ça va")
 
 
 async def test_upstream_response_relayed_untouched(

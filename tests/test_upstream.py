@@ -825,3 +825,47 @@ async def test_a_head_trickled_byte_by_byte_is_due_within_the_read_timeout(
         with pytest.raises(TimeoutError):
             await send(client, url, method="POST", body=b"{}", read_timeout_s=0.5)
         assert loop.time() - started < 2.0  # not the 6 s the trickle takes
+
+
+async def test_a_bodiless_request_sent_whole_has_its_head_due_too(
+    client: UpstreamClient,
+) -> None:
+    """An EC2 launch is a GET with no body: b"" is a body sent whole, and its answer's head is
+    due within the read timeout in all (found in review: it waited out a 16 s trickle)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    server, url = await raw_server(answer)
+    loop = asyncio.get_running_loop()
+    async with server:
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await send(client, url, body=b"", read_timeout_s=0.5)
+        assert loop.time() - started < 2.0
+
+
+async def test_a_connection_that_carried_expect_serves_no_other_request(
+    client: UpstreamClient,
+) -> None:
+    """Expect goes upstream (CONTRACT section 6: headers intact) but the body goes at once: an
+    upstream that answered early and then read the body as a request of its own would answer
+    that next on the connection, so it is not kept (found in review)."""
+    answer = replying(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+    server, url = await raw_server(answer)
+    async with server:
+        response = await send(
+            client,
+            url,
+            method="POST",
+            headers=[("Expect", "100-continue")],
+            body=b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        assert response.status == 417
+        await response.read()
+        response.release()
+        assert not any(client._idle.values())

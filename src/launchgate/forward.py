@@ -1,8 +1,8 @@
 """What goes upstream and what comes back: headers both ways, and relaying the answer.
 
 Requests keep their method, path, query, body and headers, less the hop-by-hop ones
-(RFC 9110 section 7.6.1), the license-token header, ``Expect`` (met here), and the forwarding
-headers that the gateway sets itself. Responses come back as the upstream sent them, bytes untouched
+(RFC 9110 section 7.6.1), the license-token header, and the forwarding headers that the
+gateway sets itself. Responses come back as the upstream sent them, bytes untouched
 (nothing is decompressed). The connections themselves are ``upstream.py``'s.
 """
 
@@ -71,14 +71,11 @@ def upstream_headers(
     request: web.Request, token_header: str, *, body_known: bool
 ) -> list[tuple[str, str]]:
     """Headers to send upstream: the client's, less hop-by-hop and token, plus forwarding."""
-    # A body sent as bytes gets its length from the upstream client. Expect is answered here
-    # (aiohttp sends the 100 Continue) and the body goes upstream without waiting for one: an
-    # upstream answering early that kept the connection would read the body as a request of
-    # its own (found in review, with an upstream that breaks RFC 9110 10.1.1).
+    # A body sent as bytes gets its length from the upstream client.
     always = (
-        _never_forwarded(token_header, hdrs.EXPECT, hdrs.CONTENT_LENGTH)
+        _never_forwarded(token_header, hdrs.CONTENT_LENGTH)
         if body_known
-        else _never_forwarded(token_header, hdrs.EXPECT)
+        else _never_forwarded(token_header)
     )
     headers = request.headers
     dropped = _dropped(headers, always, as_variable)
@@ -120,13 +117,14 @@ def received_whole(request: web.Request, upstream: UpstreamResponse) -> bool:
     )
 
 
-_PHRASE: Final = re.compile(r"[\t\x20-\x7e]*")
+_PHRASE: Final = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]*")
 
 
 def _phrase(reason: str | None) -> str | None:
-    """The upstream's reason phrase when it is plain text, else None (the status's own): aiohttp
-    refuses to send a control character, and the client's connection was cut instead (found in
-    review: "200 O\x01K" cost a launch its answer, counted as used all the same)."""
+    """The upstream's reason phrase unless it holds a control character or undecodable bytes,
+    else None (the status's own): aiohttp refuses to send a control character, and the
+    client's connection was cut instead (found in review: "200 O\x01K" cost a launch its
+    answer, counted as used all the same)."""
     return reason if reason is not None and _PHRASE.fullmatch(reason) else None
 
 

@@ -188,7 +188,6 @@ async def handle_launch(
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
         _one_identity(request.headers, config)
-        _nothing_read_is_dropped(request.headers)
         for second_reading in route.second_readings:  # one meaning or none
             action = second_reading(launch_request)
             if action is not None:
@@ -197,6 +196,8 @@ async def handle_launch(
                     f" above {route.dialect.path} judges"
                 )
         launch = route.dialect.parse(launch_request)
+        if launch is not None:  # (a request that launches nothing goes on as any other)
+            _nothing_read_is_dropped(request.headers)
     except MalformedLaunch as e:
         decision = malformed(e.detail, account, token)
     else:

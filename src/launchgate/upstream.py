@@ -136,6 +136,7 @@ class UpstreamResponse:
         "_client",
         "_closed",
         "_conn",
+        "_keep",
         "_origin",
         "_upload",
         "content",
@@ -154,6 +155,7 @@ class UpstreamResponse:
         client: UpstreamClient,
         origin: Origin,
         upload: _Upload | None,
+        keep: bool = True,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -163,6 +165,7 @@ class UpstreamResponse:
         self._client = client
         self._origin = origin
         self._upload = upload
+        self._keep = keep  # whether the connection may serve another request afterwards
         # A body the parser gives up on (a bad chunk) would otherwise wait for bytes forever:
         # when the connection goes, an unfinished body fails. (``closed`` is None only once
         # the connection is lost, and _connect asks for it before that.)
@@ -197,7 +200,7 @@ class UpstreamResponse:
         if upload is not None and not upload.done:  # the upload is unfinished: abandon it
             upload.cancel()
             conn.abort()  # (close() would wait for the unsent bytes to drain)
-        elif self.content.is_eof():
+        elif self.content.is_eof() and self._keep:
             self._client.put(self._origin, conn)
         else:
             conn.close()
@@ -288,14 +291,14 @@ class UpstreamClient:
             else:
                 transport.write(head + body if body else head)
                 conn.start_timeout()
-            # With a body sent whole (every launch's), the final answer's head is due within the
-            # read timeout in all: the timer alone restarts at every byte, and an upstream
-            # trickling its head or sending interim answers held a launch, and its reservation,
-            # for as long as it went on (found in review). Other requests keep the per-read
-            # timer alone, as proxies do: the deadline costs 3 us a request, measured.
+            # With a body sent whole (every launch's, b"" for a GET), the final answer's head
+            # is due within the read timeout in all: the timer alone restarts at every byte,
+            # and an upstream trickling its head or sending interim answers held a launch, and
+            # its reservation, for as long as it went on (found in review). Other requests keep
+            # the per-read timer alone, as proxies do: the deadline costs 3 us, measured.
             deadline = (
                 asyncio.get_running_loop().time() + read_timeout_s
-                if isinstance(body, bytes) and body and read_timeout_s
+                if isinstance(body, bytes) and read_timeout_s
                 else None
             )
             interim = 0
@@ -330,8 +333,12 @@ class UpstreamClient:
             upload.answered = True
         if payload.is_eof():  # nothing more to read on this request: no timer may outlive it
             conn._drop_timeout()
+        # A request that asked to be told to go on gets its body sent at once all the same: an
+        # upstream that answered early and then read that body as a request of its own would
+        # answer it next on this connection, so it serves no other (found in review).
+        keep = b"\r\nexpect:" not in head.lower()
         return UpstreamResponse(
-            message.code, message.reason, message.headers, payload, conn, self, origin, upload
+            message.code, message.reason, message.headers, payload, conn, self, origin, upload, keep
         )
 
     def _take(self, origin: Origin) -> ResponseHandler | None:
