@@ -783,6 +783,13 @@ async def test_an_https_upstream_whose_certificate_does_not_check_out_is_not_rea
 
 
 # --- a review of the client's answers (each failed before its fix) ----------------------------
+async def _trickling_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw upstream that sends its answer's head a byte every 50 ms, for about 6 s."""
+    await reader.readuntil(b"\r\n\r\n")
+    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
 
 
 async def test_a_switch_of_protocols_is_a_bad_answer(client: UpstreamClient) -> None:
@@ -811,14 +818,7 @@ async def test_a_head_trickled_byte_by_byte_is_due_within_the_read_timeout(
     launch (and its reservation) for as long as it went on (found in review). With the body
     sent whole, as a launch's is, the head is due within the read timeout in all."""
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
-            writer.write(bytes([byte]))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    server, url = await raw_server(answer)
+    server, url = await raw_server(_trickling_head)
     loop = asyncio.get_running_loop()
     async with server:
         started = loop.time()
@@ -833,14 +833,7 @@ async def test_a_bodiless_request_sent_whole_has_its_head_due_too(
     """An EC2 launch is a GET with no body: b"" is a body sent whole, and its answer's head is
     due within the read timeout in all (found in review: it waited out a 16 s trickle)."""
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
-            writer.write(bytes([byte]))
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    server, url = await raw_server(answer)
+    server, url = await raw_server(_trickling_head)
     loop = asyncio.get_running_loop()
     async with server:
         started = loop.time()
