@@ -73,13 +73,18 @@ class Process:
         return code
 
 
-async def spawn(*args: str) -> Process:
+async def spawn(*args: str, tmp: Path | None = None) -> Process:
+    """``launchgate *args``; with ``tmp``, its temporary files go there (a supervisor killed
+    with SIGKILL cannot remove its metrics folder: it stays with the test's own files)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     proc = await asyncio.create_subprocess_exec(
         *LAUNCHGATE,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env,
     )
     process = Process(proc)
     process.reader = asyncio.create_task(process._pump())
@@ -508,7 +513,7 @@ async def test_workers_end_with_their_supervisor_and_their_port_is_not_shared(
     A second supervisor now refuses a port that is served (exit 2), and the kernel stops the
     workers of a supervisor that died."""
     config_path, listen, _ = _on_free_ports(tmp_path, keys)
-    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2")
+    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2", tmp=tmp_path)
     started: dict[str, Any] = {"pids": []}
     try:
         started = json.loads(await gateway.wait_for_line("workers.started"))
