@@ -1236,6 +1236,59 @@ def test_release_settles_an_expired_reservation_no_gateway_swept(
     assert run_main(capsys, "audit", "verify", load_config(path).audit_path).code == 0
 
 
+def test_a_refused_release_sweeps_nothing(tmp_path: Path, keys: Keys) -> None:
+    """A release refused (no such decision, or one still within the TTL) leaves the ledger and
+    the log as they were, expired reservations of others included (found in review: they were
+    swept and recorded first)."""
+    path = write_config(tmp_path, NOWHERE, keys, store={"reservation_ttl_s": 60})
+
+    def reserved_ago(decision_id: str, age_s: float) -> Callable[[Ledger], Awaitable[Any]]:
+        now = time.time() - age_s
+        return lambda ledger: ledger.reserve(
+            jti="lic-r",
+            account=RESTRICTED,
+            max_accelerators=64,
+            expires=now + 3600,
+            amount=8,
+            decision_id=decision_id,
+            now=now,
+        )
+
+    in_ledger(path, reserved_ago("d-expired", 120))
+    in_ledger(path, reserved_ago("d-fresh", 0))
+    audit = load_config(path).audit_path
+    for decision in ("typo", "d-fresh"):
+        result = run_cli("licenses", "release", "--config", path, "--decision", decision)
+        assert_user_error(result, "--decision", decision)
+    assert "still open" in result.err
+    state = license_state(path, "lic-r")
+    assert state is not None and (state.used, state.reserved) == (0, 16)
+    assert not audit.exists() or audit.read_bytes() == b""
+
+
+def test_a_release_whose_record_cannot_be_written_says_what_it_did(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger has changed when a record is refused (a file-size limit): one line, exit 2,
+    saying what was done (found in review: a traceback)."""
+    path = write_config(tmp_path, NOWHERE, keys, store={"reservation_ttl_s": 0.2})
+    reserve(path, "lic-r", 8, "d-lost", settle=None)
+    time.sleep(0.3)
+
+    def refused(self: AuditLog, record: Any) -> Any:
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(AuditLog, "append_sync", refused)
+    result = run_main(capsys, "licenses", "release", "--config", path, "--decision", "d-lost")
+    assert result.code == 2 and "Traceback" not in result.err
+    [line] = result.err.splitlines()
+    assert "settled the reservation of decision d-lost as used" in line
+    assert "record was not written" in line and "File too large" in line
+
+
 @pytest.mark.parametrize("settle", ["commit", None, "unknown-released"])
 def test_release_refuses_what_is_not_settled_unknown(config_path: Path, settle: str | None) -> None:
     """release of a used, still-reserved or already released reservation: exit 2, one line."""

@@ -758,13 +758,17 @@ async def test_ping_fails_while_the_ledger_s_filesystem_is_full(
     await store.open()
     try:
 
-        def free(blocks: int) -> Any:
-            return lambda path: type("Space", (), {"f_bavail": blocks, "f_frsize": 4096})()
+        def free(blocks: int, total: int = 1 << 20) -> Any:
+            space = {"f_bavail": blocks, "f_blocks": total, "f_frsize": 4096}
+            return lambda path: type("Space", (), space)()
 
         monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(16))
         with pytest.raises(StoreUnavailable, match="KiB free"):
             await store.ping()
         monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(2048))  # 8 MB
+        await store.ping()
+        # ramfs, tmpfs with size=0: no blocks at all means no limit, not full (review)
+        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(0, total=0))
         await store.ping()
     finally:
         monkeypatch.undo()

@@ -409,10 +409,10 @@ async def test_readyz_503_while_the_decision_log_cannot_be_written(
         assert (await ready.json())["checks"]["audit"].endswith("takes no new file")
 
     def full(path: Any) -> Any:
-        return type("Full", (), {"f_bavail": 0, "f_frsize": 4096})()
+        return type("Full", (), {"f_bavail": 0, "f_blocks": 1 << 20, "f_frsize": 4096})()
 
     def roomy(path: Any) -> Any:  # found by QA: 8 MB free was called full
-        return type("Roomy", (), {"f_bavail": 2048, "f_frsize": 4096})()
+        return type("Roomy", (), {"f_bavail": 2048, "f_blocks": 1 << 20, "f_frsize": 4096})()
 
     monkeypatch.setattr("launchgate.audit.os.statvfs", roomy)
     assert (await gw.launch(UNRESTRICTED))[0] == 201  # the file is there again

@@ -473,7 +473,8 @@ class AuditLog:
         if not os.access(path, os.W_OK):
             return f"{path}: not writable"
         space = os.statvfs(path)
-        if space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+        # (No blocks at all: a filesystem without a size, ramfs or tmpfs size=0, not a full one.)
+        if space.f_blocks and space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
             return f"{path}: less than {_LOW_SPACE_BYTES // 1024} KiB free on its filesystem"
         return None
 

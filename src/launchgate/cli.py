@@ -432,23 +432,46 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
 
     ttl = config.reservation_ttl_s
 
+    def record(entry: dict[str, Any], done: str) -> None:
+        """Append ``entry``; a log that refuses it now (the ledger has changed already) is one
+        line and exit 2, saying what was done (found in review: a traceback)."""
+        try:
+            audit.append_sync(entry)
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"{config.audit_path}: {done}, but its record was not written: {e}"
+            ) from None
+
     async def give_back() -> Any:
         ledger = open_ledger(config.store_url, config.base_dir)
         try:
             await ledger.open()
-            # First what any gateway's sweeper does, recorded as it records it: with no gateway
+            now = time.time()
+            found = await ledger.reservation(args.decision)
+            if found is None:
+                raise LookupError(args.decision)
+            if found.state == "reserved" and found.created_at >= now - ttl:
+                raise ValueError(
+                    f"reservation for decision {args.decision} is still open (made less than"
+                    f" [store] reservation_ttl_s = {ttl:g} s ago): its launch may be under way"
+                )
+            # Then what any gateway's sweeper does, recorded as it records it: with no gateway
             # running since one died mid-launch, its reservation is still open past the TTL,
             # and would not be given back (found by QA: only a running gateway settled it).
-            for decision_id in await ledger.expire_reservations(now=time.time(), ttl_s=ttl):
-                audit.append_sync(
-                    {
-                        "event": "reservation.settled",
-                        "timestamp": utc_timestamp(time.time()),
-                        "decision_id": decision_id,
-                        "settlement": "used",
-                        "note": f"outcome unknown after {ttl:g} s; counted as used",
-                    }
-                )
+            # (Not before the decision is known to be one to give back: a refused release
+            # changes nothing, found in review.)
+            if found.state == "reserved":
+                for decision_id in await ledger.expire_reservations(now=now, ttl_s=ttl):
+                    record(
+                        {
+                            "event": "reservation.settled",
+                            "timestamp": utc_timestamp(time.time()),
+                            "decision_id": decision_id,
+                            "settlement": "used",
+                            "note": f"outcome unknown after {ttl:g} s; counted as used",
+                        },
+                        f"settled the reservation of decision {decision_id} as used",
+                    )
             return await ledger.give_back(args.decision, now=time.time(), note=args.note)
         finally:
             await ledger.close()
@@ -460,7 +483,7 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
             raise UsageError(f"--decision: no reservation for decision {args.decision}") from None
         except ValueError as e:
             raise UsageError(f"--decision: {e}") from None
-        audit.append_sync(
+        record(
             {
                 "event": "license.released",
                 "timestamp": utc_timestamp(time.time()),
@@ -468,7 +491,8 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
                 "license": {"jti": reservation.jti},
                 "accelerators": reservation.amount,
                 "note": args.note,
-            }
+            },
+            f"released {reservation.amount} accelerators of {reservation.jti} in the ledger",
         )
     finally:
         audit.close()

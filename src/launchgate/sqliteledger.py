@@ -532,7 +532,9 @@ class SqliteLedger:
             # Nor does it need room: a full filesystem passed while every reservation failed
             # "database or disk is full" (found by QA).
             space = os.statvfs(self._path)
-            if space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+            # (No blocks at all: a filesystem without a size, ramfs or tmpfs size=0, found in
+            # review: it was called full.)
+            if space.f_blocks and space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
                 raise sqlite3.OperationalError(
                     f"less than {_LOW_SPACE_BYTES // 1024} KiB free on {self._path}'s filesystem"
                 )
