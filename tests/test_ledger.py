@@ -762,13 +762,13 @@ async def test_ping_fails_while_the_ledger_s_filesystem_is_full(
             space = {"f_bavail": blocks, "f_blocks": total, "f_frsize": 4096}
             return lambda path: type("Space", (), space)()
 
-        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(16))
+        monkeypatch.setattr("launchgate.files.os.statvfs", free(16))
         with pytest.raises(StoreUnavailable, match="KiB free"):
             await store.ping()
-        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(2048))  # 8 MB
+        monkeypatch.setattr("launchgate.files.os.statvfs", free(2048))  # 8 MB
         await store.ping()
         # ramfs, tmpfs with size=0: no blocks at all means no limit, not full (review)
-        monkeypatch.setattr("launchgate.sqliteledger.os.statvfs", free(0, total=0))
+        monkeypatch.setattr("launchgate.files.os.statvfs", free(0, total=0))
         await store.ping()
     finally:
         monkeypatch.undo()

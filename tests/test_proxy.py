@@ -414,10 +414,10 @@ async def test_readyz_503_while_the_decision_log_cannot_be_written(
     def roomy(path: Any) -> Any:  # found by QA: 8 MB free was called full
         return type("Roomy", (), {"f_bavail": 2048, "f_blocks": 1 << 20, "f_frsize": 4096})()
 
-    monkeypatch.setattr("launchgate.audit.os.statvfs", roomy)
+    monkeypatch.setattr("launchgate.files.os.statvfs", roomy)
     assert (await gw.launch(UNRESTRICTED))[0] == 201  # the file is there again
     assert (await admin.get("/readyz")).status == 200
-    monkeypatch.setattr("launchgate.audit.os.statvfs", full)
+    monkeypatch.setattr("launchgate.files.os.statvfs", full)
     ready = await admin.get("/readyz")
     assert "less than 64 KiB free" in (await ready.json())["checks"]["audit"]
     monkeypatch.undo()

@@ -37,7 +37,7 @@ from typing import Any, Final
 import structlog
 
 from launchgate.errors import ConfigError
-from launchgate.files import same_file
+from launchgate.files import same_file, short_of_space
 from launchgate.jobthread import JobThread
 
 log = structlog.get_logger("launchgate")
@@ -472,9 +472,7 @@ class AuditLog:
             return f"{path}: not a regular file"
         if not os.access(path, os.W_OK):
             return f"{path}: not writable"
-        space = os.statvfs(path)
-        # (No blocks at all: a filesystem without a size, ramfs or tmpfs size=0, not a full one.)
-        if space.f_blocks and space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+        if short_of_space(path, _LOW_SPACE_BYTES):
             return f"{path}: less than {_LOW_SPACE_BYTES // 1024} KiB free on its filesystem"
         return None
 

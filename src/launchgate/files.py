@@ -15,3 +15,11 @@ def same_file(path: Path, fd: int) -> bool:
         return False
     opened = os.fstat(fd)
     return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def short_of_space(path: Path, needed: int) -> bool:
+    """Whether the filesystem holding ``path`` has less than ``needed`` bytes free. One without
+    blocks at all has no size (ramfs, tmpfs with size=0), and is never short (found in review:
+    both were called full)."""
+    space = os.statvfs(path)
+    return bool(space.f_blocks) and space.f_bavail * space.f_frsize < needed

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
-from launchgate.files import same_file
+from launchgate.files import same_file, short_of_space
 from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
@@ -397,7 +397,7 @@ def check_ledger_file(path: Path) -> str | None:
             header = f.read(len(_SQLITE_HEADER))
     except OSError as e:
         return f"{path}: {e.strerror or e}"
-    if (header and header != _SQLITE_HEADER[: len(header)]) or 0 < len(header) < 16:
+    if header and header != _SQLITE_HEADER:  # (an empty file is an empty database)
         return f"{path} is not a SQLite database"
     # Read in place: without a write-ahead log beside it, as "immutable", which makes none
     # (found in review: `check` left -wal and -shm files behind).
@@ -531,10 +531,7 @@ class SqliteLedger:
                     raise sqlite3.OperationalError(f"{name} is not writable")
             # Nor does it need room: a full filesystem passed while every reservation failed
             # "database or disk is full" (found by QA).
-            space = os.statvfs(self._path)
-            # (No blocks at all: a filesystem without a size, ramfs or tmpfs size=0, found in
-            # review: it was called full.)
-            if space.f_blocks and space.f_bavail * space.f_frsize < _LOW_SPACE_BYTES:
+            if short_of_space(self._path, _LOW_SPACE_BYTES):
                 raise sqlite3.OperationalError(
                     f"less than {_LOW_SPACE_BYTES // 1024} KiB free on {self._path}'s filesystem"
                 )

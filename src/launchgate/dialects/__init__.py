@@ -156,16 +156,11 @@ def with_second_readings(routes: Sequence[Route]) -> tuple[Route, ...]:
             # (an EC2 route under another reads EC2 itself: found in review, the outer one's
             # reading refused every launch on the inner one)
             and later.dialect.name != route.dialect.name
-            and _holds(later.dialect.path, route.dialect.path)
+            and under_mount_in_any_case(route.dialect.path, later.dialect.path)
             and _methods_meet(later.dialect, route.dialect)
         )
         result.append(replace(route, second_readings=readings))
     return tuple(result)
-
-
-def _holds(mount: str, path: str) -> bool:
-    """Whether ``path`` is ``mount`` or under it, in any letter case."""
-    return under_mount_in_any_case(path, mount)
 
 
 def under_mount_in_any_case(path: str, mount: str) -> bool:
