@@ -234,8 +234,11 @@ def _is_digest(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS
 
 
-def _parse_record(line: bytes) -> dict[str, Any]:
-    """Parse one line (without its newline) and check its own hash; raise _BadRecord."""
+def _parse_record(line: bytes) -> tuple[dict[str, Any], bool]:
+    """Parse one line (without its newline) and check its own hash; raise _BadRecord. Also
+    whether the line holds the record byte for byte as the gateway writes it (canonical JSON,
+    its hash in place): a line can differ and still hash right (keys in another order, blanks,
+    escapes, another spelling of a number), and a reader may show it differently."""
     try:
         record = json.loads(
             line.decode("utf-8"),
@@ -256,22 +259,15 @@ def _parse_record(line: bytes) -> dict[str, Any]:
     for field in ("prev_hash", "hash"):
         if not _is_digest(record.get(field)):
             raise _BadRecord(f"{field} is missing or not 64 lowercase hex digits")
-    try:
-        expected = record_hash(record)
+    try:  # (one encoding gives both the hash and the canonical line)
+        expected, canonical = hashed_line(record)
     except ValueError as e:
         raise _BadRecord(f"cannot be put in canonical form ({e})") from None
     except RecursionError:
         raise _BadRecord("nested too deeply to read") from None
     if record["hash"] != expected:
         raise _BadRecord("hash does not match the record's content (the record was altered)")
-    return record
-
-
-def _canonical(line: bytes, record: Mapping[str, Any]) -> bool:
-    """Whether ``line`` holds ``record`` byte for byte as the gateway writes it (canonical JSON,
-    its hash in place). A line can differ and still hash right: keys in another order, blanks,
-    escapes, another spelling of a number, which a reader may show differently."""
-    return hashed_line(record)[1] == line + b"\n"
+    return record, canonical == line + b"\n"
 
 
 def _read_last_line(fd: int, size: int) -> bytes:
@@ -300,7 +296,7 @@ def _chain_head(fd: int, size: int) -> tuple[int, str]:
     """The last record's seq and hash (0 and GENESIS_HASH if empty); raise _BadRecord."""
     if size == 0:
         return 0, GENESIS_HASH
-    record = _parse_record(_read_last_line(fd, size))
+    record, _ = _parse_record(_read_last_line(fd, size))
     return record["seq"], record["hash"]
 
 
@@ -726,7 +722,7 @@ def verify_file(path: Path) -> VerifyResult:
                 expected = good + 1
                 line = line.removesuffix(b"\n")
                 try:  # (only the last line can lack its newline: optional, as in JSON Lines)
-                    record = _parse_record(line)
+                    record, canonical = _parse_record(line)
                     if record["seq"] != expected:
                         raise _BadRecord(
                             # Both numbers said as "seq N": the record found there, and
@@ -740,7 +736,7 @@ def verify_file(path: Path) -> VerifyResult:
                     return VerifyResult(
                         ok=False, records=good, bad_seq=expected, detail=f"line {expected}: {e}"
                     )
-                if not _canonical(line, record):
+                if not canonical:
                     not_canonical += 1
                     first_not_canonical = first_not_canonical or expected
                 head = record["hash"]
