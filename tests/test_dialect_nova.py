@@ -301,6 +301,73 @@ def test_claims_create_and_action_calls(method: str, path: str, claimed: bool) -
     assert NOVA.claims(method, path) is claimed
 
 
+def _headers(**fields: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in fields.items()}))
+
+
+DEEP = build({"path": "/compute/v2.1"}, "routes[0]")
+
+
+@pytest.mark.parametrize(
+    ("dialect", "method", "path", "headers", "claimed"),
+    [
+        # Nova's URL map: a path naming no version goes to the API the header's version names.
+        (NOVA, "POST", "/servers", _headers(Content_Type="application/json; version=2.1"), True),
+        (NOVA, "POST", "/servers", _headers(Content_Type="application/json;version=2.1/x"), True),
+        (NOVA, "POST", "/servers", _headers(Accept="application/json;q=0.8;VERSION = 2"), True),
+        (
+            NOVA,
+            "POST",
+            "/p1/servers",
+            _headers(Content_Type='application/json; version="2.1"'),
+            True,
+        ),
+        (NOVA, "POST", "/servers/abc/action", _headers(Accept="*/*; version=2.1"), True),
+        (NOVA, "POST", "/v3/servers", _headers(Content_Type="application/json; version=2"), True),
+        (
+            DEEP,
+            "POST",
+            "/compute/servers",
+            _headers(Content_Type="application/json;version=2.1"),
+            True,
+        ),
+        # Not a launch there, not POST, no version named, or outside the mount's parent.
+        (NOVA, "POST", "/flavors", _headers(Content_Type="application/json; version=2.1"), False),
+        (
+            NOVA,
+            "POST",
+            "/a/b/servers",
+            _headers(Content_Type="application/json;version=2.1"),
+            False,
+        ),
+        (NOVA, "GET", "/servers", _headers(Accept="application/json; version=2.1"), False),
+        (NOVA, "POST", "/servers", _headers(Content_Type="application/json"), False),
+        (DEEP, "POST", "/servers", _headers(Content_Type="application/json; version=2.1"), False),
+        (
+            DEEP,
+            "POST",
+            "/other/servers",
+            _headers(Content_Type="application/json;version=2"),
+            False,
+        ),
+        (build({"path": "/"}, "r"), "POST", "/x/servers", _headers(Accept="a/b;version=2"), False),
+    ],
+)
+def test_claimed_by_a_version_header(
+    dialect: OpenstackNova,
+    method: str,
+    path: str,
+    headers: CIMultiDictProxy[str],
+    claimed: bool,
+) -> None:
+    """A request no Nova route claims by its path, which a version parameter of its
+    Content-Type or Accept would make a launch under the mount, is named (then malformed)."""
+    reason = dialect.claimed_by_header(method, path, headers)
+    assert (reason is not None) is claimed
+    if claimed:
+        assert reason is not None and f"under {dialect.path}" in reason
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -486,6 +553,10 @@ BYPASSES = [
     bypass("44-trailing-slash", "license_required", server(flavorRef=GPU_FLAVOR), path="/v2.1/servers/"),
     bypass("44-project-id", "license_required", server(flavorRef=GPU_FLAVOR), path="/v2.1/p1/servers"),
     bypass("44-boot-clone", "license_required", server(flavorRef=GPU_FLAVOR), path="/v2.1/os-volumes_boot"),
+    bypass("nova-urlmap-content-type-version", "malformed_request", server(flavorRef=GPU_FLAVOR, max_count=5), path="/servers", headers={"Content-Type": "application/json; version=2.1/x"}),
+    bypass("nova-urlmap-accept-version", "malformed_request", server(flavorRef=GPU_FLAVOR, max_count=5), path="/servers", headers={"Accept": "application/json;version=2.1/x"}),
+    bypass("nova-urlmap-project-id", "malformed_request", server(flavorRef=GPU_FLAVOR), path="/0123abcd/servers", headers={"Content-Type": "application/json; Version=2"}),
+    bypass("nova-urlmap-resize", "malformed_request", {"resize": {"flavorRef": GPU_FLAVOR}}, path="/servers/abc/action", headers={"Content-Type": "application/json; version=2.1"}),
     bypass("action-two-keys", "malformed_request", {"resize": {"flavorRef": GPU_FLAVOR}, "reboot": {}}, path="/v2.1/servers/abc/action"),
 ]  # fmt: skip
 
@@ -505,3 +576,41 @@ async def test_bypass_corpus_never_reaches_the_upstream(
     assert 400 <= status < 500, raw
     assert json.loads(raw)["reason"] == reason
     assert await gw.stub_requests() == []
+
+
+async def test_a_launch_by_a_version_header_is_recorded_malformed(
+    start_gateway: StartGateway, nova_catalog: Path, make_token: MakeToken
+) -> None:
+    """``POST /servers`` that Nova's URL map would send to the v2.1 API by its Content-Type's
+    version (found in review: 5 GPU servers created on the stub, no record): 400, recorded as a
+    launch decision on its path, nothing forwarded, even with a license that covers it; the
+    same call on its versioned path is licensed."""
+    gw = await start(start_gateway, nova_catalog)
+    token = make_token(jti="lic-nova", skus=[GPU_FLAVOR], regions=["RegionOne"])
+    versioned = {"Content-Type": "application/json; version=2.1/x"}
+    body = server(flavorRef=GPU_FLAVOR, max_count=5)
+    status, raw, _ = await nova_call(gw, body, "/servers", token=token, headers=versioned)
+    assert status == 400, raw
+    assert json.loads(raw)["reason"] == "malformed_request"
+    [decision] = gw.decisions()
+    assert (decision["reason"], decision["path"]) == ("malformed_request", "/servers")
+    assert "version parameter" in decision["detail"]
+    assert await gw.stub_requests() == []
+    status, raw, _ = await nova_call(gw, body, token=token, headers=versioned)
+    assert status == 202, raw
+    assert gw.decisions()[-1]["reason"] == "licensed"
+
+
+async def test_calls_a_version_header_does_not_make_launches_pass(
+    start_gateway: StartGateway, nova_catalog: Path
+) -> None:
+    """A GET, or a POST that is no launch under the mount, goes on unjudged with its version
+    parameter, as any request no route claims."""
+    gw = await start(start_gateway, nova_catalog)
+    accept = {"Accept": "application/json; version=2.1"}
+    async with gw.session.get(f"{gw.url}/servers", headers=accept) as r:
+        assert r.status < 500
+    status, _, _ = await nova_call(gw, {"flavor": {"name": "x"}}, "/flavors", headers=accept)
+    assert status < 500
+    assert gw.decisions() == []
+    assert len(await gw.stub_requests()) == 2

@@ -24,7 +24,7 @@ from launchgate.accounts import (
     load_country_groups,
 )
 from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
-from launchgate.dialects import Route, build_route, with_second_readings
+from launchgate.dialects import HeaderReading, Route, build_route, with_second_readings
 from launchgate.errors import ConfigError
 from launchgate.forward import GATEWAY_SET, HOP_BY_HOP
 from launchgate.idempotency import CLIENT_TOKEN_WINDOW_S
@@ -76,6 +76,9 @@ class Config:
     jurisdictions: Jurisdictions
     controlled_eccns: frozenset[str]
     routes: tuple[Route, ...]  # in the order a request tries them (Route.precedence)
+    # The routes whose API also picks calls by a header, with how they read one
+    # (``Route.by_header``): asked about a request that no route claims by its path.
+    header_routes: tuple[tuple[Route, HeaderReading], ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -384,6 +387,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         ),
         controlled_eccns=controlled,
         routes=routes,
+        header_routes=tuple((r, r.by_header) for r in routes if r.by_header is not None),
     )
 
 

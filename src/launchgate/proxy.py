@@ -128,6 +128,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     for route in config.routes:
         if route.matches(method, path):
             return await handle_launch(request, gateway, config, verifier, route, path, query)
+    for route, by_header in config.header_routes:
+        detail = by_header(method, path, request.headers)
+        if detail is not None:  # a launch there by a header: recorded, malformed
+            return await handle_launch(
+                request, gateway, config, verifier, route, path, query, two_meanings=detail
+            )
     if has_dot_segments(raw_path):
         # Sent as judged, normalized (dot segments resolved, repeated slashes collapsed):
         # sent as written, an upstream that keeps dot segments could read another resource
@@ -168,7 +174,11 @@ async def handle_launch(
     route: Route,
     path: str,
     query: str,
+    *,
+    two_meanings: str | None = None,
 ) -> web.StreamResponse:
+    """Judge a launch ``route`` claims; ``two_meanings``: why one it claims only by a header is
+    malformed (it is judged so once its body is read)."""
     started = time.perf_counter()
     decision_id = new_ulid()
     account, token = _presented(request, config)
@@ -187,6 +197,8 @@ async def handle_launch(
 
     launch_request = LaunchRequest(request.method, path, query, request.headers, body)
     try:
+        if two_meanings is not None:
+            raise MalformedLaunch(two_meanings)
         _one_identity(request.headers, config)
         for second_reading in route.second_readings:  # one meaning or none
             action = second_reading(launch_request)

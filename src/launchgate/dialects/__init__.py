@@ -21,6 +21,7 @@ from launchgate.strict import MalformedLaunch
 __all__ = [
     "DIALECTS",
     "Dialect",
+    "HeaderReading",
     "Item",
     "Launch",
     "LaunchRequest",
@@ -101,6 +102,11 @@ class Dialect(Protocol):
 # the launch it would make of it, named, or None (``AwsEc2.launch_action``).
 SecondReading = Callable[["LaunchRequest"], str | None]
 
+# How a dialect whose API also picks its calls by a header reads a request no route claims by
+# its path: why it would be a launch there (malformed: two meanings), or None
+# (``OpenstackNova.claimed_by_header``).
+HeaderReading = Callable[[str, str, CIMultiDictProxy[str]], str | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -109,6 +115,8 @@ class Route:
     # set by ``with_second_readings``: a request this route takes that one of them reads as a
     # launch has two meanings (malformed), whatever this route makes of it.
     second_readings: tuple[SecondReading, ...] = ()
+    # The dialect's ``claimed_by_header``, if its API has calls a header selects.
+    by_header: HeaderReading | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return self.dialect.claims(method, path)
@@ -237,4 +245,5 @@ def build_route(table: Mapping[str, Any], where: str) -> Route:
         known = ", ".join(n for n in sorted(DIALECTS) if _factory(n) is not None)
         raise ConfigError(f"{where}.dialect: unknown dialect {name!r} (known: {known})")
     options = {k: v for k, v in table.items() if k != "dialect"}
-    return Route(factory(options, where))
+    dialect = factory(options, where)
+    return Route(dialect, by_header=getattr(dialect, "claimed_by_header", None))

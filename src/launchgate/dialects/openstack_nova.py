@@ -13,6 +13,13 @@ launches anything). Nova routes ``os-volumes_boot`` as a clone of ``servers``
 
 Bodies are strict JSON (``strict.loads_json``); a key that differs only in case from one
 read here is malformed.
+
+Nova also picks the API version by a ``version`` parameter of ``Content-Type`` or ``Accept``
+when the path names none (``nova/api/openstack/urlmap.py``: ``_content_type_strategy``,
+``_accept_strategy``): ``POST /servers`` with ``Content-Type: application/json; version=2.1``
+creates servers on the v2.1 API, path unchanged. Such a request, under the parent of this
+route's mount, that would be a launch under the mount, is malformed (``claimed_by_header``):
+the gateway judges a Nova call by its path alone.
 """
 
 from __future__ import annotations
@@ -22,7 +29,17 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, route_region
+from multidict import CIMultiDictProxy
+
+from launchgate.dialects import (
+    Item,
+    Launch,
+    LaunchRequest,
+    check_keys,
+    route_path,
+    route_region,
+    under_mount,
+)
 from launchgate.strict import (
     MalformedLaunch,
     loads_json,
@@ -65,6 +82,27 @@ class OpenstackNova:
     def claims(self, method: str, path: str) -> bool:
         return method == "POST" and shape_of(self.path, path) is not None
 
+    def claimed_by_header(
+        self, method: str, path: str, headers: CIMultiDictProxy[str]
+    ) -> str | None:
+        """For a request no route claims by its path: why it is a launch here all the same, or
+        None. Nova's URL map sends a request whose path names no API version to the one that
+        a ``version`` parameter of its ``Content-Type`` or ``Accept`` names, path unchanged
+        (found in review: ``POST /servers`` with ``Content-Type: application/json;
+        version=2.1/x`` created 5 GPU servers on the stub, unjudged). Whatever the version
+        named: Nova may map any of them to an API that launches."""
+        if method != "POST" or self.path == "/":
+            return None
+        root = self.path.rstrip("/").rpartition("/")[0] or "/"
+        if not under_mount(path, root) or not _names_a_version(headers):
+            return None
+        if shape_of(self.path, self.path.rstrip("/") + path[len(root.rstrip("/")) :]) is None:
+            return None
+        return (
+            "a version parameter in Content-Type or Accept would make this a Nova launch"
+            f" under {self.path}; send it on its versioned path"
+        )
+
     def parse(self, request: LaunchRequest) -> Launch | None:
         """A create's or resize's items; None for any other server action.
 
@@ -78,6 +116,17 @@ class OpenstackNova:
         create = shape_of(self.path, request.path) == "create"
         item = _create(body) if create else _resize(body)
         return None if item is None else Launch((item,), self.region)
+
+
+def _names_a_version(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a ``Content-Type`` or ``Accept`` field may carry a ``version`` parameter: the
+    word anywhere in it, in any letter case (parameter names are case-insensitive, and a
+    stricter reading could miss a spelling Nova's parser takes)."""
+    return any(
+        "version" in value.lower()
+        for name in ("Content-Type", "Accept")
+        for value in headers.getall(name, ())
+    )
 
 
 def _create(body: dict[str, Any]) -> Item:
