@@ -313,6 +313,58 @@ READS = [
         (),
         "Auto Scaling",
     ),
+    # Spot replacements on a rebalance signal run beyond the target (found in review; AWS
+    # FleetSpotCapacityRebalanceRequest: with "launch" the old instances are not terminated)
+    (
+        "fleet-capacity-rebalance",
+        "Action=CreateFleet&Type=maintain&TargetCapacitySpecification.TotalTargetCapacity=1"
+        "&TargetCapacitySpecification.DefaultTargetCapacityType=spot"
+        "&LaunchTemplateConfigs.1.LaunchTemplateSpecification.LaunchTemplateId=lt-1"
+        "&LaunchTemplateConfigs.1.Overrides.1.InstanceType=p5.48xlarge"
+        "&SpotOptions.MaintenanceStrategies.CapacityRebalance.ReplacementStrategy=launch",
+        items(("p5.48xlarge", 1)),
+        "ReplacementStrategy",
+    ),
+    (
+        "spot-fleet-capacity-rebalance",
+        "Action=RequestSpotFleet&SpotFleetRequestConfig.TargetCapacity=2"
+        "&SpotFleetRequestConfig.LaunchSpecifications.1.InstanceType=p5.48xlarge"
+        "&SpotFleetRequestConfig.SpotMaintenanceStrategies.CapacityRebalance"
+        ".ReplacementStrategy=launch-before-terminate"
+        "&SpotFleetRequestConfig.SpotMaintenanceStrategies.CapacityRebalance.TerminationDelay=120",
+        items(("p5.48xlarge", 2)),
+        "ReplacementStrategy",
+    ),
+    (
+        "fleet-spot-options-without-rebalance",
+        "Action=CreateFleet&TargetCapacitySpecification.TotalTargetCapacity=3"
+        "&LaunchTemplateConfigs.1.Overrides.1.InstanceType=p5.48xlarge"
+        "&SpotOptions.AllocationStrategy=price-capacity-optimized",
+        items(("p5.48xlarge", 3)),
+        None,
+    ),
+    # reference §1.6: PutScalingPolicy moves group capacity too
+    (
+        "auto-scaling-policy",
+        "Action=PutScalingPolicy&AutoScalingGroupName=gpu-asg&PolicyName=up"
+        "&PolicyType=SimpleScaling&AdjustmentType=ChangeInCapacity&ScalingAdjustment=8",
+        (),
+        "Auto Scaling",
+    ),
+    # Taken out of a group without lowering its capacity: the group launches as many again
+    (
+        "auto-scaling-detach-keeping-capacity",
+        "Action=DetachInstances&AutoScalingGroupName=gpu-asg&InstanceIds.member.1=i-1"
+        "&ShouldDecrementDesiredCapacity=false",
+        (),
+        "DetachInstances",
+    ),
+    (
+        "auto-scaling-standby-keeping-capacity",
+        "Action=EnterStandby&AutoScalingGroupName=gpu-asg&InstanceIds.member.1=i-1",
+        (),
+        "EnterStandby",
+    ),
     # §7 item 29: a dry run is judged like the launch it imitates
     (
         "dry-run",
@@ -374,8 +426,19 @@ def test_reads_real_requests(
         "Action=ModifyLaunchTemplate&LaunchTemplateId=lt-1&DefaultVersion=2",
         "Action=CreateLaunchTemplateVersion&LaunchTemplateId=lt-1&SourceVersion=1",
         "",
+        # the group's capacity goes down with the instances taken out
+        "Action=DetachInstances&AutoScalingGroupName=g&InstanceIds.member.1=i-1"
+        "&ShouldDecrementDesiredCapacity=true",
     ],
-    ids=["describe", "start", "modify-user-data", "default-version", "copy-version", "empty"],
+    ids=[
+        "describe",
+        "start",
+        "modify-user-data",
+        "default-version",
+        "copy-version",
+        "empty",
+        "detach-decrementing",
+    ],
 )
 def test_actions_that_launch_nothing_are_not_launches(body: str) -> None:
     """An Action that cannot launch (or no parameters at all) is no launch: parse gives None."""
@@ -852,6 +915,17 @@ BYPASSES = [
            "Action=ModifySpotFleetRequest&SpotFleetRequestId=sfr-1&TargetCapacity=9"),
     bypass("05-auto-scaling", "unresolvable_launch",
            "Action=SetDesiredCapacity&AutoScalingGroupName=gpu-asg&DesiredCapacity=64"),
+    bypass("03-fleet-rebalance-launch", "unresolvable_launch",
+           FLEET + f"{OVR}InstanceType=p5.48xlarge"
+           "&SpotOptions.MaintenanceStrategies.CapacityRebalance.ReplacementStrategy=launch"),
+    bypass("03-fleet-rebalance-case", "malformed_request",
+           FLEET + f"{OVR}InstanceType=p5.48xlarge"
+           "&SpotOptions.MaintenanceStrategies.CapacityRebalance.replacementStrategy=launch"),
+    bypass("05-scaling-policy", "unresolvable_launch",
+           "Action=PutScalingPolicy&AutoScalingGroupName=gpu-asg&PolicyName=up&ScalingAdjustment=8"),
+    bypass("05-detach-instances", "unresolvable_launch",
+           "Action=DetachInstances&AutoScalingGroupName=gpu-asg&InstanceIds.member.1=i-1"
+           "&ShouldDecrementDesiredCapacity=false"),
     bypass("04-spot-instances", "license_required",
            "Action=RequestSpotInstances&Type=persistent&LaunchSpecification.InstanceType=p5.48xlarge"),
     bypass("04-spot-market", "license_required", RUN + "&InstanceMarketOptions.MarketType=spot"),

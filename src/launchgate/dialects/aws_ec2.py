@@ -22,7 +22,8 @@ Items per Action (reference launch_apis.md §1):
 - ``CreateCapacityReservation``: ``InstanceType`` x ``InstanceCount``.
 
 What the request does not resolve (a template without a type, ``InstanceRequirements``,
-capacity in vCPU or MiB, a fleet or reservation changed by id) is ``unresolvable``.
+capacity in vCPU or MiB, a fleet or reservation changed by id, a fleet that launches Spot
+replacements beyond its target, Auto Scaling group capacity) is ``unresolvable``.
 
 ``ClientToken``, EC2's idempotency token (the SDKs send one with every launch and keep it
 over retries), is the launch's ``client_token``.
@@ -238,6 +239,8 @@ def _create_fleet(t: Node, reading: _Reading) -> None:
     for key in ("OnDemandTargetCapacity", "SpotTargetCapacity"):
         total = max(total, _count(spec, key, allow_zero=True) or 0)
     _unit(spec, reading)
+    spot = t.node("SpotOptions")
+    _replacements(spot.node("MaintenanceStrategies") if spot else None, reading)
     configs = list(t.members("LaunchTemplateConfigs"))
     if not configs:
         reading.unresolved.append("CreateFleet names no LaunchTemplateConfigs")
@@ -252,6 +255,7 @@ def _request_spot_fleet(t: Node, reading: _Reading) -> None:
         raise MalformedLaunch("RequestSpotFleet without SpotFleetRequestConfig.TargetCapacity")
     total = max(total, _count(config, "OnDemandTargetCapacity", allow_zero=True) or 0)
     _unit(config, reading)
+    _replacements(config.node("SpotMaintenanceStrategies"), reading)
     specs = list(config.members("LaunchSpecifications"))
     templates = list(config.members("LaunchTemplateConfigs"))
     if not specs and not templates:
@@ -260,6 +264,34 @@ def _request_spot_fleet(t: Node, reading: _Reading) -> None:
         _typed_entry(spec, total, reading)
     for _, template in templates:
         _overrides(template, total, reading)
+
+
+def _replacements(strategies: Node | None, reading: _Reading) -> None:
+    """A fleet that launches a replacement for each Spot Instance AWS signals at risk
+    (``CapacityRebalance.ReplacementStrategy``) can run more instances than its target, by
+    as many as there are signals (found in review): ``launch`` leaves the old ones running,
+    ``launch-before-terminate`` keeps them until its delay ends. No request bounds that."""
+    rebalance = strategies.node("CapacityRebalance") if strategies is not None else None
+    if rebalance is not None and "ReplacementStrategy" in rebalance:
+        reading.unresolved.append(
+            f"{rebalance.name}.ReplacementStrategy launches replacements beyond the target"
+        )
+
+
+def _keeps_capacity(action: str) -> Callable[[Node, _Reading], None]:
+    """Auto Scaling calls that take instances out of a group: unless the group's desired
+    capacity goes down with them, it launches as many again, and those taken out run on
+    (``DetachInstances``) or can come back (``EnterStandby``)."""
+
+    def read(t: Node, reading: _Reading) -> None:
+        decrement = t.value("ShouldDecrementDesiredCapacity")
+        if decrement is None or decrement.lower() != "true":
+            reading.unresolved.append(
+                f"Auto Scaling {action} without ShouldDecrementDesiredCapacity=true launches"
+                " replacements"
+            )
+
+    return read
 
 
 def _modify_instance_attribute(t: Node, reading: _Reading) -> None:
@@ -311,6 +343,7 @@ _AUTO_SCALING: Final = (
     "CreateAutoScalingGroup", "UpdateAutoScalingGroup", "SetDesiredCapacity",
     "PutScheduledUpdateGroupAction", "BatchPutScheduledUpdateGroupAction", "ExecutePolicy",
     "PutWarmPool", "StartInstanceRefresh", "AttachInstances", "CreateLaunchConfiguration",
+    "PutScalingPolicy",
 )  # fmt: skip
 _READERS: Final[Mapping[str, Callable[[Node, _Reading], None]]] = {
     "RunInstances": _run_instances,
@@ -336,6 +369,8 @@ _READERS: Final[Mapping[str, Callable[[Node, _Reading], None]]] = {
         action: _by_reference(f"Auto Scaling {action} sets group capacity")
         for action in _AUTO_SCALING
     },
+    "DetachInstances": _keeps_capacity("DetachInstances"),
+    "EnterStandby": _keeps_capacity("EnterStandby"),
 }
 _FOLDED_ACTIONS: Final = frozenset(action.lower() for action in _READERS)
 # Every name part the readers look at; a part spelled otherwise in case is malformed.
@@ -346,6 +381,8 @@ _READ_PARTS: Final = (
     "SpotTargetCapacity", "TargetCapacityUnitType", "LaunchTemplateConfigs", "Overrides",
     "InstanceRequirements", "WeightedCapacity", "SpotFleetRequestConfig", "TargetCapacity",
     "LaunchSpecifications", "Attribute", "Value", "LaunchTemplateData", "ClientToken",
+    "SpotOptions", "MaintenanceStrategies", "SpotMaintenanceStrategies", "CapacityRebalance",
+    "ReplacementStrategy", "ShouldDecrementDesiredCapacity",
 )  # fmt: skip
 _FOLDED_PARTS: Final = {part.lower(): part for part in _READ_PARTS}
 
