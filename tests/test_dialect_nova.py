@@ -556,6 +556,7 @@ BYPASSES = [
     bypass("nova-urlmap-content-type-version", "malformed_request", server(flavorRef=GPU_FLAVOR, max_count=5), path="/servers", headers={"Content-Type": "application/json; version=2.1/x"}),
     bypass("nova-urlmap-accept-version", "malformed_request", server(flavorRef=GPU_FLAVOR, max_count=5), path="/servers", headers={"Accept": "application/json;version=2.1/x"}),
     bypass("nova-urlmap-project-id", "malformed_request", server(flavorRef=GPU_FLAVOR), path="/0123abcd/servers", headers={"Content-Type": "application/json; Version=2"}),
+    bypass("nova-urlmap-underscore-content-type", "malformed_request", server(flavorRef=GPU_FLAVOR, max_count=5), path="/servers", headers={"Content_Type": "application/json; version=2.1/x"}),
     bypass("nova-urlmap-resize", "malformed_request", {"resize": {"flavorRef": GPU_FLAVOR}}, path="/servers/abc/action", headers={"Content-Type": "application/json; version=2.1"}),
     bypass("action-two-keys", "malformed_request", {"resize": {"flavorRef": GPU_FLAVOR}, "reboot": {}}, path="/v2.1/servers/abc/action"),
 ]  # fmt: skip
@@ -614,3 +615,18 @@ async def test_calls_a_version_header_does_not_make_launches_pass(
     assert status < 500
     assert gw.decisions() == []
     assert len(await gw.stub_requests()) == 2
+
+
+async def test_a_put_routed_as_a_post_by_a_method_parameter_is_refused(
+    start_gateway: StartGateway, nova_catalog: Path
+) -> None:
+    """Nova's router (the routes library's middleware) routes by a ``_method`` query parameter
+    (found in review: ``PUT /v2.1/servers?_method=POST`` created servers, unjudged): 400."""
+    gw = await start(start_gateway, nova_catalog)
+    for path in ("/v2.1/servers?_method=POST", "/v2.1/servers/abc/action?_method=post"):
+        body = json.dumps(server(flavorRef=GPU_FLAVOR, max_count=5)).encode()
+        headers = {"Content-Type": JSON, "X-Account-Id": RESTRICTED}
+        async with gw.session.put(f"{gw.url}{path}", data=body, headers=headers) as r:
+            assert r.status == 400
+            assert (await r.json(content_type=None))["reason"] == "malformed_request"
+    assert await gw.stub_requests() == []

@@ -94,9 +94,11 @@ class OpenstackNova:
         if method != "POST" or self.path == "/":
             return None
         root = self.path.rstrip("/").rpartition("/")[0] or "/"
-        if not under_mount(path, root) or not _names_a_version(headers):
+        if not under_mount(path, root):
             return None
         if shape_of(self.path, self.path.rstrip("/") + path[len(root.rstrip("/")) :]) is None:
+            return None
+        if not _names_a_version(headers):
             return None
         return (
             "a version parameter in Content-Type or Accept would make this a Nova launch"
@@ -118,14 +120,18 @@ class OpenstackNova:
         return None if item is None else Launch((item,), self.region)
 
 
+_VERSIONED: Final = frozenset({"content-type", "accept"})
+
+
 def _names_a_version(headers: CIMultiDictProxy[str]) -> bool:
     """Whether a ``Content-Type`` or ``Accept`` field may carry a ``version`` parameter: the
-    word anywhere in it, in any letter case (parameter names are case-insensitive, and a
-    stricter reading could miss a spelling Nova's parser takes)."""
+    word anywhere in it, in any letter case (a stricter reading could miss a spelling Nova's
+    parser takes). A name spelt with ``_`` counts too: uwsgi and other CGI-style servers read
+    ``Content_Type`` as ``CONTENT_TYPE``, which Nova's URL map reads (found in review)."""
     return any(
         "version" in value.lower()
-        for name in ("Content-Type", "Accept")
-        for value in headers.getall(name, ())
+        for name, value in headers.items()
+        if name.lower().replace("_", "-") in _VERSIONED
     )
 
 
