@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.client
 import json
 import logging
@@ -1735,6 +1736,10 @@ def test_a_reader_that_goes_away_gets_no_traceback(config_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     assert child.stdout is not None and child.stderr is not None
+    # The pipe at its smallest (a page), before the child has started writing: it was 64 KiB,
+    # which holds all 300 lines, and the child could finish before `head` left (a flaky pass
+    # with exit 0).
+    fcntl.fcntl(child.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     child.stdout.readline()
     child.stdout.close()  # as `head -1` does
     err = child.stderr.read().decode()
