@@ -351,6 +351,13 @@ READS = [
         (),
         "Auto Scaling",
     ),
+    # A rollback replaces the group's instances by its previous configuration, as a refresh does
+    (
+        "auto-scaling-refresh-rollback",
+        "Action=RollbackInstanceRefresh&AutoScalingGroupName=gpu-asg",
+        (),
+        "Auto Scaling",
+    ),
     # Taken out of a group without lowering its capacity: the group launches as many again
     (
         "auto-scaling-detach-keeping-capacity",

@@ -343,7 +343,7 @@ _AUTO_SCALING: Final = (
     "CreateAutoScalingGroup", "UpdateAutoScalingGroup", "SetDesiredCapacity",
     "PutScheduledUpdateGroupAction", "BatchPutScheduledUpdateGroupAction", "ExecutePolicy",
     "PutWarmPool", "StartInstanceRefresh", "AttachInstances", "CreateLaunchConfiguration",
-    "PutScalingPolicy",
+    "PutScalingPolicy", "RollbackInstanceRefresh",
 )  # fmt: skip
 _READERS: Final[Mapping[str, Callable[[Node, _Reading], None]]] = {
     "RunInstances": _run_instances,
