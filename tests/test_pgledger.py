@@ -995,6 +995,34 @@ async def until_available(store: PostgresLedger, *, within_s: float) -> float:
             await asyncio.sleep(0.05)
 
 
+async def test_the_ledger_check_is_bounded_when_the_database_stops_answering(
+    forwarder: Forwarder, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that stops answering once the connection is made: the check for a ledger
+    (the first thing staff commands ask) is StoreUnavailable within its timeout, query and
+    goodbye included (found by QA: ``licenses list``, ``token revoke`` hung forever)."""
+    connect = asyncpg.connect
+
+    async def connect_then_go_quiet(*args: object, **kwargs: object) -> asyncpg.Connection:
+        conn = await connect(*args, **kwargs)
+        forwarder.freeze()
+        return conn
+
+    monkeypatch.setattr(asyncpg, "connect", connect_then_go_quiet)
+    store = PostgresLedger(forwarder.url(url), timeout_s=0.5)
+    started = time.monotonic()
+    checking = asyncio.ensure_future(store.exists())
+    done, _ = await asyncio.wait({checking}, timeout=5)
+    if not done:  # (cancelling would hang too: asyncpg's goodbye waits for an answer)
+        await forwarder.stop()  # cuts the connection, which ends the check
+        with contextlib.suppress(Exception):
+            await checking
+        pytest.fail("the ledger check did not end within 5 s")
+    with pytest.raises(StoreUnavailable):
+        checking.result()
+    assert time.monotonic() - started < 3
+
+
 async def test_a_silent_server_is_store_unavailable_within_the_connect_timeout(
     forwarder: Forwarder, url: str
 ) -> None:

@@ -1073,11 +1073,18 @@ class PostgresLedger:
         if self._schema is not None:
             table = f'"{self._schema}".{table}'
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self._timeout_s)
+            # Every step bounded, the query and the goodbye too (found by QA: a database that
+            # stopped answering after the connection was made held staff commands forever).
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout_s, command_timeout=self._timeout_s
+            )
             try:
                 return await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table) is True
             finally:
-                await conn.close()
+                try:
+                    await conn.close(timeout=self._timeout_s)
+                except _STORE_ERRORS:
+                    conn.terminate()
         except _STORE_ERRORS as e:
             raise StoreUnavailable(f"ledger {self._name}: {_describe(e)}") from e
 
