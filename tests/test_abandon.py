@@ -182,6 +182,41 @@ async def test_a_settlement_the_store_refused_is_made_later(
     assert verify_file(gw.config.audit_path).ok
 
 
+async def test_a_settlement_refused_for_longer_than_the_ttl_is_not_swept_as_unknown(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses a commit for longer than ``reservation_ttl_s`` (found by QA: the
+    retries gave up at the TTL, and the sweeper then settled the launches as "outcome
+    unknown"): the gateway's sweeper waits for its own retries, which keep trying, and the
+    reservation ends as the upstream's answer said."""
+    gw = await start_gateway(store={"reservation_ttl_s": 1})
+    real = gw.gateway.ledger.commit
+    refusals = 3  # at 0, 0.5 and 1.5 s: the fourth, at 3.5 s, is well past the TTL
+
+    async def commit(decision_id: str, now: float, then: Then | None = None) -> bool:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise StoreUnavailable("the store is away")
+        return bool(await real(decision_id, now, then))
+
+    monkeypatch.setattr(gw.gateway.ledger, "commit", commit)
+    with structlog.testing.capture_logs() as logs:
+        status, _, headers = await gw.launch(token=make_token(jti="lic-outage"))
+        assert status == 201
+        decision_id = headers["Launchgate-Decision-Id"]
+        reservation = await once_settled(gw, decision_id, within_s=8)
+        await asyncio.sleep(1)  # sweeps that come after find nothing to settle
+    assert (reservation.state, reservation.note) == ("used", None)
+    assert [e["event"] for e in logs if e.get("decision_id") == decision_id] == [
+        "store.settle_failed",
+        "store.settled_on_retry",
+    ]
+    assert [r["settlement"] for r in gw.records() if r["event"] == "reservation.settled"] == [
+        "used"
+    ]
+
+
 async def test_a_retried_settlement_that_finds_it_settled_records_nothing(
     start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
 ) -> None:

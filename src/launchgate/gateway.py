@@ -137,6 +137,11 @@ class Gateway:
             await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
 
     async def _sweep(self, ttl: float) -> None:
+        if self.retrying:
+            # Settlements (and abandons) whose outcome this gateway knows are still to be made:
+            # they go first, or a store away for longer than the TTL would have them counted
+            # as used for want of an answer (found by QA). Another replica's sweeper may still.
+            return
         try:
             expired = await self.ledger.expire_reservations(now=time.time(), ttl_s=ttl)
         except StoreUnavailable as e:

@@ -493,26 +493,26 @@ async def _keep_trying(
     """Await ``attempt()`` until it succeeds, again after each ``StoreUnavailable`` (0.5 s
     later, then doubling to 10 s), and log ``events[0]`` or, on giving up, ``events[1]``.
 
-    Gives up after ``reservation_ttl_s``, when the sweeper has settled an open reservation as
-    used anyway, and after one last attempt once the gateway stops (its stop waits for this).
+    Gives up only after one last attempt once the gateway stops (its stop waits for this):
+    the gateway's own sweeper waits for these (``Gateway.retrying``), so an outage longer than
+    ``reservation_ttl_s`` does not count as used a launch whose outcome it knows (found by QA:
+    retries gave up at the TTL, and the sweeper then settled 5 refused launches as used).
     """
     if gateway.retrying >= _MAX_RETRYING:
         log.error(events[1], attempts=0, error="too many retries under way", **fields)
         return
     gateway.retrying += 1
     try:
-        give_up_at = time.monotonic() + gateway.config.reservation_ttl_s
         delay = _RETRY_FIRST_S
         attempts = 1
         while True:
             try:
                 await attempt()
             except StoreUnavailable as e:
-                left = give_up_at - time.monotonic()
-                if left <= 0 or not gateway.running:
+                if not gateway.running:
                     log.error(events[1], attempts=attempts, error=str(e), **fields)
                     return
-                await _pause(gateway, min(delay, left))
+                await _pause(gateway, delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
                 attempts += 1
             else:
