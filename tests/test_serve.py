@@ -705,18 +705,15 @@ async def test_a_reload_asked_for_while_serve_starts_does_not_end_it(
     tmp_path: Path, keys: Keys
 ) -> None:
     """Found by QA: a SIGHUP in the first half second ended `serve` (the supervisor too) with
-    "Hangup". It is ignored from the first thing `serve` does until the gateway handles it."""
+    "Hangup". It is set aside (remembered) from the first thing `serve` does until the gateway
+    handles it."""
     config_path = write_config(tmp_path, "http://127.0.0.1:9", keys)
     gateway = await spawn("serve", "--config", str(config_path))
     try:
-        status = Path(f"/proc/{gateway.proc.pid}/status")
-        for _ in range(400):  # until serve has set SIGHUP aside (SigIgn's bit 0)
+        for _ in range(400):  # until serve has set SIGHUP aside (caught or ignored)
             if gateway.lines and "gateway.started" in gateway.lines[-1]:
                 break
-            ignored = next(
-                line for line in status.read_text().splitlines() if line.startswith("SigIgn")
-            )
-            if int(ignored.split()[1], 16) & 1:
+            if _handles_sighup(gateway.proc.pid):
                 break
             await asyncio.sleep(0.005)
         else:
@@ -726,4 +723,55 @@ async def test_a_reload_asked_for_while_serve_starts_does_not_end_it(
         await gateway.wait_for_line("gateway.started", within_s=20)
         assert gateway.proc.returncode is None
     finally:
+        await gateway.stop()
+
+
+def _handles_sighup(pid: int) -> bool:
+    """Whether process ``pid`` catches or ignores SIGHUP (so one sent now cannot end it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigCgt:", "SigIgn:")) and int(line.split()[1], 16) & 1:
+            return True
+    return False
+
+
+async def _feed(fifo: Path, text: str) -> None:
+    """Write ``text`` to ``fifo`` once a reader has opened it."""
+    await asyncio.to_thread(fifo.write_text, text)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+async def test_a_reload_asked_for_while_serve_reads_its_files_is_made(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A SIGHUP that reaches `launchgate serve` after it has begun to read its files and before
+    the gateway handles SIGHUP is remembered and made once it does (found by QA: it was
+    ignored, and a worker started again kept a retired key while its siblings reloaded). The
+    accounts file is a FIFO here, so the read waits, signal sent, until the test writes it."""
+    fifo = tmp_path / "accounts.toml"
+    os.mkfifo(fifo)
+    listen, admin = free_port(), free_port()
+    config_path = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        keys,
+        server={"listen": f"127.0.0.1:{listen}", "admin_listen": f"127.0.0.1:{admin}"},
+        accounts={"file": str(fifo)},
+    )
+    gateway = await spawn("serve", "--config", str(config_path))
+    try:
+        for _ in range(400):  # until it handles SIGHUP: then it reads (waits on) the FIFO
+            if _handles_sighup(gateway.proc.pid):
+                break
+            await asyncio.sleep(0.025)
+        gateway.proc.send_signal(signal.SIGHUP)
+        accounts = (SHIPPED / "accounts.toml").read_text()
+        await asyncio.wait_for(_feed(fifo, accounts), 10)  # the start's read
+        await gateway.wait_for_line("gateway.started")
+        await asyncio.wait_for(_feed(fifo, accounts), 10)  # the reload's read
+        await gateway.wait_for_line("config.reloaded")
+    finally:
+        # A read still waiting for the FIFO (the test failed) ends with an empty file.
+        with contextlib.suppress(OSError):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
         await gateway.stop()

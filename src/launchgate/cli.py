@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -85,9 +84,12 @@ MAX_WORKERS = 256
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # A reload asked for before the gateway (or the supervisor) handles SIGHUP would end the
-    # process (found by QA: a supervisor died of one 0.2 s after it started); it reads the
-    # files as they are when it starts anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # process (found by QA: a supervisor died of one 0.2 s after it started); one asked for
+    # after the files are read is remembered and made once the gateway runs (found by QA: a
+    # worker started again kept a retired key).
+    from launchgate.reloads import remember_until_served
+
+    remember_until_served()
     from launchgate.logsetup import configure_logging
     from launchgate.server import run
 

@@ -19,6 +19,7 @@ from launchgate.config import Config
 from launchgate.gateway import Gateway
 from launchgate.problems import problem
 from launchgate.proxy import create_app
+from launchgate.reloads import asked_meanwhile
 
 log = structlog.get_logger("launchgate")
 
@@ -60,6 +61,8 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if asked_meanwhile():  # after ``launchgate serve`` read the files, before now
+        reload()
     tune_gc()  # before listening: no connection's objects are frozen with start-up's
     try:
         proxy_site = web.TCPSite(
