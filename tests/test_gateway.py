@@ -39,6 +39,7 @@ from conftest import (
     tls_site,
     write_config,
 )
+from launchgate import proxy
 from launchgate.audit import verify_file
 from launchgate.config import load_config
 from launchgate.gateway import Gateway
@@ -430,6 +431,23 @@ async def test_method_override_query_parameter_refused(
     assert await gw.stub_requests() == []
     [record] = gw.decisions()  # the PUT is no launch here: not a decision
     assert (record["reason"], record["method"]) == ("malformed_request", "POST")
+
+
+@pytest.mark.parametrize(
+    ("query", "overrides"),
+    [
+        ("%2525252525252525255Fmethod=POST", True),  # escaped eight times over
+        ("&".join(["%2525255Fx=1"] * 65), True),  # more doubly escaped names than are read
+        ("&".join(["%2525255Fx=1"] * 64), False),
+        ("&".join(f"filter%5B{i}%5D=1" for i in range(600)), False),  # escaped once: read all
+        ("&".join(f"k{i}=%41" for i in range(600)), False),
+    ],
+    ids=["deep", "too-many-to-read", "as-many-as-read", "brackets", "escaped-values"],
+)
+def test_the_override_parameter_is_read_within_bounds(query: str, overrides: bool) -> None:
+    """A query of 8 KB of doubly escaped names took 24 ms of the event loop to read (review);
+    past 64 such names it is refused instead. Names escaped once are all read."""
+    assert proxy._overrides_method_in(query) is overrides
 
 
 @pytest.mark.parametrize("query", ["payment_method=card", "q=_method", "method=x", "x=%5F"])

@@ -49,7 +49,7 @@ from launchgate.dialects import (
     route_region,
     under_mount_in_any_case,
 )
-from launchgate.dialects.query import Node, nest, parse_params
+from launchgate.dialects.query import DECODINGS, Node, nest, parse_params, unwrapped
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
 _KEYS: Final = frozenset({"path", "region"})
@@ -397,9 +397,6 @@ def _refuse_case_variants(params: Mapping[str, str]) -> None:
                 raise MalformedLaunch(f"parameter {name}: {part!r} is not spelled {expected!r}")
 
 
-# How many times over ``_launch_action_in`` decodes: an upstream may decode twice (found in
-# review: "%2541ction" got past one decoding, and the stub, which decodes twice, launched).
-_DECODINGS: Final = 8
 # Bounds on the work of one second reading, past which a request has no one meaning it can
 # read in time (a request of 1 MiB could otherwise hold the event loop for a second).
 _MAX_ESCAPES: Final = 4096  # percent signs in the query, or in the body
@@ -422,7 +419,7 @@ def _launch_action_in(text: str) -> str | None:
             "under an EC2 mount, a query or body with more than"
             f" {_MAX_ESCAPES} percent-escapes cannot be read for an EC2 Action in time"
         )
-    for _ in range(_DECODINGS):
+    for _ in range(DECODINGS):
         lowered = text.lower()
         hidden = _HIDDEN_SEPARATOR.search(lowered) is not None
         if "=" not in lowered and not hidden:  # no parameter, now or after decoding
@@ -434,26 +431,15 @@ def _launch_action_in(text: str) -> str | None:
                     " EC2 Action"
                 )
             name, value = match.groups()
-            if len(name) > _MAX_PART or len(value) > _MAX_PART or _unwrapped(name) != "action":
+            if len(name) > _MAX_PART or len(value) > _MAX_PART or unwrapped(name) != "action":
                 continue
-            action = _CANONICAL.get(_unwrapped(value))
+            action = _CANONICAL.get(unwrapped(value))
             if action is not None:
                 return action
         if not hidden:
             return None
         text = unquote_plus(text)
     return None
-
-
-def _unwrapped(text: str) -> str:
-    """``text`` percent-decoded until it no longer changes (at most ``_DECODINGS`` times), cut at
-    a NUL, without surrounding blanks, lower-cased."""
-    for _ in range(_DECODINGS):
-        decoded = unquote_plus(text)
-        if decoded == text:
-            break
-        text = decoded
-    return text.split("\x00", 1)[0].strip().lower()
 
 
 def _form_body(request: LaunchRequest) -> str | None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from launchgate.strict import MalformedLaunch
 
@@ -186,3 +186,21 @@ def _freeze(level: _Level, name: str) -> Node:
         path = f"{name}.{key}" if name else key
         children[key] = child if isinstance(child, str) else _freeze(child, path)
     return Node(MappingProxyType(children), name)
+
+
+# How many times over a name may be decoded before it is read: an upstream may decode twice
+# (found in review: "%2541ction" got past one decoding, and the stub, which decodes twice,
+# launched), and a router behind it again.
+DECODINGS: Final = 8
+
+
+def unwrapped(text: str) -> str:
+    """``text`` percent-decoded (``+`` as a space) until it no longer changes, at most
+    ``DECODINGS`` times, cut at a NUL, without surrounding blanks, lower-cased: a name as the
+    most lenient reader may take it."""
+    for _ in range(DECODINGS):
+        decoded = unquote_plus(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text.split("\x00", 1)[0].strip().lower()
