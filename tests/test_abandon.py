@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,23 @@ def lose_reserve_answers(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> Non
         raise StoreUnavailable("the answer was held up past the timeout")
 
     monkeypatch.setattr(ledger, "reserve", reserve_and_lose_the_answer)
+
+
+def refusing_first(
+    settle: Callable[[str, float, Then | None], Awaitable[bool]], times: int
+) -> Callable[[str, float, Then | None], Awaitable[bool]]:
+    """``settle`` (a ledger's commit or release), refused by a store away for its first
+    ``times`` calls."""
+    refusals = times
+
+    async def refused_at_first(decision_id: str, now: float, then: Then | None = None) -> bool:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise StoreUnavailable("the store is away for a moment")
+        return bool(await settle(decision_id, now, then))
+
+    return refused_at_first
 
 
 async def once_settled(gw: Harness, decision_id: str, within_s: float = 5.0) -> Reservation:
@@ -149,15 +167,8 @@ async def test_a_settlement_the_store_refused_is_made_later(
     gw = await start_gateway()
     if upstream_status != 201:
         await gw.stub_fail(status=upstream_status, times=1)
-    real = getattr(gw.gateway.ledger, how)
-    failures = [StoreUnavailable("the store is away for a moment")]
-
-    async def settle_once_failing(decision_id: str, now: float, then: Then | None = None) -> bool:
-        if failures:
-            raise failures.pop()
-        return bool(await real(decision_id, now, then))
-
-    monkeypatch.setattr(gw.gateway.ledger, how, settle_once_failing)
+    settle = refusing_first(getattr(gw.gateway.ledger, how), 1)
+    monkeypatch.setattr(gw.gateway.ledger, how, settle)
     with structlog.testing.capture_logs() as logs:
         status, _, headers = await gw.launch(token=make_token(jti="lic-settle"))
         assert status == upstream_status
@@ -190,17 +201,8 @@ async def test_a_settlement_refused_for_longer_than_the_ttl_is_not_swept_as_unkn
     unknown"): the gateway's sweeper waits for its own retries, which keep trying, and the
     reservation ends as the upstream's answer said."""
     gw = await start_gateway(store={"reservation_ttl_s": 1})
-    real = gw.gateway.ledger.commit
-    refusals = 3  # at 0, 0.5 and 1.5 s: the fourth, at 3.5 s, is well past the TTL
-
-    async def commit(decision_id: str, now: float, then: Then | None = None) -> bool:
-        nonlocal refusals
-        if refusals:
-            refusals -= 1
-            raise StoreUnavailable("the store is away")
-        return bool(await real(decision_id, now, then))
-
-    monkeypatch.setattr(gw.gateway.ledger, "commit", commit)
+    # Refused at 0, 0.5 and 1.5 s: the fourth attempt, at 3.5 s, is well past the TTL.
+    monkeypatch.setattr(gw.gateway.ledger, "commit", refusing_first(gw.gateway.ledger.commit, 3))
     with structlog.testing.capture_logs() as logs:
         status, _, headers = await gw.launch(token=make_token(jti="lic-outage"))
         assert status == 201

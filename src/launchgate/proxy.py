@@ -352,12 +352,11 @@ def _overrides_method_in(query: str) -> bool:
             if len(name) > _MAX_OVERRIDE_NAME or ("%" not in name and "method" not in name.lower()):
                 continue
             once = unquote_plus(name)
-            if "%" in once:  # escaped twice over: decoded until it settles, within a bound
+            if "%" in once:  # escaped twice over: decoded further within a bound
                 candidates += 1
                 if candidates > _MAX_OVERRIDE_CANDIDATES:
                     return True
-                once = unwrapped(once)
-            if once.split("\x00", 1)[0].strip().lower() == "_method":
+            if unwrapped(once) == "_method":
                 return True
         decoded = unquote_plus(text)
         if decoded == text:

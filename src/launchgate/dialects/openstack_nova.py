@@ -40,6 +40,7 @@ from launchgate.dialects import (
     route_region,
     under_mount,
 )
+from launchgate.forward import as_variable
 from launchgate.strict import (
     MalformedLaunch,
     loads_json,
@@ -93,10 +94,10 @@ class OpenstackNova:
         named: Nova may map any of them to an API that launches."""
         if method != "POST" or self.path == "/":
             return None
-        root = self.path.rstrip("/").rpartition("/")[0] or "/"
+        root = self.path.rpartition("/")[0] or "/"  # (a normalized path: no trailing slash)
         if not under_mount(path, root):
             return None
-        if shape_of(self.path, self.path.rstrip("/") + path[len(root.rstrip("/")) :]) is None:
+        if shape_of(self.path, self.path + path[len(root.rstrip("/")) :]) is None:
             return None
         if not _names_a_version(headers):
             return None
@@ -131,7 +132,7 @@ def _names_a_version(headers: CIMultiDictProxy[str]) -> bool:
     return any(
         "version" in value.lower()
         for name, value in headers.items()
-        if name.lower().replace("_", "-") in _VERSIONED
+        if as_variable(name) in _VERSIONED
     )
 
 
