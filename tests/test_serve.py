@@ -35,6 +35,26 @@ def free_port() -> int:
         return port
 
 
+class FakeWorker:
+    """What ``workers.supervise`` asks of a worker (``workers.Worker``), with no process."""
+
+    pid = 1
+
+    def __init__(self, returncode: int | None = None, *, serves: bool = False) -> None:
+        self.returncode = returncode
+        self.serves = serves
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            self.returncode = -signum
+
+    def served(self) -> bool:
+        return self.serves
+
+
 @dataclass
 class Process:
     proc: asyncio.subprocess.Process
@@ -389,22 +409,30 @@ async def test_a_worker_started_again_does_not_create_the_ledger(
 def test_workers_are_started_again_with_respawned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a worker started again carries `--respawned`; the first start creates the ledger."""
     argvs: list[list[str]] = []
-    monkeypatch.setattr(
-        "launchgate.workers.subprocess.Popen", lambda argv, **kwargs: argvs.append(argv)
-    )
+
+    def popen(argv: list[str], **kwargs: Any) -> FakeWorker:
+        argvs.append(argv)
+        return FakeWorker()
+
+    monkeypatch.setattr("launchgate.workers.subprocess.Popen", popen)
     workers._spawn(Path("lg.toml"), 0, {})
     workers._spawn(Path("lg.toml"), 0, {}, respawn=True)
     assert "--respawned" not in argvs[0]
     assert argvs[1][-1] == "--respawned"
 
 
-def test_restart_delays_double_while_a_worker_dies_young_and_reset_once_it_lived() -> None:
-    """1, 2, 4, ... 60 s for a worker that keeps dying at start; 1 s again after a long life."""
+def test_restart_delays_double_while_a_worker_dies_before_it_serves_and_reset_once_it_served() -> (
+    None
+):
+    """1, 2, 4, ... 60 s for a worker that keeps dying at start; 1 s after one that served."""
     backoff = workers.Backoff()
-    delays = [backoff.after_death(lived_s=0.5) for _ in range(9)]
+    delays = [backoff.after_death(served=False) for _ in range(9)]
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert backoff.after_death(lived_s=45) == 1
-    assert backoff.after_death(lived_s=0.5) == 2
+    assert backoff.after_death(served=True) == 1
+    assert backoff.after_death(served=False) == 2
+    # Found by QA: with the pause going by how long a worker had lived, workers killed every
+    # few seconds waited longer each time, until all four waited at once.
+    assert [backoff.after_death(served=True) for _ in range(9)] == [1] * 9
 
 
 def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
@@ -420,10 +448,10 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
     handlers: dict[int, Any] = {}
     hups: list[int] = []
 
-    class Proc:
+    class Proc(FakeWorker):
         def __init__(self, index: int) -> None:
+            super().__init__()
             self.pid, self.index = 1000 + len(spawned), index
-            self.returncode: int | None = None
             self.born = clock[0]
 
         def poll(self) -> int | None:
@@ -464,6 +492,47 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
     assert hups == [0] * 9
 
 
+def test_workers_that_served_are_started_again_after_a_second_however_often_they_die(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: four workers killed in turn every 2.5 s (each lived about 10 s) waited 1,
+    2, 4, ... s to be started again, as workers that cannot start do, until at about 40 s all
+    four waited at once and nothing served the port. A worker that had served is started again
+    after 1 s however often it dies, and a stop that comes while one waits exits 0: it had
+    served, and its death was logged."""
+    config = load_config(write_config(tmp_path, "http://127.0.0.1:9", keys))
+    clock = [0.0]
+    handlers: dict[int, Any] = {}
+    latest: dict[int, FakeWorker] = {}
+    kills = [0]
+
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> FakeWorker:
+        latest[index] = FakeWorker(serves=True)
+        return latest[index]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if clock[0] >= 2.5 * (kills[0] + 1):
+            victim = latest[kills[0] % 4]
+            if victim.returncode is None:
+                victim.returncode = -signal.SIGKILL
+            kills[0] += 1
+        assert any(w.returncode is None for w in latest.values()), f"all down at {clock[0]} s"
+        if clock[0] >= 120.1 and signal.SIGTERM in handlers:  # just after a kill
+            handlers.pop(signal.SIGTERM)(signal.SIGTERM, None)
+
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
+    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    with structlog.testing.capture_logs() as logs:
+        assert workers.supervise(config, 4) == 0
+    died = [e for e in logs if e["event"] == "worker.died"]
+    assert len(died) == 48
+    assert {e["restart_in_s"] for e in died} == {1}
+    assert latest[3].returncode == -signal.SIGKILL  # killed at 120 s, waiting at the stop
+
+
 def test_a_stop_while_workers_start_starts_no_more(
     tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -474,17 +543,8 @@ def test_a_stop_while_workers_start_starts_no_more(
     handlers: dict[int, Any] = {}
     procs: list[Any] = []
 
-    class Proc:
-        pid, returncode = 1, None
-
-        def poll(self) -> int | None:
-            return self.returncode
-
-        def send_signal(self, signum: int) -> None:
-            self.returncode = -signum
-
-    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
-        proc = Proc()
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> FakeWorker:
+        proc = FakeWorker()
         procs.append(proc)
         if index == 2:  # SIGTERM arrives while the third worker starts
             handlers[signal.SIGTERM](signal.SIGTERM, None)
@@ -539,6 +599,56 @@ async def test_workers_end_with_their_supervisor_and_their_port_is_not_shared(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await gateway.stop()
+
+
+def _worker_pid(supervisor: int, index: int) -> int | None:
+    """The process id of the supervisor's worker ``index``, if it runs."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    for child in children:
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if argv[argv.index(b"--worker-index") + 1] == str(index).encode():
+                return int(child)
+    return None
+
+
+async def test_a_worker_that_served_is_started_again_at_once_and_metrics_folders_are_swept(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A worker that served says so to its supervisor (a pipe), and is started again 1 s after
+    each death however often it dies (found by QA: the pause doubled until every worker
+    waited at once). A stop while it waits exits 0. Metrics folders of supervisors that are
+    gone (killed with SIGKILL) are removed at start; a live one's and its own stay until it
+    ends."""
+    config_path, _, _ = _on_free_ports(tmp_path, keys)
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    abandoned = tmp_path / f"launchgate-metrics-{gone.pid}-x1"
+    live = tmp_path / f"launchgate-metrics-{os.getpid()}-x2"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"0")
+    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2", tmp=tmp_path)
+    try:
+        await gateway.wait_for_line("workers.started")
+        assert not abandoned.exists() and live.exists()
+        for deaths in range(1, 5):
+            for _ in range(400):  # until worker 1 serves (again)
+                started = [e for e in gateway.events() if e.get("event") == "gateway.started"]
+                if sum(e["worker"] == 1 for e in started) == deaths:
+                    break
+                await asyncio.sleep(0.05)
+            pid = _worker_pid(gateway.proc.pid, 1)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await gateway.wait_for_line(f'"pid": {pid}')
+        died = [e for e in gateway.events() if e.get("event") == "worker.died"]
+        assert [e["restart_in_s"] for e in died] == [1, 1, 1, 1]
+        assert await gateway.stop() == 0  # worker 1 waits to be started again
+        assert json.loads(gateway.lines[-1])["exit_codes"] == [0, -signal.SIGKILL]
+        assert [f.name for f in tmp_path.glob("launchgate-metrics-*")] == [live.name]
+    finally:
+        await gateway.stop(signal.SIGKILL)
 
 
 def test_workers_are_bounded() -> None:
@@ -667,21 +777,8 @@ def test_a_stop_while_a_worker_is_started_again_reaches_it(
     handlers: dict[int, Any] = {}
     procs: list[Any] = []
 
-    class Proc:
-        pid = 1
-
-        def __init__(self, returncode: int | None) -> None:
-            self.returncode = returncode
-
-        def poll(self) -> int | None:
-            return self.returncode
-
-        def send_signal(self, signum: int) -> None:
-            if signum == signal.SIGTERM:
-                self.returncode = -signum
-
-    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Proc:
-        proc = Proc(1 if index == 1 and not respawn else None)  # worker 1 dies at once
+    def spawn(path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> FakeWorker:
+        proc = FakeWorker(1 if index == 1 and not respawn else None)  # worker 1 dies at once
         procs.append(proc)
         if respawn:  # SIGTERM arrives while worker 1 is started again
             handlers[signal.SIGTERM](signal.SIGTERM, None)

@@ -20,6 +20,7 @@ from launchgate.gateway import Gateway
 from launchgate.problems import problem
 from launchgate.proxy import create_app
 from launchgate.reloads import asked_meanwhile
+from launchgate.workers import tell_supervisor
 
 log = structlog.get_logger("launchgate")
 
@@ -76,6 +77,8 @@ async def serve(
         if worker in (None, 0):
             admin = config.admin_listen
             await web.TCPSite(admin_runner, admin.host, admin.port, reuse_address=True).start()
+        if worker is not None:
+            tell_supervisor()  # a worker that served is started again at once if it dies
         log.info(
             "gateway.started",
             worker=worker,

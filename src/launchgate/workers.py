@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,39 +39,96 @@ RUNNING_ENV = "LAUNCHGATE_WORKER_RUNNING"
 
 
 class Backoff:
-    """When to start a worker again after it died: 1 s after its death, doubling for each
-    death that follows a short life (a worker that cannot start: a configuration that became
-    invalid on disk, a port taken) up to 60 s, and back to 1 s once a worker has lived
-    ``settled_s``. Found by QA: a worker that could not start was started again every 1.4 s
-    for as long as the supervisor ran, each time logging a failure and loading everything."""
+    """When to start a worker again after it died: 1 s after the death of a worker that had
+    been serving, and, for a worker that died before it served (a configuration that became
+    invalid on disk, a port taken), a pause that doubles with each such death up to 60 s.
+    Found by QA: a worker that could not start was started again every 1.4 s for as long as
+    the supervisor ran, each time logging a failure and loading everything; and, when the
+    pause went by how long a worker had lived, workers killed every few seconds (an OOM
+    killer, say) waited longer each time until all of them waited at once, the port unserved."""
 
     first_s = 1.0
     max_s = 60.0
-    settled_s = 30.0
 
     def __init__(self) -> None:
         self._delay_s = 0.0
 
-    def after_death(self, lived_s: float) -> float:
-        """The delay before the next start of a worker that died after ``lived_s``."""
-        if lived_s >= self.settled_s or self._delay_s == 0.0:
+    def after_death(self, *, served: bool) -> float:
+        """The delay before the next start of a worker that died, having ``served`` or not."""
+        if served or self._delay_s == 0.0:
             self._delay_s = self.first_s
         else:
             self._delay_s = min(self._delay_s * 2, self.max_s)
         return self._delay_s
 
 
-def _spawn(
-    config_path: Path, index: int, env: dict[str, str], *, respawn: bool = False
-) -> subprocess.Popen[bytes]:
+# The pipe on which a worker says that it serves: see tell_supervisor.
+READY_FD_ENV = "LAUNCHGATE_WORKER_READY_FD"
+
+
+class Worker:
+    """A worker's process, and the pipe on which it says it serves (see ``tell_supervisor``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_fd: int) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._ready_fd: int | None = ready_fd
+        self._served = False
+        os.set_blocking(ready_fd, False)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def served(self) -> bool:
+        """Whether it began to serve: what it wrote stays in the pipe after it died."""
+        if self._ready_fd is not None:
+            try:
+                said = os.read(self._ready_fd, 1)
+            except BlockingIOError:  # alive, not serving yet
+                return False
+            self._served = said == b"r"
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        return self._served
+
+
+def tell_supervisor() -> None:
+    """Say to the supervisor, if there is one, that this worker serves (listens) now."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        try:
+            os.write(int(fd), b"r")
+        finally:
+            os.close(int(fd))
+
+
+def _spawn(config_path: Path, index: int, env: dict[str, str], *, respawn: bool = False) -> Worker:
     command = [sys.executable, "-m", "launchgate", "serve", "--config", str(config_path)]
     # A worker started again does not create the ledger: see server.serve (create_store).
     again = ["--respawned"] if respawn else []
-    return subprocess.Popen(
-        [*command, "--worker-index", str(index), *again],
-        env=env,
-        preexec_fn=_in_child(os.getpid()),
-    )
+    ready, told = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [*command, "--worker-index", str(index), *again],
+            env={**env, READY_FD_ENV: str(told)},
+            pass_fds=(told,),
+            preexec_fn=_in_child(os.getpid()),
+        )
+    except BaseException:
+        os.close(ready)
+        raise
+    finally:
+        os.close(told)
+    return Worker(proc, ready)
 
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -119,7 +177,7 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
-def _reload_siblings(procs: dict[int, subprocess.Popen[bytes]], started: int) -> None:
+def _reload_siblings(procs: dict[int, Worker], started: int) -> None:
     """SIGHUP every worker but the one just started, which reads the files as they are now:
     so do its siblings, and one port keeps one policy (found by QA: files edited but not yet
     reloaded were taken up by a worker started again alone, and a restricted account's
@@ -134,17 +192,19 @@ def _reload_siblings(procs: dict[int, subprocess.Popen[bytes]], started: int) ->
 
 
 def supervise(config: Config, workers: int) -> int:
-    """Run ``workers`` worker processes until SIGTERM/SIGINT; returns the exit status."""
+    """Run ``workers`` worker processes until SIGTERM/SIGINT; returns the exit status: 1 when a
+    worker stopped otherwise than as asked or could not start, else 0 (a worker that had served
+    and died, logged as it died, and was waiting to be started again does not count)."""
     config_path = config.source
     stopping = False
-    with tempfile.TemporaryDirectory(prefix="launchgate-metrics-") as metrics_dir:
+    _remove_abandoned_metrics()
+    with tempfile.TemporaryDirectory(prefix=f"{_METRICS_PREFIX}{os.getpid()}-") as metrics_dir:
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
             RUNNING_ENV: RestartOnly.of(config).to_json(),
         }
-        procs: dict[int, subprocess.Popen[bytes]] = {}
-        started: dict[int, float] = {}
+        procs: dict[int, Worker] = {}
         backoff = {i: Backoff() for i in range(workers)}
         restart_at: dict[int, float] = {}  # dead workers: when to start each again
 
@@ -161,7 +221,6 @@ def supervise(config: Config, workers: int) -> int:
             """Start worker ``index``; False when a stop came meanwhile (the worker, not yet
             among ``procs`` when ``forward`` ran, is stopped here)."""
             procs[index] = _spawn(config_path, index, env, respawn=respawn)
-            started[index] = time.monotonic()
             if stopping:
                 procs[index].send_signal(signal.SIGTERM)
             return not stopping
@@ -189,13 +248,43 @@ def supervise(config: Config, workers: int) -> int:
                 code = proc.poll()
                 if code is None:
                     continue
-                delay = backoff[index].after_death(now - started[index])
+                delay = backoff[index].after_death(served=proc.served())
                 restart_at[index] = now + delay
                 log.error(
                     "worker.died", worker=index, pid=proc.pid, exit_code=code, restart_in_s=delay
                 )
             if stopping and all(p.poll() is not None for p in procs.values()):
                 break
-    failed = [p.returncode for p in procs.values() if p.returncode not in (0, -signal.SIGTERM)]
+    failed = [
+        i
+        for i, p in procs.items()
+        if p.returncode not in (0, -signal.SIGTERM) and not (i in restart_at and p.served())
+    ]
     log.info("workers.stopped", exit_codes=[p.returncode for p in procs.values()])
     return 1 if failed else 0
+
+
+_METRICS_PREFIX = "launchgate-metrics-"
+
+
+def _remove_abandoned_metrics() -> None:
+    """Remove the metrics folders of supervisors that are gone (one killed with SIGKILL cannot
+    remove its own; found by QA). Each is named after its supervisor's process id; a folder
+    whose process lives, or that is another user's, stays."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid():
+                shutil.rmtree(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
