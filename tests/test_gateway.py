@@ -683,11 +683,13 @@ async def test_revocation_denies_from_then_on(
 async def test_store_unavailable_fails_closed(
     start_gateway: StartGateway, make_token: MakeToken, tmp_path: Path
 ) -> None:
-    """Row 18: with the ledger unusable, licensed launches get 503; others still pass."""
+    """Row 18: with the ledger unusable, licensed launches get 503, with a Retry-After (found
+    by QA: a client had nothing to pace its retries by); others still pass."""
     (tmp_path / "a-directory").mkdir()
     gw = await start_gateway(store={"url": f"sqlite:{tmp_path / 'a-directory'}"})
-    status, body, _ = await gw.launch(token=make_token())
+    status, body, headers = await gw.launch(token=make_token())
     assert (status, body["reason"]) == (503, "store_unavailable")
+    assert headers["Retry-After"] == "1"
     assert (await gw.launch(account=UNRESTRICTED))[0] == 201
     assert (await gw.launch(sku=CPU_SKU))[0] == 201
     assert [r["path"] for r in await gw.stub_requests()] == ["/v1/instances"] * 2

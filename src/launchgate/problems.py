@@ -12,6 +12,10 @@ from launchgate.policy import TITLES
 
 DECISION_HEADER: Final = "Launchgate-Decision-Id"
 
+# Seconds a client is asked to wait before it tries a 503 again: a gateway that lost its ledger
+# tries it again at once for each launch and recovers within a second of its return.
+RETRY_AFTER_S: Final = "1"
+
 # The admin listener's own (no launch decision is made there).
 _ADMIN_TITLES: Final = {"not_found": "Not found", "method_not_allowed": "Method not allowed"}
 
@@ -34,4 +38,6 @@ def problem(reason: str, status: int, detail: str, decision_id: str | None = Non
     )
     if decision_id:
         response.headers[DECISION_HEADER] = decision_id
+    if status == 503:  # the ledger is away: worth asking again soon, not at once (RFC 9110 10.2.3)
+        response.headers["Retry-After"] = RETRY_AFTER_S
     return response
