@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,21 @@ class FakeWorker:
 
     def served(self) -> bool:
         return self.serves
+
+
+def _on_a_fake_clock(
+    monkeypatch: pytest.MonkeyPatch,
+    spawn: Callable[..., FakeWorker],
+    sleep: Callable[[float], None],
+    clock: list[float],
+    handlers: dict[int, Any],
+) -> None:
+    """``workers.supervise`` with ``spawn`` for its workers, ``sleep`` and ``clock[0]`` for its
+    time, and its signal handlers put in ``handlers``."""
+    monkeypatch.setattr(workers, "_spawn", spawn)
+    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
+    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
 
 
 @dataclass
@@ -474,10 +489,7 @@ def test_a_worker_that_cannot_start_is_started_again_with_growing_pauses(
         if clock[0] >= 300 and signal.SIGTERM in handlers:
             handlers.pop(signal.SIGTERM)(signal.SIGTERM, None)
 
-    monkeypatch.setattr(workers, "_spawn", spawn)
-    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
-    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    _on_a_fake_clock(monkeypatch, spawn, sleep, clock, handlers)
     with structlog.testing.capture_logs() as logs:
         assert workers.supervise(config, 2) == 1  # a worker failed
     starts = [at for at, index in spawned if index == 1]
@@ -521,10 +533,7 @@ def test_workers_that_served_are_started_again_after_a_second_however_often_they
         if clock[0] >= 120.1 and signal.SIGTERM in handlers:  # just after a kill
             handlers.pop(signal.SIGTERM)(signal.SIGTERM, None)
 
-    monkeypatch.setattr(workers, "_spawn", spawn)
-    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
-    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    _on_a_fake_clock(monkeypatch, spawn, sleep, clock, handlers)
     with structlog.testing.capture_logs() as logs:
         assert workers.supervise(config, 4) == 0
     died = [e for e in logs if e["event"] == "worker.died"]
@@ -790,10 +799,7 @@ def test_a_stop_while_a_worker_is_started_again_reaches_it(
         clock[0] += seconds
         assert clock[0] < 60, "the supervisor did not stop"
 
-    monkeypatch.setattr(workers, "_spawn", spawn)
-    monkeypatch.setattr("launchgate.workers.time.sleep", sleep)
-    monkeypatch.setattr("launchgate.workers.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("launchgate.workers.signal.signal", handlers.__setitem__)
+    _on_a_fake_clock(monkeypatch, spawn, sleep, clock, handlers)
     workers.supervise(config, 2)
     assert len(procs) == 3 and procs[2].returncode == -signal.SIGTERM
 
