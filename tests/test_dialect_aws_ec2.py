@@ -830,6 +830,26 @@ async def test_restricted_account_without_token_is_denied(start_gateway: StartGa
     assert await gw.stub_requests() == []
 
 
+async def test_the_first_item_that_denies_decides_a_fleet(start_gateway: StartGateway) -> None:
+    """Found by QA: a fleet of p5.48xlarge and a type the catalog lacks, from a restricted
+    account without a token, was unknown_sku (row 6 applied to all items before row 7 to any);
+    the first item, p5.48xlarge, denies first: license_required, and the record says so."""
+    gw = await start_gateway(routes=[ROUTE])
+    body = (
+        "Action=CreateFleet&Type=instant"
+        "&LaunchTemplateConfigs.1.LaunchTemplateSpecification.LaunchTemplateName=gpu"
+        "&LaunchTemplateConfigs.1.Overrides.1.InstanceType=p5.48xlarge"
+        "&LaunchTemplateConfigs.1.Overrides.2.InstanceType=zz.unknown"
+        "&TargetCapacitySpecification.TotalTargetCapacity=2"
+    )
+    status, text, _ = await ec2_call(gw, body)
+    assert status == 403 and '"license_required"' in text
+    decision = gw.decisions()[-1]
+    assert (decision["reason"], decision["sku"]) == ("license_required", H100_SKU)
+    assert [i["sku"] for i in decision["items"]] == [H100_SKU, "zz.unknown"]
+    assert await gw.stub_requests() == []
+
+
 async def test_licensed_launch_reaches_ec2_and_uses_the_license(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

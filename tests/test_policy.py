@@ -254,6 +254,64 @@ def test_unknown_sku_among_items_denies(config: Config) -> None:
     assert decision.reason == "unknown_sku"
 
 
+@pytest.mark.parametrize(
+    ("items", "account", "token", "reason", "deciding"),
+    [
+        # The first item denies (row 7) before the second does (row 6).
+        ((H100_SKU, "x9.unknown"), RESTRICTED, None, "license_required", H100_SKU),
+        ((A100_SKU, "x9.unknown"), RESTRICTED, "t", "token_sku_not_covered", A100_SKU),
+        ((CPU_SKU, "x9.unknown"), RESTRICTED, None, "unknown_sku", "x9.unknown"),
+        # An item row 3 allows is passed over: the one that denies is the deciding item.
+        ((CPU_SKU, "x9.unknown"), "acct-nobody", None, "unknown_account", "x9.unknown"),
+        ((CPU_SKU, H100_SKU), "acct-nobody", None, "unknown_account", H100_SKU),
+        ((CPU_SKU, "x9.unknown"), UNRESTRICTED, None, "account_not_restricted", "x9.unknown"),
+        ((CPU_SKU, H100_SKU), UNRESTRICTED, None, "account_not_restricted", H100_SKU),
+    ],
+)
+def test_each_item_is_judged_in_turn_and_the_first_that_denies_decides(
+    config: Config,
+    items: tuple[str, ...],
+    account: str,
+    token: str | None,
+    reason: str,
+    deciding: str,
+) -> None:
+    """CONTRACT section 9: every item is judged; the first item that denies decides, and is the
+    record's deciding item. Found by QA: the rows were applied across all items at once, so
+    CreateFleet overrides (p5.48xlarge, an unknown type) from a restricted account without a
+    token were unknown_sku, and an unknown account's record named an item allowed on its own."""
+    launch = Launch(tuple(Item(sku, 1) for sku in items), "us-east-1")
+    decision = decide(launch, account, token, config, verifier(lic()))
+    assert decision.reason == reason
+    assert decision.deciding is not None and decision.deciding.sku == deciding
+
+
+def test_the_token_is_verified_once_for_all_items(config: Config) -> None:
+    """However many controlled items a launch has, its token is verified once."""
+    calls: list[str] = []
+
+    def verify(token: str) -> License:
+        calls.append(token)
+        return lic(skus=(H100_SKU, A100_SKU))
+
+    launch = Launch((Item(H100_SKU, 1), Item(A100_SKU, 2), Item(H100_SKU, 0)), None)
+    decision = decide(launch, RESTRICTED, "t", config, verify)
+    assert (decision.reason, decision.reserve, calls) == ("licensed", 24, ["t"])
+
+
+def test_what_cannot_be_resolved_is_judged_before_the_items(config: Config) -> None:
+    """A launch with a part the gateway cannot resolve is unresolvable_launch for a restricted
+    account whatever its items say: a token would not make it judgeable."""
+    launch = Launch((Item(H100_SKU, 1),), None, unresolvable="a launch template by reference")
+    decision = decide(launch, RESTRICTED, None, config, never)
+    assert (decision.reason, decision.deciding and decision.deciding.sku) == (
+        "unresolvable_launch",
+        H100_SKU,
+    )
+    assert decide(launch, UNRESTRICTED, None, config, never).reason == "account_not_restricted"
+    assert decide(launch, "acct-nobody", None, config, never).reason == "unknown_account"
+
+
 def test_ledger_rows(config: Config) -> None:
     """Rows 18-21: store down is 503; revoked and exhausted are 403; reserved stays licensed."""
     licensed = decide(one(count=2), RESTRICTED, "t", config, verifier(lic()))

@@ -158,12 +158,21 @@ def decide(
     config: Config,
     verify: Callable[[str], License],
 ) -> Decision:
-    """Rows 2-17 of the decision table, in order; the first that applies decides.
+    """Rows 2-17 of the decision table, for each item in turn: the first item that denies
+    decides (CONTRACT section 9, "Items"; found by QA: the rows were applied across all items
+    at once, so a later item's unknown SKU outranked an earlier item's missing license).
 
-    ``verify`` checks a token's signature and rows 8-14, raising TokenError; it is called
-    only when a restricted account launches something controlled.
+    A part of the launch that cannot be resolved to SKUs (row 6b) is judged before the items:
+    nothing the items say makes such a launch judgeable. When no part denies, the launch is
+    ``licensed`` (reserving count x accelerators over its controlled items) if a license was
+    needed, else allowed as its deciding item says: the first controlled item, else the first
+    that row 3 does not allow. Rows 18-21 need the ledger: see ``after_reservation``.
+
+    ``verify`` checks a token's signature and rows 8-14, raising TokenError; it is called at
+    most once, and only when a restricted account launches something controlled.
     """
     items = classify_items(launch, config.catalog, config.controlled_eccns)
+    controlled = [i for i in items if i.controlled]
     # The facts gathered so far; each row's verdict is one Decision built from them.
     deciding = items[0] if items else None
     restricted: bool | None = None
@@ -195,48 +204,56 @@ def decide(
     # Known before row 3 decides, so its record says whether the account is restricted.
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
 
-    # Row 3: every item is a known SKU that is not controlled.
-    if items and launch.unresolvable is None and all(i.controlled is False for i in items):
-        return judged("sku_not_controlled", None, "no controlled accelerator")
-    controlled = [i for i in items if i.controlled]
-    if controlled:
-        deciding = controlled[0]
-    if account is None:
-        return judged("unknown_account", 403, f"account {account_id!r} is not in the registry")
-    if not restricted:
-        return judged("account_not_restricted", None, "account is not in a restricted jurisdiction")
-    unknown = next((i for i in items if i.controlled is None), None)
-    if unknown is not None:
-        deciding = unknown
-        return judged("unknown_sku", 403, f"SKU {unknown.sku!r} is not in the catalog")
-    if launch.unresolvable is not None or not items:
-        why = launch.unresolvable or "the launch names no SKU"
-        return judged("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
-
-    if not token:
-        countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
-        what = deciding.sku if deciding else "this launch"
-        detail = f"account {account_id} is restricted ({countries}); {what} needs a license token"
-        return judged("license_required", 403, detail)
-    try:
-        license = verify(token)
-    except TokenError as e:
-        return judged(e.reason, 403, e.detail)
-    license_ref = _license_ref(token, license)
-    jti = license.jti
-    if license.sub != account_id:
-        return judged("token_account_mismatch", 403, f"license {jti} is for another account")
-    for item in controlled:
-        if item.sku not in license.skus:
-            deciding = item
+    unresolved = launch.unresolvable is not None or not items
+    parts: list[ItemFacts | None] = [None] if unresolved else []  # None: what is unresolved
+    parts += items
+    first_judged: ItemFacts | None = None  # the first part row 3 does not allow
+    for part in parts:
+        if part is not None and part.controlled is False:
+            continue  # row 3
+        if part is not None:
+            deciding = part
+            first_judged = first_judged or part
+        elif controlled:
+            deciding = controlled[0]
+        if account is None:
+            return judged("unknown_account", 403, f"account {account_id!r} is not in the registry")
+        if not restricted:
+            continue  # row 4
+        if part is None:
+            why = launch.unresolvable or "the launch names no SKU"
+            return judged("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
+        if part.controlled is None:
+            return judged("unknown_sku", 403, f"SKU {part.sku!r} is not in the catalog")
+        if not token:
+            countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
+            needs = f"{part.sku} needs a license token"
+            detail = f"account {account_id} is restricted ({countries}); {needs}"
+            return judged("license_required", 403, detail)
+        if license is None:
+            try:
+                license = verify(token)
+            except TokenError as e:
+                return judged(e.reason, 403, e.detail)
+            license_ref = _license_ref(token, license)
+        jti = license.jti
+        if license.sub != account_id:
+            return judged("token_account_mismatch", 403, f"license {jti} is for another account")
+        if part.sku not in license.skus:
             return judged(
-                "token_sku_not_covered", 403, f"license {jti} does not cover SKU {item.sku}"
+                "token_sku_not_covered", 403, f"license {jti} does not cover SKU {part.sku}"
             )
-    if license.regions is not None and launch.region not in license.regions:
-        where = f"region {launch.region}" if launch.region else "a launch without a region"
-        return judged("token_region_not_covered", 403, f"license {jti} does not cover {where}")
-    needed = sum(i.count * i.per_instance for i in controlled)
-    return judged("licensed", None, f"licensed by {jti}", reserve=needed)
+        if license.regions is not None and launch.region not in license.regions:
+            where = f"region {launch.region}" if launch.region else "a launch without a region"
+            return judged("token_region_not_covered", 403, f"license {jti} does not cover {where}")
+
+    deciding = controlled[0] if controlled else first_judged or (items[0] if items else None)
+    if license is not None:
+        needed = sum(i.count * i.per_instance for i in controlled)
+        return judged("licensed", None, f"licensed by {license.jti}", reserve=needed)
+    if first_judged is None and not unresolved:
+        return judged("sku_not_controlled", None, "no controlled accelerator")
+    return judged("account_not_restricted", None, "account is not in a restricted jurisdiction")
 
 
 def store_unavailable(decision: Decision) -> Decision:
