@@ -467,25 +467,45 @@ def test_flipping_any_byte_of_a_record_is_detected(tmp_path: Path) -> None:
 
 
 def test_deleting_a_record_is_detected(tmp_path: Path) -> None:
-    """Removing a record from the middle fails at the seq that went missing."""
+    """Removing a record from the middle fails at the record after it, the first bad record:
+    its seq on stdout (CONTRACT; found by QA: the seq of its line was printed), and on stderr
+    the line and the seq that went missing."""
     path = tmp_path / "decisions.jsonl"
     write_chain(path, 5)
     lines = lines_of(path)
     path.write_bytes(b"".join(lines[:2] + lines[3:]))
     result = verify_file(path)
-    assert (result.ok, result.bad_seq) == (False, 3)
-    assert "found the record of seq 4 where seq 3 belongs" in result.detail
-    assert result.summary() == "bad record seq 3"  # the only number on stdout (QA)
+    assert (result.ok, result.bad_seq, result.records) == (False, 4, 2)
+    assert result.detail == (
+        "line 3: found the record of seq 4 where seq 3 belongs"
+        " (a record is missing, repeated or out of order)"
+    )
+    assert result.summary() == "bad record seq 4"  # the only number on stdout (QA)
 
 
 def test_swapping_two_records_is_detected(tmp_path: Path) -> None:
-    """Reordering two records fails at the first position out of order."""
+    """Reordering two records fails at the first record out of place (seq 4, on line 2)."""
     path = tmp_path / "decisions.jsonl"
     write_chain(path, 5)
     lines = lines_of(path)
     lines[1], lines[3] = lines[3], lines[1]
     path.write_bytes(b"".join(lines))
-    assert verify_file(path).bad_seq == 2
+    result = verify_file(path)
+    assert (result.bad_seq, result.detail[:7]) == (4, "line 2:")
+
+
+def test_a_record_given_another_seq_and_hashed_again_is_named_by_its_seq(tmp_path: Path) -> None:
+    """Found by QA: record 3 renumbered 50 and hashed again was reported as seq 3, its line."""
+    path = tmp_path / "decisions.jsonl"
+    records = write_chain(path, 5)
+    forged = {k: v for k, v in records[2].items() if k != "hash"} | {"seq": 50}
+    forged["hash"] = record_hash(forged)
+    lines = lines_of(path)
+    lines[2] = canonical_json(forged) + b"\n"
+    path.write_bytes(b"".join(lines))
+    result = verify_file(path)
+    assert (result.ok, result.bad_seq, result.records) == (False, 50, 2)
+    assert result.detail.startswith("line 3: found the record of seq 50 where seq 3 belongs")
 
 
 def test_rehashed_forgery_is_detected_by_the_next_record(tmp_path: Path) -> None:

@@ -1593,8 +1593,8 @@ def test_audit_verify_names_only_the_bad_seq_on_stdout_for_a_missing_record(
     lines = write_log(path, 4)
     path.write_bytes(b"".join(lines[:1] + lines[2:]))
     result = run_cli("audit", "verify", path)
-    assert (result.code, result.out) == (1, "bad record seq 2\n")
-    assert "found the record of seq 3 where seq 2 belongs" in result.err
+    assert (result.code, result.out) == (1, "bad record seq 3\n")  # the first bad record's
+    assert "line 2: found the record of seq 3 where seq 2 belongs" in result.err
 
 
 # --- stub-backend --------------------------------------------------------------------------

@@ -175,7 +175,9 @@ class VerifyResult:
     """The outcome of checking a log's chain.
 
     ``records`` is the number of records that checked out (all of them when ``ok``);
-    ``bad_seq`` is the seq the first bad record should have had, ``detail`` says why.
+    ``bad_seq`` is the first bad record's seq: its own when the record is intact but out of
+    place (one before it cut out, records swapped), else (it was altered, it cannot be read)
+    the seq that belongs at its line; ``detail`` says why, and on which line.
     """
 
     ok: bool
@@ -723,18 +725,27 @@ def verify_file(path: Path) -> VerifyResult:
                 line = line.removesuffix(b"\n")
                 try:  # (only the last line can lack its newline: optional, as in JSON Lines)
                     record, canonical = _parse_record(line)
-                    if record["seq"] != expected:
-                        raise _BadRecord(
-                            # Both numbers said as "seq N": the record found there, and
-                            # the one that belongs there (the report's own seq).
-                            f"found the record of seq {record['seq']} where seq {expected}"
-                            " belongs (a record is missing, repeated or out of order)"
-                        )
-                    if record["prev_hash"] != head:
-                        raise _BadRecord("prev_hash is not the previous record's hash")
-                except _BadRecord as e:
+                except _BadRecord as e:  # damaged itself: its seq is the one of its place
                     return VerifyResult(
                         ok=False, records=good, bad_seq=expected, detail=f"line {expected}: {e}"
+                    )
+                # Intact but out of place: the first bad record is this one, with its own seq
+                # (CONTRACT: "the first bad record's seq"; found by QA: the seq of its line was
+                # printed, 3 for the record of seq 4 after record 3 was cut out).
+                problem = None
+                if record["seq"] != expected:
+                    problem = (
+                        f"found the record of seq {record['seq']} where seq {expected}"
+                        " belongs (a record is missing, repeated or out of order)"
+                    )
+                elif record["prev_hash"] != head:
+                    problem = "prev_hash is not the previous record's hash"
+                if problem is not None:
+                    return VerifyResult(
+                        ok=False,
+                        records=good,
+                        bad_seq=record["seq"],
+                        detail=f"line {expected}: {problem}",
                     )
                 if not canonical:
                     not_canonical += 1
