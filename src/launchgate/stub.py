@@ -2,8 +2,9 @@
 
 Routes:
 
-- ``POST /v1/instances`` launches ``count`` (default 1, at most 1000) instances of the
-  body's ``instance_type`` in its ``region``; 201 ``{"instances": [...]}``.
+- ``POST /v1/instances`` launches ``count`` (default 1, at most 100,000, as the gateway
+  passes) instances of the body's ``instance_type`` in its ``region``; 201
+  ``{"instances": [...]}``, one per count. The providers' APIs below answer at most 1000.
 - ``GET /v1/instances`` lists everything launched so far.
 - ``GET /_stub/requests`` lists every request received (except these listings).
 - With ``keep_last`` (``stub-backend --keep-last N``, as the benchmark runs it) both
@@ -53,6 +54,8 @@ from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+
+from launchgate.strict import MAX_COUNT
 
 MAX_INSTANCES_PER_LAUNCH: Final = 1000
 BODY_PREVIEW_BYTES: Final = 64 * 1024
@@ -230,10 +233,14 @@ async def _launch(request: web.Request) -> web.Response:
     count = body.get("count", 1)
     if not _is_int(count) or count < 1:
         raise _json_error(web.HTTPBadRequest, "count must be a positive integer")
+    # One per count (CONTRACT section 7; found by QA: 1001 answered 1000), up to the most the
+    # gateway passes; past it 400, never fewer than asked.
+    if count > MAX_COUNT:
+        raise _json_error(web.HTTPBadRequest, f"count must be at most {MAX_COUNT}")
     launched = [
         # 17 hex digits, like EC2 ids.
         Instance(f"i-{secrets.token_hex(9)[:17]}", body.get("instance_type"), body.get("region"))
-        for _ in range(min(count, MAX_INSTANCES_PER_LAUNCH))
+        for _ in range(count)
     ]
     request.app[STUB_STATE_KEY].instances.extend(launched)
     return web.json_response({"instances": [i.to_json() for i in launched]}, status=201)
