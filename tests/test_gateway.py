@@ -1819,3 +1819,40 @@ async def test_a_dot_segment_with_parameters_is_refused(
     status, answer = await gw.send("POST", raw, {"instance_type": "p5.48xlarge"})
     assert (status, answer["reason"]) == (400, "malformed_request")
     assert await gw.stub_requests() == []
+
+
+@pytest.mark.parametrize(
+    ("route", "raw"),
+    [
+        (None, "/v1/instances;x"),
+        (None, "/v1;jsessionid=1/instances"),
+        (None, "/v1/instances;"),
+        ({"dialect": "openstack-nova", "path": "/v2.1"}, "/v2.1/servers;x"),
+    ],
+)
+async def test_a_launch_path_behind_path_parameters_is_refused_and_recorded(
+    start_gateway: StartGateway, route: dict[str, Any] | None, raw: str
+) -> None:
+    """Found by QA: "POST /v1/instances;x" from a restricted account went upstream unjudged;
+    Tomcat, Jetty and Spring cut path parameters before routing and would launch. A path that
+    is a launch path without its parameters is a request with two meanings: 400, recorded."""
+    gw = await start_gateway(routes=[route] if route else None)
+    body = {"instance_type": "p5.48xlarge", "server": {"flavorRef": "g1.h100x8"}}
+    status, answer = await gw.send("POST", raw, body)
+    assert (status, answer["reason"]) == (400, "malformed_request")
+    assert "parameters (';')" in answer["detail"]
+    [record] = gw.decisions()
+    assert (record["reason"], record["decision_id"]) == ("malformed_request", answer["decision_id"])
+    assert await gw.stub_requests() == []
+
+
+async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
+    start_gateway: StartGateway,
+) -> None:
+    """Parameters elsewhere are left alone: only a launch path read through them is refused."""
+    gw = await start_gateway()
+    status, _ = await gw.send("POST", "/v1/volumes;x", {"size": 1})
+    assert status == 404  # the stub has nothing there
+    assert gw.decisions() == []
+    [forwarded] = await gw.stub_requests()
+    assert forwarded["path"] == "/v1/volumes;x"

@@ -73,6 +73,12 @@ def normalize_path_slowly(raw: str) -> str:
     return "/" + "/".join(segments)
 
 
+def without_parameters(path: str) -> str:
+    """``path`` (normalized) with each segment's parameters cut (``;`` to the segment's end), as
+    Tomcat, Jetty and Spring read a path before they route it."""
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
+
+
 def decoded_segment(segment: str) -> str:
     """A path segment with every percent-escape decoded, as an upstream that routes on the
     decoded path reads it (found by review: "%C5%BFubscriptions", a long s, went unjudged to
