@@ -1821,29 +1821,67 @@ async def test_a_dot_segment_with_parameters_is_refused(
     assert await gw.stub_requests() == []
 
 
+_BATCH_UNDER_EC2 = [
+    {"dialect": "opaque", "path": "/batch", "methods": ["POST", "GET"]},
+    {"dialect": "aws-ec2", "path": "/"},
+]
+
+
 @pytest.mark.parametrize(
-    ("route", "raw"),
+    ("routes", "method", "raw", "headers"),
     [
-        (None, "/v1/instances;x"),
-        (None, "/v1;jsessionid=1/instances"),
-        (None, "/v1/instances;"),
-        ({"dialect": "openstack-nova", "path": "/v2.1"}, "/v2.1/servers;x"),
+        (None, "POST", "/v1/instances;x", None),
+        (None, "POST", "/v1;jsessionid=1/instances", None),
+        (None, "POST", "/v1/instances;", None),
+        ([{"dialect": "openstack-nova", "path": "/v2.1"}], "POST", "/v2.1/servers;x", None),
+        # Found in review: a route that claims the path as written (aws-ec2 mounted at "/")
+        # hid the route that claims it without its parameters, and a route chosen by a header.
+        (_BATCH_UNDER_EC2, "POST", "/batch;x/job1/start", {}),
+        (_BATCH_UNDER_EC2, "GET", "/batch;x", {}),
+        (
+            [{"dialect": "openstack-nova", "path": "/v2.1"}],
+            "POST",
+            "/servers;x",
+            {"Content-Type": "application/json; version=2.1"},
+        ),
     ],
 )
 async def test_a_launch_path_behind_path_parameters_is_refused_and_recorded(
-    start_gateway: StartGateway, route: dict[str, Any] | None, raw: str
+    start_gateway: StartGateway,
+    routes: list[dict[str, Any]] | None,
+    method: str,
+    raw: str,
+    headers: dict[str, str] | None,
 ) -> None:
     """Found by QA: "POST /v1/instances;x" from a restricted account went upstream unjudged;
     Tomcat, Jetty and Spring cut path parameters before routing and would launch. A path that
-    is a launch path without its parameters is a request with two meanings: 400, recorded."""
-    gw = await start_gateway(routes=[route] if route else None)
+    another route claims once its parameters are cut has two meanings: 400, recorded."""
+    gw = await start_gateway(routes=routes)
     body = {"instance_type": "p5.48xlarge", "server": {"flavorRef": "g1.h100x8"}}
-    status, answer = await gw.send("POST", raw, body)
+    status, answer = await gw.send(method, raw, b"" if method == "GET" else body, headers=headers)
     assert (status, answer["reason"]) == (400, "malformed_request")
     assert "parameters (';')" in answer["detail"]
     [record] = gw.decisions()
     assert (record["reason"], record["decision_id"]) == ("malformed_request", answer["decision_id"])
     assert await gw.stub_requests() == []
+
+
+async def test_parameters_that_leave_the_route_that_claims_the_path_are_left_alone(
+    start_gateway: StartGateway,
+) -> None:
+    """An EC2 call under an aws-ec2 route at "/" is one whatever its path says: parameters there
+    change no route, and the call goes on as any other (here one that launches nothing)."""
+    gw = await start_gateway(routes=[{"dialect": "aws-ec2", "path": "/"}])
+    status, _ = await gw.send(
+        "POST",
+        "/x;jsessionid=1",
+        b"Action=DescribeInstances&Version=2016-11-15",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 200
+    assert gw.decisions() == []
+    [forwarded] = await gw.stub_requests()
+    assert forwarded["path"] == "/x;jsessionid=1"
 
 
 async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
