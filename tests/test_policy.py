@@ -299,15 +299,21 @@ def test_the_token_is_verified_once_for_all_items(config: Config) -> None:
     assert (decision.reason, decision.reserve, calls) == ("licensed", 24, ["t"])
 
 
-def test_what_cannot_be_resolved_is_judged_before_the_items(config: Config) -> None:
-    """A launch with a part the gateway cannot resolve is unresolvable_launch for a restricted
-    account whatever its items say: a token would not make it judgeable."""
-    launch = Launch((Item(H100_SKU, 1),), None, unresolvable="a launch template by reference")
+def test_what_cannot_be_resolved_is_judged_where_row_6_stands(config: Config) -> None:
+    """A launch the gateway cannot resolve in part is unresolvable_launch right after row 6 for
+    its first item that rows 3-5 let through: an unknown SKU is unknown_sku (found in review:
+    it had become unresolvable), a controlled item unresolvable_launch before any token row."""
+    why = "a launch template by reference"
+    unknown = Launch((Item("x9.unknown", 1), Item(H100_SKU, 1)), None, unresolvable=why)
+    assert decide(unknown, RESTRICTED, None, config, never).reason == "unknown_sku"
+    launch = Launch((Item(CPU_SKU, 1), Item(H100_SKU, 1)), None, unresolvable=why)
     decision = decide(launch, RESTRICTED, None, config, never)
     assert (decision.reason, decision.deciding and decision.deciding.sku) == (
         "unresolvable_launch",
         H100_SKU,
     )
+    uncontrolled = Launch((Item(CPU_SKU, 1),), None, unresolvable=why)
+    assert decide(uncontrolled, RESTRICTED, None, config, never).reason == "unresolvable_launch"
     assert decide(launch, UNRESTRICTED, None, config, never).reason == "account_not_restricted"
     assert decide(launch, "acct-nobody", None, config, never).reason == "unknown_account"
 

@@ -162,8 +162,10 @@ def decide(
     decides (CONTRACT section 9, "Items"; found by QA: the rows were applied across all items
     at once, so a later item's unknown SKU outranked an earlier item's missing license).
 
-    A part of the launch that cannot be resolved to SKUs (row 6b) is judged before the items:
-    nothing the items say makes such a launch judgeable. When no part denies, the launch is
+    A launch that cannot be resolved to SKUs, in whole or in part (row 6b), is denied so where
+    row 6 stands (CONTRACT section 9) for its first item that rows 3-5 let through, or, when
+    none is, after them all: an unknown SKU comes first (found in review: it had lost to row
+    6b), a missing license after. When no part denies, the launch is
     ``licensed`` (reserving count x accelerators over its controlled items) if a license was
     needed, else allowed as its deciding item says: the first controlled item, else the first
     that row 3 does not allow. Rows 18-21 need the ledger: see ``after_reservation``.
@@ -205,8 +207,7 @@ def decide(
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
 
     unresolved = launch.unresolvable is not None or not items
-    parts: list[ItemFacts | None] = [None] if unresolved else []  # None: what is unresolved
-    parts += items
+    parts: list[ItemFacts | None] = [*items, None] if unresolved else list(items)  # None: that
     first_judged: ItemFacts | None = None  # the first part row 3 does not allow
     for part in parts:
         if part is not None and part.controlled is False:
@@ -220,11 +221,11 @@ def decide(
             return judged("unknown_account", 403, f"account {account_id!r} is not in the registry")
         if not restricted:
             continue  # row 4
-        if part is None:
+        if part is not None and part.controlled is None:
+            return judged("unknown_sku", 403, f"SKU {part.sku!r} is not in the catalog")
+        if part is None or launch.unresolvable is not None:  # row 6b, where row 6 stands
             why = launch.unresolvable or "the launch names no SKU"
             return judged("unresolvable_launch", 403, f"cannot tell what this launch starts: {why}")
-        if part.controlled is None:
-            return judged("unknown_sku", 403, f"SKU {part.sku!r} is not in the catalog")
         if not token:
             countries = ", ".join(config.jurisdictions.restricted_countries_of(account))
             needs = f"{part.sku} needs a license token"
