@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -627,20 +628,31 @@ async def test_a_worker_that_served_is_started_again_at_once_and_metrics_folders
     """A worker that served says so to its supervisor (a pipe), and is started again 1 s after
     each death however often it dies (found by QA: the pause doubled until every worker
     waited at once). A stop while it waits exits 0. Metrics folders of supervisors that are
-    gone (killed with SIGKILL) are removed at start; a live one's and its own stay until it
-    ends."""
+    gone (killed with SIGKILL: their lock is free) are removed at start; a live one's, a young
+    one's, one without a lock and its own stay, and no name stops it (found in review: a huge
+    number raised)."""
     config_path, _, _ = _on_free_ports(tmp_path, keys)
-    gone = await asyncio.create_subprocess_exec("true")
-    await gone.wait()
-    abandoned = tmp_path / f"launchgate-metrics-{gone.pid}-x1"
-    live = tmp_path / f"launchgate-metrics-{os.getpid()}-x2"
-    for folder in (abandoned, live):
+    folders = {
+        name: tmp_path / f"launchgate-metrics-{name}"
+        for name in ("abandoned", "live", "young", "unlocked", "99999999999999999999-x", "²-x")
+    }
+    for name, folder in folders.items():
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"0")
-    gateway = await spawn("serve", "--config", str(config_path), "--workers", "2", tmp=tmp_path)
-    try:
+        if name in ("abandoned", "live", "young"):
+            (folder / ".supervisor.lock").touch()
+        if name != "young":
+            os.utime(folder, (0, 0))
+    # A supervisor that runs holds its lock, in whatever PID namespace it runs (found in review:
+    # a process id from another namespace looked dead and a live folder was removed).
+    with open(folders["live"] / ".supervisor.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        gateway = await spawn("serve", "--config", str(config_path), "--workers", "2", tmp=tmp_path)
         await gateway.wait_for_line("workers.started")
-        assert not abandoned.exists() and live.exists()
+    try:
+        assert sorted(f.name for f in folders.values() if f.exists()) == sorted(
+            f.name for n, f in folders.items() if n != "abandoned"
+        )
         for deaths in range(1, 5):
             for _ in range(400):  # until worker 1 serves (again)
                 started = [e for e in gateway.events() if e.get("event") == "gateway.started"]
@@ -655,7 +667,7 @@ async def test_a_worker_that_served_is_started_again_at_once_and_metrics_folders
         assert [e["restart_in_s"] for e in died] == [1, 1, 1, 1]
         assert await gateway.stop() == 0  # worker 1 waits to be started again
         assert json.loads(gateway.lines[-1])["exit_codes"] == [0, -signal.SIGKILL]
-        assert [f.name for f in tmp_path.glob("launchgate-metrics-*")] == [live.name]
+        assert len(list(tmp_path.glob("launchgate-metrics-*"))) == len(folders) - 1  # its own gone
     finally:
         await gateway.stop(signal.SIGKILL)
 

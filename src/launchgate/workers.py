@@ -14,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -198,7 +200,12 @@ def supervise(config: Config, workers: int) -> int:
     config_path = config.source
     stopping = False
     _remove_abandoned_metrics()
-    with tempfile.TemporaryDirectory(prefix=f"{_METRICS_PREFIX}{os.getpid()}-") as metrics_dir:
+    with (
+        tempfile.TemporaryDirectory(
+            prefix=f"{_METRICS_PREFIX}{os.getpid()}-", ignore_cleanup_errors=True
+        ) as metrics_dir,
+        _held(Path(metrics_dir) / _METRICS_LOCK),
+    ):
         env = {
             **os.environ,
             "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
@@ -265,26 +272,56 @@ def supervise(config: Config, workers: int) -> int:
 
 
 _METRICS_PREFIX = "launchgate-metrics-"
+_METRICS_LOCK = ".supervisor.lock"  # held (flock) by the supervisor for as long as it runs
+_ABANDONED_AFTER_S = 60.0  # a folder younger than this may be a supervisor's still starting
+
+
+@contextlib.contextmanager
+def _held(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock`` (created) while the block runs."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _remove_abandoned_metrics() -> None:
     """Remove the metrics folders of supervisors that are gone (one killed with SIGKILL cannot
-    remove its own; found by QA). Each is named after its supervisor's process id; a folder
-    whose process lives, or that is another user's, stays."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
-        pid = folder.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid():
-                shutil.rmtree(folder)
-
-
-def _alive(pid: int) -> bool:
+    remove its own; found by QA). A supervisor holds a lock in its folder while it runs, which
+    the kernel lets go however it ends, so a folder whose lock can be taken is abandoned. Not a
+    process id: found in review, one in another PID namespace (a container sharing /tmp) looked
+    dead, its folder was removed, and its launches failed. Folders without that lock, younger
+    than a minute, symlinks or other users' stay; nothing here keeps the supervisor from
+    starting (found in review: a folder named with a huge number raised)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        folders = list(Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*"))
+    except OSError:
+        return
+    for folder in folders:
+        try:
+            _remove_if_abandoned(folder)
+        except Exception as e:  # best effort, never a reason not to serve
+            log.warning("workers.metrics_folder_kept", folder=str(folder), error=str(e))
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return
+    if time.time() - info.st_mtime < _ABANDONED_AFTER_S:
+        return
+    try:
+        fd = os.open(folder / _METRICS_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # not a folder this version made
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its supervisor runs
+            return
+        shutil.rmtree(folder)
+        log.info("workers.metrics_folder_removed", folder=str(folder))
+    finally:
+        os.close(fd)
