@@ -1894,3 +1894,21 @@ async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
     assert gw.decisions() == []
     [forwarded] = await gw.stub_requests()
     assert forwarded["path"] == "/v1/volumes;x"
+
+
+async def test_a_count_that_fails_does_not_fail_a_licensed_launch(
+    start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: with the metrics folder of `serve --workers` gone, every launch failed
+    500, after its units were reserved and before they were sent; the reservation left behind
+    would have been counted as used. A failing count is logged, and the launch goes on."""
+    gw = await start_gateway()
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gw.gateway.metrics.decision_seconds, "observe", full)
+    status, _, _ = await gw.launch(token=make_token(jti="lic-metrics"))
+    assert status == 201
+    state = await gw.license("lic-metrics")
+    assert state is not None and (state.used, state.reserved) == (8, 0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = structlog.get_logger("launchgate")
 
 
 class Metrics:
@@ -38,11 +41,17 @@ class Metrics:
         self._decision_counters: dict[tuple[str, str], Counter] = {}
 
     def count_decision(self, outcome: str, reason: str, seconds: float) -> None:
-        """One launch decision, taken in ``seconds``."""
-        counter = self._decision_counters.get((outcome, reason))
-        if counter is None:
-            counter = self._decision_counters[outcome, reason] = self.decisions.labels(
-                outcome, reason
-            )
-        counter.inc()
-        self.decision_seconds.observe(seconds)
+        """One launch decision, taken in ``seconds``. Never raises: a count that fails (with
+        several workers each is a write to a file under PROMETHEUS_MULTIPROC_DIR, which can be
+        full or gone) must not fail a launch whose units are reserved and not yet sent (found
+        in review: every launch failed 500, and a reservation left behind is counted as used)."""
+        try:
+            counter = self._decision_counters.get((outcome, reason))
+            if counter is None:
+                counter = self._decision_counters[outcome, reason] = self.decisions.labels(
+                    outcome, reason
+                )
+            counter.inc()
+            self.decision_seconds.observe(seconds)
+        except Exception as e:
+            log.warning("metrics.count_failed", error=f"{type(e).__name__}: {e}")
