@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,9 +52,13 @@ def launchgate(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]
     return subprocess.run([str(BIN / "launchgate"), *args], check=True, text=True, **kwargs)  # type: ignore[call-overload]
 
 
-def wait_for(url: str, timeout_s: float = 20.0) -> None:
+def wait_for(url: str, children: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    """Until ``url`` answers; SystemExit at once if a child exits meanwhile (its own error is
+    above: found by QA, a port in use made the demo wait the whole 20 s)."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("the demo could not start: see the error above")
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
                 return
@@ -61,6 +66,21 @@ def wait_for(url: str, timeout_s: float = 20.0) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{url} did not come up within {timeout_s:g} s") from None
             time.sleep(0.2)
+
+
+def taken(ports: tuple[int, ...]) -> list[int]:
+    """Which of ``ports`` something on 127.0.0.1 serves already (found by QA: another server on
+    the admin port answered /healthz, and the demo printed its banner for a gateway that had
+    failed to start)."""
+    busy = []
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
 
 
 def _published(kid: str) -> bool:
@@ -74,6 +94,11 @@ def _published(kid: str) -> bool:
 
 def demo() -> int:
     setup()
+    busy = taken((8080, 9000, 9901))  # before anything is written
+    if busy:
+        ports = ", ".join(map(str, busy))
+        print(f"the demo needs 127.0.0.1 ports 8080, 9000, 9901; in use: {ports}", file=sys.stderr)
+        return 1
     pem = KEYS / f"{DEMO_KID}.pem"
     if pem.exists() and not _published(DEMO_KID):
         # A demo key left from an earlier run whose public half is gone from jwks.json (a
@@ -108,7 +133,7 @@ def demo() -> int:
         subprocess.Popen([str(BIN / "launchgate"), "serve", "--config", str(CONFIG)]),
     ]
     try:
-        wait_for("http://127.0.0.1:9901/healthz")
+        wait_for("http://127.0.0.1:9901/healthz", children)
         url = "http://127.0.0.1:8080/v1/instances"
 
         def curl(account: str, body: dict[str, object], extra: str = "") -> str:

@@ -623,6 +623,49 @@ def test_check_refuses_a_ledger_file_serve_could_not_use(
     assert says in result.err
 
 
+@pytest.mark.parametrize(
+    ("what", "how", "says"),
+    [
+        ("audit", "a-file-on-the-way", "Not a directory"),
+        ("audit", "a-folder-not-writable", "is not writable by this user"),
+        ("store", "a-file-on-the-way", "is not a folder"),
+        ("store", "a-folder-not-writable", "is not writable by this user"),
+        ("store", "not-writable", "not writable by this user"),  # (a log: open() answers)
+    ],
+)
+def test_check_refuses_a_log_or_ledger_this_user_could_not_create_or_write(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+    how: str,
+    says: str,
+) -> None:
+    """Found by QA: `check` said ok for a decision log under a folder the gateway's user could
+    not write (a container's mounted configuration without data/), and `serve` then failed.
+    (The tests run as root, who may write anywhere: os.access plays the permissions.)"""
+    folder = tmp_path / "mnt"
+    target = folder / "data" / ("decisions.jsonl" if what == "audit" else "ledger.sqlite3")
+    if how == "a-file-on-the-way":
+        folder.write_text("not a folder")
+    else:
+        folder.mkdir()
+        if how == "not-writable":  # a ledger there already, made by another user
+            target.parent.mkdir()
+            sqlite3.connect(target).close()
+        denied = {folder, target}
+        real_access = os.access
+        monkeypatch.setattr(
+            "launchgate.files.os.access", lambda p, m: real_access(p, m) and Path(p) not in denied
+        )
+    section = {"path": str(target)} if what == "audit" else {"url": f"sqlite:{target}"}
+    path = write_config(tmp_path, NOWHERE, keys, None, **{what: section})
+    result = run_main(capsys, "check", "--config", path)
+    assert_user_error(result, f"{path}: {'[audit].path' if what == 'audit' else '[store].url'}: ")
+    assert re.search(says, result.err), result.err
+
+
 def test_check_creates_no_decision_log(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
 ) -> None:
@@ -1746,3 +1789,26 @@ def test_a_reader_that_goes_away_gets_no_traceback(config_path: Path) -> None:
     child.stderr.close()
     assert child.wait(timeout=60) != 0
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_the_demo_says_at_once_which_of_its_ports_are_in_use_and_changes_nothing() -> None:
+    """Found by QA: with a port in use the demo waited 20 s, or, when another server answered
+    on the admin port, printed its banner for a gateway that had failed to start."""
+    root = Path(__file__).resolve().parent.parent
+    keys = root / "config" / "keys"
+    before = sorted((p.name, p.read_bytes()) for p in keys.iterdir())
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # else something else holds it: said all the same
+            held.bind(("127.0.0.1", 9901))
+        held.listen()
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, str(root / "dev.py"), "demo"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result
+    assert "in use: " in result.stderr and "9901" in result.stderr.splitlines()[-1]
+    assert time.monotonic() - started < 60
+    assert sorted((p.name, p.read_bytes()) for p in keys.iterdir()) == before

@@ -37,7 +37,7 @@ from typing import Any, Final
 import structlog
 
 from launchgate.errors import ConfigError
-from launchgate.files import same_file, short_of_space
+from launchgate.files import cannot_make, same_file, short_of_space
 from launchgate.jobthread import JobThread
 
 log = structlog.get_logger("launchgate")
@@ -364,6 +364,8 @@ def check_log(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
     except FileNotFoundError:
+        if why := cannot_make(path):
+            raise ConfigError(why) from None
         return
     except OSError as e:
         raise ConfigError(f"{path}: cannot open the audit log: {e.strerror or e}") from e

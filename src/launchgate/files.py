@@ -23,3 +23,19 @@ def short_of_space(path: Path, needed: int) -> bool:
     both were called full)."""
     space = os.statvfs(path)
     return bool(space.f_blocks) and space.f_bavail * space.f_frsize < needed
+
+
+def cannot_make(path: Path) -> str | None:
+    """Why this process could not create ``path`` (a file, its missing folders made on the way,
+    as the gateway does at start), or None. Found by QA: ``check`` said ok for a decision log
+    under a folder the gateway's user could not write, and ``serve`` then failed to start."""
+    folder = path.parent
+    while not folder.exists():
+        if folder == folder.parent:
+            return None
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {folder} is not writable by this user"
+    return None
