@@ -85,6 +85,12 @@ __all__ = ["SCHEMA_VERSION", "PostgresLedger"]
 _MIGRATION_LOCK: Final = 0x6C61756E63686761
 
 
+def _span(sql: str, first: str, last: str) -> str:
+    """The text of ``sql`` from ``first`` to the end of the ``last`` after it (an edit's old)."""
+    start = sql.index(first)
+    return sql[start : sql.index(last, start) + len(last)]
+
+
 def _amended(sql: str, *edits: tuple[str, str]) -> str:
     """``sql`` with each (old, new) edit made; each ``old`` must occur exactly once."""
     for old, new in edits:
@@ -354,6 +360,73 @@ _RESERVE_DURABLE_6: Final = _amended(
     _BARRIER_WITHOUT_LOCK_TIMEOUT,
 )
 
+# Migration 5's settlement batch (described there); migration 7 amends it.
+_SETTLE_BATCH_5: Final = """
+            CREATE FUNCTION launchgate_settle_batch(
+                p_decision_id text[], p_state text[], p_now double precision[], p_note text[]
+            ) RETURNS text[] LANGUAGE plpgsql AS $$
+            DECLARE
+                moved_id text[];
+                moved_jti text[];
+                moved_amount bigint[];
+                moved_state text[];
+                l record;
+            BEGIN
+                PERFORM set_config('synchronous_commit', 'off', true);
+                WITH asked AS (
+                    SELECT * FROM unnest(p_decision_id, p_state, p_now, p_note)
+                        AS t (decision_id, state, settled_at, note)
+                ), settled AS (
+                    UPDATE launchgate_reservations AS r
+                    SET state = asked.state, settled_at = asked.settled_at, note = asked.note
+                    FROM asked
+                    WHERE r.decision_id = asked.decision_id AND r.state = 'reserved'
+                    RETURNING r.decision_id, r.jti, r.amount, r.state
+                )
+                SELECT array_agg(decision_id), array_agg(jti), array_agg(amount),
+                    array_agg(state)
+                INTO moved_id, moved_jti, moved_amount, moved_state
+                FROM settled;
+                FOR l IN
+                    SELECT m.jti, sum(m.amount) AS amount,
+                        sum(CASE WHEN m.state = 'released' THEN 0 ELSE m.amount END) AS used
+                    FROM unnest(moved_jti, moved_amount, moved_state) AS m (jti, amount, state)
+                    GROUP BY m.jti ORDER BY m.jti COLLATE "C"
+                LOOP
+                    UPDATE launchgate_licenses
+                    SET reserved = reserved - l.amount, used = used + l.used
+                    WHERE jti = l.jti;
+                END LOOP;
+                RETURN COALESCE(moved_id, '{}');
+            END
+            $$
+            """
+# Migration 7's: each reservation found by its key (described there).
+_SETTLE_BATCH_7: Final = _amended(
+    _SETTLE_BATCH_5,
+    ("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"),
+    *((f"{name} text[];", f"{name} text[] := '{{}}';") for name in ("moved_id", "moved_jti")),
+    ("moved_amount bigint[];", "moved_amount bigint[] := '{}';"),
+    ("moved_state text[];", "moved_state text[] := '{}';"),
+    ("l record;", "r record;\n                l record;"),
+    (
+        _span(_SETTLE_BATCH_5, "WITH asked AS (", "FROM settled;"),
+        """FOR i IN 1 .. coalesce(array_length(p_decision_id, 1), 0) LOOP
+                    UPDATE launchgate_reservations
+                    SET state = p_state[i], settled_at = p_now[i], note = p_note[i]
+                    WHERE decision_id = p_decision_id[i] AND state = 'reserved'
+                    RETURNING decision_id, jti, amount, state INTO r;
+                    IF FOUND THEN
+                        moved_id := moved_id || r.decision_id;
+                        moved_jti := moved_jti || r.jti;
+                        moved_amount := moved_amount || r.amount;
+                        moved_state := moved_state || r.state;
+                    END IF;
+                END LOOP;""",
+    ),
+    ("RETURN COALESCE(moved_id, '{}');", "RETURN moved_id;"),
+)
+
 _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         1,
@@ -488,46 +561,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # _SETTLE) commit; returns the decision ids that moved. Reservation rows are
             # locked first (by the UPDATE), then license rows one by one in byte order, as the
             # sweeper and reservation batches take them.
-            """
-            CREATE FUNCTION launchgate_settle_batch(
-                p_decision_id text[], p_state text[], p_now double precision[], p_note text[]
-            ) RETURNS text[] LANGUAGE plpgsql AS $$
-            DECLARE
-                moved_id text[];
-                moved_jti text[];
-                moved_amount bigint[];
-                moved_state text[];
-                l record;
-            BEGIN
-                PERFORM set_config('synchronous_commit', 'off', true);
-                WITH asked AS (
-                    SELECT * FROM unnest(p_decision_id, p_state, p_now, p_note)
-                        AS t (decision_id, state, settled_at, note)
-                ), settled AS (
-                    UPDATE launchgate_reservations AS r
-                    SET state = asked.state, settled_at = asked.settled_at, note = asked.note
-                    FROM asked
-                    WHERE r.decision_id = asked.decision_id AND r.state = 'reserved'
-                    RETURNING r.decision_id, r.jti, r.amount, r.state
-                )
-                SELECT array_agg(decision_id), array_agg(jti), array_agg(amount),
-                    array_agg(state)
-                INTO moved_id, moved_jti, moved_amount, moved_state
-                FROM settled;
-                FOR l IN
-                    SELECT m.jti, sum(m.amount) AS amount,
-                        sum(CASE WHEN m.state = 'released' THEN 0 ELSE m.amount END) AS used
-                    FROM unnest(moved_jti, moved_amount, moved_state) AS m (jti, amount, state)
-                    GROUP BY m.jti ORDER BY m.jti COLLATE "C"
-                LOOP
-                    UPDATE launchgate_licenses
-                    SET reserved = reserved - l.amount, used = used + l.used
-                    WHERE jti = l.jti;
-                END LOOP;
-                RETURN COALESCE(moved_id, '{}');
-            END
-            $$
-            """,
+            _SETTLE_BATCH_5,
         ),
     ),
     (
@@ -553,45 +587,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # measuring: settlements went from 71 to 190 us each over 110,000 launches, licensed
             # launches on PostgreSQL from 5,100/s to 1,000/s in 150 s; after a VACUUM (which
             # makes the plan again), 6,600/s. A lookup by key does not depend on the plan.
-            """
-            CREATE OR REPLACE FUNCTION launchgate_settle_batch(
-                p_decision_id text[], p_state text[], p_now double precision[], p_note text[]
-            ) RETURNS text[] LANGUAGE plpgsql AS $$
-            DECLARE
-                moved_id text[] := '{}';
-                moved_jti text[] := '{}';
-                moved_amount bigint[] := '{}';
-                moved_state text[] := '{}';
-                r record;
-                l record;
-            BEGIN
-                PERFORM set_config('synchronous_commit', 'off', true);
-                FOR i IN 1 .. coalesce(array_length(p_decision_id, 1), 0) LOOP
-                    UPDATE launchgate_reservations
-                    SET state = p_state[i], settled_at = p_now[i], note = p_note[i]
-                    WHERE decision_id = p_decision_id[i] AND state = 'reserved'
-                    RETURNING decision_id, jti, amount, state INTO r;
-                    IF FOUND THEN
-                        moved_id := moved_id || r.decision_id;
-                        moved_jti := moved_jti || r.jti;
-                        moved_amount := moved_amount || r.amount;
-                        moved_state := moved_state || r.state;
-                    END IF;
-                END LOOP;
-                FOR l IN
-                    SELECT m.jti, sum(m.amount) AS amount,
-                        sum(CASE WHEN m.state = 'released' THEN 0 ELSE m.amount END) AS used
-                    FROM unnest(moved_jti, moved_amount, moved_state) AS m (jti, amount, state)
-                    GROUP BY m.jti ORDER BY m.jti COLLATE "C"
-                LOOP
-                    UPDATE launchgate_licenses
-                    SET reserved = reserved - l.amount, used = used + l.used
-                    WHERE jti = l.jti;
-                END LOOP;
-                RETURN moved_id;
-            END
-            $$
-            """,
+            _SETTLE_BATCH_7,
         ),
     ),
 )
