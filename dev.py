@@ -92,6 +92,10 @@ def _published(kid: str) -> bool:
     return any(isinstance(key, dict) and key.get("kid") == kid for key in keys)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def demo() -> int:
     setup()
     busy = taken((8080, 9000, 9901))  # before anything is written
@@ -128,6 +132,10 @@ def demo() -> int:
         capture_output=True,
     ).stdout.strip()
     launchgate("check", "--config", str(CONFIG))
+    # A stop however it is asked (SIGTERM; SIGINT, also when started in the background, where
+    # it is ignored) ends the stub and the gateway too: they would serve on, orphaned.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     children = [
         subprocess.Popen([str(BIN / "launchgate"), "stub-backend", "--listen", "127.0.0.1:9000"]),
         subprocess.Popen([str(BIN / "launchgate"), "serve", "--config", str(CONFIG)]),
