@@ -666,6 +666,42 @@ def test_check_refuses_a_log_or_ledger_this_user_could_not_create_or_write(
     assert re.search(says, result.err), result.err
 
 
+@pytest.mark.parametrize("what", ["audit", "store"])
+def test_check_follows_links_as_serve_does(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+) -> None:
+    """Found in review: a ledger that is a link into a writable folder, from a folder this user
+    cannot write, was refused (SQLite writes beside the target, and `serve` ran); a folder that
+    is a link leading nowhere passed (`serve` cannot make a folder where it stands)."""
+    name = "decisions.jsonl" if what == "audit" else "ledger.sqlite3"
+    volume, folder = tmp_path / "volume", tmp_path / "cfg-data"
+    volume.mkdir()
+    folder.mkdir()
+    if what == "store":
+        sqlite3.connect(volume / name).close()
+    else:
+        (volume / name).write_bytes(b"")
+    (folder / name).symlink_to(volume / name)
+    real_access = os.access
+    monkeypatch.setattr(
+        "launchgate.files.os.access", lambda p, m: real_access(p, m) and Path(p) != folder
+    )
+
+    def check(target: Path) -> Result:
+        section = {"path": str(target)} if what == "audit" else {"url": f"sqlite:{target}"}
+        path = write_config(tmp_path, NOWHERE, keys, None, **{what: section})
+        return run_main(capsys, "check", "--config", path)
+
+    assert check(folder / name) == Result(0, "ok\n", "")
+    (tmp_path / "nowhere").symlink_to(tmp_path / "not-there")
+    result = check(tmp_path / "nowhere" / name)
+    assert_user_error(result, f"{tmp_path / 'nowhere'} is not a folder")
+
+
 def test_check_creates_no_decision_log(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys
 ) -> None:

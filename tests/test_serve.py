@@ -634,13 +634,18 @@ async def test_a_worker_that_served_is_started_again_at_once_and_metrics_folders
     config_path, _, _ = _on_free_ports(tmp_path, keys)
     folders = {
         name: tmp_path / f"launchgate-metrics-{name}"
-        for name in ("abandoned", "live", "young", "unlocked", "99999999999999999999-x", "²-x")
+        for name in (
+            *("abandoned", "live", "young", "unlocked", "fifo"),
+            *("99999999999999999999-x", "²-x"),
+        )
     }
     for name, folder in folders.items():
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"0")
         if name in ("abandoned", "live", "young"):
             (folder / ".supervisor.lock").touch()
+        if name == "fifo":  # (found in review: opening it would have waited for a writer)
+            os.mkfifo(folder / ".supervisor.lock")
         if name != "young":
             os.utime(folder, (0, 0))
     # A supervisor that runs holds its lock, in whatever PID namespace it runs (found in review:
@@ -648,7 +653,11 @@ async def test_a_worker_that_served_is_started_again_at_once_and_metrics_folders
     with open(folders["live"] / ".supervisor.lock") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         gateway = await spawn("serve", "--config", str(config_path), "--workers", "2", tmp=tmp_path)
-        await gateway.wait_for_line("workers.started")
+        try:
+            await gateway.wait_for_line("workers.started")
+        except BaseException:
+            await gateway.stop(signal.SIGKILL)
+            raise
     try:
         assert sorted(f.name for f in folders.values() if f.exists()) == sorted(
             f.name for n, f in folders.items() if n != "abandoned"

@@ -28,14 +28,26 @@ def short_of_space(path: Path, needed: int) -> bool:
 def cannot_make(path: Path) -> str | None:
     """Why this process could not create ``path`` (a file, its missing folders made on the way,
     as the gateway does at start), or None. Found by QA: ``check`` said ok for a decision log
-    under a folder the gateway's user could not write, and ``serve`` then failed to start."""
+    under a folder the gateway's user could not write, and ``serve`` then failed to start. A
+    symbolic link on the way is followed as the gateway follows it; one that leads nowhere is
+    in the way (found in review: the gateway cannot make a folder where it stands)."""
     folder = path.parent
-    while not folder.exists():
+    while not os.path.lexists(folder):
         if folder == folder.parent:
             return None
         folder = folder.parent
-    if not folder.is_dir():
+    if not folder.is_dir():  # (follows a link: a dangling one is no folder either)
         return f"{folder} is not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"cannot create {path}: {folder} is not writable by this user"
+    return None
+
+
+def cannot_write(path: Path) -> str | None:
+    """Why this process could not write the file at ``path`` in place, with files of its own
+    beside it (SQLite's write-ahead log), or None. A symbolic link is judged by its target, as
+    SQLite follows it (found in review: a link into a writable folder was refused)."""
+    target = path.resolve()
+    if not os.access(target, os.R_OK | os.W_OK) or not os.access(target.parent, os.W_OK | os.X_OK):
+        return f"{path}: the ledger or its folder is not writable by this user"
     return None

@@ -586,7 +586,8 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # until a VACUUM: with autovacuum off, or behind, every batch read them all. Found
             # measuring: settlements went from 71 to 190 us each over 110,000 launches, licensed
             # launches on PostgreSQL from 5,100/s to 1,000/s in 150 s; after a VACUUM (which
-            # makes the plan again), 6,600/s. A lookup by key does not depend on the plan.
+            # makes the plan again), 6,600/s. A lookup by key, planned with
+            # statistics, could still read the table or that index: see migration 8.
             _SETTLE_BATCH_7,
         ),
     ),

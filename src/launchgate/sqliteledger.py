@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
-from launchgate.files import cannot_make, same_file, short_of_space
+from launchgate.files import cannot_make, cannot_write, same_file, short_of_space
 from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
@@ -392,9 +392,8 @@ def check_ledger_file(path: Path) -> str | None:
         return cannot_make(path)
     if not path.is_file():
         return f"{path} is not a file"
-    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-        # Written in place, with its write-ahead log beside it.
-        return f"{path}: the ledger or its folder is not writable by this user"
+    if why := cannot_write(path):  # written in place, with its write-ahead log beside it
+        return why
     try:
         with path.open("rb") as f:
             header = f.read(len(_SQLITE_HEADER))

@@ -312,11 +312,15 @@ def _remove_if_abandoned(folder: Path) -> None:
         return
     if time.time() - info.st_mtime < _ABANDONED_AFTER_S:
         return
-    try:
-        fd = os.open(folder / _METRICS_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # (not blocking: a FIFO there would hold the open; found in review)
+        fd = os.open(
+            folder / _METRICS_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
     except FileNotFoundError:  # not a folder this version made
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # its supervisor runs
