@@ -700,6 +700,9 @@ def test_check_follows_links_as_serve_does(
     (tmp_path / "nowhere").symlink_to(tmp_path / "not-there")
     result = check(tmp_path / "nowhere" / name)
     assert_user_error(result, f"{tmp_path / 'nowhere'} is not a folder")
+    (folder / "dangling").symlink_to(tmp_path / "not-there" / name)  # (found in review)
+    result = check(folder / "dangling")
+    assert_user_error(result, f"{folder / 'dangling'} leads to {tmp_path / 'not-there' / name}")
 
 
 def test_check_creates_no_decision_log(

@@ -31,6 +31,11 @@ def cannot_make(path: Path) -> str | None:
     under a folder the gateway's user could not write, and ``serve`` then failed to start. A
     symbolic link on the way is followed as the gateway follows it; one that leads nowhere is
     in the way (found in review: the gateway cannot make a folder where it stands)."""
+    if os.path.islink(path):  # leading nowhere yet: the file is made where it leads, and
+        target = path.resolve()  # only there (no folder is made on the way; found in review)
+        if not target.parent.is_dir():
+            return f"{path} leads to {target}, whose folder is not there"
+        path = target
     folder = path.parent
     while not os.path.lexists(folder):
         if folder == folder.parent:

@@ -1740,6 +1740,10 @@ class PostgresLedger:
                 # 458 -> 2,346 us over 23,632 launches). Off only discourages: a statement with
                 # no other way still scans.
                 "enable_seqscan": "off",
+                # Which adds a cost of 1e10 to a plan that can only scan (the schema version's
+                # one row): past the JIT thresholds, compiled at each run, 23-95 ms (found in
+                # review). The ledger's statements are all short; none gains from JIT.
+                "jit": "off",
                 "lock_timeout": f"{max(1, round(self._timeout_s * _LOCK_WAIT_SHARE * 1000))}ms",
             }
             if self._schema is not None:
