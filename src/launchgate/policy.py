@@ -207,7 +207,8 @@ def decide(
     restricted = None if account is None else config.jurisdictions.is_restricted(account)
 
     unresolved = launch.unresolvable is not None or not items
-    parts: list[ItemFacts | None] = [*items, None] if unresolved else list(items)  # None: that
+    # The items, then (None) what cannot be resolved: judged there when no item reached row 6b.
+    parts: list[ItemFacts | None] = [*items, None] if unresolved else list(items)
     first_judged: ItemFacts | None = None  # the first part row 3 does not allow
     for part in parts:
         if part is not None and part.controlled is False:
