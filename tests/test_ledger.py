@@ -36,13 +36,14 @@ from launchgate.ledger import (
 )
 from launchgate.pgledger import _MIGRATIONS as pg_migrations
 from launchgate.pgledger import PostgresLedger
+from launchgate.sqliteledger import _ABANDONED as SQLITE_ABANDONED
 from launchgate.sqliteledger import _MIGRATIONS as sqlite_migrations
 from launchgate.sqliteledger import SqliteLedger
 
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 90 * 86400
 POSTGRES_DSN_VAR = "LAUNCHGATE_TEST_POSTGRES_DSN"
-SQLITE_SCHEMA_VERSION = 2
+SQLITE_SCHEMA_VERSION = 3
 
 
 @contextlib.asynccontextmanager
@@ -1259,6 +1260,23 @@ async def test_abandon_keeps_counted_what_a_retry_replayed(ledger: Ledger) -> No
     await abandon(ledger, "d1", now=T0 + 402)
     assert await ledger.reservation("d1") == before
     assert await counters(ledger) == (8, 0)
+
+
+async def test_abandon_finds_a_reservation_s_keys_by_index(tmp_path: Path) -> None:
+    """Whether a key is bound to a reservation was read from the whole keys table (a row
+    for every keyed launch ever made); SQLite's plan for abandon's query now searches an index."""
+    path = tmp_path / "ledger.sqlite3"
+    store = SqliteLedger(path)
+    await store.open()
+    try:
+        for i in range(20):
+            await reserve_keyed(store, f"d{i}", 1, key=f"key-{i}")
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + SQLITE_ABANDONED, ("d3",))]
+    assert any("idempotency_keys_by_decision" in step for step in plan), plan
+    assert not any(step.startswith("SCAN") for step in plan), plan
 
 
 @pytest.mark.parametrize("settle", ["commit", "release"])

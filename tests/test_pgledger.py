@@ -492,6 +492,39 @@ async def test_settlements_find_reservations_by_key_however_the_table_grew(
         assert await conn.fetchval(scans, schema_of(url)) == before
 
 
+async def test_abandon_finds_a_reservation_s_keys_by_index(url: str) -> None:
+    """Whether a key is bound to a reservation settled as unknown was read from the whole keys
+    table, a row for every keyed launch ever made, holding the reservation's row lock the
+    while. Abandon now reads migration 9's index, and the table never whole."""
+    keys_read = (
+        "SELECT t.seq_scan, i.idx_scan FROM pg_stat_user_tables AS t"
+        " JOIN pg_stat_user_indexes AS i USING (relid)"
+        " WHERE t.schemaname = $1 AND t.relname = 'launchgate_idempotency_keys'"
+        " AND i.indexrelname = 'launchgate_idempotency_keys_by_decision'"
+    )
+
+    async def settled_counts() -> tuple[int, int]:
+        async with connect(url) as conn:  # (a closed connection's counts arrive after it)
+            before = None
+            while (now := tuple(await conn.fetchrow(keys_read, schema_of(url)))) != before:
+                before = now
+                await asyncio.sleep(0.3)
+            return now
+
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        for i in range(20):
+            await reserve_keyed(store, f"d{i}", 1, key=f"key-{i}")
+        assert len(await store.expire_reservations(now=T0 + 400, ttl_s=300)) == 20
+    scans, index_reads = await settled_counts()
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        await store.abandon("d3", "lic-42", now=T0 + 401, note="the call failed")
+        reservation = await store.reservation("d3")
+        assert reservation is not None and reservation.state == "settled_unknown"  # keyed: kept
+    assert await settled_counts() == (scans, index_reads + 1)
+
+
 async def test_the_ledger_s_statements_are_not_compiled(url: str) -> None:
     """Found in review: with seq scans off, a statement that can only scan (the schema version's
     one row, read at every pool's start) costs 1e10 in the planner's units, past the JIT

@@ -606,6 +606,16 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "DROP INDEX launchgate_reservations_open",
         ),
     ),
+    (
+        9,
+        (
+            # The keys bound to a reservation, for _ABANDONED's question whether one is (it read
+            # the whole table, a row for every keyed launch ever made, holding the reservation's
+            # row lock meanwhile).
+            "CREATE INDEX launchgate_idempotency_keys_by_decision"
+            " ON launchgate_idempotency_keys (decision_id)",
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
@@ -728,7 +738,7 @@ _PLACEHOLDER = """
     RETURNING 1
 """
 # abandon, when one has it: locked, then read. Whether a key is bound to it matters only once
-# settled_unknown (and the keys have no index by decision), so it is looked up only then.
+# settled_unknown, so it is looked up only then (by migration 9's index).
 _ABANDONED = """
     SELECT r.jti, r.amount, r.state, CASE WHEN r.state = 'settled_unknown' THEN EXISTS (
         SELECT 1 FROM launchgate_idempotency_keys AS k WHERE k.decision_id = r.decision_id

@@ -100,6 +100,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        3,
+        (
+            # The keys bound to a reservation, for abandon's question whether one is (it read
+            # the whole table, which holds a row for every keyed launch ever made).
+            "CREATE INDEX idempotency_keys_by_decision ON idempotency_keys (decision_id)",
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
@@ -325,15 +333,17 @@ def _give_back(
     return reservation
 
 
+# abandon's reservation. Whether a key is bound to it matters only once settled_unknown, so it
+# is looked up only then (by migration 3's index).
+_ABANDONED: Final = (
+    "SELECT r.jti, r.amount, r.state, CASE WHEN r.state = 'settled_unknown' THEN EXISTS"
+    " (SELECT 1 FROM idempotency_keys AS k WHERE k.decision_id = r.decision_id) END"
+    " FROM reservations AS r WHERE r.decision_id = ?"
+)
+
+
 def _abandon(conn: sqlite3.Connection, decision_id: str, jti: str, now: float, note: str) -> None:
-    # Whether a key is bound to it matters only once settled_unknown (and the keys have no
-    # index by decision), so it is looked up only then.
-    row = conn.execute(
-        "SELECT r.jti, r.amount, r.state, CASE WHEN r.state = 'settled_unknown' THEN EXISTS"
-        " (SELECT 1 FROM idempotency_keys AS k WHERE k.decision_id = r.decision_id) END"
-        " FROM reservations AS r WHERE r.decision_id = ?",
-        (decision_id,),
-    ).fetchone()
+    row = conn.execute(_ABANDONED, (decision_id,)).fetchone()
     if row is None:
         # The placeholder holds the decision id: a reserve arriving later fails on the key.
         conn.execute("INSERT INTO licenses (jti) VALUES (?) ON CONFLICT DO NOTHING", (jti,))
