@@ -1896,6 +1896,29 @@ async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
     assert forwarded["path"] == "/v1/volumes;x"
 
 
+async def test_a_count_that_fails_leaves_the_upstream_error_and_the_reload_as_they_are(
+    start_gateway: StartGateway,
+    make_token: MakeToken,
+    monkeypatch: pytest.MonkeyPatch,
+    unused_tcp_port: int,
+) -> None:
+    """With counting failing (the metrics folder of `serve --workers` gone), an upstream that
+    cannot be reached was answered 500, not 502, and a reload that was applied reported as
+    failed."""
+    gw = await start_gateway(upstream_url=f"http://127.0.0.1:{unused_tcp_port}")
+
+    def gone(*_: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    for counter in (gw.gateway.metrics.upstream_errors, gw.gateway.metrics.reloads):
+        monkeypatch.setattr(counter, "labels", gone)
+    status, body, _ = await gw.launch(token=make_token(jti="lic-gone"))
+    assert (status, body["reason"]) == (502, "upstream_unavailable")
+    state = await gw.license("lic-gone")
+    assert state is not None and (state.used, state.reserved) == (0, 0)
+    assert await gw.gateway.reload(gw.config_path)
+
+
 async def test_a_count_that_fails_does_not_fail_a_licensed_launch(
     start_gateway: StartGateway, make_token: MakeToken, monkeypatch: pytest.MonkeyPatch
 ) -> None:

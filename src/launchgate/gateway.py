@@ -172,11 +172,11 @@ class Gateway:
         try:
             config = await asyncio.to_thread(load_config, path)
         except ConfigError as e:
-            self.metrics.reloads.labels("failed").inc()
+            self.metrics.count_reload("failed")
             log.error("config.reload_failed", error=str(e))
             return False
         except Exception as e:  # a bug in loading: still no reason to drop the running config
-            self.metrics.reloads.labels("failed").inc()
+            self.metrics.count_reload("failed")
             log.error("config.reload_failed", error=f"{type(e).__name__} while loading {path}")
             return False
         running = RestartOnly.of(self.config)
@@ -187,7 +187,7 @@ class Gateway:
             config = running.applied_to(config)
         self.verifier = make_verifier(config)
         self.config = config
-        self.metrics.reloads.labels("ok").inc()
+        self.metrics.count_reload("ok")
         _warn_if_ttl_short(config)  # (found by QA: only a start warned)
         log.info("config.reloaded", source=str(path), keys=list(config.keyring.kids))
         return True

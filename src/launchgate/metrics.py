@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Final
+
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 log = structlog.get_logger("launchgate")
 
+# A count that fails is logged at most once in this many seconds, with how many failed since
+# the last line: while a metrics folder is full or gone every request's count fails, and a line
+# per request buried everything else on stdout (as large as the traffic).
+FAILED_LOG_INTERVAL_S: Final = 60.0
+
 
 class Metrics:
     """One registry per gateway, so several apps (tests) never share counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failed = 0  # counts failed since the last metrics.count_failed line
+        self._quiet_until = float("-inf")
         self.registry = CollectorRegistry(auto_describe=True)
         self.decisions = Counter(
             "launchgate_decisions",
@@ -54,4 +66,34 @@ class Metrics:
             counter.inc()
             self.decision_seconds.observe(seconds)
         except Exception as e:
-            log.warning("metrics.count_failed", error=f"{type(e).__name__}: {e}")
+            self._count_failed(e)
+
+    def count_upstream_error(self, kind: str) -> None:
+        """One request the upstream could not answer. Never raises (``count_decision``): the
+        client gets the 502 or 504 it is owed, not a 500."""
+        try:
+            self.upstream_errors.labels(kind).inc()
+        except Exception as e:
+            self._count_failed(e)
+
+    def count_reload(self, result: str) -> None:
+        """One configuration reload, ``ok`` or ``failed``. Never raises (``count_decision``): a
+        reload applied is not reported as failed."""
+        try:
+            self.reloads.labels(result).inc()
+        except Exception as e:
+            self._count_failed(e)
+
+    def _count_failed(self, error: Exception) -> None:
+        self._failed += 1
+        now = self._clock()
+        if now < self._quiet_until:
+            return
+        log.warning(
+            "metrics.count_failed",
+            error=f"{type(error).__name__}: {error}",
+            failed=self._failed,
+            note=f"logged at most once every {FAILED_LOG_INTERVAL_S:g} s",
+        )
+        self._failed = 0
+        self._quiet_until = now + FAILED_LOG_INTERVAL_S

@@ -627,7 +627,7 @@ async def forward(
         # No connection was made: nothing reached the upstream, so nothing launched.
         reason = "upstream_timeout" if e.timed_out else "upstream_unavailable"
         await _finish(gateway, decision_id, reserved, "release", None, started, reason)
-        gateway.metrics.upstream_errors.labels("connect").inc()
+        gateway.metrics.count_upstream_error("connect")
         return problem(
             reason, 504 if e.timed_out else 502, "the upstream could not be reached", decision_id
         )
@@ -644,7 +644,7 @@ async def forward(
         timed_out = isinstance(e, TimeoutError)
         reason = "upstream_timeout" if timed_out else "upstream_unavailable"
         await _finish(gateway, decision_id, reserved, "unknown", None, started, reason)
-        gateway.metrics.upstream_errors.labels("timeout" if timed_out else "disconnect").inc()
+        gateway.metrics.count_upstream_error("timeout" if timed_out else "disconnect")
         if timed_out:
             detail = "the upstream did not answer in time"
         elif isinstance(e, BadAnswer):
@@ -665,7 +665,7 @@ async def forward(
 
         def broke_off(error: str) -> None:
             # The completion record is written already; this log line is the trace.
-            gateway.metrics.upstream_errors.labels("body").inc()
+            gateway.metrics.count_upstream_error("body")
             log.warning("upstream.body_failed", decision_id=decision_id, error=error)
 
         return await relay_response(request, upstream, extra, whole, broke_off)
