@@ -194,6 +194,27 @@ async def test_a_launch_whose_connection_header_lists_a_field_it_reads_is_malfor
         assert status == 201, options
 
 
+@pytest.mark.parametrize("account", [UNRESTRICTED, RESTRICTED])
+async def test_a_launch_whose_connection_header_lists_another_field_goes_on_without_it(
+    start_gateway: StartGateway, make_token: MakeToken, account: str
+) -> None:
+    """Found by QA: an allowed launch with "Connection: keep-alive, X-Trace-Hop" was 400; CONTRACT
+    section 6 forwards it less its hop-by-hop headers, as any request. A field it is judged by
+    is still refused (above); one it is not is dropped, present or not."""
+    gw = await start_gateway()
+    token = make_token(jti="lic-hop") if account == RESTRICTED else None
+    for listed in ("keep-alive, X-Trace-Hop", "X_Trace_Hop", "X-Not-Sent"):
+        headers = {"Connection": listed, "X-Trace-Hop": "1", "X-Kept": "2"}
+        status, _, _ = await gw.launch(account, token=token, headers=headers)
+        assert status == 201, listed
+        sent = [n.lower() for n, _ in (await gw.stub_requests())[-1]["raw_headers"]]
+        assert "x-kept" in sent
+        assert ("x-trace-hop" in sent) is (listed == "X-Not-Sent"), listed
+    if token:
+        state = await gw.license("lic-hop")
+        assert (state.used, state.reserved) == (24, 0)
+
+
 async def test_an_upstream_reason_phrase_with_a_control_character_is_not_relayed(
     start_gateway: StartGateway,
 ) -> None:

@@ -32,7 +32,6 @@ from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.dialects.query import unwrapped
 from launchgate.errors import StoreUnavailable
 from launchgate.forward import (
-    HOP_BY_HOP,
     as_variable,
     connection_options,
     received_whole,
@@ -40,7 +39,12 @@ from launchgate.forward import (
     upstream_headers,
 )
 from launchgate.gateway import Gateway
-from launchgate.idempotency import fingerprint, idempotency_key, replay_sent_on
+from launchgate.idempotency import (
+    IDEMPOTENCY_HEADER,
+    fingerprint,
+    idempotency_key,
+    replay_sent_on,
+)
 from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
 from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, without_parameters
@@ -237,7 +241,7 @@ async def handle_launch(
                 )
         launch = route.dialect.parse(launch_request)
         if launch is not None:  # (a request that launches nothing goes on as any other)
-            _nothing_read_is_dropped(request.headers)
+            _nothing_read_is_dropped(request.headers, config)
     except MalformedLaunch as e:
         decision = malformed(e.detail, account, token)
     else:
@@ -321,20 +325,22 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
             seen.add(variable)
 
 
-# What a launch's Connection header may list: the connection options of HTTP/1.1 and the
-# hop-by-hop fields, which mean nothing to the upstream anyway (HTTP2-Settings: curl's h2c
-# upgrade, RFC 7540 3.2.1).
-_CONNECTION_OPTIONS: Final = frozenset(
-    {"close", "http2-settings", *(as_variable(h) for h in HOP_BY_HOP)}
+# The fields a launch is judged by, beside the account header: its idempotency key, its body's
+# type and encoding, and its Host (EC2's region), and Accept (Nova's version, by a parameter).
+_READ_TO_JUDGE: Final = frozenset(
+    as_variable(name)
+    for name in (IDEMPOTENCY_HEADER, "Content-Type", "Content-Encoding", "Host", "Accept")
 )
 
 
-def _nothing_read_is_dropped(headers: CIMultiDictProxy[str]) -> None:
-    """MalformedLaunch for a launch whose ``Connection`` header lists another field: it would
-    be judged here (an account, an idempotency key, the body's type) and dropped on the way
-    upstream, as HTTP has it (found in review: ``Connection: Idempotency-Key`` sent a counted
-    launch's retries on without their key, uncounted, to an upstream deduplicating on it)."""
-    listed = connection_options(headers) - _CONNECTION_OPTIONS
+def _nothing_read_is_dropped(headers: CIMultiDictProxy[str], config: Config) -> None:
+    """MalformedLaunch for a launch whose ``Connection`` header lists a field it is judged by:
+    that field would be dropped on the way upstream, as HTTP has it (found in review:
+    ``Connection: Idempotency-Key`` sent a counted launch's retries on without their key,
+    uncounted, to an upstream deduplicating on it). Other fields it lists are dropped as
+    hop-by-hop, as on any request (found by QA: ``Connection: X-Trace-Hop`` made an allowed
+    launch 400, where CONTRACT section 6 forwards it less its hop-by-hop headers)."""
+    listed = connection_options(headers) & (_READ_TO_JUDGE | {as_variable(config.account_header)})
     if listed:
         raise MalformedLaunch(
             f"the Connection header lists {min(listed)!r}, which would not reach the upstream"
