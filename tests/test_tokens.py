@@ -200,10 +200,11 @@ def test_generate_key_refuses_to_overwrite_an_existing_pem(tmp_path: Path) -> No
 
 
 def test_generate_key_twice_with_one_kid_fails(tmp_path: Path) -> None:
-    """Generating the same kid again fails and keeps the first key."""
+    """Generating the same kid again fails, naming the key file it refuses to overwrite (found
+    by QA: it named jwks.json), and keeps the first key."""
     pem = generate_key("k", tmp_path)
     first = pem.read_bytes()
-    with pytest.raises(ConfigError, match="'k'"):
+    with pytest.raises(ConfigError, match=r"k\.pem: already exists"):
         generate_key("k", tmp_path)
     assert pem.read_bytes() == first
     assert len(json.loads((tmp_path / "jwks.json").read_text())["keys"]) == 1

@@ -89,6 +89,9 @@ def generate_key(kid: str, out_dir: Path, alg: str = "EdDSA") -> Path:
     except OSError as e:
         raise ConfigError(f"{out_dir}: cannot create directory: {e.strerror}") from e
 
+    if os.path.lexists(pem_path):  # named first: the CONTRACT's refusal (found by QA: a second
+        # run named jwks.json). O_EXCL below still refuses one made meanwhile.
+        raise ConfigError(f"{pem_path}: already exists; refusing to overwrite a key")
     jwks = _read_jwks_for_update(jwks_path)
     if any(isinstance(k, Mapping) and k.get("kid") == kid for k in jwks["keys"]):
         raise ConfigError(f"{jwks_path}: key id {kid!r} is already present")
