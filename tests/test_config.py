@@ -15,7 +15,16 @@ from conftest import GENERIC_ROUTE, SHIPPED, Keys, write_config
 from launchgate.config import load_config
 from launchgate.errors import ConfigError
 from launchgate.gateway import Gateway
-from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, normalize_path_slowly
+from launchgate.paths import (
+    AUTHORITY,
+    LENIENT,
+    PARAMETERS,
+    UnsafePath,
+    has_dot_segments,
+    normalize_path,
+    normalize_path_slowly,
+    second_readings,
+)
 
 
 def test_shipped_config_loads() -> None:
@@ -311,6 +320,40 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
             normalize_path(raw)
         return
     assert normalize_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "readings"),
+    [
+        ("/v1/instances", []),  # the common path: none
+        ("/v1/instances;x", [("/v1/instances", PARAMETERS)]),
+        ("/V1/Instances", [("/v1/instances", LENIENT)]),
+        ("/v1/instances.json", [("/v1/instances", LENIENT)]),
+        ("/v1/instances.", [("/v1/instances", LENIENT)]),
+        ("/v1/instances%3b", [("/v1/instances", LENIENT)]),
+        ("/v1/instances%3bx/y.json", [("/v1/instances/y", LENIENT)]),
+        ("/v1.0/instances", []),  # a dot in another segment
+        ("//evil/v1/instances", [("/v1/instances", AUTHORITY)]),
+        ("///evil/v1/instances", [("/v1/instances", AUTHORITY)]),
+        (
+            "//a@b:1/V1/x;y",
+            [
+                ("/V1/x;y", AUTHORITY),
+                ("/a@b:1/V1/x", PARAMETERS),
+                ("/a@b:1/v1/x", LENIENT),
+                ("/V1/x", AUTHORITY),
+                ("/v1/x", AUTHORITY),
+            ],
+        ),
+        ("//evil", [("/", AUTHORITY)]),
+        ("//v1/instances", [("/instances", AUTHORITY)]),
+        ("//a/..", []),  # no safe reading after the host: none
+    ],
+)
+def test_second_readings_of_a_path(raw: str, readings: list[tuple[str, str]]) -> None:
+    """How common upstream servers read a path otherwise (found by QA: "//evil/v1/instances" and
+    "/V1/Instances" went unjudged to upstreams that route them to the launch path)."""
+    assert second_readings(raw, normalize_path(raw)) == readings
 
 
 def _shipped_copy(tmp_path: Path) -> Path:

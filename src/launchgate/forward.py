@@ -79,7 +79,11 @@ def upstream_headers(
     )
     headers = request.headers
     dropped = _dropped(headers, always, as_variable)
-    kept = [(k, v) for k, v in headers.items() if as_variable(k) not in dropped]
+    kept = [
+        (k, v)
+        for k, v in headers.items()
+        if as_variable(k) not in dropped and not ("_" in k and as_variable(k) == "content-length")
+    ]
     peer = request.remote or "unknown"
     scheme = request.scheme
     forwarded_for = f'"[{peer}]"' if ":" in peer else peer

@@ -79,6 +79,61 @@ def without_parameters(path: str) -> str:
     return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
+_FORMAT_SUFFIX = re.compile(r"\.[A-Za-z0-9]*\Z")
+
+# What each second reading of a path (``second_readings``) stands for, in a launch's 400.
+PARAMETERS: Final = "servers that cut path parameters (';') before they route"
+AUTHORITY: Final = "URL parsers that read a target starting with '//' as a host name, then a path"
+LENIENT: Final = (
+    "routers that ignore letter case, decode escapes before they route, or drop a format"
+    " suffix ('.json')"
+)
+
+
+def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
+    """The other paths that common upstream servers read in a request path ``raw``, normalized
+    as ``path``: each with who reads it so (``PARAMETERS``, ``AUTHORITY``, ``LENIENT``). A
+    launch route that claims one of them where it does not claim ``path`` would see its launch
+    go upstream unjudged (found by QA: ``POST //evil/v1/instances`` launched on an upstream
+    that routes on WHATWG's ``new URL(target, base)``, ``/V1/Instances`` on a case-insensitive
+    router such as Express's default). Cheap for the common path: lower case, no ``;``, not
+    starting with ``//``, no format suffix, no escape: none."""
+    if (
+        raw[1:2] != "/"
+        and ";" not in path
+        and "%" not in path
+        and path.isascii()
+        and path.lower() == path
+        and "." not in path.rpartition("/")[2]
+    ):
+        return []  # (the common path, in one pass of each kind)
+    readings: list[tuple[str, str]] = []
+    bases = [(path, "")]
+    if raw.startswith("//"):
+        # "//host/path", or, as WHATWG reads special URLs, any run of slashes then the host.
+        for rest in (raw[2:], raw.lstrip("/")):
+            tail = rest.partition("/")[2]
+            try:
+                reading = normalize_path("/" + tail)
+            except UnsafePath:
+                continue
+            if reading != path and (reading, AUTHORITY) not in readings:
+                readings.append((reading, AUTHORITY))
+                bases.append((reading, AUTHORITY))
+    for base, who in bases:
+        if ";" in base and (cut := without_parameters(base)) != base:
+            readings.append((cut, who or PARAMETERS))
+        lenient = fold_path(base)
+        if ";" in lenient:  # (an escaped ';' decoded)
+            lenient = without_parameters(lenient)
+        last = lenient.rpartition("/")[2]
+        if "." in last:
+            lenient = _FORMAT_SUFFIX.sub("", lenient) or "/"
+        if lenient not in (path, base) and all(lenient != seen for seen, _ in readings):
+            readings.append((lenient, who or LENIENT))
+    return readings
+
+
 def decoded_segment(segment: str) -> str:
     """A path segment with every percent-escape decoded, as an upstream that routes on the
     decoded path reads it (found by review: "%C5%BFubscriptions", a long s, went unjudged to

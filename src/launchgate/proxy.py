@@ -47,7 +47,7 @@ from launchgate.idempotency import (
 )
 from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
-from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, without_parameters
+from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, second_readings
 from launchgate.policy import (
     Decision,
     after_reservation,
@@ -133,20 +133,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return problem("malformed_request", 400, f"the path cannot be normalized safely: {e}")
     method = request.method
     claim = _claim(config, method, path, request.headers)
-    if ";" in path:
-        # A launch path, or another route's, to servers that cut path parameters before they
-        # route (Tomcat, Jetty, Spring): two meanings, recorded, malformed (found by QA:
-        # "POST /v1/instances;x" went upstream unjudged; found in review: so did
-        # "/batch;x/..." under an aws-ec2 route mounted at "/", and Nova's "/servers;x").
-        cut = _claim(config, method, without_parameters(path), request.headers)
-        if cut is not None and (claim is None or cut[0] is not claim[0]):
-            detail = (
-                "the path carries parameters (';'), and without them, as servers that cut"
-                " them read it, it is another route's path"
-            )
+    for reading, who in second_readings(raw_path, path):
+        # A launch path, or another route's, as common upstream servers read this one: two
+        # meanings, recorded, malformed (found by QA: "POST /v1/instances;x" went upstream
+        # unjudged, to Tomcat, Jetty and Spring a launch; found in review: so did "/batch;x/..."
+        # under an aws-ec2 route mounted at "/", and Nova's "/servers;x"; found by QA:
+        # "//evil/v1/instances" and "/V1/Instances").
+        other = _other_route(_claim(config, method, reading, request.headers), claim, method, path)
+        if other is not None:
+            detail = f"to {who}, this path is {reading!r}, which another route judges"
             return await handle_launch(
-                request, gateway, config, verifier, cut[0], path, query, two_meanings=detail
+                request, gateway, config, verifier, other, path, query, two_meanings=detail
             )
+    for name in _ROUTING_HEADERS:
+        if name in request.headers:
+            other_reading = _routed_by_header(config, method, path, request.headers, name, claim)
+            if other_reading is not None:
+                route, detail = other_reading
+                return await handle_launch(
+                    request, gateway, config, verifier, route, path, query, two_meanings=detail
+                )
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
             request, gateway, config, verifier, claim[0], path, query, two_meanings=claim[1]
@@ -158,6 +164,49 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # ".../zones/../instances" launched on the stub).
         return await forward(request, gateway, config, path + (f"?{query}" if query else ""), None)
     return await forward(request, gateway, config, raw, None)
+
+
+# Headers that some upstreams route by instead of the request's path (IIS's URL Rewrite,
+# Symfony before CVE-2018-14773, Zend Framework before ZF2018-01).
+_ROUTING_HEADERS: Final = ("X-Original-URL", "X-Rewrite-URL")
+
+
+def _routed_by_header(
+    config: Config,
+    method: str,
+    path: str,
+    headers: CIMultiDictProxy[str],
+    name: str,
+    claim: tuple[Route, str | None] | None,
+) -> tuple[Route, str] | None:
+    """The route that claims the path header ``name`` carries, as an upstream routing by it would
+    read it, when that is not the route that claims the request; with why it is malformed
+    (found by QA: "X-Original-URL: /v1/instances" on a POST elsewhere went unjudged)."""
+    for value in headers.getall(name):
+        target = value.partition("?")[0]
+        try:
+            reading = normalize_path(target)
+        except UnsafePath:
+            continue
+        for named in (reading, *(other for other, _ in second_readings(target, reading))):
+            other = _other_route(_claim(config, method, named, headers), claim, method, path)
+            if other is not None:
+                return other, f"its {name} header names {named!r}, which another route judges"
+    return None
+
+
+def _other_route(
+    other: tuple[Route, str | None] | None,
+    claim: tuple[Route, str | None] | None,
+    method: str,
+    path: str,
+) -> Route | None:
+    """The route of ``other``, the claim on a second reading of a request, when it is another
+    than ``claim``'s, the request's own on ``path``, and does not take ``path`` itself (a mount
+    that holds both readings, such as aws-ec2 on "/", judges either by its own rules)."""
+    if other is None or (claim is not None and other[0] is claim[0]):
+        return None
+    return None if other[0].matches(method, path) else other[0]
 
 
 def _claim(
