@@ -332,6 +332,10 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
         ("/v1/instances.", [("/v1/instances", LENIENT)]),
         ("/v1/instances%3b", [("/v1/instances", LENIENT)]),
         ("/v1/instances%3bx/y.json", [("/v1/instances/y", LENIENT)]),
+        ("/v1/instances.-", [("/v1/instances", LENIENT)]),  # Rails: any format but "./?"
+        ("/v1/instances.a.b", [("/v1/instances", LENIENT)]),  # Spring's suffix match: ".*"
+        ("/v1/instance%2573", [("/v1/instances", LENIENT)]),  # decoded twice, by two layers
+        ("/v1/.json", []),  # no name before the dot: no suffix
         ("/v1.0/instances", []),  # a dot in another segment
         ("//evil/v1/instances", [("/v1/instances", AUTHORITY)]),
         ("///evil/v1/instances", [("/v1/instances", AUTHORITY)]),

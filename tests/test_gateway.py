@@ -1902,7 +1902,15 @@ async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
 
 @pytest.mark.parametrize(
     "raw",
-    ["//evil/v1/instances", "///evil/v1/instances", "/V1/Instances", "/v1/instances.json"],
+    [
+        "//evil/v1/instances",
+        "///evil/v1/instances",
+        "/V1/Instances",
+        "/v1/instances.json",
+        "/v1/instances.-",
+        "/v1/instances.a.b",
+        "/v1/instance%2573",
+    ],
 )
 async def test_a_path_that_upstream_servers_read_as_the_launch_path_is_judged_malformed(
     start_gateway: StartGateway, raw: str
@@ -1938,6 +1946,12 @@ async def test_a_path_that_upstream_servers_read_as_the_launch_path_is_judged_ma
             b'{"a":"x;instance%5Ftype[]=p5.48xlarge;","instance_type":"m7i.large"}',
         ),
         ("multipart/form-data; boundary=b", b'{"instance_type":"m7i.large"}'),
+        # PHP's names and media types, and a binder ignoring case (found in review)
+        ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&instance.type=p5&"}'),
+        ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&instance[type=p5&"}'),
+        ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&INSTANCE_TYPE=p5&"}'),
+        ("application/x-www-form-urlencoded,text/plain", b'{"a":"&instance_type=p5&"}'),
+        ("multipart/form-data,; boundary=x", b'{"instance_type":"m7i.large"}'),
     ],
 )
 async def test_a_json_launch_that_reads_as_another_form_is_malformed(
@@ -1978,7 +1992,13 @@ async def test_json_sent_as_curl_s_default_form_is_judged_as_json(
 
 
 @pytest.mark.parametrize(
-    "header", [("X-Original-URL", "/v1/instances"), ("X-Rewrite-URL", "/V1/Instances?x=1")]
+    "header",
+    [
+        ("X-Original-URL", "/v1/instances"),
+        ("X-Rewrite-URL", "/V1/Instances?x=1"),
+        ("X_Original_URL", "/v1/instances"),  # as CGI-style servers read it (review)
+        ("X-Original-URL", "http://x/v1/instances"),  # Zend strips the scheme and host (review)
+    ],
 )
 async def test_a_request_routed_by_a_header_to_the_launch_path_is_malformed(
     start_gateway: StartGateway, header: tuple[str, str]
@@ -1997,6 +2017,57 @@ async def test_a_request_routed_by_a_header_to_the_launch_path_is_malformed(
     assert [d["reason"] for d in gw.decisions()] == ["malformed_request"]
     status, _ = await gw.send("GET", "/v1/volumes", b"", headers=headers)
     assert status == 404
+
+
+async def test_a_routing_header_naming_another_launch_call_of_the_route_is_malformed(
+    start_gateway: StartGateway,
+) -> None:
+    """Found in review: an insert of one e2 VM naming bulkInsert in X-Original-URL was judged as
+    the insert, and an upstream routing by the header would bulkInsert 50 a3-highgpu-8g. A
+    routing header naming another path a route claims is two meanings, the request's own route
+    too; one naming a path that cannot be read safely has none."""
+    gw = await start_gateway(routes=[{"dialect": "gcp-compute"}])
+    zone = "/compute/v1/projects/p/zones/us-central1-a/instances"
+    body = {
+        "name": "vm-1",
+        "machineType": "zones/us-central1-a/machineTypes/e2-standard-4",
+        "count": 50,
+        "instanceProperties": {"machineType": "a3-highgpu-8g"},
+    }
+    headers = {"Content-Type": "application/json", "X-Original-URL": f"{zone}/bulkInsert"}
+    status, answer = await gw.send("POST", zone, body, account=UNRESTRICTED, headers=headers)
+    assert (status, answer["reason"]) == (400, "malformed_request"), answer
+    headers["X-Original-URL"] = zone  # its own path: one meaning
+    status, _ = await gw.send("POST", zone, body, account=UNRESTRICTED, headers=headers)
+    assert status == 200
+    headers["X-Original-URL"] = "v1/instances"
+    status, answer = await gw.send("GET", "/anything", b"", headers=headers)
+    assert (status, answer["reason"]) == (400, "malformed_request"), answer
+    assert len(await gw.stub_requests()) == 1
+
+
+@pytest.mark.parametrize(
+    "twin",
+    [
+        {"Content_Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/json", "Content_Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/json", "Content_Encoding": "gzip"},
+        {"Content-Type": "application/json", "Idempotency-Key": "a", "Idempotency_Key": "b"},
+    ],
+)
+async def test_a_launch_with_an_underscore_twin_of_a_field_it_is_judged_by_is_malformed(
+    start_gateway: StartGateway, twin: dict[str, str]
+) -> None:
+    """Found in review: "Content_Type: application/x-www-form-urlencoded" went upstream beside
+    (or instead of) the Content-Type the launch was judged by; servers that read "_" as "-"
+    (Puma before 5.6.9) saw a form, or gzip, or another key."""
+    gw = await start_gateway()
+    body = {"instance_type": H100_SKU, "count": 1}
+    status, answer = await gw.send(
+        "POST", "/v1/instances", body, account=UNRESTRICTED, headers=twin
+    )
+    assert (status, answer["reason"]) == (400, "malformed_request"), answer
+    assert await gw.stub_requests() == []
 
 
 async def test_a_content_length_spelt_with_an_underscore_is_not_sent_beside_the_real_one(

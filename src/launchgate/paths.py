@@ -79,7 +79,7 @@ def without_parameters(path: str) -> str:
     return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
-_FORMAT_SUFFIX = re.compile(r"\.[A-Za-z0-9]*\Z")
+_MAX_DECODINGS: Final = 4
 
 # What each second reading of a path (``second_readings``) stands for, in a launch's 400.
 PARAMETERS: Final = "servers that cut path parameters (';') before they route"
@@ -124,11 +124,17 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
         if ";" in base and (cut := without_parameters(base)) != base:
             readings.append((cut, who or PARAMETERS))
         lenient = fold_path(base)
+        for _ in range(_MAX_DECODINGS):  # escaped more than once: read by layers that decode
+            if "%" not in lenient or (again := fold_path(lenient)) == lenient:  # each once more
+                break
+            lenient = again
         if ";" in lenient:  # (an escaped ';' decoded)
             lenient = without_parameters(lenient)
-        last = lenient.rpartition("/")[2]
-        if "." in last:
-            lenient = _FORMAT_SUFFIX.sub("", lenient) or "/"
+        head, _, last = lenient.rpartition("/")
+        if "." in last and (stem := last.partition(".")[0]):
+            # Any suffix after the segment's first dot: Rails' format is any run of characters
+            # but "./?", Spring MVC's suffix match any "*" (found in review: ".-", ".a.b").
+            lenient = f"{head}/{stem}"
         if lenient not in (path, base) and all(lenient != seen for seen, _ in readings):
             readings.append((lenient, who or LENIENT))
     return readings

@@ -145,14 +145,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return await handle_launch(
                 request, gateway, config, verifier, other, path, query, two_meanings=detail
             )
-    for name in _ROUTING_HEADERS:
-        if name in request.headers:
-            other_reading = _routed_by_header(config, method, path, request.headers, name, claim)
-            if other_reading is not None:
-                route, detail = other_reading
-                return await handle_launch(
-                    request, gateway, config, verifier, route, path, query, two_meanings=detail
-                )
+    routing = _routing_headers(request.headers)
+    if routing:
+        try:
+            other_reading = _routed_by_header(config, method, path, request.headers, routing)
+        except UnsafePath as e:
+            return problem("malformed_request", 400, str(e))
+        if other_reading is not None:
+            route, detail = other_reading
+            return await handle_launch(
+                request, gateway, config, verifier, route, path, query, two_meanings=detail
+            )
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
             request, gateway, config, verifier, claim[0], path, query, two_meanings=claim[1]
@@ -167,8 +170,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 # Headers that some upstreams route by instead of the request's path (IIS's URL Rewrite,
-# Symfony before CVE-2018-14773, Zend Framework before ZF2018-01).
+# Symfony before CVE-2018-14773, Zend Framework before ZF2018-01), as ``as_variable`` spells
+# them: CGI-style servers read "X_Original_URL" as the same variable (found in review).
 _ROUTING_HEADERS: Final = ("X-Original-URL", "X-Rewrite-URL")
+_ROUTING_VARIABLES: Final = frozenset(as_variable(name) for name in _ROUTING_HEADERS)
+# A URL's scheme and authority, which Zend strips from such a header's value (found in review).
+_SCHEME_AND_HOST = re.compile(r"\A[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def _routing_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """Every routing header of the request, in any spelling, with its value."""
+    found = [(name, value) for name in _ROUTING_HEADERS for value in headers.getall(name, ())]
+    if any("_" in key for key in headers):
+        found += [
+            (key, value)
+            for key, value in headers.items()
+            if "_" in key and as_variable(key) in _ROUTING_VARIABLES
+        ]
+    return found
 
 
 def _routed_by_header(
@@ -176,22 +195,26 @@ def _routed_by_header(
     method: str,
     path: str,
     headers: CIMultiDictProxy[str],
-    name: str,
-    claim: tuple[Route, str | None] | None,
+    routing: list[tuple[str, str]],
 ) -> tuple[Route, str] | None:
-    """The route that claims the path header ``name`` carries, as an upstream routing by it would
-    read it, when that is not the route that claims the request; with why it is malformed
-    (found by QA: "X-Original-URL: /v1/instances" on a POST elsewhere went unjudged)."""
-    for value in headers.getall(name):
-        target = value.partition("?")[0]
+    """The route that claims a path a routing header names (read as an upstream routing by it
+    would read it) other than the request's own ``path``, with why the request is then
+    malformed (found by QA: "X-Original-URL: /v1/instances" on a POST elsewhere went unjudged;
+    found in review: on the route's own path, another launch call of it, a bulkInsert named on
+    an insert). UnsafePath for a value that cannot be read safely: no one meaning."""
+    for name, value in routing:
+        target = _SCHEME_AND_HOST.sub("", value.strip()).partition("?")[0] or "/"
         try:
             reading = normalize_path(target)
-        except UnsafePath:
-            continue
+        except UnsafePath as e:
+            detail = f"its {name} header names a path that cannot be read safely: {e}"
+            raise UnsafePath(detail) from None
         for named in (reading, *(other for other, _ in second_readings(target, reading))):
-            other = _other_route(_claim(config, method, named, headers), claim, method, path)
+            if named == path:
+                continue
+            other = _claim(config, method, named, headers)
             if other is not None:
-                return other, f"its {name} header names {named!r}, which another route judges"
+                return other[0], f"its {name} header names {named!r}, which a route judges"
     return None
 
 
@@ -360,10 +383,19 @@ async def _record_refusal(
     count_decision(gateway, decision, started)
 
 
+# Fields a launch is judged by, beside its account and token headers, which the gateway reads
+# by their own names only.
+_JUDGED_BY: Final = ("Content-Type", "Content-Encoding", IDEMPOTENCY_HEADER)
+_JUDGED_VARIABLES: Final = {as_variable(name): name for name in _JUDGED_BY}
+
+
 def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
     """MalformedLaunch for a launch with two account headers or two token headers: the gateway
     would judge one while the upstream might act on the other (one meaning or none). A name
-    spelt with ``_`` for ``-`` counts too: CGI-style servers read both as one variable."""
+    spelt with ``_`` for ``-`` counts too: CGI-style servers read both as one variable. So
+    does one such spelling of another field it is judged by (found in review: with
+    "Content_Type: application/x-www-form-urlencoded" beside or without "Content-Type", Puma
+    before 5.6.9 read a form type the gateway never judged)."""
     names = {as_variable(name): name for name in (config.account_header, config.token_header)}
     seen: set[str] = set()
     for key, _ in headers.items():  # every field line (keys() folds repeats into one)
@@ -372,6 +404,10 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
             if variable in seen:
                 raise MalformedLaunch(f"more than one {names[variable]} header")
             seen.add(variable)
+        elif "_" in key and variable in _JUDGED_VARIABLES:
+            raise MalformedLaunch(
+                f"a {key} header, which servers read as {_JUDGED_VARIABLES[variable]}"
+            )
 
 
 # The fields a launch is judged by, beside the account header: its idempotency key, its body's

@@ -45,16 +45,21 @@ class GenericJson:
 
     @property
     def fields(self) -> frozenset[str]:
-        """The body's top-level fields it is judged by: the first token of each pointer."""
-        return frozenset(p[0] for p in (self.sku, self.count, self.region) if p)
+        """The body's top-level fields it is judged by, the first token of each pointer, in
+        lower case (form binders that ignore case, such as ASP.NET Core's, read them so)."""
+        return frozenset(p[0].lower() for p in (self.sku, self.count, self.region) if p)
 
     def parse(self, request: LaunchRequest) -> Launch:
         require_identity_encoding(request.headers)
         # Any media type (clients send JSON as text/plain or as curl's form default), but the
         # body is read as UTF-8 and so must be meant as UTF-8, and not as another form.
         media = require_utf8_charset(request.headers)
-        if media is not None and media.lower() in _FORMS:
-            _no_form_reading(media.lower(), request.body, self.fields)
+        if media is not None:
+            # PHP cuts a media type at ",", ";" or a blank (found in review: with
+            # "application/x-www-form-urlencoded,text/plain" it read a form).
+            media = _MEDIA_END.split(media.strip(), maxsplit=1)[0].lower()
+            if media in _FORMS:
+                _no_form_reading(media, request.body, self.fields)
         body = loads_json(request.body)
         sku = resolve_pointer(body, self.sku)
         if not isinstance(sku, str) or not sku:
@@ -76,6 +81,8 @@ class GenericJson:
 _FORM: Final = "application/x-www-form-urlencoded"
 _FORMS: Final = frozenset({_FORM, "multipart/form-data"})
 _FIELD_BASE = re.compile(r"[^\[.]*")  # "a[b]" and "a.b" are a's, to qs-style form parsers
+_MEDIA_END = re.compile(r"[,;\s]")
+_PHP_MANGLED = re.compile(r"[ .\[]")
 
 
 def _no_form_reading(media: str, body: bytes, fields: frozenset[str]) -> None:
@@ -89,13 +96,25 @@ def _no_form_reading(media: str, body: bytes, fields: frozenset[str]) -> None:
         raise MalformedLaunch(f"a launch body sent as {media} is read as a form")
     text = body.decode("utf-8", "replace")
     for pair in re.split("[&;]", text):
-        name = unquote_plus(pair.partition("=")[0], errors="replace")
+        name = unquote_plus(pair.partition("=")[0], errors="replace").lower()
         base = _FIELD_BASE.match(name)
-        if base is not None and base.group() in fields:
-            raise MalformedLaunch(
-                f"read as the form its Content-Type names, the body has a {base.group()!r}"
-                " field of its own"
-            )
+        for read in (base.group() if base else name, _php_name(name)):
+            if read in fields:
+                raise MalformedLaunch(
+                    f"read as the form its Content-Type names, the body has a {read!r}"
+                    " field of its own"
+                )
+
+
+def _php_name(name: str) -> str:
+    """The top-level name PHP gives a form field: leading blanks dropped, an array's index cut,
+    then " ", "." and an unclosed "[" made "_" (found in review: "instance.type" is
+    ``$_POST['instance_type']``)."""
+    name = name.lstrip(" ")
+    at = name.find("[")
+    if at >= 0 and "]" in name[at:]:
+        name = name[:at]
+    return _PHP_MANGLED.sub("_", name)
 
 
 def _pointer(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
