@@ -336,6 +336,8 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
         ("/v1/instances.a.b", [("/v1/instances", LENIENT)]),  # Spring's suffix match: ".*"
         ("/v1/instance%2573", [("/v1/instances", LENIENT)]),  # decoded twice, by two layers
         ("/v1/.json", []),  # no name before the dot: no suffix
+        ("/v1/x/%252e%252e/instances", [("/v1/instances", LENIENT)]),  # then normalized
+        ("/v1%252F%252Finstances%252F", [("/v1/instances", LENIENT)]),
         ("/v1.0/instances", []),  # a dot in another segment
         ("//evil/v1/instances", [("/v1/instances", AUTHORITY)]),
         ("///evil/v1/instances", [("/v1/instances", AUTHORITY)]),

@@ -1910,6 +1910,7 @@ async def test_a_path_with_parameters_that_is_no_launch_path_goes_on(
         "/v1/instances.-",
         "/v1/instances.a.b",
         "/v1/instance%2573",
+        "/v1/x/%252e%252e/instances",
     ],
 )
 async def test_a_path_that_upstream_servers_read_as_the_launch_path_is_judged_malformed(
@@ -1952,6 +1953,9 @@ async def test_a_path_that_upstream_servers_read_as_the_launch_path_is_judged_ma
         ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&INSTANCE_TYPE=p5&"}'),
         ("application/x-www-form-urlencoded,text/plain", b'{"a":"&instance_type=p5&"}'),
         ("multipart/form-data,; boundary=x", b'{"instance_type":"m7i.large"}'),
+        # a NUL ends PHP's name; .NET's case folding takes the dotless i (review)
+        ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&instance_type%00=p5&"}'),
+        ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&%C4%B1nstance_type=p5&"}'),
     ],
 )
 async def test_a_json_launch_that_reads_as_another_form_is_malformed(
@@ -1998,6 +2002,7 @@ async def test_json_sent_as_curl_s_default_form_is_judged_as_json(
         ("X-Rewrite-URL", "/V1/Instances?x=1"),
         ("X_Original_URL", "/v1/instances"),  # as CGI-style servers read it (review)
         ("X-Original-URL", "http://x/v1/instances"),  # Zend strips the scheme and host (review)
+        ("X-Original-URL", "/v1/instances#x"),  # a fragment dropped (review)
     ],
 )
 async def test_a_request_routed_by_a_header_to_the_launch_path_is_malformed(
@@ -2017,6 +2022,24 @@ async def test_a_request_routed_by_a_header_to_the_launch_path_is_malformed(
     assert [d["reason"] for d in gw.decisions()] == ["malformed_request"]
     status, _ = await gw.send("GET", "/v1/volumes", b"", headers=headers)
     assert status == 404
+
+
+async def test_a_routing_header_naming_the_request_s_own_path_is_read_with_it(
+    start_gateway: StartGateway,
+) -> None:
+    """IIS's ARR sets X-Original-URL to the request's own URL: an ARM launch (mixed case, to a
+    route that ignores case) carrying it was 400 (found in review); it is judged as any."""
+    gw = await start_gateway(routes=[{"dialect": "azure-arm"}])
+    vm = (
+        "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/vm-1"
+        "?api-version=2024-07-01"
+    )
+    body = {"location": "eastus", "properties": {"hardwareProfile": {"vmSize": "Standard_D2s_v5"}}}
+    for header in ("X-Original-URL", "X-Rewrite-URL"):
+        headers = {"Content-Type": "application/json", header: f"http://x{vm}"}
+        status, answer = await gw.send("PUT", vm, body, account=UNRESTRICTED, headers=headers)
+        assert status in (200, 201), answer
+    assert [d["reason"] for d in gw.decisions()] == ["sku_not_controlled"] * 2
 
 
 async def test_a_routing_header_naming_another_launch_call_of_the_route_is_malformed(

@@ -130,6 +130,8 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
             lenient = again
         if ";" in lenient:  # (an escaped ';' decoded)
             lenient = without_parameters(lenient)
+        if lenient != base:  # decoded: its dots and slashes read as such (found in review)
+            lenient = _tidied(lenient)
         head, _, last = lenient.rpartition("/")
         if "." in last and (stem := last.partition(".")[0]):
             # Any suffix after the segment's first dot: Rails' format is any run of characters
@@ -138,6 +140,20 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
         if lenient not in (path, base) and all(lenient != seen for seen, _ in readings):
             readings.append((lenient, who or LENIENT))
     return readings
+
+
+def _tidied(path: str) -> str:
+    """``path`` with ``.`` and ``..`` segments resolved (none above the root), repeated slashes
+    collapsed and a trailing slash dropped, whatever it holds: the path a server that decodes
+    it, then normalizes, routes on."""
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
 
 
 def decoded_segment(segment: str) -> str:

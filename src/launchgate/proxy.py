@@ -47,7 +47,13 @@ from launchgate.idempotency import (
 )
 from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
-from launchgate.paths import UnsafePath, has_dot_segments, normalize_path, second_readings
+from launchgate.paths import (
+    UnsafePath,
+    fold_path,
+    has_dot_segments,
+    normalize_path,
+    second_readings,
+)
 from launchgate.policy import (
     Decision,
     after_reservation,
@@ -202,19 +208,25 @@ def _routed_by_header(
     malformed (found by QA: "X-Original-URL: /v1/instances" on a POST elsewhere went unjudged;
     found in review: on the route's own path, another launch call of it, a bulkInsert named on
     an insert). UnsafePath for a value that cannot be read safely: no one meaning."""
+    own = _claim(config, method, path, headers)
     for name, value in routing:
-        target = _SCHEME_AND_HOST.sub("", value.strip()).partition("?")[0] or "/"
+        # The path: no scheme and host (Zend strips them), no query, no fragment (found in
+        # review: "/v1/instances#x", to a router that drops the fragment).
+        target = re.split("[?#]", _SCHEME_AND_HOST.sub("", value.strip()), maxsplit=1)[0] or "/"
         try:
             reading = normalize_path(target)
         except UnsafePath as e:
             detail = f"its {name} header names a path that cannot be read safely: {e}"
             raise UnsafePath(detail) from None
+        if reading == path:  # the request's own (IIS's ARR sets it so): read with the request
+            continue
         for named in (reading, *(other for other, _ in second_readings(target, reading))):
-            if named == path:
-                continue
             other = _claim(config, method, named, headers)
-            if other is not None:
-                return other[0], f"its {name} header names {named!r}, which a route judges"
+            if other is None:
+                continue
+            if own is not None and other[0] is own[0] and fold_path(named) == fold_path(path):
+                continue  # the request's own path, to a route that ignores case (review)
+            return other[0], f"its {name} header names {named!r}, which a route judges"
     return None
 
 

@@ -13,6 +13,7 @@ from launchgate.errors import ConfigError
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
+    fold_case,
     loads_json,
     parse_count,
     parse_pointer,
@@ -46,8 +47,8 @@ class GenericJson:
     @property
     def fields(self) -> frozenset[str]:
         """The body's top-level fields it is judged by, the first token of each pointer, in
-        lower case (form binders that ignore case, such as ASP.NET Core's, read them so)."""
-        return frozenset(p[0].lower() for p in (self.sku, self.count, self.region) if p)
+        folded (form binders that ignore case, such as ASP.NET Core's, read them so)."""
+        return frozenset(fold_case(p[0]) for p in (self.sku, self.count, self.region) if p)
 
     def parse(self, request: LaunchRequest) -> Launch:
         require_identity_encoding(request.headers)
@@ -96,7 +97,9 @@ def _no_form_reading(media: str, body: bytes, fields: frozenset[str]) -> None:
         raise MalformedLaunch(f"a launch body sent as {media} is read as a form")
     text = body.decode("utf-8", "replace")
     for pair in re.split("[&;]", text):
-        name = unquote_plus(pair.partition("=")[0], errors="replace").lower()
+        # Cut at a NUL, as PHP reads a name (with strlen); folded as .NET's OrdinalIgnoreCase
+        # folds (the dotless i and the long s too; both found in review).
+        name = fold_case(unquote_plus(pair.partition("=")[0], errors="replace").partition("\0")[0])
         base = _FIELD_BASE.match(name)
         for read in (base.group() if base else name, _php_name(name)):
             if read in fields:
