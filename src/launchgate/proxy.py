@@ -154,7 +154,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     routing = _routing_headers(request.headers)
     if routing:
         try:
-            other_reading = _routed_by_header(config, method, path, request.headers, routing)
+            other_reading = _routed_by_header(config, method, path, claim, request.headers, routing)
         except UnsafePath as e:
             return problem("malformed_request", 400, str(e))
         if other_reading is not None:
@@ -200,6 +200,7 @@ def _routed_by_header(
     config: Config,
     method: str,
     path: str,
+    own: tuple[Route, str | None] | None,
     headers: CIMultiDictProxy[str],
     routing: list[tuple[str, str]],
 ) -> tuple[Route, str] | None:
@@ -207,8 +208,8 @@ def _routed_by_header(
     would read it) other than the request's own ``path``, with why the request is then
     malformed (found by QA: "X-Original-URL: /v1/instances" on a POST elsewhere went unjudged;
     found in review: on the route's own path, another launch call of it, a bulkInsert named on
-    an insert). UnsafePath for a value that cannot be read safely: no one meaning."""
-    own = _claim(config, method, path, headers)
+    an insert); ``own``: the request's own claim. UnsafePath for a value that cannot be read
+    safely: no one meaning."""
     for name, value in routing:
         # The path: no scheme and host (Zend strips them), no query, no fragment (found in
         # review: "/v1/instances#x", to a router that drops the fragment).
@@ -422,12 +423,9 @@ def _one_identity(headers: CIMultiDictProxy[str], config: Config) -> None:
             )
 
 
-# The fields a launch is judged by, beside the account header: its idempotency key, its body's
-# type and encoding, and its Host (EC2's region), and Accept (Nova's version, by a parameter).
-_READ_TO_JUDGE: Final = frozenset(
-    as_variable(name)
-    for name in (IDEMPOTENCY_HEADER, "Content-Type", "Content-Encoding", "Host", "Accept")
-)
+# The fields a launch is judged by, beside the account header: those above, and its Host
+# (EC2's region) and Accept (Nova's version, by a parameter).
+_READ_TO_JUDGE: Final = frozenset({*_JUDGED_VARIABLES, as_variable("Host"), as_variable("Accept")})
 
 
 def _nothing_read_is_dropped(headers: CIMultiDictProxy[str], config: Config) -> None:
