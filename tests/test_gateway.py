@@ -1956,6 +1956,11 @@ async def test_a_path_that_upstream_servers_read_as_the_launch_path_is_judged_ma
         # a NUL ends PHP's name; .NET's case folding takes the dotless i (review)
         ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&instance_type%00=p5&"}'),
         ("application/x-www-form-urlencoded", b'{"t":"m7i.large","a":"&%C4%B1nstance_type=p5&"}'),
+        # names in brackets, as Rack 2 and qs read them, and nested under a wrapping key, as
+        # Rails' wrap_parameters reads them (found in a third review)
+        ("application/x-www-form-urlencoded", b'{"a":"&]instance_type=p5&[count=8&"}'),
+        ("application/x-www-form-urlencoded", b'{"a":"&[instance_type]=p5&[count]=8&"}'),
+        ("application/x-www-form-urlencoded", b'{"a":"&instance[instance_type]=p5&"}'),
     ],
 )
 async def test_a_json_launch_that_reads_as_another_form_is_malformed(
@@ -1993,6 +1998,146 @@ async def test_json_sent_as_curl_s_default_form_is_judged_as_json(
     body = b'{"x":"&spec[type]=p5.48xlarge&","spec":{"type":"m7i.large"}}'
     status, answer = await gw.send("POST", "/v1/instances", body, account=RESTRICTED, headers=form)
     assert (status, answer["reason"]) == (400, "malformed_request"), answer
+
+
+async def _post(url: str, target: str, head: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` with exactly the header lines ``head`` (aiohttp's client would add a
+    Content-Type)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST {target} HTTP/1.1\r\nHost: gw\r\n".encode()
+        + head
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    answer = await reader.read()
+    writer.close()
+    status_line, _, payload = answer.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("content_type", [b"", b"Content-Type:\r\n", b"Content-Type: \t\r\n"])
+async def test_a_launch_without_a_content_type_is_read_as_a_form_too(
+    start_gateway: StartGateway, content_type: bytes
+) -> None:
+    """Found in a third review: Rack (so Rails and Sinatra) reads a POST with no Content-Type,
+    or an empty one, as a form; this body, judged as JSON an m7i.large, launched 8 p5.48xlarge
+    there. Two meanings: 400, nothing sent. JSON without such a field passes untyped, as
+    ``requests.post(url, data=json.dumps(...))`` sends it, ``&`` in a value too."""
+    gw = await start_gateway()
+    head = content_type + f"X-Account-Id: {RESTRICTED}\r\n".encode()
+    body = b'{"a":"&instance_type=p5.48xlarge&count=8&","instance_type":"m7i.large"}'
+    status, answer = await _post(gw.url, "/v1/instances", head, body)
+    assert (status, answer["reason"]) == (400, "malformed_request"), answer
+    assert "read as a form, its body has a field 'instance_type'" in answer["detail"]
+    assert await gw.stub_requests() == []
+    plain = json.dumps({"instance_type": "m7i.large", "note": "R&D; a=b"}).encode()
+    status, answer = await _post(gw.url, "/v1/instances", head, plain)
+    assert status == 201, answer
+    assert [d["reason"] for d in gw.decisions()] == ["malformed_request", "sku_not_controlled"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "instance_type=p5.48xlarge&count=8",
+        "Count=8",
+        "instance%5Binstance_type%5D=p5.48xlarge",
+        "[instance_type]=p5.48xlarge",
+        "x=1;region=us-west-2",
+    ],
+)
+async def test_a_launch_whose_query_names_a_field_it_is_judged_by_is_malformed(
+    start_gateway: StartGateway, query: str
+) -> None:
+    """Found in a third review: Rails merges the query's parameters over the body's, and
+    launched 8 p5.48xlarge for ``?instance_type=p5.48xlarge&count=8`` on a JSON launch judged
+    an m7i.large (the region a token is limited to moves the same way). 400, nothing sent;
+    other parameters, or a name without a value, pass."""
+    gw = await start_gateway()
+    body = {"instance_type": "m7i.large", "count": 1, "region": "us-east-1"}
+    status, answer = await gw.send("POST", f"/v1/instances?{query}", body)
+    assert (status, answer["reason"]) == (400, "malformed_request"), answer
+    assert "its query has a field" in answer["detail"]
+    assert await gw.stub_requests() == []
+    for harmless in ("dry_run=1&tag=a", "instance_type", "account_id=7"):
+        status, answer = await gw.send("POST", f"/v1/instances?{harmless}", body)
+        assert status == 201, (harmless, answer)
+
+
+async def test_an_ec2_call_in_a_body_read_as_a_form_under_another_route_has_two_meanings(
+    start_gateway: StartGateway,
+) -> None:
+    """Found in a third review: with aws-ec2 on "/", an EC2 launch in a generic launch's body
+    sent with no Content-Type (Rack reads it as a form), or with a form type PHP reads as one
+    ("application/x-www-form-urlencoded,text/plain"), ran RunInstances p5.48xlarge x4 on an
+    EC2-style upstream: 400, as with the plain form type."""
+    gw = await start_gateway(routes=EVERY_DIALECT)
+    body = f'{{"instance_type":"m7i.large","x":"&{_EC2_LAUNCH}&"}}'.encode()
+    for content_type in (b"", b"Content-Type: application/x-www-form-urlencoded,text/plain\r\n"):
+        head = content_type + f"X-Account-Id: {UNRESTRICTED}\r\n".encode()
+        status, answer = await _post(gw.url, "/v1/instances", head, body)
+        assert (status, answer["reason"]) == (400, "malformed_request"), answer
+        assert "EC2 RunInstances" in answer["detail"]
+    assert await gw.stub_requests() == []
+
+
+_PUT_LAUNCH = {**GENERIC_ROUTE, "method": "PUT"}
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"_method=PUT&instance_type=p5.48xlarge"),
+        (None, b"instance_type=p5.48xlarge&%5Fmethod=put"),
+        ("application/json", b'{"_method":"PUT","instance_type":"p5.48xlarge"}'),
+        ("application/json", b'{"\\u005fmethod":"PUT","instance_type":"p5.48xlarge"}'),
+        (
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="_METHOD"\r\n\r\nPUT\r\n--b--\r\n',
+        ),
+    ],
+)
+async def test_a_post_asking_for_a_launch_method_in_its_body_is_refused(
+    start_gateway: StartGateway, content_type: str | None, body: bytes
+) -> None:
+    """Found in a third review: Rack::MethodOverride (in every Rails app but API-only ones)
+    turns a POST with a ``_method`` form field into that method, and Laravel reads one from a
+    JSON body too: a POST no route takes, to a path a route launches on by PUT, launched there
+    unjudged. Refused as a ``_method`` query is, for every account; nothing sent."""
+    gw = await start_gateway(routes=[_PUT_LAUNCH, {"dialect": "azure-arm"}])
+    vm = f"{_VM}/vm-1?api-version=2024-07-01"
+    for path in ("/v1/instances", vm, "/V1/Instances"):
+        head = f"X-Account-Id: {UNRESTRICTED}\r\n".encode()
+        if content_type is not None:
+            head += f"Content-Type: {content_type}\r\n".encode()
+        status, answer = await _post(gw.url, path, head, body)
+        assert (status, answer["reason"]) == (400, "malformed_request"), (path, answer)
+        assert "_method" in answer["detail"]
+    assert await gw.stub_requests() == []
+
+
+async def test_a_post_to_a_path_launched_by_another_method_goes_on_without_an_override(
+    start_gateway: StartGateway,
+) -> None:
+    """Such a POST without ``_method`` goes upstream as sent, its body read whole (up to
+    ``max_body_bytes``, 413 beyond); a POST elsewhere carrying one is no launch, and streams
+    on unread."""
+    gw = await start_gateway(routes=[_PUT_LAUNCH])
+    body = json.dumps({"instance_type": H100_SKU, "note": "method"}).encode()
+    status, _ = await gw.send("POST", "/v1/instances", body)
+    assert status == 201  # (the stub launches on any POST there)
+    status, _ = await gw.send("POST", "/_stub/echo", b"_method=PUT")
+    assert status == 200
+    sent = await gw.stub_requests()
+    assert [(r["path"], r["body"]) for r in sent] == [
+        ("/v1/instances", body.decode()),
+        ("/_stub/echo", "_method=PUT"),
+    ]
+    assert gw.decisions() == []
+    status, answer = await gw.send("POST", "/v1/instances", b"x" * 65537)
+    assert (status, answer["reason"]) == (413, "body_too_large"), answer
 
 
 @pytest.mark.parametrize(

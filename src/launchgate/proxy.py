@@ -139,7 +139,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return problem("malformed_request", 400, f"the path cannot be normalized safely: {e}")
     method = request.method
     claim = _claim(config, method, path, request.headers)
-    for reading, who in second_readings(raw_path, path):
+    readings = second_readings(raw_path, path)
+    for reading, who in readings:
         # A launch path, or another route's, as common upstream servers read this one: two
         # meanings, recorded, malformed (found by QA: "POST /v1/instances;x" went upstream
         # unjudged, to Tomcat, Jetty and Spring a launch; found in review: so did "/batch;x/..."
@@ -162,6 +163,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return await handle_launch(
                 request, gateway, config, verifier, route, path, query, two_meanings=detail
             )
+    if claim is None and method == "POST" and _launch_by_override(config, path, readings):
+        return await forward_unless_overridden(request, gateway, config, raw)
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
             request, gateway, config, verifier, claim[0], path, query, two_meanings=claim[1]
@@ -281,6 +284,64 @@ async def refuse_override(
         gateway, config, request, path, decision, decision_id, started, enforced=True
     )
     return problem(decision.reason, 400, detail, decision_id)
+
+
+# The methods a POST's "_method" field can turn it into, upstream (Rack::MethodOverride, in every
+# Rails app but API-only ones, takes any; so do Laravel and Symfony with overrides enabled).
+_NOT_POST: Final = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _launch_by_override(config: Config, path: str, readings: list[tuple[str, str]]) -> bool:
+    """Whether a route launches on ``path`` (or a second reading of it) by a method that a POST
+    there can ask for in its body (found in review: ``POST`` with ``_method=PUT`` in a form body
+    launched an H100 VM through an ARM-style PUT route on a Rack upstream, unjudged)."""
+    paths = [path, *(reading for reading, _ in readings)]
+    return any(
+        route.matches(other, p)
+        for route in config.routes
+        for other in route.dialect.methods & _NOT_POST
+        for p in paths
+    )
+
+
+async def forward_unless_overridden(
+    request: web.Request, gateway: Gateway, config: Config, target: str
+) -> web.StreamResponse:
+    """Forward a POST that no route takes, on a path a route launches on by another method,
+    unless its body asks for another method (400, as a ``_method`` query is): read whole, up to
+    ``max_body_bytes`` (413 beyond: it cannot be read for that in time; such a POST is no call
+    of the launch API's)."""
+    try:
+        body = await read_body(request, config.max_body_bytes)
+    except BodyTooLarge:
+        limit = config.max_body_bytes
+        detail = f"a POST to a path launched by another method is limited to {limit} bytes"
+        return problem("body_too_large", 413, detail)
+    if _body_overrides_method(body):
+        detail = "method overrides (headers, or a _method parameter) are not accepted"
+        return problem("malformed_request", 400, detail)
+    return await forward(request, gateway, config, target, body)
+
+
+def _spelled(word: str) -> re.Pattern[bytes]:
+    """``word`` in bytes, in any letter case, each character as itself, percent-escaped (a form
+    decodes names once) or as a JSON ``\\u`` escape."""
+    parts = []
+    for char in word:
+        codes = sorted({f"{ord(c):02x}" for c in (char.lower(), char.upper())})
+        spellings = [re.escape(char), *(f"%{h}" for h in codes), *(rf"\\u00{h}" for h in codes)]
+        parts.append(f"(?:{'|'.join(spellings)})")
+    return re.compile("".join(parts).encode(), re.IGNORECASE)
+
+
+_METHOD_FIELD: Final = _spelled("_method")
+
+
+def _body_overrides_method(body: bytes) -> bool:
+    """Whether a body could carry a ``_method`` field to some upstream: anywhere in it, in any
+    letter case, escaped or not (a form's name, a multipart part's, a JSON object's key, which
+    Laravel reads). One pass of the regex engine, whatever the body."""
+    return _METHOD_FIELD.search(body) is not None
 
 
 async def handle_launch(

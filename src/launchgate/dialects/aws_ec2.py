@@ -50,11 +50,11 @@ from launchgate.dialects import (
     under_mount_in_any_case,
 )
 from launchgate.dialects.query import DECODINGS, Node, nest, parse_params, unwrapped
+from launchgate.forms import FORM, read_as_form
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
 _KEYS: Final = frozenset({"path", "region"})
 _ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
-_FORM: Final = "application/x-www-form-urlencoded"
 _HOST = re.compile(r"ec2\.(?P<region>[a-z]{2}(?:-[a-z]+)+-[0-9]{1,2})\.amazonaws\.com")
 _WEIGHT = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 
@@ -78,13 +78,13 @@ class AwsEc2:
         """The launch Action that a request another route takes carries for EC2, which serves
         its Query API on any path (found in review: with aws-ec2 on "/", a Nova server action or
         an ARM PATCH with "?Action=RunInstances&..." reached an EC2-style upstream unjudged):
-        in its query string, and in its body when a Content-Type says it is a form, whatever
-        the method (EC2 and the stub read no other body; found in review: a JSON startup script
-        calling EC2 was refused). See ``_launch_action_in`` for how."""
+        in its query string, and in its body when an upstream reads it as a form, whatever the
+        method (``forms.read_as_form``: a Content-Type naming one as PHP reads it, or none, as
+        Rack reads it; found in review, both launched p5.48xlarges on an EC2-style upstream).
+        Not in a body of another type (EC2 and the stub read no other; found in review: a JSON
+        startup script calling EC2 was refused). See ``_launch_action_in`` for how."""
         action = _launch_action_in(request.query)
-        if action is None and any(
-            _media_type(value) == _FORM for value in request.headers.getall("Content-Type", [])
-        ):
+        if action is None and read_as_form(request.headers.getall("Content-Type", [])):
             action = _launch_action_in(request.body.decode("latin-1"))
         return action
 
@@ -453,20 +453,16 @@ def _form_body(request: LaunchRequest) -> str | None:
     if not request.body and not types:
         return None
     if len(types) != 1 or not _is_form(types[0]):
-        raise MalformedLaunch(f"an EC2 POST body must be {_FORM} (UTF-8)")
+        raise MalformedLaunch(f"an EC2 POST body must be {FORM} (UTF-8)")
     try:
         return request.body.decode("ascii")
     except UnicodeDecodeError:
         raise MalformedLaunch("form body holds bytes that are not percent-encoded") from None
 
 
-def _media_type(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
-
-
 def _is_form(content_type: str) -> bool:
     media, *options = (part.strip().lower() for part in content_type.split(";"))
-    return media == _FORM and all(o.replace('"', "") == "charset=utf-8" for o in options)
+    return media == FORM and all(o.replace('"', "") == "charset=utf-8" for o in options)
 
 
 def _host_region(request: LaunchRequest) -> str | None:

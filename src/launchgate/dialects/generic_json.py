@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote_plus
 
 from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path
 from launchgate.errors import ConfigError
+from launchgate.forms import MULTIPART, judged_field_in, media_type, read_as_form, squash
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
-    fold_case,
     loads_json,
     parse_count,
     parse_pointer,
@@ -36,6 +34,14 @@ class GenericJson:
     name: str = "generic-json"
     prefix: bool = False
     shaped: bool = False  # (its one path)
+    # The body's top-level fields it is judged by, the first token of each pointer, as
+    # ``forms.squash`` spells them for comparing with a form's names.
+    fields: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        tokens = (p[0] for p in (self.sku, self.count, self.region) if p)
+        # (A token of no letters or digits, such as "_", is left out: every name has that.)
+        object.__setattr__(self, "fields", frozenset(squash(t) for t in tokens) - {""})
 
     @property
     def methods(self) -> frozenset[str]:
@@ -44,23 +50,12 @@ class GenericJson:
     def claims(self, method: str, path: str) -> bool:
         return method == self.method and path == self.path
 
-    @property
-    def fields(self) -> frozenset[str]:
-        """The body's top-level fields it is judged by, the first token of each pointer, in
-        folded (form binders that ignore case, such as ASP.NET Core's, read them so)."""
-        return frozenset(fold_case(p[0]) for p in (self.sku, self.count, self.region) if p)
-
     def parse(self, request: LaunchRequest) -> Launch:
         require_identity_encoding(request.headers)
         # Any media type (clients send JSON as text/plain or as curl's form default), but the
         # body is read as UTF-8 and so must be meant as UTF-8, and not as another form.
-        media = require_utf8_charset(request.headers)
-        if media is not None:
-            # PHP cuts a media type at ",", ";" or a blank (found in review: with
-            # "application/x-www-form-urlencoded,text/plain" it read a form).
-            media = _MEDIA_END.split(media.strip(), maxsplit=1)[0].lower()
-            if media in _FORMS:
-                _no_form_reading(media, request.body, self.fields)
+        require_utf8_charset(request.headers)
+        _no_form_reading(request, self.fields)
         body = loads_json(request.body)
         sku = resolve_pointer(body, self.sku)
         if not isinstance(sku, str) or not sku:
@@ -79,45 +74,32 @@ class GenericJson:
         return Launch((Item(sku, count),), region)
 
 
-_FORM: Final = "application/x-www-form-urlencoded"
-_FORMS: Final = frozenset({_FORM, "multipart/form-data"})
-_FIELD_BASE = re.compile(r"[^\[.]*")  # "a[b]" and "a.b" are a's, to qs-style form parsers
-_MEDIA_END = re.compile(r"[,;\s]")
-_PHP_MANGLED = re.compile(r"[ .\[]")
-
-
-def _no_form_reading(media: str, body: bytes, fields: frozenset[str]) -> None:
-    """MalformedLaunch for a body whose media type has an upstream read it as a form with a
-    field the launch is judged by: the gateway judges the JSON, the upstream launches the
-    form's (found by QA: ``{"a":"&instance_type=p5.48xlarge&","instance_type":"m7i.large"}`` as
-    ``application/x-www-form-urlencoded`` was judged an m7i.large, and an Express upstream
-    with ``urlencoded()`` launched a p5.48xlarge). JSON sent with curl's form default has no
-    such field (its one field is the whole body), and passes."""
-    if media != _FORM:
-        raise MalformedLaunch(f"a launch body sent as {media} is read as a form")
-    text = body.decode("utf-8", "replace")
-    for pair in re.split("[&;]", text):
-        # Cut at a NUL, as PHP reads a name (with strlen); folded as .NET's OrdinalIgnoreCase
-        # folds (the dotless i and the long s too; both found in review).
-        name = fold_case(unquote_plus(pair.partition("=")[0], errors="replace").partition("\0")[0])
-        base = _FIELD_BASE.match(name)
-        for read in (base.group() if base else name, _php_name(name)):
-            if read in fields:
-                raise MalformedLaunch(
-                    f"read as the form its Content-Type names, the body has a {read!r}"
-                    " field of its own"
-                )
-
-
-def _php_name(name: str) -> str:
-    """The top-level name PHP gives a form field: leading blanks dropped, an array's index cut,
-    then " ", "." and an unclosed "[" made "_" (found in review: "instance.type" is
-    ``$_POST['instance_type']``)."""
-    name = name.lstrip(" ")
-    at = name.find("[")
-    if at >= 0 and "]" in name[at:]:
-        name = name[:at]
-    return _PHP_MANGLED.sub("_", name)
+def _no_form_reading(request: LaunchRequest, fields: frozenset[str]) -> None:
+    """MalformedLaunch for a launch that an upstream could read as a form with a field it is
+    judged by: the gateway judges the JSON, the upstream launches the form's (found by QA:
+    ``{"a":"&instance_type=p5.48xlarge&","instance_type":"m7i.large"}`` as
+    ``application/x-www-form-urlencoded`` was judged an m7i.large, and an Express upstream with
+    ``urlencoded()`` launched a p5.48xlarge). So is one sent with no Content-Type (Rack reads it
+    as a form), one sent as ``multipart/form-data``, and one whose query names such a field
+    (found in review: Rails merges the query over the body, and launched ``?instance_type=``).
+    See ``forms`` for how names are read. JSON sent with curl's form default has no such field
+    (its one field is the whole body), and passes."""
+    types = request.headers.getall("Content-Type", ())
+    if any(media_type(value) == MULTIPART for value in types):
+        raise MalformedLaunch(f"a launch body sent as {MULTIPART} is read as a form")
+    name = judged_field_in(request.query, fields) if request.query else None
+    if name is not None:
+        raise MalformedLaunch(
+            f"its query has a field {name!r}, which upstreams read as one the launch is judged"
+            " by (Rails takes the query's over the body's)"
+        )
+    if read_as_form(types):
+        name = judged_field_in(request.body.decode("utf-8", "replace"), fields)
+        if name is not None:
+            raise MalformedLaunch(
+                f"read as a form, its body has a field {name!r}, which upstreams read as one the"
+                " launch is judged by"
+            )
 
 
 def _pointer(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:

@@ -1,0 +1,102 @@
+"""How upstream servers read a request as a form (``launchgate.forms``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launchgate.forms import (
+    MAX_NAMES,
+    judged_field_in,
+    media_type,
+    names,
+    read_as_form,
+    squash,
+    top_level_keys,
+)
+from launchgate.strict import MalformedLaunch
+
+FIELDS = frozenset(squash(f) for f in ("instance_type", "count", "region"))
+
+
+@pytest.mark.parametrize(
+    ("content_types", "form"),
+    [
+        ([], True),  # Rack reads an untyped POST body as a form (found in a third review)
+        ([""], True),
+        ([" \t"], True),
+        (["application/x-www-form-urlencoded"], True),
+        (["Application/X-WWW-Form-Urlencoded; charset=utf-8"], True),
+        (["application/x-www-form-urlencoded,text/plain"], True),  # as PHP cuts it
+        (["application/x-www-form-urlencoded text/plain"], True),
+        (["application/json"], False),
+        (["text/plain"], False),
+        (["multipart/form-data; boundary=b"], False),  # (refused apart)
+        (["application/json", "application/x-www-form-urlencoded"], True),
+    ],
+)
+def test_which_bodies_upstreams_read_as_forms(content_types: list[str], form: bool) -> None:
+    assert read_as_form(content_types) is form
+
+
+def test_media_type_is_cut_as_php_cuts_it() -> None:
+    assert media_type(" Multipart/Form-Data;boundary=x") == "multipart/form-data"
+    assert media_type("application/json,text/plain") == "application/json"
+
+
+def test_names_are_those_with_a_value_decoded_once_and_cut_at_a_nul() -> None:
+    text = "a=1&b;c=2;=3&d=e=f&&x&%5Bi%5D=1&n%00x=1&p+q=1&%2541=1"
+    assert list(names(text)) == ["a", "c", "d", "[i]", "n", "p q", "%41"]
+    assert list(names("no pairs at all")) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "instance_type",
+        "INSTANCE_TYPE",
+        "\u0131nstance_type",  # the dotless i, folded as .NET folds it
+        "instance.type",  # PHP: $_POST['instance_type']
+        "instance type",
+        " instance_type",
+        "instance[type",
+        "]instance_type",  # Rack 2 strips leading brackets
+        "[instance_type]",  # qs reads it as instance_type
+        "instance[instance_type]",  # nested under a wrapping key (Rails' wrap_parameters)
+        "instance_type[]",
+        "a.b.count",
+        "Region",
+    ],
+)
+def test_names_read_as_a_judged_field(name: str) -> None:
+    assert not top_level_keys(name).isdisjoint(FIELDS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "instance",
+        "type",
+        "account_id",
+        "discount",
+        "regions",
+        '{"instance_type": "p5',  # a JSON body's text before its first "=", as one name
+        '", "count": 1, "note": "R',
+    ],
+)
+def test_names_read_as_no_judged_field(name: str) -> None:
+    assert top_level_keys(name).isdisjoint(FIELDS)
+
+
+def test_the_first_judged_name_of_a_form_is_found() -> None:
+    body = '{"a":"&x=1&%5Binstance_type%5D=p5.48xlarge&","instance_type":"m7i.large"}'
+    assert judged_field_in(body, FIELDS) == "[instance_type]"
+    assert judged_field_in('{"instance_type":"m7i.large","note":"R&D; a=b"}', FIELDS) is None
+
+
+def test_the_reading_is_bounded() -> None:
+    """A body of 1 MiB of ``a=&`` took 0.8 s of the event loop to read whole (measured): past
+    ``MAX_NAMES`` names it is not read for a judged field; empty pairs cost no names."""
+    assert judged_field_in("a=1&" * MAX_NAMES, FIELDS) is None
+    with pytest.raises(MalformedLaunch, match="more than 1000 named fields"):
+        judged_field_in("a=&" * (MAX_NAMES + 1), FIELDS)
+    assert judged_field_in("&=" * 500_000 + "&x=1", FIELDS) is None
