@@ -1792,6 +1792,32 @@ async def test_an_unjudged_request_goes_on_without_its_dot_segments(
         assert (await r.json())["instances"] == []
 
 
+async def test_a_request_no_route_could_read_goes_on_with_its_dot_segments(
+    start_gateway: StartGateway,
+) -> None:
+    """CONTRACT section 6: a request that is not a launch reaches the upstream with its path
+    unchanged (found by QA: "GET /a/../b" went as "/b"). Only a path that an upstream keeping
+    or resolving dot segments otherwise could read under a route's mount (one of its segments,
+    decoded and folded, is the first of a mount's, or a route is mounted at "/") goes on
+    normalized."""
+    gw = await start_gateway()  # one route, on /v1/instances
+    unchanged = ["/a/../b", "/a/./b", "/a/%2e%2E/b", "/a/%2E/b/", "/x/..//y?q=/../"]
+    for raw in unchanged:
+        status, _ = await gw.send("GET", raw, b"")
+        assert status == 404, raw
+    normalized = {"/x/../V1/volumes": "/V1/volumes", "/x/%2e%2e/%2576%31/y": "/%25761/y"}
+    for raw in normalized:
+        await gw.send("GET", raw, b"")
+    sent = [
+        r["path"] + (f"?{r['query']}" if r.get("query") else "") for r in await gw.stub_requests()
+    ]
+    assert sent == [*unchanged, *normalized.values()]
+    assert gw.decisions() == []
+    gw = await start_gateway(routes=[GENERIC_ROUTE, {"dialect": "aws-ec2"}])  # aws-ec2 on "/"
+    await gw.send("GET", "/a/../b", b"")
+    assert (await gw.stub_requests())[-1]["path"] == "/b"  # (the same stub as above)
+
+
 @pytest.mark.parametrize("raw", ["/ec2/../x", "/EC2/%2e%2E/v1/instances", "/batch/../x"])
 async def test_dot_segments_that_leave_a_catch_all_mount_are_not_a_launch(
     start_gateway: StartGateway, raw: str

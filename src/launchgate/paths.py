@@ -173,6 +173,17 @@ def has_dot_segments(raw: str) -> bool:
     return ("." in raw or "%" in raw) and _DOT_SEGMENT.search(raw) is not None
 
 
+def decoded_and_folded(raw: str) -> str:
+    """``raw`` (a path) as a router that decodes it (as often as ``second_readings`` reads) and
+    ignores letter case reads it, dot segments and all."""
+    text = fold_path(raw)
+    for _ in range(_MAX_DECODINGS - 1):
+        if "%" not in text or (again := fold_path(text)) == text:
+            break
+        text = again
+    return text
+
+
 def fold_path(path: str) -> str:
     """``path`` as a router that decodes it and ignores case would match it: each segment
     decoded (``decoded_segment``), then folded (``fold_case``)."""

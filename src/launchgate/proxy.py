@@ -49,6 +49,7 @@ from launchgate.ids import new_ulid
 from launchgate.ledger import Ledger, ReserveOutcome, ReserveResult, Then
 from launchgate.paths import (
     UnsafePath,
+    decoded_and_folded,
     fold_path,
     has_dot_segments,
     normalize_path,
@@ -169,13 +170,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await handle_launch(
             request, gateway, config, verifier, claim[0], path, query, two_meanings=claim[1]
         )
-    if has_dot_segments(raw_path):
+    if has_dot_segments(raw_path) and _may_reach_a_route(config, raw_path):
         # Sent as judged, normalized (dot segments resolved, repeated slashes collapsed):
         # sent as written, an upstream that keeps dot segments could read another resource
         # into it, a launch (found in review: ".../virtualMachines/.." and
         # ".../zones/../instances" launched on the stub).
         return await forward(request, gateway, config, path + (f"?{query}" if query else ""), None)
     return await forward(request, gateway, config, raw, None)
+
+
+def _may_reach_a_route(config: Config, raw_path: str) -> bool:
+    """Whether an upstream could read ``raw_path``, a path with dot segments that no route
+    claims normalized, as a path under a route's mount: a route is mounted at "/", or the
+    first segment of its mount is in the path, decoded and folded (an upstream that keeps dot
+    segments, or resolves them otherwise, reads a path made of its segments). Any other such
+    request goes on unchanged, as CONTRACT section 6 has it (found by QA: "GET /a/../b" went
+    upstream as "/b")."""
+    text = decoded_and_folded(raw_path)
+    for route in config.routes:
+        head = fold_path(route.dialect.path.strip("/").partition("/")[0])
+        if not head or head in text:
+            return True
+    return False
 
 
 # Headers that some upstreams route by instead of the request's path (IIS's URL Rewrite,
