@@ -44,7 +44,11 @@ def read_as_form(content_types: Iterable[str]) -> bool:
     """Whether some upstream reads a body with these ``Content-Type`` values as a form: one
     names the form type, or none names any type (found in review: Rack reads a POST with no
     Content-Type, or an empty one, as a form)."""
-    media = [media_type(value) for value in content_types]
+    return media_read_as_form([media_type(value) for value in content_types])
+
+
+def media_read_as_form(media: list[str]) -> bool:
+    """``read_as_form`` for media types already read (``media_type``)."""
     return FORM in media or not any(media)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path
 from launchgate.errors import ConfigError
-from launchgate.forms import MULTIPART, judged_field_in, media_type, read_as_form, squash
+from launchgate.forms import MULTIPART, judged_field_in, media_read_as_form, media_type, squash
 from launchgate.strict import (
     MISSING,
     MalformedLaunch,
@@ -84,8 +84,8 @@ def _no_form_reading(request: LaunchRequest, fields: frozenset[str]) -> None:
     (found in review: Rails merges the query over the body, and launched ``?instance_type=``).
     See ``forms`` for how names are read. JSON sent with curl's form default has no such field
     (its one field is the whole body), and passes."""
-    types = request.headers.getall("Content-Type", ())
-    if any(media_type(value) == MULTIPART for value in types):
+    media = [media_type(value) for value in request.headers.getall("Content-Type", ())]
+    if MULTIPART in media:
         raise MalformedLaunch(f"a launch body sent as {MULTIPART} is read as a form")
     name = judged_field_in(request.query, fields) if request.query else None
     if name is not None:
@@ -93,7 +93,7 @@ def _no_form_reading(request: LaunchRequest, fields: frozenset[str]) -> None:
             f"its query has a field {name!r}, which upstreams read as one the launch is judged"
             " by (Rails takes the query's over the body's)"
         )
-    if read_as_form(types):
+    if media_read_as_form(media):
         name = judged_field_in(request.body.decode("utf-8", "replace"), fields)
         if name is not None:
             raise MalformedLaunch(
