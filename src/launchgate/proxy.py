@@ -31,6 +31,7 @@ from launchgate.config import Config
 from launchgate.dialects import Launch, LaunchRequest, Route
 from launchgate.dialects.query import unwrapped
 from launchgate.errors import StoreUnavailable
+from launchgate.forms import decode_u_escapes
 from launchgate.forward import (
     as_variable,
     connection_options,
@@ -164,8 +165,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return await handle_launch(
                 request, gateway, config, verifier, route, path, query, two_meanings=detail
             )
-    if claim is None and method == "POST" and _launch_by_override(config, path, readings):
-        return await forward_unless_overridden(request, gateway, config, raw)
+    if claim is None and method == "POST":
+        overridden = _launch_by_override(config, path, readings)
+        if overridden is not None:
+            route, launched_by = overridden
+            detail = (
+                f"a POST here is a {launched_by} launch to upstreams that take the method from a"
+                " body or query field (Rack's MethodOverride, Laravel, Spring, ASP.NET)"
+            )
+            return await handle_launch(
+                request, gateway, config, verifier, route, path, query, two_meanings=detail
+            )
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
             request, gateway, config, verifier, claim[0], path, query, two_meanings=claim[1]
@@ -307,57 +317,26 @@ async def refuse_override(
 _NOT_POST: Final = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _launch_by_override(config: Config, path: str, readings: list[tuple[str, str]]) -> bool:
-    """Whether a route launches on ``path`` (or a second reading of it) by a method that a POST
-    there can ask for in its body (found in review: ``POST`` with ``_method=PUT`` in a form body
-    launched an H100 VM through an ARM-style PUT route on a Rack upstream, unjudged)."""
+def _launch_by_override(
+    config: Config, path: str, readings: list[tuple[str, str]]
+) -> tuple[Route, str] | None:
+    """The route that launches on ``path`` (or a second reading of it) by a method a POST there
+    can ask for in a field, and those methods; None when none does. Such a POST has two meanings
+    (found in review: with ``_method=PUT`` in a form body, a POST launched an H100 VM through an
+    ARM-style PUT route on a Rack upstream, unjudged; a body searched for the field was passed
+    by how parsers spell it: Rack unquotes ``_\\method`` in a multipart name, PHP makes
+    ``.method`` ``_method``, a gzipped or UTF-7 body, RFC 2047 names, ASP.NET's
+    ``X-HTTP-Method-Override`` field). The launch APIs have no POST on such a path."""
     paths = [path, *(reading for reading, _ in readings)]
-    return any(
-        route.matches(other, p)
-        for route in config.routes
-        for other in route.dialect.methods & _NOT_POST
-        for p in paths
-    )
+    for route in config.routes:
+        methods = [m for m in sorted(route.dialect.methods & _NOT_POST) if _on(route, m, paths)]
+        if methods:
+            return route, " or ".join(methods)
+    return None
 
 
-async def forward_unless_overridden(
-    request: web.Request, gateway: Gateway, config: Config, target: str
-) -> web.StreamResponse:
-    """Forward a POST that no route takes, on a path a route launches on by another method,
-    unless its body asks for another method (400, as a ``_method`` query is): read whole, up to
-    ``max_body_bytes`` (413 beyond: it cannot be read for that in time; such a POST is no call
-    of the launch API's)."""
-    try:
-        body = await read_body(request, config.max_body_bytes)
-    except BodyTooLarge:
-        limit = config.max_body_bytes
-        detail = f"a POST to a path launched by another method is limited to {limit} bytes"
-        return problem("body_too_large", 413, detail)
-    if _body_overrides_method(body):
-        detail = "method overrides (headers, or a _method parameter) are not accepted"
-        return problem("malformed_request", 400, detail)
-    return await forward(request, gateway, config, target, body)
-
-
-def _spelled(word: str) -> re.Pattern[bytes]:
-    """``word`` in bytes, in any letter case, each character as itself, percent-escaped (a form
-    decodes names once) or as a JSON ``\\u`` escape."""
-    parts = []
-    for char in word:
-        codes = sorted({f"{ord(c):02x}" for c in (char.lower(), char.upper())})
-        spellings = [re.escape(char), *(f"%{h}" for h in codes), *(rf"\\u00{h}" for h in codes)]
-        parts.append(f"(?:{'|'.join(spellings)})")
-    return re.compile("".join(parts).encode(), re.IGNORECASE)
-
-
-_METHOD_FIELD: Final = _spelled("_method")
-
-
-def _body_overrides_method(body: bytes) -> bool:
-    """Whether a body could carry a ``_method`` field to some upstream: anywhere in it, in any
-    letter case, escaped or not (a form's name, a multipart part's, a JSON object's key, which
-    Laravel reads). One pass of the regex engine, whatever the body."""
-    return _METHOD_FIELD.search(body) is not None
+def _on(route: Route, method: str, paths: list[str]) -> bool:
+    return any(route.matches(method, p) for p in paths)
 
 
 async def handle_launch(
@@ -541,9 +520,10 @@ _MAX_OVERRIDE_CANDIDATES: Final = 64
 def _overrides_method_in(query: str) -> bool:
     """Whether the query has a ``_method`` parameter, as a router that overrides the method by
     one may read it (found in review: Nova's, the routes library's middleware, took
-    ``PUT /v2.1/servers?_method=POST`` as a create; Rails and Laravel read one too): split on
-    ``&`` or ``;``, as sent or decoded whole once or twice, each name decoded, cut at a NUL,
-    blanks and letter case ignored. True as well for a query with more names to read so
+    ``PUT /v2.1/servers?_method=POST`` as a create; Rails and Laravel read one too), or an
+    override header's name (``_names_an_override``): split on ``&`` or ``;``, as sent or
+    decoded whole once or twice, each name decoded (``%uXXXX`` too, as IIS does), cut at a
+    NUL, blanks and letter case ignored. True as well for a query with more names to read so
     than can be read in time."""
     if "%" not in query and "method" not in query.lower():
         return False
@@ -559,13 +539,31 @@ def _overrides_method_in(query: str) -> bool:
                 candidates += 1
                 if candidates > _MAX_OVERRIDE_CANDIDATES:
                     return True
-            if unwrapped(once) == "_method":
+            if _names_an_override(unwrapped(decode_u_escapes(once))):
                 return True
         decoded = unquote_plus(text)
         if decoded == text:
             break
         text = decoded
     return False
+
+
+# Fields that override the method to some reader: "_method" (Rack, Laravel, Symfony, the routes
+# library) and the override headers' names (ASP.NET reads X-HTTP-Method-Override from form and
+# query fields too; found in review), "-" and "_" alike.
+_OVERRIDE_FIELDS: Final = frozenset(
+    {"_method", *(name.lower().replace("-", "_") for name in METHOD_OVERRIDES)}
+)
+_PHP_MANGLED = re.compile(r"[ .\[]")
+
+
+def _names_an_override(name: str) -> bool:
+    """Whether ``name`` (read by ``unwrapped``) is a method-override field to some reader, as
+    written or as PHP renames it (found in review: ``.method`` is ``$_GET['_method']``)."""
+    return any(
+        candidate.replace("-", "_") in _OVERRIDE_FIELDS
+        for candidate in (name, _PHP_MANGLED.sub("_", name))
+    )
 
 
 def _replay_of(result: ReserveResult | None) -> str | None:

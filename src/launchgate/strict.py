@@ -204,6 +204,13 @@ def require_json_content_type(headers: MultiMapping[str]) -> None:
         raise MalformedLaunch(f"Content-Type {media!r} is not application/json")
 
 
+# A charset parameter wherever it stands in a Content-Type: after ";" as RFC 9110 has it, or
+# after "," or a blank, where System.Web finds one too (found in review: with
+# "application/x-www-form-urlencoded, charset=utf-7", ASP.NET read "+AGk-nstance_type" as
+# "instance_type"). Its name may carry RFC 2231's "*" and section numbers.
+_CHARSET = re.compile(r"(?:^|[;,\s])charset([^=;,\s]*)\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
+
+
 def require_utf8_charset(headers: MultiMapping[str]) -> str | None:
     """MalformedLaunch unless ``Content-Type`` is absent or one header whose ``charset``, if
     any, is UTF-8; returns its media type (None without one). The body is judged as UTF-8:
@@ -214,18 +221,16 @@ def require_utf8_charset(headers: MultiMapping[str]) -> str | None:
         return None
     if len(values) > 1:
         raise MalformedLaunch("more than one Content-Type header")
-    media, *params = (part.strip() for part in values[0].split(";"))
-    for param in params:
-        name, _, value = param.partition("=")
-        name = name.strip().lower()
-        value = value.strip().strip('"').lower()
-        if name == "charset" and value not in ("utf-8", "utf8"):
-            raise MalformedLaunch(f"charset {value!r} is not UTF-8")
-        if name.startswith("charset") and name != "charset":
+    for match in _CHARSET.finditer(values[0]):
+        extra, value = match.group(1), match.group(2).lower()
+        if extra:
             # RFC 2231 (charset*=utf-8''utf-7, charset*0=...): Python's email package, and so
             # http.server, reads it as the charset (found by QA: utf-7 passed this way).
-            raise MalformedLaunch(f"a {name!r} parameter: only a plain charset=utf-8 is read")
-    return media
+            detail = f"a 'charset{extra}' parameter: only a plain charset=utf-8 is read"
+            raise MalformedLaunch(detail)
+        if value not in ("utf-8", "utf8"):
+            raise MalformedLaunch(f"charset {value!r} is not UTF-8")
+    return values[0].split(";", 1)[0].strip()
 
 
 def _unquote(text: str) -> str:

@@ -85,8 +85,8 @@ def _no_form_reading(request: LaunchRequest, fields: frozenset[str]) -> None:
     See ``forms`` for how names are read. JSON sent with curl's form default has no such field
     (its one field is the whole body), and passes."""
     media = [media_type(value) for value in request.headers.getall("Content-Type", ())]
-    if MULTIPART in media:
-        raise MalformedLaunch(f"a launch body sent as {MULTIPART} is read as a form")
+    if any(m.startswith(MULTIPART) for m in media):
+        raise MalformedLaunch("a launch body sent as multipart is read as a form")
     name = judged_field_in(request.query, fields) if request.query else None
     if name is not None:
         raise MalformedLaunch(
