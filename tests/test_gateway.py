@@ -228,21 +228,27 @@ async def test_a_launch_with_two_identity_headers_is_malformed(
     )
 
 
-async def _raw_launch(url: str, headers: bytes) -> tuple[int, dict[str, Any]]:
-    """POST a launch with header bytes as given (aiohttp's client sends only UTF-8)."""
+async def _post(url: str, target: str, head: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` with exactly the header lines ``head`` (aiohttp's client would add a
+    Content-Type)."""
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"POST /v1/instances HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        + headers
+        f"POST {target} HTTP/1.1\r\nHost: gw\r\n".encode()
+        + head
         + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
         + body
     )
     answer = await reader.read()
     writer.close()
-    head, _, payload = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload)
+    status_line, _, payload = answer.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), json.loads(payload)
+
+
+async def _raw_launch(url: str, headers: bytes) -> tuple[int, dict[str, Any]]:
+    """POST a launch with header bytes as given (aiohttp's client sends only UTF-8)."""
+    body = json.dumps({"instance_type": H100_SKU, "count": 1}).encode()
+    return await _post(url, "/v1/instances", b"Content-Type: application/json\r\n" + headers, body)
 
 
 async def test_a_request_target_with_a_fragment_is_malformed(start_gateway: StartGateway) -> None:
@@ -2035,23 +2041,6 @@ async def test_json_sent_as_curl_s_default_form_is_judged_as_json(
     body = b'{"x":"&spec[type]=p5.48xlarge&","spec":{"type":"m7i.large"}}'
     status, answer = await gw.send("POST", "/v1/instances", body, account=RESTRICTED, headers=form)
     assert (status, answer["reason"]) == (400, "malformed_request"), answer
-
-
-async def _post(url: str, target: str, head: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
-    """POST ``body`` with exactly the header lines ``head`` (aiohttp's client would add a
-    Content-Type)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        f"POST {target} HTTP/1.1\r\nHost: gw\r\n".encode()
-        + head
-        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-        + body
-    )
-    answer = await reader.read()
-    writer.close()
-    status_line, _, payload = answer.partition(b"\r\n\r\n")
-    return int(status_line.split()[1]), json.loads(payload)
 
 
 @pytest.mark.parametrize("content_type", [b"", b"Content-Type:\r\n", b"Content-Type: \t\r\n"])
