@@ -47,8 +47,10 @@ _ENCLOSED = re.compile(r"\[([^\[\]]*)\]")
 # "a=&" took 0.8 s to read whole, a name of 1 MiB of "[" 0.6 s, measured); a launch has a few.
 # Rack reads at most 100 levels of brackets, qs 5.
 MAX_NAMES: Final = 1000
-MAX_ENCLOSED: Final = 128
+MAX_ENCLOSED: Final = 128  # in one name
+MAX_ENCLOSED_IN_ALL: Final = 4096  # in a form (found in review: 999 names of 128, 0.4 s)
 MAX_ESCAPES: Final = 4096  # (decoding a name of 1 MiB of escapes took 176 ms)
+_ESCAPE = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 
 
 def media_type(content_type: str) -> str:
@@ -90,7 +92,8 @@ def names(text: str) -> Iterator[str]:
     ``MAX_ESCAPES`` percent signs."""
     if "=" not in text:
         return
-    if text.count("%") > MAX_ESCAPES:
+    if text.count("%") > MAX_ESCAPES and len(_ESCAPE.findall(text)) > MAX_ESCAPES:
+        # (escapes only: found in review, a script's "%s" and "%Y" in a JSON value were counted)
         raise MalformedLaunch(f"more than {MAX_ESCAPES} percent-escapes, read as a form")
     for count, match in enumerate(_NAMED_PAIR.finditer(text)):
         if count == MAX_NAMES:
@@ -99,10 +102,17 @@ def names(text: str) -> Iterator[str]:
         yield name.partition("\0")[0]
 
 
-def reads_as_field(name: str, fields: frozenset[str]) -> bool:
+class _Budget:
+    """The bracketed parts a form's names may still have read (``MAX_ENCLOSED_IN_ALL``)."""
+
+    def __init__(self) -> None:
+        self.enclosed = MAX_ENCLOSED_IN_ALL
+
+
+def reads_as_field(name: str, fields: frozenset[str], budget: _Budget | None = None) -> bool:
     """Whether some parser reads form field ``name`` as one of ``fields`` (squashed) at the top
-    level, or nested under a wrapping key; MalformedLaunch when it has more bracketed parts than
-    can be read in time."""
+    level, or nested under a wrapping key; MalformedLaunch when it has more bracketed parts
+    than can be read in time."""
     whole = squash(name)
     if not any(field in whole for field in fields):  # (nor then in any part of it)
         return False
@@ -111,10 +121,16 @@ def reads_as_field(name: str, fields: frozenset[str]) -> bool:
     first = _FIRST_RUN.match(name)
     if first is not None and squash(first.group(1)) in fields:
         return True
+    shortest = min(len(field) for field in fields)
+    budget = budget or _Budget()
     for count, enclosed in enumerate(_ENCLOSED.finditer(name)):
-        if count == MAX_ENCLOSED:
-            raise MalformedLaunch(f"a field name with more than {MAX_ENCLOSED} bracketed parts")
-        if squash(enclosed.group(1)) in fields:
+        budget.enclosed -= 1
+        if count == MAX_ENCLOSED or budget.enclosed < 0:
+            raise MalformedLaunch("a form with more bracketed parts in its names than can be read")
+        part = enclosed.group(1)
+        # (Shorter, a part cannot squash to a field: folding makes a character at most three,
+        # and squashing only drops them.)
+        if 3 * len(part) >= shortest and squash(part) in fields:
             return True
     return False
 
@@ -122,7 +138,8 @@ def reads_as_field(name: str, fields: frozenset[str]) -> bool:
 def judged_field_in(text: str, fields: frozenset[str]) -> str | None:
     """The first name of form ``text`` (a body or a query) that some parser reads as one of
     ``fields`` (squashed), or None."""
+    budget = _Budget()
     for name in names(text):
-        if reads_as_field(name, fields):
+        if reads_as_field(name, fields, budget):
             return name
     return None

@@ -68,7 +68,7 @@ from launchgate.policy import (
 )
 from launchgate.problems import DECISION_HEADER, problem
 from launchgate.records import decision_record
-from launchgate.strict import MalformedLaunch
+from launchgate.strict import MalformedLaunch, fold_case
 from launchgate.tokens import License, TokenVerifier
 from launchgate.upstream import (
     BadAnswer,
@@ -165,16 +165,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return await handle_launch(
                 request, gateway, config, verifier, route, path, query, two_meanings=detail
             )
-    if claim is None and method == "POST":
-        overridden = _launch_by_override(config, path, readings)
+    if method == "POST":
+        overridden = _launch_by_override(config, path, readings, claim[0] if claim else None)
         if overridden is not None:
             route, launched_by = overridden
-            detail = (
-                f"a POST here is a {launched_by} launch to upstreams that take the method from a"
-                " body or query field (Rack's MethodOverride, Laravel, Spring, ASP.NET)"
-            )
+            if claim is not None and _judges_its_own(claim[0]):
+                detail = (
+                    f"a POST here is a {launched_by} launch as well to upstreams that take the"
+                    " method from a body or query field, which another route judges"
+                )
+                return await handle_launch(
+                    request, gateway, config, verifier, claim[0], path, query, two_meanings=detail
+                )
+            # Judged as the launch it becomes there (and by what a route mounted above reads
+            # in it, as any launch of that route): an opaque mount's POST actions pass for an
+            # account known and unrestricted (found in review: ARM deployments' validate).
             return await handle_launch(
-                request, gateway, config, verifier, route, path, query, two_meanings=detail
+                request, gateway, config, verifier, route, path, query, as_method=launched_by
             )
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
@@ -252,6 +259,14 @@ def _routed_by_header(
             continue
         for named in (reading, *(other for other, _ in second_readings(target, reading))):
             other = _claim(config, method, named, headers)
+            if other is None and method == "POST":
+                # (found in review: with "_method=PUT" in its body, older Symfony launched
+                # there by PUT)
+                overridden = _launch_by_override(config, named, [], None)
+                if overridden is not None:
+                    route, by = overridden
+                    detail = f"its {name} header names {named!r}, where a route launches by {by}"
+                    return route, detail
             if other is None:
                 continue
             if own is not None and other[0] is own[0] and fold_path(named) == fold_path(path):
@@ -318,21 +333,31 @@ _NOT_POST: Final = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def _launch_by_override(
-    config: Config, path: str, readings: list[tuple[str, str]]
+    config: Config, path: str, readings: list[tuple[str, str]], claimed_by: Route | None
 ) -> tuple[Route, str] | None:
-    """The route that launches on ``path`` (or a second reading of it) by a method a POST there
-    can ask for in a field, and those methods; None when none does. Such a POST has two meanings
-    (found in review: with ``_method=PUT`` in a form body, a POST launched an H100 VM through an
-    ARM-style PUT route on a Rack upstream, unjudged; a body searched for the field was passed
-    by how parsers spell it: Rack unquotes ``_\\method`` in a multipart name, PHP makes
-    ``.method`` ``_method``, a gzipped or UTF-7 body, RFC 2047 names, ASP.NET's
-    ``X-HTTP-Method-Override`` field). The launch APIs have no POST on such a path."""
+    """The route, other than ``claimed_by``, that launches on ``path`` (or a second reading of
+    it) by a method that a POST there can ask for in a field, and that method (PUT where it
+    is one); None when none does. Upstreams with method-override middleware read such a POST
+    as that launch (found in review: with ``_method=PUT`` in a form body, a POST launched an
+    H100 VM through an ARM-style PUT route on a Rack upstream, unjudged; a search of the body
+    for the field was passed by how parsers spell it: Rack unquotes ``_\\method`` in a
+    multipart name, PHP makes ``.method`` ``_method``, a gzipped or UTF-7 body, RFC 2047 names,
+    ASP.NET's ``X-HTTP-Method-Override`` field; and when an aws-ec2 route at "/" took the
+    POST). So it is judged as that launch, whatever its body says."""
     paths = [path, *(reading for reading, _ in readings)]
     for route in config.routes:
+        if route is claimed_by:
+            continue
         methods = [m for m in sorted(route.dialect.methods & _NOT_POST) if _on(route, m, paths)]
         if methods:
-            return route, " or ".join(methods)
+            return route, "PUT" if "PUT" in methods else methods[0]
     return None
+
+
+def _judges_its_own(route: Route) -> bool:
+    """Whether ``route`` reads the requests it claims as launches of known shapes (an exact
+    path, or its API's launch calls), not every request under a mount (aws-ec2, opaque)."""
+    return not route.dialect.prefix or route.dialect.shaped
 
 
 def _on(route: Route, method: str, paths: list[str]) -> bool:
@@ -349,9 +374,11 @@ async def handle_launch(
     query: str,
     *,
     two_meanings: str | None = None,
+    as_method: str | None = None,
 ) -> web.StreamResponse:
     """Judge a launch ``route`` claims; ``two_meanings``: why one it claims only by a header is
-    malformed (it is judged so once its body is read)."""
+    malformed (it is judged so once its body is read); ``as_method``: the method it is read
+    as, a POST that becomes a PUT upstream (``_launch_by_override``)."""
     started = time.perf_counter()
     decision_id = new_ulid()
     account, token = _presented(request, config)
@@ -368,7 +395,7 @@ async def handle_launch(
         streamed = Prefixed(e.read, request.content)
         return await forward(request, gateway, config, target, streamed, decision_id=decision_id)
 
-    launch_request = LaunchRequest(request.method, path, query, request.headers, body)
+    launch_request = LaunchRequest(as_method or request.method, path, query, request.headers, body)
     try:
         if two_meanings is not None:
             raise MalformedLaunch(two_meanings)
@@ -560,6 +587,7 @@ _PHP_MANGLED = re.compile(r"[ .\[]")
 def _names_an_override(name: str) -> bool:
     """Whether ``name`` (read by ``unwrapped``) is a method-override field to some reader, as
     written or as PHP renames it (found in review: ``.method`` is ``$_GET['_method']``)."""
+    name = fold_case(name)  # (found in review: .NET reads a dotless i as "I")
     return any(
         candidate.replace("-", "_") in _OVERRIDE_FIELDS
         for candidate in (name, _PHP_MANGLED.sub("_", name))

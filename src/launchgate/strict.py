@@ -204,11 +204,12 @@ def require_json_content_type(headers: MultiMapping[str]) -> None:
         raise MalformedLaunch(f"Content-Type {media!r} is not application/json")
 
 
-# A charset parameter wherever it stands in a Content-Type: after ";" as RFC 9110 has it, or
-# after "," or a blank, where System.Web finds one too (found in review: with
+# A charset parameter wherever it stands in a Content-Type: after ";" as RFC 9110 has it, after
+# "," or a blank, where System.Web finds one too (found in review: with
 # "application/x-www-form-urlencoded, charset=utf-7", ASP.NET read "+AGk-nstance_type" as
-# "instance_type"). Its name may carry RFC 2231's "*" and section numbers.
-_CHARSET = re.compile(r"(?:^|[;,\s])charset([^=;,\s]*)\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
+# "instance_type"), or inside another word, where Tomcat finds one ("indexOf("charset=")";
+# found in review: "xcharset=IBM037"). Its name may carry RFC 2231's "*" and section numbers.
+_CHARSET = re.compile(r"charset([^=;,\s]*)\s*=\s*\"?([^\";,\s]*)", re.IGNORECASE)
 
 
 def require_utf8_charset(headers: MultiMapping[str]) -> str | None:
