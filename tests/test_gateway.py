@@ -2179,6 +2179,39 @@ async def test_a_post_to_a_path_launched_by_another_method_is_judged_as_that_lau
     ]
 
 
+@pytest.mark.parametrize(
+    ("routes", "path", "body"),
+    [
+        # a PATCH route beside the PUT one, reading another field (found in review: judged by
+        # the PUT's pointers only, an m7i.large; Laravel launched the PATCH's 8 p5.48xlarge)
+        (
+            [_PUT_LAUNCH, {**GENERIC_ROUTE, "method": "PATCH", "sku": "/size"}],
+            "/v1/instances",
+            {"_method": "PATCH", "instance_type": "m7i.large", "size": H100_SKU, "count": 8},
+        ),
+        # an opaque route that takes the POST itself (found in review: its reading,
+        # unresolvable, was dropped for the PUT route's, an m7i.large)
+        (
+            [
+                {**_PUT_LAUNCH, "path": "/batch/jobs"},
+                {"dialect": "opaque", "path": "/batch", "methods": ["POST"]},
+            ],
+            "/batch/jobs",
+            {"instance_type": "m7i.large", "jobs": [{"instance_type": H100_SKU, "count": 8}]},
+        ),
+    ],
+)
+async def test_a_post_that_reads_as_more_than_one_launch_is_malformed(
+    start_gateway: StartGateway, routes: list[dict[str, Any]], path: str, body: dict[str, Any]
+) -> None:
+    gw = await start_gateway(routes=routes)
+    for account in (RESTRICTED, UNRESTRICTED):
+        status, answer = await gw.send("POST", path, body, account=account)
+        assert (status, answer["reason"]) == (400, "malformed_request"), answer
+        assert "another launch as well" in answer["detail"]
+    assert await gw.stub_requests() == []
+
+
 async def test_a_post_a_catch_all_mount_takes_is_judged_as_another_route_s_launch_there(
     start_gateway: StartGateway,
 ) -> None:

@@ -166,22 +166,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 request, gateway, config, verifier, route, path, query, two_meanings=detail
             )
     if method == "POST":
-        overridden = _launch_by_override(config, path, readings, claim[0] if claim else None)
-        if overridden is not None:
-            route, launched_by = overridden
-            if claim is not None and _judges_its_own(claim[0]):
-                detail = (
-                    f"a POST here is a {launched_by} launch as well to upstreams that take the"
-                    " method from a body or query field, which another route judges"
-                )
+        overrides = _launches_by_override(config, path, readings, claim[0] if claim else None)
+        if overrides:
+            route, launched_by = overrides[0]
+            if len(overrides) == 1 and (claim is None or _read_by(route, claim[0])):
+                # Judged as the launch it becomes there (and by what a catch-all route mounted
+                # above reads in it, as any launch of that route): an opaque mount's POST
+                # actions pass for an account known and unrestricted (found in review: ARM
+                # deployments' validate was 400 for every account).
                 return await handle_launch(
-                    request, gateway, config, verifier, claim[0], path, query, two_meanings=detail
+                    request, gateway, config, verifier, route, path, query, as_method=launched_by
                 )
-            # Judged as the launch it becomes there (and by what a route mounted above reads
-            # in it, as any launch of that route): an opaque mount's POST actions pass for an
-            # account known and unrestricted (found in review: ARM deployments' validate).
+            detail = (
+                "a POST here is another launch as well to upstreams that take the method from a"
+                " body or query field, which another route judges"
+            )
+            owner = claim[0] if claim is not None else route
             return await handle_launch(
-                request, gateway, config, verifier, route, path, query, as_method=launched_by
+                request, gateway, config, verifier, owner, path, query, two_meanings=detail
             )
     if claim is not None:  # (claimed by a header only: recorded, malformed)
         return await handle_launch(
@@ -262,9 +264,9 @@ def _routed_by_header(
             if other is None and method == "POST":
                 # (found in review: with "_method=PUT" in its body, older Symfony launched
                 # there by PUT)
-                overridden = _launch_by_override(config, named, [], None)
-                if overridden is not None:
-                    route, by = overridden
+                overridden = _launches_by_override(config, named, [], None)
+                if overridden:
+                    route, by = overridden[0]
                     detail = f"its {name} header names {named!r}, where a route launches by {by}"
                     return route, detail
             if other is None:
@@ -332,32 +334,38 @@ async def refuse_override(
 _NOT_POST: Final = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _launch_by_override(
+def _launches_by_override(
     config: Config, path: str, readings: list[tuple[str, str]], claimed_by: Route | None
-) -> tuple[Route, str] | None:
-    """The route, other than ``claimed_by``, that launches on ``path`` (or a second reading of
-    it) by a method that a POST there can ask for in a field, and that method (PUT where it
-    is one); None when none does. Upstreams with method-override middleware read such a POST
-    as that launch (found in review: with ``_method=PUT`` in a form body, a POST launched an
-    H100 VM through an ARM-style PUT route on a Rack upstream, unjudged; a search of the body
-    for the field was passed by how parsers spell it: Rack unquotes ``_\\method`` in a
-    multipart name, PHP makes ``.method`` ``_method``, a gzipped or UTF-7 body, RFC 2047 names,
-    ASP.NET's ``X-HTTP-Method-Override`` field; and when an aws-ec2 route at "/" took the
-    POST). So it is judged as that launch, whatever its body says."""
+) -> list[tuple[Route, str]]:
+    """Each route, other than ``claimed_by``, that launches on ``path`` (or a second reading of
+    it) by a method that a POST there can ask for in a field, with that method (PUT where it
+    is one: an API's strictest reading). Upstreams with method-override middleware read such a
+    POST as that launch (found in review: with ``_method=PUT`` in a form body, a POST launched
+    an H100 VM through an ARM-style PUT route on a Rack upstream, unjudged; a search of the
+    body for the field was passed by how parsers spell it: Rack unquotes ``_\\method`` in a
+    multipart name, PHP makes ``.method`` ``_method``, a gzipped or UTF-7 body, RFC 2047
+    names, ASP.NET's ``X-HTTP-Method-Override`` field; and when an aws-ec2 route at "/" took
+    the POST). One such route: the POST is judged as its launch, whatever its body says; more
+    than one, or one beside a route that reads the POST otherwise, is two meanings (found in
+    review: a PATCH route beside a PUT one was judged by the PUT's pointers only)."""
     paths = [path, *(reading for reading, _ in readings)]
+    found = []
     for route in config.routes:
         if route is claimed_by:
             continue
         methods = [m for m in sorted(route.dialect.methods & _NOT_POST) if _on(route, m, paths)]
         if methods:
-            return route, "PUT" if "PUT" in methods else methods[0]
-    return None
+            found.append((route, "PUT" if "PUT" in methods else methods[0]))
+    return found
 
 
-def _judges_its_own(route: Route) -> bool:
-    """Whether ``route`` reads the requests it claims as launches of known shapes (an exact
-    path, or its API's launch calls), not every request under a mount (aws-ec2, opaque)."""
-    return not route.dialect.prefix or route.dialect.shaped
+def _read_by(route: Route, claimer: Route) -> bool:
+    """Whether what ``claimer`` (a route that takes every request under its mount) reads in a
+    request is read with ``route``'s launches too (aws-ec2's Action, a second reading); an
+    opaque route's reading, unresolvable, is not (found in review: judged only as the other
+    route's launch, an opaque POST launched 8 p5.48xlarge)."""
+    reading = getattr(claimer.dialect, "launch_action", None)
+    return reading is not None and reading in route.second_readings
 
 
 def _on(route: Route, method: str, paths: list[str]) -> bool:
@@ -378,7 +386,7 @@ async def handle_launch(
 ) -> web.StreamResponse:
     """Judge a launch ``route`` claims; ``two_meanings``: why one it claims only by a header is
     malformed (it is judged so once its body is read); ``as_method``: the method it is read
-    as, a POST that becomes a PUT upstream (``_launch_by_override``)."""
+    as, a POST that becomes a PUT upstream (``_launches_by_override``)."""
     started = time.perf_counter()
     decision_id = new_ulid()
     account, token = _presented(request, config)
