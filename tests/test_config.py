@@ -19,6 +19,7 @@ from launchgate.paths import (
     AUTHORITY,
     LENIENT,
     PARAMETERS,
+    SCRIPT,
     UnsafePath,
     has_dot_segments,
     normalize_path,
@@ -354,6 +355,11 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
         ("//evil", [("/", AUTHORITY)]),
         ("//v1/instances", [("/instances", AUTHORITY)]),
         ("//a/..", []),  # no safe reading after the host: none
+        # a front controller routes what follows the script's name (found in review)
+        ("/index.php/v1/instances", [("/v1/instances", SCRIPT)]),
+        ("/a/App.Php5/v1/x", [("/v1/x", SCRIPT), ("/a/app.php5/v1/x", LENIENT)]),
+        ("/x.php.bak/v1/instances", []),
+        ("/index.php", [("/index", LENIENT)]),
     ],
 )
 def test_second_readings_of_a_path(raw: str, readings: list[tuple[str, str]]) -> None:

@@ -2212,6 +2212,71 @@ async def test_a_post_that_reads_as_more_than_one_launch_is_malformed(
     assert await gw.stub_requests() == []
 
 
+async def test_a_post_is_judged_as_a_launch_by_any_method_a_route_takes(
+    start_gateway: StartGateway,
+) -> None:
+    """Found in review: only GET, HEAD, PUT, PATCH, DELETE and OPTIONS were looked for, while
+    Symfony and Laravel override to any method and Express to any of node's: a POST with
+    ``_method=MERGE`` launched 8 p5.48xlarge through a MERGE route, unjudged. And nested PUT
+    routes are taken by the deeper one only, as a PUT is (found in review: an opaque PUT mount
+    above a PUT route made a legitimate POST there 400)."""
+    merge = {**GENERIC_ROUTE, "method": "MERGE", "path": "/odata/instances"}
+    above = {"dialect": "opaque", "path": "/api", "methods": ["PUT"]}
+    nested = {**_PUT_LAUNCH, "path": "/api/v1/instances"}
+    gw = await start_gateway(routes=[merge, above, nested])
+    body = {"_method": "MERGE", "instance_type": H100_SKU, "count": 8}
+    status, answer = await gw.send("POST", "/odata/instances", body)
+    assert (status, answer["reason"]) == (403, "license_required"), answer
+    plain = {"instance_type": "m7i.large"}
+    status, _ = await gw.send("POST", "/api/v1/instances", plain, account=UNRESTRICTED)
+    assert status == 404  # (judged, allowed and sent on: the stub has nothing there)
+    assert [d["reason"] for d in gw.decisions()] == ["license_required", "sku_not_controlled"]
+
+
+async def test_a_head_to_a_get_launch_route_is_judged(start_gateway: StartGateway) -> None:
+    """Found in review: Express, Rails, Symfony and Flask run a GET handler for a HEAD; a HEAD
+    to a GET launch route went on unjudged and launched. A route on GET takes HEAD too."""
+    legacy = {**GENERIC_ROUTE, "method": "GET", "path": "/legacy/launch"}
+    gw = await start_gateway(routes=[legacy])
+    for method in ("GET", "HEAD"):
+        async with gw.session.request(
+            method,
+            f"{gw.url}/legacy/launch",
+            data=json.dumps({"instance_type": H100_SKU, "count": 8}).encode(),
+            headers={"Content-Type": "application/json", "X-Account-Id": RESTRICTED},
+        ) as r:
+            assert r.status == 403, method
+    assert [(d["method"], d["reason"]) for d in gw.decisions()] == [
+        ("GET", "license_required"),
+        ("HEAD", "license_required"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("POST", "/index.php/v1/instances"),
+        ("POST", "/app/Index.PHP/v1/instances"),
+        ("PUT", "/index.php/v1/servers"),
+        ("POST", "/index.php/v1/servers"),  # (and _method=PUT upstream)
+        ("POST", "/cgi-bin/api.cgi/v1/instances"),
+    ],
+)
+async def test_a_path_after_a_script_s_name_is_read_as_a_front_controller_reads_it(
+    start_gateway: StartGateway, method: str, raw: str
+) -> None:
+    """Found in review: Symfony and Laravel take the script's path off as their base URL, so
+    "/index.php/v1/instances" is their "/v1/instances"; under mod_php, php-fpm and php -S a
+    launch there went on unjudged and launched 8 p5.48xlarge. Read so, it is a launch path:
+    recorded, and never sent unjudged."""
+    gw = await start_gateway(routes=[GENERIC_ROUTE, {**_PUT_LAUNCH, "path": "/v1/servers"}])
+    body = {"_method": "PUT", "instance_type": H100_SKU, "count": 8}
+    status, answer = await gw.send(method, raw, body)
+    assert status in (400, 403), answer
+    assert await gw.stub_requests() == []
+    assert len(gw.decisions()) == 1
+
+
 async def test_a_post_a_catch_all_mount_takes_is_judged_as_another_route_s_launch_there(
     start_gateway: StartGateway,
 ) -> None:

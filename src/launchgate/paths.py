@@ -84,6 +84,10 @@ _MAX_DECODINGS: Final = 4
 # What each second reading of a path (``second_readings``) stands for, in a launch's 400.
 PARAMETERS: Final = "servers that cut path parameters (';') before they route"
 AUTHORITY: Final = "URL parsers that read a target starting with '//' as a host name, then a path"
+SCRIPT: Final = "front controllers that route the path after a script's name ('/index.php/...')"
+# The first segment, in any case, that names a script whose front controller routes the rest of
+# the path (PATH_INFO): PHP's, CGI's, ASP.NET's.
+_SCRIPT = re.compile(r"/[^/]*\.(?:php\d?|phtml|cgi|fcgi|pl|py|aspx|ashx|asmx)(?=/)", re.IGNORECASE)
 LENIENT: Final = (
     "routers that ignore letter case, decode escapes before they route, or drop a format"
     " suffix ('.json')"
@@ -105,10 +109,17 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
         and path.isascii()
         and path.lower() == path
         and "." not in path.rpartition("/")[2]
+        and ("." not in path or _SCRIPT.search(path) is None)
     ):
         return []  # (the common path, in one pass of each kind)
     readings: list[tuple[str, str]] = []
     bases = [(path, "")]
+    script = _SCRIPT.search(path)
+    if script is not None:
+        # "/index.php/v1/servers": routed as "/v1/servers" (found in review: Symfony and Laravel
+        # take the script's path off as their base URL, under mod_php, php-fpm and php -S).
+        readings.append((path[script.end() :] or "/", SCRIPT))
+        bases.append((path[script.end() :] or "/", SCRIPT))
     if raw.startswith("//"):
         # "//host/path", or, as WHATWG reads special URLs, any run of slashes then the host.
         for rest in (raw[2:], raw.lstrip("/")):

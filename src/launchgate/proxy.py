@@ -206,11 +206,7 @@ def _may_reach_a_route(config: Config, raw_path: str) -> bool:
     request goes on unchanged, as CONTRACT section 6 has it (found by QA: "GET /a/../b" went
     upstream as "/b")."""
     text = decoded_and_folded(raw_path)
-    for route in config.routes:
-        head = fold_path(route.dialect.path.strip("/").partition("/")[0])
-        if not head or head in text:
-            return True
-    return False
+    return any(not (head := _head(r.dialect.path)) or head in text for r in config.routes)
 
 
 # Headers that some upstreams route by instead of the request's path (IIS's URL Rewrite,
@@ -329,11 +325,6 @@ async def refuse_override(
     return problem(decision.reason, 400, detail, decision_id)
 
 
-# The methods a POST's "_method" field can turn it into, upstream (Rack::MethodOverride, in every
-# Rails app but API-only ones, takes any; so do Laravel and Symfony with overrides enabled).
-_NOT_POST: Final = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
 def _launches_by_override(
     config: Config, path: str, readings: list[tuple[str, str]], claimed_by: Route | None
 ) -> list[tuple[Route, str]]:
@@ -349,14 +340,51 @@ def _launches_by_override(
     than one, or one beside a route that reads the POST otherwise, is two meanings (found in
     review: a PATCH route beside a PUT one was judged by the PUT's pointers only)."""
     paths = [path, *(reading for reading, _ in readings)]
-    found = []
-    for route in config.routes:
-        if route is claimed_by:
-            continue
-        methods = [m for m in sorted(route.dialect.methods & _NOT_POST) if _on(route, m, paths)]
-        if methods:
-            found.append((route, "PUT" if "PUT" in methods else methods[0]))
+    # Any method a route launches by (found in review: Symfony and Laravel take any "[A-Z]+",
+    # Express any of node's methods, Rack LINK too: a MERGE route launched so), each taken by
+    # the route a request of that method would go to (found in review: a PUT under an opaque
+    # PUT mount counted both, and a legitimate POST there was 400).
+    routes, methods = _override_plan(config.routes)
+    if not methods:
+        return []
+    found: list[tuple[Route, str]] = []
+    for candidate in paths:
+        # (Only the routes whose mount starts as the path does: each claim costs 2-6 us.)
+        head = _head(candidate) if candidate.isascii() and "%" not in candidate else None
+        near = [r for r, mount in routes if head is None or mount in ("", head)]
+        for method in methods:
+            route = next((r for r in near if r.matches(method, candidate)), None)
+            if route is None or route is claimed_by:
+                continue
+            known = next((i for i, (r, _) in enumerate(found) if r is route), None)
+            if known is None:
+                found.append((route, method))
+            elif method == "PUT":
+                found[known] = (route, method)
     return found
+
+
+# The last configuration's routes, and what _override_plan made of them (reloads are rare).
+_PLANNED: list[Any] = [None, (), ()]
+
+
+def _override_plan(
+    routes: tuple[Route, ...],
+) -> tuple[tuple[tuple[Route, str], ...], tuple[str, ...]]:
+    """The routes that launch by a method a POST can be overridden to (not a route that takes
+    every request under its mount, aws-ec2: what it reads in a request is a second reading of
+    the routes under it), each with its mount's first segment, folded; and those methods."""
+    if _PLANNED[0] is not routes:
+        own = tuple((r, _head(r.dialect.path)) for r in routes if "*" not in r.dialect.methods)
+        methods = tuple(sorted({m for r, _ in own for m in r.dialect.methods} - {"POST"}))
+        _PLANNED[:] = [routes, own, methods]
+    return _PLANNED[1], _PLANNED[2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _head(path: str) -> str:
+    """The first segment of ``path``, folded ("" for "/")."""
+    return fold_path(path.strip("/").partition("/")[0])
 
 
 def _read_by(route: Route, claimer: Route) -> bool:
@@ -366,10 +394,6 @@ def _read_by(route: Route, claimer: Route) -> bool:
     route's launch, an opaque POST launched 8 p5.48xlarge)."""
     reading = getattr(claimer.dialect, "launch_action", None)
     return reading is not None and reading in route.second_readings
-
-
-def _on(route: Route, method: str, paths: list[str]) -> bool:
-    return any(route.matches(method, p) for p in paths)
 
 
 async def handle_launch(

@@ -32,6 +32,7 @@ __all__ = [
     "route_path",
     "route_region",
     "under_mount",
+    "with_head",
     "with_second_readings",
 ]
 
@@ -65,6 +66,12 @@ class LaunchRequest:
 # check that no two routes tie; an opaque route may name any method at all (found in review:
 # one on "PURGE" beside an aws-ec2 route passed the check).
 EVERY_METHOD: Final = frozenset({"*"})
+
+
+def with_head(methods: frozenset[str]) -> frozenset[str]:
+    """``methods``, with HEAD beside GET: Express, Rails, Symfony and Flask run a GET handler
+    for a HEAD (found in review: a HEAD to a GET launch route went on unjudged, and launched)."""
+    return methods | {"HEAD"} if "GET" in methods else methods
 
 
 class Dialect(Protocol):

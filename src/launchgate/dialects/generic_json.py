@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path
+from launchgate.dialects import Item, Launch, LaunchRequest, check_keys, route_path, with_head
 from launchgate.errors import ConfigError
 from launchgate.forms import MULTIPART, judged_field_in, media_read_as_form, media_type, squash
 from launchgate.strict import (
@@ -45,10 +45,12 @@ class GenericJson:
 
     @property
     def methods(self) -> frozenset[str]:
-        return frozenset({self.method})
+        return with_head(frozenset({self.method}))
 
     def claims(self, method: str, path: str) -> bool:
-        return method == self.method and path == self.path
+        return path == self.path and (
+            method == self.method or (method == "HEAD" and self.method == "GET")
+        )
 
     def parse(self, request: LaunchRequest) -> Launch:
         require_identity_encoding(request.headers)

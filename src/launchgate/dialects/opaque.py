@@ -22,6 +22,7 @@ from launchgate.dialects import (
     route_region,
     under_mount,
     under_mount_in_any_case,
+    with_head,
 )
 from launchgate.errors import ConfigError
 
@@ -72,7 +73,7 @@ def build(table: Mapping[str, Any], where: str) -> Opaque:
         raise ConfigError(f"{where}.ignore_case: must be true or false")
     return Opaque(
         path=path,
-        methods=frozenset(m.upper() for m in methods),
+        methods=with_head(frozenset(m.upper() for m in methods)),
         region=region,
         ignore_case=ignore_case,
     )
