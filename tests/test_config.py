@@ -357,9 +357,13 @@ def test_normalize_path_shortcut_agrees(raw: str) -> None:
         ("//a/..", []),  # no safe reading after the host: none
         # a front controller routes what follows the script's name (found in review)
         ("/index.php/v1/instances", [("/v1/instances", SCRIPT)]),
-        ("/a/App.Php5/v1/x", [("/v1/x", SCRIPT), ("/a/app.php5/v1/x", LENIENT)]),
+        (
+            "/a/App.Php5/v1/x",
+            [("/v1/x", SCRIPT), ("/a/v1/x", SCRIPT), ("/a/app.php5/v1/x", LENIENT)],
+        ),
         ("/x.php.bak/v1/instances", []),
-        ("/index.php", [("/index", LENIENT)]),
+        ("/index.php", [("/", SCRIPT), ("/index", LENIENT)]),
+        ("/api/index.php/v1/x", [("/v1/x", SCRIPT), ("/api/v1/x", SCRIPT)]),
     ],
 )
 def test_second_readings_of_a_path(raw: str, readings: list[tuple[str, str]]) -> None:

@@ -2260,6 +2260,12 @@ async def test_a_head_to_a_get_launch_route_is_judged(start_gateway: StartGatewa
         ("PUT", "/index.php/v1/servers"),
         ("POST", "/index.php/v1/servers"),  # (and _method=PUT upstream)
         ("POST", "/cgi-bin/api.cgi/v1/instances"),
+        # under an alias, and behind a decoy (found in review: Symfony routes both as its
+        # "/v1/servers"), and other scripts' types (review)
+        ("PUT", "/api/index.php/v1/servers"),
+        ("PUT", "/x.py/api/index.php/v1/servers"),
+        ("PUT", "/app.phar/v1/servers"),
+        ("PUT", "/Service.svc/v1/servers"),
     ],
 )
 async def test_a_path_after_a_script_s_name_is_read_as_a_front_controller_reads_it(
@@ -2267,14 +2273,39 @@ async def test_a_path_after_a_script_s_name_is_read_as_a_front_controller_reads_
 ) -> None:
     """Found in review: Symfony and Laravel take the script's path off as their base URL, so
     "/index.php/v1/instances" is their "/v1/instances"; under mod_php, php-fpm and php -S a
-    launch there went on unjudged and launched 8 p5.48xlarge. Read so, it is a launch path:
-    recorded, and never sent unjudged."""
-    gw = await start_gateway(routes=[GENERIC_ROUTE, {**_PUT_LAUNCH, "path": "/v1/servers"}])
+    launch there went on unjudged and launched 8 p5.48xlarge. A path naming a script that is
+    not a route's launch, where a route's mount could follow, has no one meaning: 400, and
+    never sent."""
+    gw = await start_gateway(
+        routes=[
+            GENERIC_ROUTE,
+            {**_PUT_LAUNCH, "path": "/v1/servers"},
+            {**_PUT_LAUNCH, "path": "/api/v1/servers"},
+        ]
+    )
     body = {"_method": "PUT", "instance_type": H100_SKU, "count": 8}
     status, answer = await gw.send(method, raw, body)
-    assert status in (400, 403), answer
+    assert (status, answer.get("reason")) == (400, "malformed_request"), answer
     assert await gw.stub_requests() == []
-    assert len(gw.decisions()) == 1
+
+
+async def test_a_script_name_at_the_end_of_a_path_reads_as_the_root(
+    start_gateway: StartGateway,
+) -> None:
+    """Found in review: with a launch route on "/", "/index.php" and "/index.php/" are "/" to a
+    front controller, and launched there unjudged. A launch route's own path that names a
+    script (an ARM resource group "ml.py") is judged as any."""
+    gw = await start_gateway(routes=[{**GENERIC_ROUTE, "path": "/"}, {"dialect": "azure-arm"}])
+    for raw in ("/index.php", "/index.php/"):
+        status, answer = await gw.send("POST", raw, {"instance_type": H100_SKU})
+        assert (status, answer.get("reason")) == (400, "malformed_request"), answer
+    vm = "/subscriptions/s/resourceGroups/ml.py/providers/Microsoft.Compute/virtualMachines/vm1"
+    body = {"location": "eastus", "properties": {"hardwareProfile": {"vmSize": "Standard_D2s_v5"}}}
+    status, answer = await gw.send(
+        "PUT", f"{vm}?api-version=2024-07-01", body, account=UNRESTRICTED
+    )
+    assert status in (200, 201), answer
+    assert [d["reason"] for d in gw.decisions()] == ["sku_not_controlled"]
 
 
 async def test_a_post_a_catch_all_mount_takes_is_judged_as_another_route_s_launch_there(

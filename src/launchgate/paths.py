@@ -87,7 +87,21 @@ AUTHORITY: Final = "URL parsers that read a target starting with '//' as a host 
 SCRIPT: Final = "front controllers that route the path after a script's name ('/index.php/...')"
 # The first segment, in any case, that names a script whose front controller routes the rest of
 # the path (PATH_INFO): PHP's, CGI's, ASP.NET's.
-_SCRIPT = re.compile(r"/[^/]*\.(?:php\d?|phtml|cgi|fcgi|pl|py|aspx|ashx|asmx)(?=/)", re.IGNORECASE)
+_SCRIPT = re.compile(
+    r"/[^/]*\.(?:php\d*|phtml|pht|phar|cgi|fcgi|pl|py|wsgi|aspx?|ashx|asmx|svc|cfm|cfc|dll|exe"
+    r"|jsp|do)(?=/|\Z)",
+    re.IGNORECASE,
+)
+
+
+def names_a_script(path: str) -> bool:
+    """Whether a segment of ``path`` names a script (``_SCRIPT``), after which a front
+    controller routes the rest of the path, whatever came before it (found in review:
+    Symfony under an Apache alias routes "/api/index.php/v1/servers" and
+    "/x.py/api/index.php/v1/servers" as its "/v1/servers")."""
+    return "." in path and _SCRIPT.search(path) is not None
+
+
 LENIENT: Final = (
     "routers that ignore letter case, decode escapes before they route, or drop a format"
     " suffix ('.json')"
@@ -109,7 +123,7 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
         and path.isascii()
         and path.lower() == path
         and "." not in path.rpartition("/")[2]
-        and ("." not in path or _SCRIPT.search(path) is None)
+        and not names_a_script(path)
     ):
         return []  # (the common path, in one pass of each kind)
     readings: list[tuple[str, str]] = []
@@ -118,8 +132,10 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
     if script is not None:
         # "/index.php/v1/servers": routed as "/v1/servers" (found in review: Symfony and Laravel
         # take the script's path off as their base URL, under mod_php, php-fpm and php -S).
-        readings.append((path[script.end() :] or "/", SCRIPT))
-        bases.append((path[script.end() :] or "/", SCRIPT))
+        for reading in (path[script.end() :] or "/", path[: script.start()] + path[script.end() :]):
+            if reading and reading != path and all(reading != seen for seen, _ in readings):
+                readings.append((reading, SCRIPT))
+                bases.append((reading, SCRIPT))
     if raw.startswith("//"):
         # "//host/path", or, as WHATWG reads special URLs, any run of slashes then the host.
         for rest in (raw[2:], raw.lstrip("/")):
