@@ -87,11 +87,14 @@ AUTHORITY: Final = "URL parsers that read a target starting with '//' as a host 
 SCRIPT: Final = "front controllers that route the path after a script's name ('/index.php/...')"
 # The first segment, in any case, that names a script whose front controller routes the rest of
 # the path (PATH_INFO): PHP's, CGI's, ASP.NET's.
-_SCRIPT = re.compile(
-    r"/[^/]*\.(?:php\d*|phtml|pht|phar|cgi|fcgi|pl|py|wsgi|aspx?|ashx|asmx|svc|cfm|cfc|dll|exe"
-    r"|jsp|do)(?=/|\Z)",
-    re.IGNORECASE,
+_SCRIPTS: Final = (
+    r"\.(?:php\d*|phtml|pht|phar|cgi|fcgi|pl|py|wsgi|rb|lua|sh|aspx?|ashx|asmx|axd|svc|xamlx"
+    r"|cshtml|vbhtml|cfml?|cfc|dll|exe|jsp|do)"
+    # (then trailing dots or blanks, which Windows servers trim, or an NTFS stream name)
+    r"[. ]*(?:::\$data)?"
 )
+_SCRIPT = re.compile(rf"/[^/]*{_SCRIPTS}(?=/|\Z)", re.IGNORECASE)
+_SCRIPT_SEGMENT = re.compile(rf"[^/]*{_SCRIPTS}", re.IGNORECASE)
 
 
 def names_a_script(path: str) -> bool:
@@ -110,12 +113,13 @@ LENIENT: Final = (
 
 def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
     """The other paths that common upstream servers read in a request path ``raw``, normalized
-    as ``path``: each with who reads it so (``PARAMETERS``, ``AUTHORITY``, ``LENIENT``). A
-    launch route that claims one of them where it does not claim ``path`` would see its launch
-    go upstream unjudged (found by QA: ``POST //evil/v1/instances`` launched on an upstream
-    that routes on WHATWG's ``new URL(target, base)``, ``/V1/Instances`` on a case-insensitive
-    router such as Express's default). Cheap for the common path: lower case, no ``;``, not
-    starting with ``//``, no format suffix, no escape: none."""
+    as ``path``: each with who reads it so (``PARAMETERS``, ``AUTHORITY``, ``LENIENT``,
+    ``SCRIPT``). A launch route that claims one of them where it does not claim ``path`` would
+    see its launch go upstream unjudged (found by QA: ``POST //evil/v1/instances`` launched on
+    an upstream that routes on WHATWG's ``new URL(target, base)``, ``/V1/Instances`` on a
+    case-insensitive router such as Express's default). Cheap for the common path: lower case,
+    no ``;``, not starting with ``//``, no format suffix, no escape, no script: none.
+    UnsafePath when a path names scripts in more ways than can be read in time."""
     if (
         raw[1:2] != "/"
         and ";" not in path
@@ -128,14 +132,6 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
         return []  # (the common path, in one pass of each kind)
     readings: list[tuple[str, str]] = []
     bases = [(path, "")]
-    script = _SCRIPT.search(path)
-    if script is not None:
-        # "/index.php/v1/servers": routed as "/v1/servers" (found in review: Symfony and Laravel
-        # take the script's path off as their base URL, under mod_php, php-fpm and php -S).
-        for reading in (path[script.end() :] or "/", path[: script.start()] + path[script.end() :]):
-            if reading and reading != path and all(reading != seen for seen, _ in readings):
-                readings.append((reading, SCRIPT))
-                bases.append((reading, SCRIPT))
     if raw.startswith("//"):
         # "//host/path", or, as WHATWG reads special URLs, any run of slashes then the host.
         for rest in (raw[2:], raw.lstrip("/")):
@@ -148,25 +144,64 @@ def second_readings(raw: str, path: str) -> list[tuple[str, str]]:
                 readings.append((reading, AUTHORITY))
                 bases.append((reading, AUTHORITY))
     for base, who in bases:
-        if ";" in base and (cut := without_parameters(base)) != base:
-            readings.append((cut, who or PARAMETERS))
-        lenient = fold_path(base)
-        for _ in range(_MAX_DECODINGS):  # escaped more than once: read by layers that decode
-            if "%" not in lenient or (again := fold_path(lenient)) == lenient:  # each once more
-                break
-            lenient = again
-        if ";" in lenient:  # (an escaped ';' decoded)
-            lenient = without_parameters(lenient)
-        if lenient != base:  # decoded: its dots and slashes read as such (found in review)
-            lenient = _tidied(lenient)
-        head, _, last = lenient.rpartition("/")
-        if "." in last and (stem := last.partition(".")[0]):
-            # Any suffix after the segment's first dot: Rails' format is any run of characters
-            # but "./?", Spring MVC's suffix match any "*" (found in review: ".-", ".a.b").
-            lenient = f"{head}/{stem}"
-        if lenient not in (path, base) and all(lenient != seen for seen, _ in readings):
-            readings.append((lenient, who or LENIENT))
+        _add(readings, path, _other_forms(base, who))
+    # A front controller routes what follows a script's name, whatever came before it (found in
+    # review: Symfony and Laravel take the script's path off as their base URL, under mod_php,
+    # php-fpm and php -S, and under an alias or behind a decoy script name too): each script
+    # segment of each reading so far, without what precedes it, or some of it.
+    for base in [path, *(reading for reading, _ in readings)]:
+        for reading in _after_scripts(base):
+            _add(readings, path, [(reading, SCRIPT), *_other_forms(reading, SCRIPT)])
+            if len(readings) > _MAX_READINGS:
+                raise UnsafePath(f"the path names scripts in more than {_MAX_READINGS} ways")
     return readings
+
+
+_MAX_READINGS: Final = 64
+
+
+def _add(readings: list[tuple[str, str]], path: str, found: list[tuple[str, str]]) -> None:
+    for reading, who in found:
+        if reading != path and all(reading != seen for seen, _ in readings):
+            readings.append((reading, who))
+
+
+def _other_forms(base: str, who: str) -> list[tuple[str, str]]:
+    """``base`` with its parameters cut, and as a lenient router reads it (``LENIENT``)."""
+    forms = []
+    if ";" in base and (cut := without_parameters(base)) != base:
+        forms.append((cut, who or PARAMETERS))
+    lenient = fold_path(base)
+    for _ in range(_MAX_DECODINGS):  # escaped more than once: read by layers that decode
+        if "%" not in lenient or (again := fold_path(lenient)) == lenient:  # each once more
+            break
+        lenient = again
+    if ";" in lenient:  # (an escaped ';' decoded)
+        lenient = without_parameters(lenient)
+    if lenient != base:  # decoded: its dots and slashes read as such (found in review)
+        lenient = _tidied(lenient)
+    head, _, last = lenient.rpartition("/")
+    if "." in last and (stem := last.partition(".")[0]):
+        # Any suffix after the segment's first dot: Rails' format is any run of characters
+        # but "./?", Spring MVC's suffix match any "*" (found in review: ".-", ".a.b").
+        lenient = f"{head}/{stem}"
+    if lenient != base:
+        forms.append((lenient, who or LENIENT))
+    return forms
+
+
+def _after_scripts(path: str) -> list[str]:
+    """What a front controller routes in ``path``: for each segment naming a script, the
+    segments after it, with none, some or all of those before it."""
+    if not names_a_script(path):
+        return []
+    segments = path.split("/")[1:]
+    found = []
+    for i, segment in enumerate(segments):
+        if _SCRIPT_SEGMENT.fullmatch(segment):
+            rest = segments[i + 1 :]
+            found += ["/" + "/".join(segments[j:i] + rest) for j in range(i + 1)]
+    return found
 
 
 def _tidied(path: str) -> str:

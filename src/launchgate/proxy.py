@@ -53,7 +53,6 @@ from launchgate.paths import (
     decoded_and_folded,
     fold_path,
     has_dot_segments,
-    names_a_script,
     normalize_path,
     second_readings,
 )
@@ -142,17 +141,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return problem("malformed_request", 400, f"the path cannot be normalized safely: {e}")
     method = request.method
     claim = _claim(config, method, path, request.headers)
-    if (
-        names_a_script(path)
-        and (claim is None or (claim[0].dialect.prefix and not claim[0].dialect.shaped))
-        and _may_reach_a_route(config, raw_path)
-    ):
-        # Not judged by a route of known shapes, and a front controller would route what follows
-        # a script's name, whatever came before it, maybe to a launch (found in review: six
-        # spellings under an Apache alias launched 8 p5.48xlarge each): no one meaning.
-        detail = "the path names a script, after which front controllers route the rest of it"
-        return problem("malformed_request", 400, detail)
-    readings = second_readings(raw_path, path)
+    try:
+        readings = second_readings(raw_path, path)
+    except UnsafePath as e:
+        return problem("malformed_request", 400, f"the path cannot be read safely: {e}")
     for reading, who in readings:
         # A launch path, or another route's, as common upstream servers read this one: two
         # meanings, recorded, malformed (found by QA: "POST /v1/instances;x" went upstream
