@@ -24,7 +24,13 @@ from launchgate.accounts import (
     load_country_groups,
 )
 from launchgate.catalog import ECCN_CLASSES, Catalog, load_catalog
-from launchgate.dialects import HeaderReading, Route, build_route, with_second_readings
+from launchgate.dialects import (
+    HeaderReading,
+    Route,
+    build_route,
+    mount_head,
+    with_second_readings,
+)
 from launchgate.errors import ConfigError
 from launchgate.forward import GATEWAY_SET, HOP_BY_HOP
 from launchgate.idempotency import CLIENT_TOKEN_WINDOW_S
@@ -79,6 +85,12 @@ class Config:
     # The routes whose API also picks calls by a header, with how they read one
     # (``Route.by_header``): asked about a request that no route claims by its path.
     header_routes: tuple[tuple[Route, HeaderReading], ...] = ()
+    # The routes that launch by a method other than POST (not a route that takes every request
+    # under its mount, aws-ec2: what it reads is a second reading of the routes under it), each
+    # with its mount's first segment (``mount_head``), and those methods: what a POST can be
+    # overridden to, upstream (``proxy._launches_by_override``).
+    override_routes: tuple[tuple[Route, str], ...] = ()
+    override_methods: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -355,6 +367,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         )
     deduplicates = upstream.flag("deduplicates_idempotency_key", default=False)
 
+    override_routes = tuple(
+        (r, mount_head(r.dialect.path)) for r in routes if "*" not in r.dialect.methods
+    )
     return Config(
         source=source,
         listen=listen,
@@ -388,6 +403,10 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         controlled_eccns=controlled,
         routes=routes,
         header_routes=tuple((r, r.by_header) for r in routes if r.by_header is not None),
+        override_routes=override_routes,
+        override_methods=tuple(
+            sorted({m for r, _ in override_routes for m in r.dialect.methods} - {"POST"})
+        ),
     )
 
 

@@ -171,11 +171,7 @@ def _other_forms(base: str, who: str) -> list[tuple[str, str]]:
     forms = []
     if ";" in base and (cut := without_parameters(base)) != base:
         forms.append((cut, who or PARAMETERS))
-    lenient = fold_path(base)
-    for _ in range(_MAX_DECODINGS):  # escaped more than once: read by layers that decode
-        if "%" not in lenient or (again := fold_path(lenient)) == lenient:  # each once more
-            break
-        lenient = again
+    lenient = decoded_and_folded(base)
     if ";" in lenient:  # (an escaped ';' decoded)
         lenient = without_parameters(lenient)
     if lenient != base:  # decoded: its dots and slashes read as such (found in review)
@@ -239,8 +235,8 @@ def decoded_and_folded(raw: str) -> str:
     """``raw`` (a path) as a router that decodes it (as often as ``second_readings`` reads) and
     ignores letter case reads it, dot segments and all."""
     text = fold_path(raw)
-    for _ in range(_MAX_DECODINGS - 1):
-        if "%" not in text or (again := fold_path(text)) == text:
+    for _ in range(_MAX_DECODINGS):  # escaped more than once: read by layers that decode
+        if "%" not in text or (again := fold_path(text)) == text:  # each once more
             break
         text = again
     return text

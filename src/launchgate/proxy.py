@@ -28,7 +28,7 @@ from multidict import CIMultiDictProxy
 from launchgate.admin import GATEWAY_KEY
 from launchgate.audit import utc_timestamp
 from launchgate.config import Config
-from launchgate.dialects import Launch, LaunchRequest, Route
+from launchgate.dialects import Launch, LaunchRequest, Route, mount_head
 from launchgate.dialects.query import unwrapped
 from launchgate.errors import StoreUnavailable
 from launchgate.forms import decode_u_escapes
@@ -209,7 +209,7 @@ def _may_reach_a_route(config: Config, raw_path: str) -> bool:
     request goes on unchanged, as CONTRACT section 6 has it (found by QA: "GET /a/../b" went
     upstream as "/b")."""
     text = decoded_and_folded(raw_path)
-    return any(not (head := _head(r.dialect.path)) or head in text for r in config.routes)
+    return any(not (head := mount_head(r.dialect.path)) or head in text for r in config.routes)
 
 
 # Headers that some upstreams route by instead of the request's path (IIS's URL Rewrite,
@@ -347,15 +347,14 @@ def _launches_by_override(
     # Express any of node's methods, Rack LINK too: a MERGE route launched so), each taken by
     # the route a request of that method would go to (found in review: a PUT under an opaque
     # PUT mount counted both, and a legitimate POST there was 400).
-    routes, methods = _override_plan(config.routes)
-    if not methods:
+    if not config.override_methods:
         return []
     found: list[tuple[Route, str]] = []
     for candidate in paths:
         # (Only the routes whose mount starts as the path does: each claim costs 2-6 us.)
-        head = _head(candidate) if candidate.isascii() and "%" not in candidate else None
-        near = [r for r, mount in routes if head is None or mount in ("", head)]
-        for method in methods:
+        head = mount_head(candidate) if candidate.isascii() and "%" not in candidate else None
+        near = [r for r, mount in config.override_routes if head is None or mount in ("", head)]
+        for method in config.override_methods:
             route = next((r for r in near if r.matches(method, candidate)), None)
             if route is None or route is claimed_by:
                 continue
@@ -365,29 +364,6 @@ def _launches_by_override(
             elif method == "PUT":
                 found[known] = (route, method)
     return found
-
-
-# The last configuration's routes, and what _override_plan made of them (reloads are rare).
-_PLANNED: list[Any] = [None, (), ()]
-
-
-def _override_plan(
-    routes: tuple[Route, ...],
-) -> tuple[tuple[tuple[Route, str], ...], tuple[str, ...]]:
-    """The routes that launch by a method a POST can be overridden to (not a route that takes
-    every request under its mount, aws-ec2: what it reads in a request is a second reading of
-    the routes under it), each with its mount's first segment, folded; and those methods."""
-    if _PLANNED[0] is not routes:
-        own = tuple((r, _head(r.dialect.path)) for r in routes if "*" not in r.dialect.methods)
-        methods = tuple(sorted({m for r, _ in own for m in r.dialect.methods} - {"POST"}))
-        _PLANNED[:] = [routes, own, methods]
-    return _PLANNED[1], _PLANNED[2]
-
-
-@functools.lru_cache(maxsize=1024)
-def _head(path: str) -> str:
-    """The first segment of ``path``, folded ("" for "/")."""
-    return fold_path(path.strip("/").partition("/")[0])
 
 
 def _read_by(route: Route, claimer: Route) -> bool:

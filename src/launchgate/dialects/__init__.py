@@ -7,6 +7,7 @@ parses a claimed request's bytes into a ``Launch``: the SKUs and counts it can s
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ __all__ = [
     "Route",
     "SecondReading",
     "check_keys",
+    "mount_head",
     "route_path",
     "route_region",
     "under_mount",
@@ -66,6 +68,12 @@ class LaunchRequest:
 # check that no two routes tie; an opaque route may name any method at all (found in review:
 # one on "PURGE" beside an aws-ec2 route passed the check).
 EVERY_METHOD: Final = frozenset({"*"})
+
+
+@functools.lru_cache(maxsize=1024)
+def mount_head(path: str) -> str:
+    """The first segment of ``path``, as ``fold_path`` reads it ("" for "/")."""
+    return fold_path(path.strip("/").partition("/")[0])
 
 
 def with_head(methods: frozenset[str]) -> frozenset[str]:
