@@ -37,7 +37,7 @@ from typing import Any, Final
 import structlog
 
 from launchgate.errors import ConfigError
-from launchgate.files import cannot_make, same_file, short_of_space
+from launchgate.files import cannot_make, file_id, short_of_space, still_at
 from launchgate.jobthread import JobThread
 
 log = structlog.get_logger("launchgate")
@@ -420,6 +420,7 @@ class AuditLog:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self._idle: asyncio.Future[None] | None = None  # set while a batch is being written
         self._fd = fd
+        self._fd_id = file_id(fd)
         # The chain as this process last saw it: the last record's seq and hash, and the
         # file size just after it. A different size means another writer appended.
         self._seq = seq
@@ -633,19 +634,20 @@ class AuditLog:
             raise OSError(errno.EIO, str(e)) from e
         os.close(self._fd)
         self._fd, self._seq, self._head, self._size = fd, seq, head, size
+        self._fd_id = file_id(fd)
         log.warning("audit.reopened", path=str(self._path), seq=seq)
 
     @contextmanager
     def _locked_at_path(self) -> Iterator[None]:
-        """The exclusive lock on the file now at the path: reopened first if it has moved, and
-        again if it moved while this waited for the lock (another worker writing)."""
+        """The exclusive lock on the file now at the path: reopened first if it has moved (and
+        again if it moved while this waited for the lock, another worker writing). Checked
+        once the lock is held, which is where it matters: one ``stat`` a batch."""
         for _ in range(3):
-            if not same_file(self._path, self._fd):
-                self._reopen()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
-            if same_file(self._path, self._fd):
+            if still_at(self._path, self._fd_id):
                 break
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._reopen()
         else:  # moved three times over: write where it stands now
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:

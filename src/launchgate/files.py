@@ -5,16 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+FileId = tuple[int, int]  # (st_dev, st_ino): which file, whatever its name
 
-def same_file(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open as ``fd`` (not removed, renamed or replaced).
-    Held open, that file's inode number cannot be given to another."""
+
+def file_id(fd: int) -> FileId:
+    """The identity of the file open as ``fd``. Held open, its inode number cannot be given to
+    another, so it is taken once, when the file is opened."""
+    opened = os.fstat(fd)
+    return opened.st_dev, opened.st_ino
+
+
+def still_at(path: Path, opened: FileId) -> bool:
+    """Whether ``path`` still names the file ``opened`` (not removed, renamed or replaced):
+    one ``stat``."""
     try:
         at_path = os.stat(path)
     except FileNotFoundError:
         return False
-    opened = os.fstat(fd)
-    return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
+    return (at_path.st_dev, at_path.st_ino) == opened
 
 
 def short_of_space(path: Path, needed: int) -> bool:

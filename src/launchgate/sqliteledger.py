@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from launchgate.errors import StoreUnavailable
-from launchgate.files import cannot_make, cannot_write, same_file, short_of_space
+from launchgate.files import FileId, cannot_make, cannot_write, file_id, short_of_space, still_at
 from launchgate.jobthread import JobThread
 from launchgate.ledger import (
     _KEY_COLUMNS,
@@ -486,6 +486,7 @@ class SqliteLedger:
         # and go: the ledger this process uses. Its inode cannot be freed and given to another
         # file that would then pass for it (an empty ledger made at the same path reused it).
         self._pin = -1
+        self._pin_id: FileId = (-1, -1)
         self._then_group: ThenGroup = contextlib.nullcontext
         self._closed = False
         self._failing = False  # on the ledger thread: whether store.failing was logged last
@@ -828,7 +829,7 @@ class SqliteLedger:
         return unavailable
 
     def _connection(self) -> sqlite3.Connection:
-        if self._pin >= 0 and not same_file(self._path, self._pin):
+        if self._pin >= 0 and not still_at(self._path, self._pin_id):
             # Removed or replaced under us. Writes to the old file would count against a ledger
             # nobody reads any more (a license spent twice over), and whatever is at the path
             # now (nothing, an empty ledger another process made, a copy with an old WAL beside
@@ -868,6 +869,7 @@ class SqliteLedger:
             self._migrate(conn)
             if self._pin < 0:
                 self._pin = os.open(self._path, os.O_RDONLY)
+                self._pin_id = file_id(self._pin)
         except BaseException:
             conn.close()
             raise
