@@ -111,6 +111,14 @@ def test_shipped_config_loads() -> None:
             r"\[tokens\]\.header: 'x_account_id' is the account header too",
         ),
         ({"surprise": {"a": 1}}, r"unknown table 'surprise'"),
+        # The admin listener is never on the proxy port, however its host is spelled (QA).
+        *(
+            (
+                {"server": {"listen": "127.0.0.1:18080", "admin_listen": admin}},
+                r"\[server\]\.admin_listen: must not be on the proxy's port 18080",
+            )
+            for admin in ("127.0.0.1:18080", "localhost:18080", "0.0.0.0:18080", "[::1]:18080")
+        ),
     ],
 )
 def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], message: str) -> None:
@@ -133,6 +141,10 @@ def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], mes
         ),
         ([GENERIC_ROUTE | {"path": "/v1//x"}], r"routes\[0\]\.path"),
         ([GENERIC_ROUTE | {"extra": 1}], r"routes\[0\]: unknown key 'extra'"),
+        (  # a route's region, not a pointer (CONTRACT section 9), and a default_region too
+            [GENERIC_ROUTE | {"region": "eu-central-1", "default_region": "eu-west-1"}],
+            r"routes\[0\]: 'region' names the route's region \('eu-central-1'\), and so does",
+        ),
         (
             [GENERIC_ROUTE, GENERIC_ROUTE | {"sku": "/type"}],
             r"routes\[1\] claims the same requests as routes\[0\]",

@@ -16,6 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from conftest import (
+    GENERIC_ROUTE,
     H100_SKU,
     RESTRICTED,
     UNRESTRICTED,
@@ -294,6 +295,28 @@ async def test_launch_forwarded_with_the_path_it_was_judged_on(start_gateway: St
         assert r.status == 201
     recorded = (await gw.stub_requests())[-1]
     assert (recorded["path"], recorded["query"]) == ("/v1/instances", "dry=1")
+
+
+async def test_a_request_that_launches_nothing_keeps_its_trailing_slash(
+    start_gateway: StartGateway,
+) -> None:
+    """Sent on the path read (normalized), a request that launches nothing keeps the trailing
+    slash it was written with (CONTRACT section 6: its path unchanged; found by QA: "/ec2/"
+    went upstream as "/ec2"). So does one with dot segments under a route's mount."""
+    gw = await start_gateway(routes=[{"dialect": "aws-ec2", "path": "/ec2"}])
+    for sent, arrived in [
+        ("/ec2/?Action=DescribeInstances", ("/ec2/", "Action=DescribeInstances")),
+        ("/ec2?Action=DescribeInstances", ("/ec2", "Action=DescribeInstances")),
+        ("/ec2/x/%2e%2e/y/?Action=DescribeInstances", ("/ec2/y/", "Action=DescribeInstances")),
+        ("/ec2/%2e/", ("/ec2/", "")),
+        ("/ec2/x/%2e%2e", ("/ec2", "")),
+        ("/other/%2e/ec2/", ("/other/ec2/", "")),  # unclaimed, a route's mount in it
+    ]:
+        url = URL(f"{gw.url}{sent}", encoded=True)  # sent as written, "%2e" and all
+        async with gw.session.get(url, headers={"X-Account-Id": RESTRICTED}) as r:
+            assert r.status in (200, 404), sent  # (the stub's answer to what it does not know)
+        recorded = (await gw.stub_requests())[-1]
+        assert (recorded["path"], recorded["query"]) == arrived, sent
 
 
 @pytest.mark.parametrize(
@@ -609,3 +632,30 @@ async def test_a_client_gone_while_relaying_is_no_upstream_failure(fails_at: str
     assert response.status == 200
     assert broke == []
     assert writer.write_eof.called == (fails_at == "end")
+
+
+@pytest.mark.parametrize(
+    ("route", "body_region", "recorded"),
+    [
+        ({"region": "/region"}, "ap-south-1", "ap-south-1"),  # the pointer
+        ({"region": "/region"}, None, None),  # nothing says
+        ({"region": "/region", "default_region": "eu-west-1"}, None, "eu-west-1"),
+        ({"region": "/region", "default_region": "eu-west-1"}, "ap-south-1", "ap-south-1"),
+        # Not a JSON Pointer: the route's region, as every dialect's ``region`` (CONTRACT
+        # section 9, "pointer, else route"; found by QA: "eu-central-1" failed check).
+        ({"region": "eu-central-1"}, "ap-south-1", "eu-central-1"),
+        ({"region": "eu-central-1"}, None, "eu-central-1"),
+    ],
+)
+async def test_generic_json_region_is_the_pointer_s_else_the_route_s(
+    start_gateway: StartGateway,
+    route: dict[str, Any],
+    body_region: str | None,
+    recorded: str | None,
+) -> None:
+    routes = [{k: v for k, v in GENERIC_ROUTE.items() if k != "region"} | route]
+    gw = await start_gateway(routes=routes)
+    status, _, _ = await gw.launch(UNRESTRICTED, region=body_region)
+    assert status == 201
+    [decision] = gw.decisions()
+    assert decision["region"] == recorded

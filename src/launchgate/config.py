@@ -282,8 +282,12 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     admin = parse_host_port(
         server.text("admin_listen", "127.0.0.1:9901"), f"{server.where}.admin_listen"
     )
-    if admin == listen and admin.port != 0:
-        raise ConfigError(f"{server.where}.admin_listen: must differ from listen")
+    if admin.port == listen.port and admin.port != 0:
+        # "Never on the proxy port" (CONTRACT section 2), however the host is spelled: found by
+        # QA, "localhost:X" or "0.0.0.0:X" beside "127.0.0.1:X" passed check, then serve failed.
+        raise ConfigError(
+            f"{server.where}.admin_listen: must not be on the proxy's port {listen.port} (listen)"
+        )
     mode = server.text("mode", "enforce")
     if mode not in ("enforce", "shadow"):
         raise ConfigError(f"{server.where}.mode: must be 'enforce' or 'shadow', got {mode!r}")

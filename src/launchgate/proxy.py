@@ -197,8 +197,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # sent as written, an upstream that keeps dot segments could read another resource
         # into it, a launch (found in review: ".../virtualMachines/.." and
         # ".../zones/../instances" launched on the stub).
-        return await forward(request, gateway, config, path + (f"?{query}" if query else ""), None)
+        return await forward(request, gateway, config, _read_as_sent(raw_path, path, query), None)
     return await forward(request, gateway, config, raw, None)
+
+
+def _read_as_sent(raw_path: str, path: str, query: str) -> str:
+    """The target for a request that launches nothing, sent on the path read (``path``,
+    normalized) rather than as written: with the trailing slash it was written with, which
+    normalizing drops and which names the same resource as far as any route is concerned
+    (CONTRACT section 6: its path unchanged; found by QA: "GET /ec2/?Action=Describe..." went
+    upstream as "/ec2")."""
+    if raw_path.endswith("/") and path != "/":
+        path += "/"
+    return path + (f"?{query}" if query else "")
 
 
 def _may_reach_a_route(config: Config, raw_path: str) -> bool:
@@ -427,7 +438,7 @@ async def handle_launch(
         if launch is None:  # claimed, but the body shows it launches nothing: not judged
             # Sent on the path read to find that (found by QA: the raw path went, and with
             # "%2e%2e" segments it could name another resource than the one read).
-            target = path + (f"?{query}" if query else "")
+            target = _read_as_sent(request.raw_path.partition("?")[0], path, query)
             return await forward(request, gateway, config, target, body)
         now = time.time()
         decision = decide(launch, account, token, config, lambda t: verifier.verify(t, now=now))
