@@ -45,6 +45,7 @@ from launchgate.audit import verify_file
 from launchgate.config import load_config
 from launchgate.gateway import Gateway
 from launchgate.paths import normalize_path
+from launchgate.sqliteledger import SqliteLedger
 from launchgate.stub import create_stub_app
 from launchgate.tokens import issue_token
 
@@ -812,6 +813,39 @@ async def test_upstream_timeout_gives_504_and_settles_as_used(
     assert (state.used, state.reserved) == (8, 0)
     completed = [r for r in gw.records() if r["event"] == "launch.completed"][-1]
     assert completed["settlement"] == "used_unknown"
+
+
+async def test_a_launch_given_back_while_under_way_is_counted_when_it_answers(
+    start_gateway: StartGateway, make_token: MakeToken, tmp_path: Path
+) -> None:
+    """Found by QA: staff ran `licenses release` with a shorter reservation_ttl_s than the
+    gateway's while a launch was under way; it settled the launch as unknown, gave it back, and
+    the 2xx that followed counted nothing (the next launch of the whole quantity passed too).
+    The 2xx counts it again, and its completion record says used."""
+    gw = await start_gateway()
+    await gw.stub_fail(delay_s=1.5, times=1)
+    token = make_token(jti="lic-away", max_accelerators=8)
+    launch = asyncio.create_task(gw.launch(token=token))
+    staff = SqliteLedger(tmp_path / "ledger.sqlite3", create=False)
+    await staff.open()
+    try:
+        deadline = time.monotonic() + 5
+        while not await staff.expire_reservations(now=time.time(), ttl_s=0):
+            assert time.monotonic() < deadline, "the launch reserved nothing"
+            await asyncio.sleep(0.05)
+        [decision] = gw.decisions()
+        await staff.give_back(decision["decision_id"], now=time.time(), note="checked")
+        assert (await gw.license("lic-away")).used == 0
+    finally:
+        await staff.close()
+    status, _, _ = await launch
+    assert status == 201
+    state = await gw.license("lic-away")
+    assert (state.used, state.reserved) == (8, 0)
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert completed["settlement"] == "used"
+    status, problem, _ = await gw.launch(token=token)
+    assert (status, problem["reason"]) == (403, "license_exhausted")
 
 
 @pytest.mark.parametrize(("ttl", "warned"), [(5, True), (60, False)])

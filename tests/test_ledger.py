@@ -25,6 +25,7 @@ import structlog
 
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import (
+    COUNTED_AGAIN,
     IdempotencyKey,
     Ledger,
     LicenseState,
@@ -43,7 +44,7 @@ from launchgate.sqliteledger import SqliteLedger
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 90 * 86400
 POSTGRES_DSN_VAR = "LAUNCHGATE_TEST_POSTGRES_DSN"
-SQLITE_SCHEMA_VERSION = 3
+SQLITE_SCHEMA_VERSION = 4
 
 
 @contextlib.asynccontextmanager
@@ -495,6 +496,74 @@ async def test_give_back_twice_is_refused(ledger: Ledger) -> None:
     state = await ledger.license("lic-42")
     assert state is not None
     assert state.used == 0
+
+
+@pytest.mark.parametrize(("settle", "state"), [("commit", "used"), ("settle_unknown", None)])
+async def test_a_launch_that_answers_after_its_give_back_is_counted_again(
+    ledger: Ledger, settle: str, state: str | None
+) -> None:
+    """Found by QA: staff gave back a launch still under way (swept as unknown early, by a CLI
+    with a shorter reservation_ttl_s), and its 2xx then counted nothing: the license launched
+    twice its quantity. A 2xx, or no answer, after a give-back counts it as used again."""
+    await reserve(ledger, "d1", 16)
+    await ledger.settle_unknown("d1", T0 + 1, "still reserved after 3 s")
+    await ledger.give_back("d1", now=T0 + 2, note="checked: nothing launched")
+    assert await counters(ledger) == (0, 0)
+
+    assert await _settle(ledger, settle, "d1") is True
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None
+    assert reservation.state == (state or "settled_unknown")
+    assert reservation.note is not None and reservation.note.endswith(COUNTED_AGAIN)
+    assert await counters(ledger) == (16, 0)
+    # Once: a second settlement finds it counted
+    assert await _settle(ledger, settle, "d1") is False
+    assert await counters(ledger) == (16, 0)
+
+
+async def test_a_failed_launch_after_its_give_back_stays_given_back(ledger: Ledger) -> None:
+    await reserve(ledger, "d1", 16)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    await ledger.give_back("d1", now=T0 + 2, note=None)
+    assert await ledger.release("d1", T0 + 3) is False
+    assert await counters(ledger) == (0, 0)
+
+
+async def test_settlements_in_one_batch_count_a_given_back_launch_again(ledger: Ledger) -> None:
+    """As above, with the settlements that queue up together (one statement on PostgreSQL)."""
+    for n in range(1, 6):
+        await reserve(ledger, f"d{n}", 8)
+    for n in (1, 2):
+        await ledger.settle_unknown(f"d{n}", T0 + 1, "timeout")
+        await ledger.give_back(f"d{n}", now=T0 + 2, note=None)
+    moved = await asyncio.gather(
+        ledger.commit("d1", T0 + 3),
+        ledger.release("d2", T0 + 3),
+        ledger.commit("d3", T0 + 3),
+        ledger.release("d4", T0 + 3),
+        ledger.settle_unknown("d5", T0 + 3, "timeout"),
+    )
+    assert list(moved) == [True, False, True, True, True]
+    assert await counters(ledger) == (24, 0)
+
+
+async def test_a_retry_s_2xx_after_a_give_back_counts_it_again(ledger: Ledger) -> None:
+    """Found by QA: a retry counted on a reservation settled as unknown (REPLAYED) was under way
+    when staff gave that reservation back; its 2xx confirmed nothing, and the launch went
+    uncounted. Confirmed, it is counted as used again."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    retry = await reserve_keyed(ledger, "d2", 8, now=T0 + 2)
+    assert (retry.outcome, retry.replay_of) == (ReserveOutcome.REPLAYED, "d1")
+    await ledger.give_back("d1", now=T0 + 3, note="checked: nothing launched")
+    assert await counters(ledger) == (0, 0)
+
+    assert await ledger.confirm("d1", now=T0 + 4, note="confirmed by retry d2") is True
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None and reservation.state == "used"
+    assert await counters(ledger) == (8, 0)
+    assert await ledger.confirm("d1", now=T0 + 5, note="confirmed by retry d3") is False
+    assert await counters(ledger) == (8, 0)
 
 
 async def test_give_back_of_an_unknown_decision_raises_lookup_error(ledger: Ledger) -> None:

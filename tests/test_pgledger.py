@@ -422,7 +422,12 @@ async def test_settlements_asked_together_are_one_batch(url: str, sent: list[str
             store.commit("nobody", T0 + 1),
         )
         assert settled == [True, True, True, True, False, False, False]
-        assert sent == ["SELECT launchgate_settle_batch", "WITH async_commit AS MATERIALIZED"]
+        # (A commit that moved nothing is asked whether it was given back: "nobody")
+        assert sent == [
+            "SELECT launchgate_settle_batch",
+            "WITH counted AS",
+            "WITH async_commit AS MATERIALIZED",
+        ]
         a, b = await store.license("lic-a"), await store.license("lic-b")
         assert a is not None and b is not None
         assert (a.used, a.reserved) == (8, 0)
@@ -1713,3 +1718,35 @@ async def test_close_lets_no_kept_connection_outlive_it(url: str) -> None:
     assert (await late).outcome is ReserveOutcome.RESERVED
     assert store._reserving.idle and store._settling.idle
     assert store._reserving._idle is None and store._settling._idle is None
+
+
+async def test_a_session_gone_quiet_in_its_transaction_lets_its_license_go(url: str) -> None:
+    """Found by QA: a replica lost mid-transaction (its sweeper had updated a license row, then
+    the network parted) kept the row locked until the server noticed the dead connection, hours
+    by TCP's defaults; every replica's launches under that license got 503 meanwhile. The
+    server ends a ledger session idle in its transaction after 4 statement timeouts (2 s at
+    least), and the license is free again."""
+    lost = PostgresLedger(url, timeout_s=0.5)
+    healthy = PostgresLedger(url, timeout_s=0.5, retry_interval_s=0.1)
+    async with open_stores(lost, healthy):
+        await reserve(healthy, "a0", 1)
+        conn = await lost._pool.acquire()  # a session of the lost replica's pool
+        try:
+            assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "2s"
+            transaction = conn.transaction()
+            await transaction.start()
+            await hold_row(conn)  # ... then nothing more: its host is gone
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await reserve(healthy, "a1", 1)  # the row is held
+            while True:
+                try:
+                    await reserve(healthy, "a2", 1)
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() - started < 6, "the license stayed held"
+                    await asyncio.sleep(0.2)
+            assert 1.5 < time.monotonic() - started < 6
+        finally:  # (the server has ended the session: the pool may have let it go already)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await lost._pool.release(conn)

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Final, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
 from launchgate.errors import ConfigError, StoreUnavailable
@@ -191,8 +191,9 @@ class Ledger(Protocol):
         """
 
     def commit(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
-        """Reserved -> used (the upstream answered 2xx). No-op unless still reserved. Each of
-        the three settlements answers whether it settled (False: no longer reserved)."""
+        """Reserved -> used (the upstream answered 2xx). No-op unless still reserved, or given
+        back (``give_back``; then counted as used again, ``COUNTED_AGAIN``). Each of the three
+        settlements answers whether it settled (False: no longer reserved)."""
 
     def release(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
         """Reserved -> released (the upstream failed or was not reached). No-op unless reserved."""
@@ -200,11 +201,13 @@ class Ledger(Protocol):
     def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
     ) -> Awaitable[bool]:
-        """Reserved -> settled_unknown, counted as used. No-op unless still reserved."""
+        """Reserved -> settled_unknown, counted as used. No-op unless still reserved, or given
+        back (as ``commit``)."""
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         """Settled_unknown -> used (a retry of the launch got a 2xx: it was spent), ``note``
-        appended. Counters do not change; False, and a no-op, in any other state."""
+        appended; counters do not change. Given back meanwhile (``give_back``): used, counted
+        again (``COUNTED_AGAIN``). False, and a no-op, in any other state."""
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         """Settle as unknown every reservation still reserved and older than ``ttl_s``;
@@ -351,6 +354,16 @@ def _check_reserve(amount: int, idempotency_key: str | None, fingerprint: str | 
 def _decision_taken(decision_id: str) -> ValueError:
     """The error ``reserve`` raises for a decision id that already has a reservation."""
     return ValueError(f"decision {decision_id} already has a reservation")
+
+
+# The note of a reservation given back (``give_back``) whose launch then answered 2xx, or went
+# unanswered, after all: counted as used again. Staff give back what they found did not launch;
+# a launch still under way, or a retry of it counted on the reservation (REPLAYED), can answer
+# later (found by QA: a release while the retry was in flight, or once a CLI with a shorter
+# reservation_ttl_s had settled a launch still in flight, and the 2xx that followed counted
+# nothing; the license launched twice its quantity). The ledger keeps when it was given back
+# (given_back_at): a reservation its own gateway released stays released whatever follows.
+COUNTED_AGAIN: Final = "counted again: the upstream answered after it was given back"
 
 
 def _check_give_back(decision_id: str, state: str | None) -> None:

@@ -57,6 +57,7 @@ from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
     _RESERVATION_COLUMNS,
+    COUNTED_AGAIN,
     IdempotencyKey,
     LicenseState,
     Reservation,
@@ -616,6 +617,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             " ON launchgate_idempotency_keys (decision_id)",
         ),
     ),
+    (
+        10,
+        (
+            # When staff gave the reservation back (give_back): a settlement that finds it so
+            # counts it again (_COUNT_AGAIN), where one released by its own gateway stays.
+            "ALTER TABLE launchgate_reservations ADD COLUMN given_back_at double precision",
+        ),
+    ),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
@@ -650,6 +659,20 @@ _SETTLE = """
         used = l.used + CASE WHEN $2 = 'released' THEN 0 ELSE settled.amount END
     FROM settled, async_commit WHERE l.jti = settled.jti
 """
+# A settlement to used or settled_unknown that found its reservation given back (``give_back``):
+# counted as used again (``COUNTED_AGAIN``). Rare, so a statement of its own after _SETTLE or
+# the batch, committed synchronously: losing it in a crash would under-count.
+_COUNT_AGAIN = """
+    WITH counted AS (
+        UPDATE launchgate_reservations
+        SET state = $2, settled_at = $3, note = concat_ws('; ', note, $4::text)
+        WHERE decision_id = $1 AND state = 'released' AND given_back_at IS NOT NULL
+        RETURNING jti, amount
+    )
+    UPDATE launchgate_licenses AS l SET used = l.used + counted.amount
+    FROM counted WHERE l.jti = counted.jti
+    RETURNING counted.jti, counted.amount
+"""
 # _RESERVE and _SETTLE for several calls at once (migration 5, group commit: see _Queue).
 _RESERVE_BATCH = (
     "CALL launchgate_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9,"
@@ -671,6 +694,10 @@ _LEASE_IDLE_S = 10.0
 # connection failure, which marks the whole store down for the retry interval: every launch of
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
+# The server ends a ledger session idle inside a transaction for this many statement timeouts
+# (idle_in_transaction_session_timeout), and for no less than the minimum: see _connect.
+_IDLE_IN_TRANSACTION_SHARE = 4
+_IDLE_IN_TRANSACTION_MIN_S = 2.0
 # A license row found held no longer refuses calls once none has found it so for this long
 # (_HeldRows; while it stays held and calls come, a lone call finds it so every lock timeout).
 _HELD_FORGET_S = 2.0
@@ -767,6 +794,13 @@ _CONNECTION_ERRORS = (
 )
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _idle_in_transaction(timeout_s: float) -> str:
+    """How long a ledger session may sit idle inside a transaction (a setting's value):
+    ``_IDLE_IN_TRANSACTION_SHARE`` statement timeouts, at least ``_IDLE_IN_TRANSACTION_MIN_S``."""
+    seconds = max(_IDLE_IN_TRANSACTION_MIN_S, timeout_s * _IDLE_IN_TRANSACTION_SHARE)
+    return f"{round(seconds * 1000)}ms"
 
 
 def _split_url(url: str) -> tuple[str, str | None]:
@@ -1437,7 +1471,31 @@ class PostgresLedger:
             return
         for call in batch:  # settled (or found settled already): forget its license
             self._rows.settled(call.decision_id)
+        unmoved = [c for c in batch if c.decision_id not in moved and c.args[1] != "released"]
+        if unmoved:
+            try:
+                moved |= await self._count_again(unmoved)
+            except StoreUnavailable as e:
+                log.error("store.count_again_failed", error=str(e))
         await self._answer(batch, [call.decision_id in moved for call in batch])
+
+    async def _count_again(self, calls: list[_Call[bool]]) -> set[str]:
+        """``_COUNT_AGAIN`` for each settlement to used or settled_unknown that moved nothing;
+        the decision ids counted again."""
+        counted = set()
+        async with self._connection() as conn:
+            for call in calls:
+                decision_id, state, now, _ = call.args
+                row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
+                if row is not None:
+                    log.error(
+                        "reservation.counted_again",
+                        decision_id=decision_id,
+                        jti=row["jti"],
+                        amount=row["amount"],
+                    )
+                    counted.add(decision_id)
+        return counted
 
     async def _again_alone(
         self,
@@ -1516,7 +1574,18 @@ class PostgresLedger:
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         async with self._connection() as conn:
-            return await conn.fetchval(_CONFIRM, decision_id, now, note) is not None
+            if await conn.fetchval(_CONFIRM, decision_id, now, note) is not None:
+                return True
+            row = await conn.fetchrow(_COUNT_AGAIN, decision_id, "used", now, COUNTED_AGAIN)
+        if row is None:
+            return False
+        log.error(
+            "reservation.counted_again",
+            decision_id=decision_id,
+            jti=row["jti"],
+            amount=row["amount"],
+        )
+        return True
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         """Each license's expired reservations in a transaction of its own: a license row held
@@ -1560,7 +1629,7 @@ class PostgresLedger:
             reservation = _reservation(
                 await conn.fetchrow(
                     "UPDATE launchgate_reservations SET state = 'released', settled_at = $2,"  # noqa: S608 - constant column list
-                    " note = COALESCE($3, note) WHERE decision_id = $1"
+                    " given_back_at = $2, note = COALESCE($3, note) WHERE decision_id = $1"
                     f" RETURNING {_RESERVATION_COLUMNS}",
                     decision_id,
                     now,
@@ -1755,6 +1824,13 @@ class PostgresLedger:
                 # review). The ledger's statements are all short; none gains from JIT.
                 "jit": "off",
                 "lock_timeout": f"{max(1, round(self._timeout_s * _LOCK_WAIT_SHARE * 1000))}ms",
+                # A transaction of several statements (the sweeper's, give_back's, abandon's)
+                # whose client is gone mid-way (its host lost, a network partition) would keep
+                # its license row locked until the server noticed the dead connection: hours, by
+                # TCP's defaults, while every replica's launches under that license got 503
+                # (found by QA). The server ends such a session once idle in its transaction
+                # for this long: none of ours waits between its statements.
+                "idle_in_transaction_session_timeout": _idle_in_transaction(self._timeout_s),
             }
             if self._schema is not None:
                 settings["search_path"] = self._schema

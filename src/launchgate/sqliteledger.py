@@ -28,6 +28,7 @@ from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
     _RESERVATION_COLUMNS,
+    COUNTED_AGAIN,
     IdempotencyKey,
     LicenseState,
     Reservation,
@@ -106,6 +107,14 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # The keys bound to a reservation, for abandon's question whether one is (it read
             # the whole table, which holds a row for every keyed launch ever made).
             "CREATE INDEX idempotency_keys_by_decision ON idempotency_keys (decision_id)",
+        ),
+    ),
+    (
+        4,
+        (
+            # When staff gave the reservation back (give_back): a settlement that finds it so
+            # counts it again (COUNTED_AGAIN), where one released by its own gateway stays.
+            "ALTER TABLE reservations ADD COLUMN given_back_at REAL",
         ),
     ),
 )
@@ -269,13 +278,32 @@ def _settle(
         (to, now, note, decision_id),
     ).fetchall()
     if not rows:
-        return False
+        return to != "released" and _count_again(conn, decision_id, to, now)
     [(jti, amount)] = rows
     used_delta = 0 if to == "released" else amount
     conn.execute(
         "UPDATE licenses SET reserved = reserved - ?, used = used + ? WHERE jti = ?",
         (amount, used_delta, jti),
     )
+    return True
+
+
+def _count_again(
+    conn: sqlite3.Connection, decision_id: str, to: ReservationState, now: float
+) -> bool:
+    """A launch that answered 2xx (``to`` used) or went unanswered (settled_unknown) after its
+    reservation was given back (see ``COUNTED_AGAIN``): counted as used again. Whether it was."""
+    rows = conn.execute(
+        "UPDATE reservations SET state = ?, settled_at = ?, note = COALESCE(note || '; ', '') || ?"
+        " WHERE decision_id = ? AND state = 'released' AND given_back_at IS NOT NULL"
+        " RETURNING jti, amount",
+        (to, now, COUNTED_AGAIN, decision_id),
+    ).fetchall()
+    if not rows:
+        return False
+    [(jti, amount)] = rows
+    conn.execute("UPDATE licenses SET used = used + ? WHERE jti = ?", (amount, jti))
+    log.error("reservation.counted_again", decision_id=decision_id, jti=jti, amount=amount)
     return True
 
 
@@ -287,7 +315,7 @@ def _confirm(conn: sqlite3.Connection, decision_id: str, now: float, note: str) 
         " WHERE decision_id = ? AND state = 'settled_unknown'",
         (now, note, decision_id),
     )
-    return cursor.rowcount == 1
+    return cursor.rowcount == 1 or _count_again(conn, decision_id, "used", now)
 
 
 def _expire(conn: sqlite3.Connection, now: float, ttl_s: float) -> list[str]:
@@ -322,9 +350,9 @@ def _give_back(
     ).fetchone()
     _check_give_back(decision_id, None if row is None else row[0])
     [updated] = conn.execute(
-        "UPDATE reservations SET state = 'released', settled_at = ?,"  # noqa: S608 - constant column list
+        "UPDATE reservations SET state = 'released', settled_at = ?, given_back_at = ?,"  # noqa: S608 - constant column list
         f" note = COALESCE(?, note) WHERE decision_id = ? RETURNING {_RESERVATION_COLUMNS}",
-        (now, note, decision_id),
+        (now, now, note, decision_id),
     ).fetchall()
     reservation = _reservation(updated)
     conn.execute(
