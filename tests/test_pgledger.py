@@ -1750,3 +1750,25 @@ async def test_a_session_gone_quiet_in_its_transaction_lets_its_license_go(url: 
         finally:  # (the server has ended the session: the pool may have let it go already)
             with contextlib.suppress(asyncpg.InterfaceError):
                 await lost._pool.release(conn)
+
+
+async def test_replicas_whose_clocks_disagree_keep_time_by_the_database_s(url: str) -> None:
+    """Found by QA: a replica whose clock ran 400 s ahead swept another's launch 0.5 s after it
+    was reserved ("still reserved after 300 s"), so its upstream's 500 released nothing. Each
+    ledger measures the database server's clock, and keeps and compares every time on it; a
+    skew within a second is left alone."""
+    ahead = PostgresLedger(url, clock=lambda: time.time() + 400)
+    on_time = PostgresLedger(url)
+    async with open_stores(ahead, on_time):
+        assert ahead.store_time(1000.0) == pytest.approx(600.0, abs=0.5)
+        assert on_time.store_time(1000.0) == 1000.0
+        await reserve(on_time, "d1", 8, now=time.time())
+        # The replica ahead sweeps with its own clock's now, as its gateway does
+        assert await ahead.expire_reservations(now=time.time() + 400, ttl_s=300) == []
+        assert await on_time.release("d1", time.time()) is True
+        await reserve(ahead, "d2", 8, now=time.time() + 400)
+        reservation = await on_time.reservation("d2")
+        assert reservation is not None
+        assert reservation.created_at == pytest.approx(time.time(), abs=5)
+        assert await on_time.expire_reservations(now=time.time(), ttl_s=300) == []
+        assert await on_time.expire_reservations(now=time.time() + 301, ttl_s=300) == ["d2"]

@@ -452,7 +452,9 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
             found = await ledger.reservation(args.decision)
             if found is None:
                 raise LookupError(args.decision)
-            if found.state == "reserved" and found.created_at >= now - ttl:
+            # (Its time on the store's clock, which the reservation's is on: a staff host's clock
+            # may differ from the database server's.)
+            if found.state == "reserved" and found.created_at >= ledger.store_time(now) - ttl:
                 raise ValueError(
                     f"reservation for decision {args.decision} is still open (made less than"
                     f" [store] reservation_ttl_s = {ttl:g} s ago): its launch may be under way"

@@ -209,6 +209,11 @@ class Ledger(Protocol):
         appended; counters do not change. Given back meanwhile (``give_back``): used, counted
         again (``COUNTED_AGAIN``). False, and a no-op, in any other state."""
 
+    def store_time(self, now: float) -> float:
+        """``now``, a time of this host's clock, on the clock the store's times are kept in
+        (every ``now`` given to the ledger is taken so): the database server's for a store
+        several hosts share, this host's for one only it uses."""
+
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         """Settle as unknown every reservation still reserved and older than ``ttl_s``;
         return their decision ids."""

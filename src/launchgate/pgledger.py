@@ -694,6 +694,9 @@ _LEASE_IDLE_S = 10.0
 # connection failure, which marks the whole store down for the retry interval: every launch of
 # every license would fail for one held row.
 _LOCK_WAIT_SHARE = 0.25
+# A difference between this host's clock and the database's that store_time leaves alone: well
+# under any reservation_ttl_s, and within what two NTP-synchronized hosts can differ by.
+_CLOCK_SKEW_IGNORED_S = 1.0
 # The server ends a ledger session idle inside a transaction for this many statement timeouts
 # (idle_in_transaction_session_timeout), and for no less than the minimum: see _connect.
 _IDLE_IN_TRANSACTION_SHARE = 4
@@ -1147,7 +1150,9 @@ class PostgresLedger:
         retry_interval_s: float = 0.5,
         min_size: int = 1,
         max_size: int = 10,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: this host's, for measuring how far the database's is from it."""
         self._dsn, self._schema = _split_url(url)
         self._name = _redact(url)
         self._timeout_s = timeout_s
@@ -1168,6 +1173,8 @@ class PostgresLedger:
         self._settling = _Queue[bool](self._settle_queued, self._name)
         self._rows = _HeldRows()
         self._probes: set[asyncio.Future[None]] = set()  # lone calls under held rows
+        self._clock = clock
+        self._skew = 0.0  # the database's clock minus this host's, when it matters (store_time)
 
     @property
     def name(self) -> str:
@@ -1235,6 +1242,30 @@ class PostgresLedger:
     def group_thens(self, group: ThenGroup) -> None:
         self._then_group = group
 
+    def store_time(self, now: float) -> float:
+        """``now`` (a time of this host's clock) on the database server's clock, the one every
+        replica's times are stored and compared in: replicas whose clocks disagree would
+        otherwise settle each other's launches under way as used, ``reservation_ttl_s`` early
+        or late (found by QA: a replica 400 s ahead swept a launch 0.5 s old; its upstream's
+        500 then released nothing). A skew within ``_CLOCK_SKEW_IGNORED_S`` is left alone."""
+        return now + self._skew
+
+    async def _measure_clock(self, conn: Any) -> None:
+        """How far the database's clock is from this host's, measured on ``conn``: at start,
+        then at each sweep."""
+        before = self._clock()
+        at_server = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+        skew = at_server - (before + self._clock()) / 2
+        skew = round(skew, 3) if abs(skew) > _CLOCK_SKEW_IGNORED_S else 0.0
+        if skew != self._skew:
+            log.warning(
+                "store.clock_skew",
+                store=self._name,
+                skew_s=skew,
+                ignored_within_s=_CLOCK_SKEW_IGNORED_S,
+            )
+        self._skew = skew
+
     async def migrate(self) -> int:
         """Apply pending migrations (safe from several replicas at once); return the version.
 
@@ -1270,7 +1301,7 @@ class PostgresLedger:
             expires,
             amount,
             decision_id,
-            now,
+            self.store_time(now),
             idempotency_key,
             fingerprint,
         )
@@ -1279,17 +1310,21 @@ class PostgresLedger:
     def commit(
         self, decision_id: str, now: float, then: Then | None = None
     ) -> asyncio.Future[bool]:
-        return self._settle(decision_id, (decision_id, "used", now, None), then)
+        return self._settle(decision_id, (decision_id, "used", self.store_time(now), None), then)
 
     def release(
         self, decision_id: str, now: float, then: Then | None = None
     ) -> asyncio.Future[bool]:
-        return self._settle(decision_id, (decision_id, "released", now, None), then)
+        return self._settle(
+            decision_id, (decision_id, "released", self.store_time(now), None), then
+        )
 
     def settle_unknown(
         self, decision_id: str, now: float, note: str, then: Then | None = None
     ) -> asyncio.Future[bool]:
-        return self._settle(decision_id, (decision_id, "settled_unknown", now, note), then)
+        return self._settle(
+            decision_id, (decision_id, "settled_unknown", self.store_time(now), note), then
+        )
 
     def _settle(
         self, decision_id: str, args: tuple[Any, ...], then: Then | None
@@ -1573,6 +1608,7 @@ class PostgresLedger:
                     log.exception("ledger.then_failed")
 
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
+        now = self.store_time(now)
         async with self._connection() as conn:
             if await conn.fetchval(_CONFIRM, decision_id, now, note) is not None:
                 return True
@@ -1596,6 +1632,8 @@ class PostgresLedger:
         swept: list[Any] = []
         held: list[str] = []
         async with self._connection() as conn:
+            await self._measure_clock(conn)  # (the sweep runs every few seconds)
+            now = self.store_time(now)
             for (jti,) in await conn.fetch(_EXPIRED_LICENSES, now - ttl_s):
                 try:
                     async with conn.transaction():
@@ -1616,10 +1654,12 @@ class PostgresLedger:
     # -- staff operations --
 
     async def revoke(self, jti: str, *, reason: str | None, now: float) -> bool:
+        now = self.store_time(now)
         async with self._connection() as conn:
             return await conn.fetchval(_REVOKE, jti, reason, now) is not None
 
     async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
+        now = self.store_time(now)
         async with self._connection() as conn, conn.transaction():
             state = await conn.fetchval(
                 "SELECT state FROM launchgate_reservations WHERE decision_id = $1 FOR UPDATE",
@@ -1644,6 +1684,7 @@ class PostgresLedger:
         return reservation
 
     async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
+        now = self.store_time(now)
         # Committed synchronously: a placeholder lost in a crash would let a late reservation in.
         # Statement by statement (READ COMMITTED), each seeing what committed before it: the
         # placeholder's insert waits for a reservation under the same id still in flight, and
@@ -1846,6 +1887,7 @@ class PostgresLedger:
             try:
                 async with pool.acquire(timeout=self._timeout_s) as conn:
                     await self._migrate(conn)
+                    await self._measure_clock(conn)
                 if self._closed:
                     raise StoreUnavailable(f"ledger {self._name} is closed")
             except BaseException:

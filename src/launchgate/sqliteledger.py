@@ -640,6 +640,9 @@ class SqliteLedger:
     async def confirm(self, decision_id: str, now: float, note: str) -> bool:
         return await self._call(lambda conn: _confirm(conn, decision_id, now, note))
 
+    def store_time(self, now: float) -> float:
+        return now  # (one host's file: its clock)
+
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         return await self._call(lambda conn: _expire(conn, now, ttl_s))
 
