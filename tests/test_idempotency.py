@@ -338,6 +338,9 @@ async def test_ec2_client_token_is_the_key_without_a_header(
     first, retry = gw.decisions()
     assert retry["replay_of"] == first["decision_id"]
     assert await used_and_reserved(gw) == (8, 0)
+    # ... and launched once: the retry went on to an API that deduplicates it (the stub does)
+    async with gw.session.get(f"{gw.stub_url}/v1/instances") as r:
+        assert len((await r.json())["instances"]) == 1
     status, text = await ec2_call(gw, RUN.replace("MaxCount=1", "MaxCount=2"), token)
     assert status == 409
     assert '"idempotency_conflict"' in text

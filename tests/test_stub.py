@@ -342,6 +342,7 @@ async def test_run_stub_prints_its_port_and_stops_on_signal(signum: signal.Signa
 # --- the providers' own launch APIs (reference launch_apis.md §1-§4) -------------------------
 
 _EC2_FORM = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 
 
 def _parse_xml(data: bytes) -> ElementTree.Element:
@@ -369,6 +370,42 @@ async def test_ec2_run_instances_answers_run_instances_response_xml(client: Clie
     listed = (await (await client.get("/v1/instances")).json())["instances"]
     assert [i["id"] for i in listed] == ids
     assert listed[0]["region"] == "us-east-1"
+
+
+async def test_ec2_run_instances_repeated_with_its_client_token_launches_once(
+    client: Client,
+) -> None:
+    """EC2's idempotency: a RunInstances repeated with its ClientToken launches nothing more
+    and answers the first reservation again (found by QA: the stub launched every repeat, so a
+    test could not tell what the provider would have launched). Without one, each launches."""
+    body = "Action=RunInstances&InstanceType=p5.48xlarge&MinCount=1&MaxCount=2"
+    answers = []
+    for extra in ("&ClientToken=ct-1", "&ClientToken=ct-1", "&ClientToken=ct-2", "", ""):
+        response = await client.post("/", data=body + extra, headers=_EC2_FORM)
+        assert response.status == 200
+        answers.append(_parse_xml(await response.read()).findtext(f"{{{_NS}}}reservationId"))
+    assert answers[0] == answers[1]
+    assert len(set(answers)) == 4
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert len(listed) == 8  # ct-1 once, ct-2, and the two without a token
+    await client.post("/_stub/reset")
+    response = await client.post("/", data=body + "&ClientToken=ct-1", headers=_EC2_FORM)
+    assert _parse_xml(await response.read()).findtext(f"{{{_NS}}}reservationId") != answers[0]
+
+
+async def test_gce_launch_repeated_with_its_request_id_launches_once(client: Client) -> None:
+    """Compute Engine's idempotency: a launch repeated with its requestId answers the first
+    operation again and launches nothing more."""
+    path = "/compute/v1/projects/p/zones/us-central1-a/instances/bulkInsert"
+    body = {"count": 2, "instanceProperties": {"machineType": "a3-highgpu-8g"}}
+    ids = []
+    for query in ("?requestId=r-1", "?requestId=r-1", "?requestId=r-2", ""):
+        response = await client.post(path + query, json=body)
+        assert response.status == 200
+        ids.append((await response.json())["id"])
+    assert ids[0] == ids[1] and len(set(ids)) == 3
+    listed = (await (await client.get("/v1/instances")).json())["instances"]
+    assert len(listed) == 6
 
 
 @pytest.mark.parametrize(

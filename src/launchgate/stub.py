@@ -21,10 +21,13 @@ Routes:
   (reference launch_apis.md), at any path prefix:
 
   - EC2 Query (GET or POST, any path, an ``Action`` parameter): 200 ``text/xml``
-    ``<{Action}Response>``; ``RunInstances`` lists ``MaxCount`` instances;
+    ``<{Action}Response>``; ``RunInstances`` lists ``MaxCount`` instances, and a repeat of
+    one with its ``ClientToken`` launches nothing and answers as the first did (EC2's
+    idempotency);
   - Compute Engine (POST ``…/projects/{p}/zones/{z}/instances``, ``…/bulkInsert``,
     ``…/instances/{i}/setMachineType|setMachineResources``, ``…/instanceTemplates``):
-    200 ``compute#operation``;
+    200 ``compute#operation``; a repeat of a launch with its ``requestId`` launches
+    nothing and answers the first one's operation (Compute Engine's idempotency);
   - Azure Resource Manager (PUT/PATCH ``…/providers/Microsoft.Compute/virtualMachines/{vm}``
     or ``…/virtualMachineScaleSets/{name}``): the resource echoed with ``id`` and
     ``provisioningState``, 201 for PUT, 200 for PATCH;
@@ -47,7 +50,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
@@ -132,6 +135,11 @@ class StubState:
     requests: deque[RecordedRequest]
     instances: deque[Instance]
     failure: FailureMode | None = None
+    # A launch's answer by its client token (EC2's ClientToken, Compute Engine's requestId), as
+    # the provider keeps it: a repeat launches nothing and gets the first answer again. The
+    # gateway sends a retry of a launch it counted on to an upstream that deduplicates (found
+    # by QA: the stub launched each repeat, so "launched <= licensed" could not be checked).
+    answers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def keeping(cls, keep_last: int | None) -> StubState:
@@ -141,6 +149,18 @@ class StubState:
         self.requests.clear()
         self.instances.clear()
         self.failure = None
+        self.answers.clear()
+
+    def answer_once(self, token: str | None, answer: Callable[[], str]) -> str:
+        """``answer()``, or, for a ``token`` seen before, what it gave then (the oldest
+        forgotten past ``_MAX_ANSWERS``)."""
+        if token is None:
+            return answer()
+        if token not in self.answers:
+            if len(self.answers) >= _MAX_ANSWERS:
+                del self.answers[next(iter(self.answers))]
+            self.answers[token] = answer()
+        return self.answers[token]
 
     def take_failure(self) -> FailureMode | None:
         """The failure mode for one request, counting it against ``times``."""
@@ -153,6 +173,7 @@ class StubState:
         return failure
 
 
+_MAX_ANSWERS: Final = 100_000
 STUB_STATE_KEY: Final = web.AppKey("stub_state", StubState)
 
 
@@ -438,7 +459,10 @@ def _ec2(request: web.Request) -> web.Response | None:
             f"<RequestID>{request_id}</RequestID></Response>",
             status=400,
         )
-    inner = _ec2_body(request, action, params)
+    token = params.get("ClientToken") if action == "RunInstances" else None
+    inner = request.app[STUB_STATE_KEY].answer_once(
+        None if token is None else f"ec2:{token}", lambda: _ec2_body(request, action, params)
+    )
     return _xml(
         f'<{action}Response xmlns="{_EC2_XMLNS}">'
         f"<requestId>{request_id}</requestId>{inner}</{action}Response>"
@@ -466,6 +490,18 @@ def _gce(request: web.Request) -> web.Response | None:
         # and regionInstanceTemplates (found in review: the stub launched on such a path).
         return None
     body = _json_object(request)
+    request_id = request.query.get("requestId")
+    key = None if request_id is None else f"gce:{request.path}:{request_id}"
+    text = request.app[STUB_STATE_KEY].answer_once(
+        key, lambda: json.dumps(_gce_launch(request, parts, body))
+    )
+    return web.Response(text=text, content_type="application/json")
+
+
+def _gce_launch(
+    request: web.Request, parts: dict[str, Any], body: dict[str, Any]
+) -> dict[str, Any]:
+    """Launch what a Compute Engine call asks for; its operation."""
     base = f"https://compute.googleapis.com{parts['base']}/projects/{parts['project']}"
     scope = f"{parts['scope']}/{parts['location']}" if parts["scope"] else "global"
     if parts["template"] or parts["regional_template"]:
@@ -503,7 +539,7 @@ def _gce(request: web.Request) -> web.Response | None:
     }
     if parts["scope"]:
         operation[parts["scope"][:-1]] = f"{base}/{scope}"
-    return web.json_response(operation)
+    return operation
 
 
 def _arm(request: web.Request) -> web.Response | None:
