@@ -1389,6 +1389,27 @@ async def test_the_sweeper_follows_a_reloaded_reservation_ttl(
     assert reservation is not None and reservation.state == "settled_unknown"
 
 
+async def test_a_launch_answering_2xx_after_the_sweeper_is_used_and_cannot_be_given_back(
+    start_gateway: StartGateway, make_token: MakeToken
+) -> None:
+    """Found by QA: a launch that answered 201 after the sweeper had settled it as unknown stayed
+    so ("settled_elsewhere"); staff gave it back, and the license launched twice its quantity.
+    The 201 makes it used, and its completion record says so."""
+    with structlog.testing.capture_logs():  # (a TTL this short is warned about)
+        gw = await start_gateway(store={"reservation_ttl_s": 1})
+    await gw.stub_fail(delay_s=2.0, times=1)
+    status, _, headers = await gw.launch(token=make_token(jti="lic-late", max_accelerators=8))
+    assert status == 201
+    [completed] = [r for r in gw.records() if r["event"] == "launch.completed"]
+    assert (completed["upstream_status"], completed["settlement"]) == (201, "used")
+    decision_id = headers["Launchgate-Decision-Id"]
+    reservation = await gw.gateway.ledger.reservation(decision_id)
+    assert reservation is not None and reservation.state == "used"
+    with pytest.raises(ValueError, match="'used'"):
+        await gw.gateway.ledger.give_back(decision_id, now=time.time(), note=None)
+    assert (await gw.license("lic-late")).used == 8
+
+
 async def test_a_completion_record_says_when_the_sweeper_settled_the_launch_first(
     start_gateway: StartGateway, make_token: MakeToken
 ) -> None:

@@ -25,6 +25,7 @@ import structlog
 
 from launchgate.errors import ConfigError, StoreUnavailable
 from launchgate.ledger import (
+    ANSWERED_LATE,
     COUNTED_AGAIN,
     IdempotencyKey,
     Ledger,
@@ -376,12 +377,21 @@ async def test_settlement_moves_the_reservation(
         assert reservation.note == "upstream timed out"
 
 
-@pytest.mark.parametrize("first", ["commit", "release", "settle_unknown"])
-@pytest.mark.parametrize("then", ["commit", "release", "settle_unknown"])
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (first, then)
+        for first in ("commit", "release", "settle_unknown")
+        for then in ("commit", "release", "settle_unknown")
+        # (a 2xx confirms a reservation settled as unknown: see the test below)
+        if (first, then) != ("settle_unknown", "commit")
+    ],
+)
 async def test_a_settled_reservation_is_never_settled_again(
     ledger: Ledger, first: str, then: str
 ) -> None:
-    """Only a 'reserved' reservation moves: a second settlement of any kind is a no-op."""
+    """Only a 'reserved' reservation moves: a second settlement of any kind is a no-op (but a
+    2xx after the sweeper's settlement, below)."""
     await reserve(ledger, "d1", 16)
     assert await _settle(ledger, first, "d1") is True
     before = await ledger.license("lic-42")
@@ -390,6 +400,24 @@ async def test_a_settled_reservation_is_never_settled_again(
     reservation = await ledger.reservation("d1")
     assert reservation is not None
     assert reservation.state == SETTLED_STATE[first]
+
+
+async def test_a_2xx_after_the_sweeper_s_settlement_makes_it_used(ledger: Ledger) -> None:
+    """Found by QA: the sweeper settled a launch still under way as unknown (a short
+    reservation_ttl_s, or a store outage longer than it), its 2xx then left it so, and staff
+    could give it back: the license launched twice its quantity. The 2xx makes it used (the
+    counters stay: unknown counts as used), and used is not given back."""
+    await reserve(ledger, "d1", 16)
+    assert await ledger.expire_reservations(now=T0 + 400, ttl_s=300) == ["d1"]
+    assert await ledger.commit("d1", T0 + 401) is True
+    reservation = await ledger.reservation("d1")
+    assert reservation is not None and reservation.state == "used"
+    assert reservation.note is not None and reservation.note.endswith(ANSWERED_LATE)
+    assert await counters(ledger) == (16, 0)
+    with pytest.raises(ValueError, match="'used'"):
+        await ledger.give_back("d1", now=T0 + 500, note=None)
+    assert await ledger.commit("d1", T0 + 402) is False
+    assert await counters(ledger) == (16, 0)
 
 
 @pytest.mark.parametrize("how", ["commit", "release", "settle_unknown"])
@@ -429,7 +457,8 @@ async def test_expire_settles_old_reservations_as_used_and_keeps_young_ones(
 
 
 async def test_late_commit_after_expiry_does_not_double_count(ledger: Ledger) -> None:
-    """A gateway that answers after its reservation was expired does not count it twice."""
+    """A gateway that answers after its reservation was expired does not count it twice (it
+    is confirmed used: below)."""
     await reserve(ledger, "d1", 16)
     await ledger.expire_reservations(now=T0 + 1000, ttl_s=300)
     await ledger.commit("d1", T0 + 1001)
@@ -438,7 +467,7 @@ async def test_late_commit_after_expiry_does_not_double_count(ledger: Ledger) ->
     assert (state.used, state.reserved) == (16, 0)
     reservation = await ledger.reservation("d1")
     assert reservation is not None
-    assert reservation.state == "settled_unknown"
+    assert reservation.state == "used"
 
 
 # --- give back (licenses release) -----------------------------------------------------------

@@ -230,6 +230,28 @@ async def test_a_newer_schema_is_refused(url: str) -> None:
         await newer.close()
 
 
+async def test_a_replica_running_when_the_schema_is_migrated_past_it_refuses_it(
+    url: str,
+) -> None:
+    """Found by QA: a replica already running when a newer launchgate migrated the schema kept
+    serving on the old rules (one started after refuses at once). Its next sweep finds the
+    newer version, and from then on every call is StoreUnavailable (fail closed)."""
+    store = PostgresLedger(url)
+    async with open_stores(store), connect(url) as conn:
+        await reserve(store, "d1", 8, now=T0)
+        await conn.execute("UPDATE launchgate_schema_version SET version = 99")
+        await reserve(store, "d2", 8, now=T0)  # not known yet
+        with pytest.raises(StoreUnavailable, match="schema version 99"):
+            await store.expire_reservations(now=T0 + 1, ttl_s=300)
+        with pytest.raises(StoreUnavailable, match="schema version 99"):
+            await reserve(store, "d3", 8, now=T0)
+        with pytest.raises(StoreUnavailable, match="schema version 99"):
+            await store.commit("d1", T0 + 2)
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        await conn.execute("UPDATE launchgate_schema_version SET version = $1", SCHEMA_VERSION)
+
+
 async def test_data_survives_reopening(url: str) -> None:
     """A restarted gateway finds its ledger as it left it."""
     store = PostgresLedger(url)
@@ -422,9 +444,11 @@ async def test_settlements_asked_together_are_one_batch(url: str, sent: list[str
             store.commit("nobody", T0 + 1),
         )
         assert settled == [True, True, True, True, False, False, False]
-        # (A commit that moved nothing is asked whether it was given back: "nobody")
+        # (A commit that moved nothing is asked whether it was settled as unknown, then given
+        # back: "nobody")
         assert sent == [
             "SELECT launchgate_settle_batch",
+            "WITH async_commit AS MATERIALIZED",
             "WITH counted AS",
             "WITH async_commit AS MATERIALIZED",
         ]
@@ -1772,3 +1796,35 @@ async def test_replicas_whose_clocks_disagree_keep_time_by_the_database_s(url: s
         assert reservation.created_at == pytest.approx(time.time(), abs=5)
         assert await on_time.expire_reservations(now=time.time(), ttl_s=300) == []
         assert await on_time.expire_reservations(now=time.time() + 301, ttl_s=300) == ["d2"]
+
+
+async def test_a_sweep_settles_each_license_in_one_statement(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by QA: a sweep whose connection kept losing its COMMIT held the license row between
+    its two statements every time, and every replica's launches under it got 503 most of the
+    time. Each license's expired reservations and its counters are now one statement, outside
+    any transaction of the ledger's own: no lock waits on a round trip."""
+    store = PostgresLedger(url)
+    async with open_stores(store):
+        await reserve(store, "d1", 8)
+        await reserve(store, "d2", 4)
+        await reserve(store, "e1", 1, jti="lic-43")
+        statements: list[str] = []
+        real = asyncpg.Connection._do_execute
+
+        def seen(self: object, query: str, *args: object, **kwargs: object) -> object:
+            statements.append(" ".join(query.split())[:24])
+            return real(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, "_do_execute", seen)
+        swept = await store.expire_reservations(now=T0 + 400, ttl_s=300)
+        assert sorted(swept) == ["d1", "d2", "e1"]
+        assert [s for s in statements if not s.startswith("SELECT extract")] == [
+            "SELECT COALESCE(MAX(vers",  # (the schema's version: _check_schema)
+            "SELECT DISTINCT jti FROM",
+            "WITH expired AS ( UPDATE",
+            "WITH expired AS ( UPDATE",
+        ]
+        state = await store.license("lic-42")
+        assert state is not None and (state.used, state.reserved) == (12, 0)

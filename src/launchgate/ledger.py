@@ -191,9 +191,10 @@ class Ledger(Protocol):
         """
 
     def commit(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
-        """Reserved -> used (the upstream answered 2xx). No-op unless still reserved, or given
-        back (``give_back``; then counted as used again, ``COUNTED_AGAIN``). Each of the three
-        settlements answers whether it settled (False: no longer reserved)."""
+        """Reserved -> used (the upstream answered 2xx). Settled as unknown meanwhile (the
+        sweeper's): used, as ``confirm`` has it (``ANSWERED_LATE``). Given back meanwhile
+        (``give_back``): counted as used again (``COUNTED_AGAIN``). A no-op otherwise. Each of
+        the three settlements answers whether it settled (False: no longer reserved)."""
 
     def release(self, decision_id: str, now: float, then: Then | None = None) -> Awaitable[bool]:
         """Reserved -> released (the upstream failed or was not reached). No-op unless reserved."""
@@ -369,6 +370,12 @@ def _decision_taken(decision_id: str) -> ValueError:
 # nothing; the license launched twice its quantity). The ledger keeps when it was given back
 # (given_back_at): a reservation its own gateway released stays released whatever follows.
 COUNTED_AGAIN: Final = "counted again: the upstream answered after it was given back"
+
+
+# The note of a reservation settled as unknown (the sweeper's, once reservation_ttl_s had
+# passed) whose launch then answered 2xx: used, as a retry's 2xx confirms it. Left settled as
+# unknown, staff could give it back and the license launch again (found by QA).
+ANSWERED_LATE: Final = "the upstream answered 2xx after it was settled as unknown"
 
 
 def _check_give_back(decision_id: str, state: str | None) -> None:

@@ -57,6 +57,7 @@ from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
     _RESERVATION_COLUMNS,
+    ANSWERED_LATE,
     COUNTED_AGAIN,
     IdempotencyKey,
     LicenseState,
@@ -734,21 +735,29 @@ _EXPIRED_LICENSES = """
     SELECT DISTINCT jti FROM launchgate_reservations
     WHERE settled_at IS NULL AND state = 'reserved' AND created_at < $1 ORDER BY jti
 """
-# One license's expired reservations ($4), settled as used. SKIP LOCKED: a reservation another
-# replica (or a late commit) is settling right now is theirs.
+# One license's expired reservations ($4), settled as used, and its counters, in one statement:
+# no lock is held between round trips (found by QA: a sweeper whose COMMIT was lost, again and
+# again, kept the license row locked between its two statements each time, and every replica's
+# launches under it got 503). SKIP LOCKED: a reservation another replica (or a late commit) is
+# settling right now is theirs. Rows are locked as before: the reservations, then the license.
 _EXPIRE = """
-    UPDATE launchgate_reservations AS r
-    SET state = 'settled_unknown', settled_at = $2, note = $3
-    WHERE r.state = 'reserved' AND r.decision_id IN (
-        SELECT decision_id FROM launchgate_reservations
-        WHERE settled_at IS NULL AND state = 'reserved' AND created_at < $1 AND jti = $4
-        FOR UPDATE SKIP LOCKED
+    WITH expired AS (
+        UPDATE launchgate_reservations AS r
+        SET state = 'settled_unknown', settled_at = $2, note = $3
+        WHERE r.state = 'reserved' AND r.decision_id IN (
+            SELECT decision_id FROM launchgate_reservations
+            WHERE settled_at IS NULL AND state = 'reserved' AND created_at < $1 AND jti = $4
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING r.decision_id, r.amount, r.created_at
+    ), counted AS (
+        UPDATE launchgate_licenses AS l
+        SET reserved = l.reserved - t.amount, used = l.used + t.amount
+        FROM (SELECT sum(amount) AS amount FROM expired) AS t
+        WHERE l.jti = $4 AND t.amount IS NOT NULL
     )
-    RETURNING r.decision_id, r.amount, r.created_at
+    SELECT decision_id, amount, created_at FROM expired
 """
-_EXPIRED_COUNTED = (
-    "UPDATE launchgate_licenses SET reserved = reserved - $2, used = used + $2 WHERE jti = $1"
-)
 _REVOKE = """
     INSERT INTO launchgate_licenses AS l (jti, revoked, revoked_reason, revoked_at)
     VALUES ($1, true, $2, $3)
@@ -1174,6 +1183,7 @@ class PostgresLedger:
         self._rows = _HeldRows()
         self._probes: set[asyncio.Future[None]] = set()  # lone calls under held rows
         self._clock = clock
+        self._outdated: int | None = None  # a schema version newer than this code's, once seen
         self._skew = 0.0  # the database's clock minus this host's, when it matters (store_time)
 
     @property
@@ -1249,6 +1259,18 @@ class PostgresLedger:
         or late (found by QA: a replica 400 s ahead swept a launch 0.5 s old; its upstream's
         500 then released nothing). A skew within ``_CLOCK_SKEW_IGNORED_S`` is left alone."""
         return now + self._skew
+
+    async def _check_schema(self, conn: Any) -> None:
+        """Refuse the store from now on if another replica has migrated it past what this
+        launchgate knows (found by QA: a replica already running when a newer one migrated
+        kept serving on the old rules; one started after refuses at once)."""
+        current = await conn.fetchval(
+            "SELECT COALESCE(MAX(version), 0) FROM launchgate_schema_version"
+        )
+        if int(current) > SCHEMA_VERSION:
+            self._outdated = int(current)
+            log.error("store.schema_newer", store=self._name, version=self._outdated)
+            raise _newer_schema(self._name, self._outdated, SCHEMA_VERSION)
 
     async def _measure_clock(self, conn: Any) -> None:
         """How far the database's clock is from this host's, measured on ``conn``: at start,
@@ -1515,12 +1537,18 @@ class PostgresLedger:
         await self._answer(batch, [call.decision_id in moved for call in batch])
 
     async def _count_again(self, calls: list[_Call[bool]]) -> set[str]:
-        """``_COUNT_AGAIN`` for each settlement to used or settled_unknown that moved nothing;
-        the decision ids counted again."""
+        """For each settlement to used or settled_unknown that moved nothing: a 2xx confirms a
+        reservation the sweeper settled as unknown meanwhile (``_CONFIRM``, ``ANSWERED_LATE``);
+        one given back is counted again (``_COUNT_AGAIN``). The decision ids that moved."""
         counted = set()
         async with self._connection() as conn:
             for call in calls:
                 decision_id, state, now, _ = call.args
+                if state == "used" and await conn.fetchval(
+                    _CONFIRM, decision_id, now, ANSWERED_LATE
+                ):
+                    counted.add(decision_id)
+                    continue
                 row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
                 if row is not None:
                     log.error(
@@ -1632,16 +1660,12 @@ class PostgresLedger:
         swept: list[Any] = []
         held: list[str] = []
         async with self._connection() as conn:
-            await self._measure_clock(conn)  # (the sweep runs every few seconds)
+            await self._check_schema(conn)  # (the sweep runs every few seconds)
+            await self._measure_clock(conn)
             now = self.store_time(now)
             for (jti,) in await conn.fetch(_EXPIRED_LICENSES, now - ttl_s):
                 try:
-                    async with conn.transaction():
-                        rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note, jti)
-                        if rows:
-                            await conn.execute(
-                                _EXPIRED_COUNTED, jti, sum(r["amount"] for r in rows)
-                            )
+                    rows = await conn.fetch(_EXPIRE, now - ttl_s, now, note, jti)
                 except asyncpg.LockNotAvailableError:  # rolled back: the next sweep tries again
                     held.append(jti)
                     continue
@@ -1760,6 +1784,8 @@ class PostgresLedger:
         """A pooled connection, creating the pool on first use; every store error leaves as
         ``StoreUnavailable``. ``force`` ignores the retry interval (open, migrate). With a
         ``lease``, the connection it holds, or one kept in it afterwards (see ``_leased``)."""
+        if self._outdated is not None:
+            raise _newer_schema(self._name, self._outdated, SCHEMA_VERSION)
         probe = self._admit(force=force)
         try:
             async with self._leased(lease) as conn:

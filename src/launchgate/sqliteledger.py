@@ -28,6 +28,7 @@ from launchgate.ledger import (
     _KEY_COLUMNS,
     _LICENSE_COLUMNS,
     _RESERVATION_COLUMNS,
+    ANSWERED_LATE,
     COUNTED_AGAIN,
     IdempotencyKey,
     LicenseState,
@@ -278,7 +279,9 @@ def _settle(
         (to, now, note, decision_id),
     ).fetchall()
     if not rows:
-        return to != "released" and _count_again(conn, decision_id, to, now)
+        if to == "used":  # a 2xx after the sweeper (or staff) came first
+            return _confirm(conn, decision_id, now, ANSWERED_LATE)
+        return to == "settled_unknown" and _count_again(conn, decision_id, to, now)
     [(jti, amount)] = rows
     used_delta = 0 if to == "released" else amount
     conn.execute(
