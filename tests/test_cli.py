@@ -54,7 +54,7 @@ from launchgate.audit import AuditLog
 from launchgate.cli import main
 from launchgate.config import load_config
 from launchgate.gateway import make_verifier
-from launchgate.ledger import Ledger, LicenseState, open_ledger
+from launchgate.ledger import Ledger, LicenseState, ReserveOutcome, ReserveResult, open_ledger
 from launchgate.sqliteledger import SqliteLedger
 from launchgate.tokens import load_private_key
 from test_ledger import postgres_schema
@@ -1389,6 +1389,37 @@ def test_release_refuses_what_is_not_settled_unknown(config_path: Path, settle: 
     assert_user_error(result, "--decision", decision)
     assert license_state(config_path, "lic-r") == before
     assert (audit.read_bytes() if audit.exists() else b"") == log_before
+
+
+def test_release_refuses_while_a_retry_counted_on_it_may_be_under_way(config_path: Path) -> None:
+    """Found by QA: released while a retry counted on the reservation was in flight, its units
+    went to another launch at once and the retry launched too (2 of 1). A retry counted on it
+    within max(reservation_ttl_s, connect + read timeout) ago refuses the release."""
+
+    async def keyed(ledger: Ledger, decision_id: str) -> ReserveResult:
+        return await ledger.reserve(
+            jti="lic-k",
+            account=RESTRICTED,
+            max_accelerators=8,
+            expires=time.time() + 3600,
+            amount=8,
+            decision_id=decision_id,
+            now=time.time(),
+            idempotency_key="ct-1",
+            fingerprint="fp",
+        )
+
+    async def first_then_retry(ledger: Ledger) -> ReserveResult:
+        await keyed(ledger, "d-1")
+        await ledger.settle_unknown("d-1", time.time(), "timeout")
+        return await keyed(ledger, "d-2")
+
+    retry = in_ledger(config_path, first_then_retry)
+    assert retry.outcome is ReserveOutcome.REPLAYED
+    result = run_cli("licenses", "release", "--config", config_path, "--decision", "d-1")
+    assert_user_error(result, "d-1", "may still be under way")
+    state = license_state(config_path, "lic-k")
+    assert state is not None and state.used == 8
 
 
 def test_release_with_a_torn_decision_log_changes_nothing(config_path: Path) -> None:

@@ -1081,6 +1081,24 @@ async def test_a_retry_after_a_release_reserves_anew_and_moves_the_key(ledger: L
     assert await counters(ledger) == (8, 0)
 
 
+async def test_give_back_refuses_a_reservation_a_retry_was_counted_on_recently(
+    ledger: Ledger,
+) -> None:
+    """Found by QA: staff gave back a reservation while a retry counted on it (REPLAYED) was
+    under way; its units went to another launch at once, and the retry launched too (2 of 1).
+    A retry marks the reservation; give_back refuses it within ``replays_within_s`` of that."""
+    await reserve_keyed(ledger, "d1", 8)
+    await ledger.settle_unknown("d1", T0 + 1, "timeout")
+    retry = await reserve_keyed(ledger, "d2", 8, now=T0 + 2)
+    assert retry.outcome is ReserveOutcome.REPLAYED
+    with pytest.raises(ValueError, match="retry of decision d1 was counted on"):
+        await ledger.give_back("d1", now=T0 + 30, note=None, replays_within_s=60)
+    assert await counters(ledger) == (8, 0)
+    given = await ledger.give_back("d1", now=T0 + 63, note=None, replays_within_s=60)
+    assert given.state == "released"
+    assert await counters(ledger) == (0, 0)
+
+
 async def test_a_retry_after_give_back_reserves_anew(ledger: Ledger) -> None:
     """Staff gave back an unknown outcome (nothing launched): a retry is a new launch."""
     await reserve_keyed(ledger, "d1", 8)

@@ -476,7 +476,14 @@ def cmd_licenses_release(args: argparse.Namespace) -> int:
                         },
                         f"settled the reservation of decision {decision_id} as used",
                     )
-            return await ledger.give_back(args.decision, now=time.time(), note=args.note)
+            # Not while a retry counted on it may be under way (answered within the upstream's
+            # timeouts, and at the latest within the TTL the sweeper allows a launch).
+            return await ledger.give_back(
+                args.decision,
+                now=time.time(),
+                note=args.note,
+                replays_within_s=max(ttl, config.connect_timeout_s + config.timeout_s),
+            )
         finally:
             await ledger.close()
 

@@ -234,11 +234,14 @@ class Ledger(Protocol):
     async def idempotency_key(self, account: str, key: str) -> IdempotencyKey | None:
         """The idempotency ``key`` of ``account``, or None if no reservation was made under it."""
 
-    async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
+    async def give_back(
+        self, decision_id: str, *, now: float, note: str | None, replays_within_s: float = 0.0
+    ) -> Reservation:
         """Settled_unknown -> released: its amount leaves ``used``. Returns the updated reservation.
 
         Raises ``LookupError`` if there is no such reservation, ``ValueError`` if it is in any
-        other state.
+        other state, or if a retry was counted on it (REPLAYED) less than ``replays_within_s``
+        ago: that retry may be under way, and would launch what was given back.
         """
 
     async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
@@ -378,15 +381,28 @@ COUNTED_AGAIN: Final = "counted again: the upstream answered after it was given 
 ANSWERED_LATE: Final = "the upstream answered 2xx after it was settled as unknown"
 
 
-def _check_give_back(decision_id: str, state: str | None) -> None:
+def _check_give_back(
+    decision_id: str,
+    state: str | None,
+    replayed_at: float | None = None,
+    since: float | None = None,
+) -> None:
     """Raise as ``Ledger.give_back`` does unless the reservation's ``state`` (None: there is no
-    such reservation) is 'settled_unknown'."""
+    such reservation) is 'settled_unknown' and no retry was counted on it (``replayed_at``)
+    after ``since``."""
     if state is None:
         raise LookupError(f"no reservation for decision {decision_id}")
     if state != "settled_unknown":
         raise ValueError(
             f"reservation for decision {decision_id} is {state!r}; only one settled as used"
             " because its outcome was unknown ('settled_unknown') can be given back"
+        )
+    if replayed_at is not None and since is not None and replayed_at > since:
+        # Found by QA: given back while a retry counted on it was under way, its units went to
+        # another launch, and the retry launched too.
+        raise ValueError(
+            f"a retry of decision {decision_id} was counted on its reservation recently: it may"
+            " still be under way; try again once it cannot be"
         )
 
 

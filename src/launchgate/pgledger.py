@@ -331,6 +331,31 @@ _RESERVE_KEYED_6: Final = _amended(
         ),
     ),
 )
+# Migration 10's: a retry counted on an earlier reservation (replayed) marks it replayed_at, so
+# staff cannot give it back while the retry may be under way; one given back meanwhile (READ
+# COMMITTED re-reads the row for the UPDATE) has the retry reserve anew instead.
+_RESERVE_KEYED_10: Final = _amended(
+    _RESERVE_KEYED_6,
+    (
+        """\
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            o_outcome := 'replayed';
+                            RETURN;
+                        END IF;
+""",
+        """\
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            UPDATE launchgate_reservations SET replayed_at = p_now
+                            WHERE decision_id = o_replay_of
+                                AND state IN ('used', 'settled_unknown');
+                            IF FOUND THEN
+                                o_outcome := 'replayed';
+                                RETURN;
+                            END IF;
+                        END IF;
+""",
+    ),
+)
 # Migration 6's batch procedure: migration 5's, locking each license row of the batch as
 # launchgate_reserve_keyed does (NO KEY UPDATE, not FOR UPDATE), and with no lock timeout for the
 # durability barrier after COMMIT. So a lock timeout (the sessions' lock_timeout, _LOCK_WAIT_SHARE)
@@ -624,6 +649,10 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # When staff gave the reservation back (give_back): a settlement that finds it so
             # counts it again (_COUNT_AGAIN), where one released by its own gateway stays.
             "ALTER TABLE launchgate_reservations ADD COLUMN given_back_at double precision",
+            # When a retry was last counted on it (_RESERVE_KEYED_10): give_back refuses it for
+            # a while after.
+            "ALTER TABLE launchgate_reservations ADD COLUMN replayed_at double precision",
+            _RESERVE_KEYED_10,
         ),
     ),
 )
@@ -1682,14 +1711,18 @@ class PostgresLedger:
         async with self._connection() as conn:
             return await conn.fetchval(_REVOKE, jti, reason, now) is not None
 
-    async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
+    async def give_back(
+        self, decision_id: str, *, now: float, note: str | None, replays_within_s: float = 0.0
+    ) -> Reservation:
         now = self.store_time(now)
         async with self._connection() as conn, conn.transaction():
-            state = await conn.fetchval(
-                "SELECT state FROM launchgate_reservations WHERE decision_id = $1 FOR UPDATE",
+            row = await conn.fetchrow(
+                "SELECT state, replayed_at FROM launchgate_reservations"
+                " WHERE decision_id = $1 FOR UPDATE",
                 decision_id,
             )
-            _check_give_back(decision_id, state)
+            state, replayed_at = (None, None) if row is None else row
+            _check_give_back(decision_id, state, replayed_at, now - replays_within_s)
             reservation = _reservation(
                 await conn.fetchrow(
                     "UPDATE launchgate_reservations SET state = 'released', settled_at = $2,"  # noqa: S608 - constant column list

@@ -116,6 +116,8 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # When staff gave the reservation back (give_back): a settlement that finds it so
             # counts it again (COUNTED_AGAIN), where one released by its own gateway stays.
             "ALTER TABLE reservations ADD COLUMN given_back_at REAL",
+            # When a retry was last counted on it (REPLAYED): give_back refuses it for a while.
+            "ALTER TABLE reservations ADD COLUMN replayed_at REAL",
         ),
     ),
 )
@@ -225,6 +227,10 @@ def _reserve(
         if row is not None:
             bound_fingerprint, bound, bound_state = row
             outcome = _bound_outcome(bound_fingerprint, bound_state, fingerprint)
+            if outcome is ReserveOutcome.REPLAYED:  # staff cannot give it back for a while
+                conn.execute(
+                    "UPDATE reservations SET replayed_at = ? WHERE decision_id = ?", (now, bound)
+                )
     if outcome is None and used + reserved + amount > max_acc:
         outcome = ReserveOutcome.EXHAUSTED
     if outcome is None:
@@ -346,12 +352,13 @@ def _revoke(conn: sqlite3.Connection, jti: str, reason: str | None, now: float) 
 
 
 def _give_back(
-    conn: sqlite3.Connection, decision_id: str, now: float, note: str | None
+    conn: sqlite3.Connection, decision_id: str, now: float, note: str | None, replays_s: float
 ) -> Reservation:
     row = conn.execute(
-        "SELECT state FROM reservations WHERE decision_id = ?", (decision_id,)
+        "SELECT state, replayed_at FROM reservations WHERE decision_id = ?", (decision_id,)
     ).fetchone()
-    _check_give_back(decision_id, None if row is None else row[0])
+    state, replayed_at = (None, None) if row is None else row
+    _check_give_back(decision_id, state, replayed_at, now - replays_s)
     [updated] = conn.execute(
         "UPDATE reservations SET state = 'released', settled_at = ?, given_back_at = ?,"  # noqa: S608 - constant column list
         f" note = COALESCE(?, note) WHERE decision_id = ? RETURNING {_RESERVATION_COLUMNS}",
@@ -654,8 +661,12 @@ class SqliteLedger:
     async def revoke(self, jti: str, *, reason: str | None, now: float) -> bool:
         return await self._call(lambda conn: _revoke(conn, jti, reason, now))
 
-    async def give_back(self, decision_id: str, *, now: float, note: str | None) -> Reservation:
-        return await self._call(lambda conn: _give_back(conn, decision_id, now, note))
+    async def give_back(
+        self, decision_id: str, *, now: float, note: str | None, replays_within_s: float = 0.0
+    ) -> Reservation:
+        return await self._call(
+            lambda conn: _give_back(conn, decision_id, now, note, replays_within_s)
+        )
 
     async def abandon(self, decision_id: str, jti: str, *, now: float, note: str) -> None:
         await self._call(lambda conn: _abandon(conn, decision_id, jti, now, note))
