@@ -758,6 +758,14 @@ _CONFIRM = """
     FROM async_commit WHERE decision_id = $1 AND state = 'settled_unknown'
     RETURNING 1
 """
+# _CONFIRM for a launch's own 2xx that found its reservation settled as unknown, committed
+# synchronously: lost in a crash, it would leave the reservation one that staff can give back.
+_CONFIRM_DURABLE = """
+    UPDATE launchgate_reservations
+    SET state = 'used', settled_at = $2, note = COALESCE(note || '; ', '') || $3
+    WHERE decision_id = $1 AND state = 'settled_unknown'
+    RETURNING 1
+"""
 # The sweeper's licenses: those with a reservation open since before $1, in jti order, so
 # replicas sweeping at once lock license rows in one order.
 _EXPIRED_LICENSES = """
@@ -1223,9 +1231,8 @@ class PostgresLedger:
     async def exists(self) -> bool:
         """Whether the database (in the url's schema) holds a ledger, asked without making one;
         ``StoreUnavailable`` when it cannot be asked."""
-        table = "launchgate_schema_version"
-        if self._schema is not None:
-            table = f'"{self._schema}".{table}'
+        # (In public without ?schema=, as _connect sets search_path: not "$user"'s.)
+        table = f'"{self._schema or "public"}".launchgate_schema_version'
         try:
             # Every step bounded, the query and the goodbye too (found by QA: a database that
             # stopped answering after the connection was made held staff commands forever).
@@ -1557,37 +1564,42 @@ class PostgresLedger:
             return
         for call in batch:  # settled (or found settled already): forget its license
             self._rows.settled(call.decision_id)
-        unmoved = [c for c in batch if c.decision_id not in moved and c.args[1] != "released"]
-        if unmoved:
+        results: list[bool | BaseException] = []
+        for call in batch:
+            if call.decision_id in moved or call.args[1] == "released":
+                results.append(call.decision_id in moved)
+                continue
             try:
-                moved |= await self._count_again(unmoved)
+                results.append(await self._count_again(call))
             except StoreUnavailable as e:
-                log.error("store.count_again_failed", error=str(e))
-        await self._answer(batch, [call.decision_id in moved for call in batch])
+                # Failed as the settlement itself would have: its caller settles again later
+                # (found by QA: a give_back holding the row past the lock timeout made this
+                # answer False, and the 2xx went uncounted for good).
+                log.error("store.count_again_failed", decision_id=call.decision_id, error=str(e))
+                results.append(e)
+        await self._answer(batch, results)
 
-    async def _count_again(self, calls: list[_Call[bool]]) -> set[str]:
-        """For each settlement to used or settled_unknown that moved nothing: a 2xx confirms a
-        reservation the sweeper settled as unknown meanwhile (``_CONFIRM``, ``ANSWERED_LATE``);
-        one given back is counted again (``_COUNT_AGAIN``). The decision ids that moved."""
-        counted = set()
+    async def _count_again(self, call: _Call[bool]) -> bool:
+        """For a settlement to used or settled_unknown that moved nothing: a 2xx confirms a
+        reservation the sweeper settled as unknown meanwhile (``_CONFIRM_DURABLE``,
+        ``ANSWERED_LATE``); one given back is counted again (``_COUNT_AGAIN``). Whether either
+        moved it."""
+        decision_id, state, now, _ = call.args
         async with self._connection() as conn:
-            for call in calls:
-                decision_id, state, now, _ = call.args
-                if state == "used" and await conn.fetchval(
-                    _CONFIRM, decision_id, now, ANSWERED_LATE
-                ):
-                    counted.add(decision_id)
-                    continue
-                row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
-                if row is not None:
-                    log.error(
-                        "reservation.counted_again",
-                        decision_id=decision_id,
-                        jti=row["jti"],
-                        amount=row["amount"],
-                    )
-                    counted.add(decision_id)
-        return counted
+            if state == "used" and await conn.fetchval(
+                _CONFIRM_DURABLE, decision_id, now, ANSWERED_LATE
+            ):
+                return True
+            row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
+        if row is None:
+            return False
+        log.error(
+            "reservation.counted_again",
+            decision_id=decision_id,
+            jti=row["jti"],
+            amount=row["amount"],
+        )
+        return True
 
     async def _again_alone(
         self,
@@ -1932,8 +1944,11 @@ class PostgresLedger:
                 # for this long: none of ours waits between its statements.
                 "idle_in_transaction_session_timeout": _idle_in_transaction(self._timeout_s),
             }
-            if self._schema is not None:
-                settings["search_path"] = self._schema
+            # Always named: PostgreSQL's default ("$user", public) would let a schema named after
+            # the login role, made later in the same database (a staging ledger with ?schema=
+            # that role), take the ledger over on the next connection (found by QA: a license
+            # exhausted in public launched again from that schema's rows).
+            settings["search_path"] = self._schema if self._schema is not None else "public"
             pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
