@@ -1875,14 +1875,25 @@ async def test_without_a_schema_the_ledger_is_public_s_not_the_role_s(url: str) 
             await conn.execute(f'INSERT INTO "{role}".launchgate_schema_version VALUES (99)')  # noqa: S608 - the test's own role name
         finally:
             await conn.close()
+        # A ledger there too makes the store ambiguous: refused until the url says which
+        with pytest.raises(StoreUnavailable, match=f"a ledger in schema '{role}'"):
+            await PostgresLedger(own).migrate()
+        conn = await asyncpg.connect(own)
+        try:
+            await conn.execute(f'DROP SCHEMA "{role}" CASCADE')
+            await conn.execute(f'CREATE SCHEMA "{role}"')  # the role's schema, no ledger in it
+        finally:
+            await conn.close()
         store = PostgresLedger(own)
-        async with open_stores(store):  # the role's schema (version 99) is not its ledger
+        async with open_stores(store):
             await reserve(store, "d1", 8, now=T0)
             assert await store.exists()
         conn = await asyncpg.connect(own)
         try:
             found = await conn.fetchval("SELECT to_regclass('public.launchgate_licenses')")
             assert found is not None
+            role_s = await conn.fetchval(f"SELECT to_regclass('\"{role}\".launchgate_licenses')")
+            assert role_s is None
         finally:
             await conn.close()
     finally:

@@ -1970,12 +1970,32 @@ class PostgresLedger:
             self._pool = pool
             return pool
 
+    async def _refuse_a_role_s_ledger(self, conn: Any) -> None:
+        """Without ?schema= the ledger is public's; a ledger in the schema named after the login
+        role (where PostgreSQL's default search_path, and launchgate before it named public,
+        would have put it) makes the store ambiguous: refused, rather than one of them counted
+        and the other forgotten."""
+        role = await conn.fetchval(
+            "SELECT current_user FROM pg_namespace"
+            " WHERE nspname = current_user AND current_user <> 'public'"
+            " AND to_regclass(quote_ident(current_user) || '.launchgate_schema_version')"
+            " IS NOT NULL"
+        )
+        if role is not None:
+            raise StoreUnavailable(
+                f"ledger {self._name}: the database holds a ledger in schema {role!r} (the login"
+                " role's) too; add ?schema=public or ?schema=" + role + " to the url to say which",
+                late=False,
+            )
+
     async def _migrate(self, conn: Any) -> int:
         async with conn.transaction():
             # Replicas starting together wait here for each other's migration, bounded by the
             # statement timeout alone.
             await conn.execute("SET LOCAL lock_timeout = 0")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            if self._schema is None:
+                await self._refuse_a_role_s_ledger(conn)
             if self._schema is not None:
                 # Only when missing: CREATE SCHEMA IF NOT EXISTS would still need CREATE rights.
                 found = await conn.fetchval(
