@@ -852,6 +852,17 @@ def _idle_in_transaction(timeout_s: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+async def _counted_again(conn: Any, decision_id: str, state: str, now: float) -> bool:
+    """``_COUNT_AGAIN`` of a reservation given back, settled to ``state``; whether it was."""
+    row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
+    if row is None:
+        return False
+    log.error(
+        "reservation.counted_again", decision_id=decision_id, jti=row["jti"], amount=row["amount"]
+    )
+    return True
+
+
 def _split_url(url: str) -> tuple[str, str | None]:
     """The DSN for asyncpg and the schema named by ``?schema=``; ConfigError for a bad schema."""
     parts = urlsplit(url)
@@ -1590,16 +1601,7 @@ class PostgresLedger:
                 _CONFIRM_DURABLE, decision_id, now, ANSWERED_LATE
             ):
                 return True
-            row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
-        if row is None:
-            return False
-        log.error(
-            "reservation.counted_again",
-            decision_id=decision_id,
-            jti=row["jti"],
-            amount=row["amount"],
-        )
-        return True
+            return await _counted_again(conn, decision_id, state, now)
 
     async def _again_alone(
         self,
@@ -1681,16 +1683,7 @@ class PostgresLedger:
         async with self._connection() as conn:
             if await conn.fetchval(_CONFIRM, decision_id, now, note) is not None:
                 return True
-            row = await conn.fetchrow(_COUNT_AGAIN, decision_id, "used", now, COUNTED_AGAIN)
-        if row is None:
-            return False
-        log.error(
-            "reservation.counted_again",
-            decision_id=decision_id,
-            jti=row["jti"],
-            amount=row["amount"],
-        )
-        return True
+            return await _counted_again(conn, decision_id, "used", now)
 
     async def expire_reservations(self, *, now: float, ttl_s: float) -> list[str]:
         """Each license's expired reservations in a transaction of its own: a license row held
