@@ -1831,23 +1831,25 @@ async def test_a_sweep_settles_each_license_in_one_statement(
 
 
 async def test_a_2xx_whose_late_confirmation_fails_is_a_store_error_to_settle_again(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    url: str,
 ) -> None:
     """Found by QA: staff's give_back held the reservation's row past the lock timeout while a
     late 2xx's confirmation waited for it; the failure answered "nothing moved", and the launch
     went uncounted for good. It is a store error now, which the gateway settles again later."""
-    store = PostgresLedger(url)
-    async with open_stores(store):
+    store = PostgresLedger(url, timeout_s=0.5)
+    async with open_stores(store), connect(url) as staff:
         await reserve(store, "d1", 8, now=T0)
         assert await store.expire_reservations(now=T0 + 400, ttl_s=300) == ["d1"]
-
-        async def fails(call: object) -> bool:
-            raise StoreUnavailable("canceling statement due to lock timeout")
-
-        with monkeypatch.context() as patched:
-            patched.setattr(store, "_count_again", fails)
+        held = staff.transaction()
+        await held.start()  # (as give_back holds it, between its statements)
+        await staff.execute(
+            "SELECT 1 FROM launchgate_reservations WHERE decision_id = 'd1' FOR UPDATE"
+        )
+        try:
             with pytest.raises(StoreUnavailable, match="lock timeout"):
                 await store.commit("d1", T0 + 401)
+        finally:
+            await held.rollback()
         assert await store.commit("d1", T0 + 402) is True  # settled again: confirmed
         reservation = await store.reservation("d1")
         assert reservation is not None and reservation.state == "used"

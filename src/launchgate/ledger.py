@@ -382,10 +382,7 @@ ANSWERED_LATE: Final = "the upstream answered 2xx after it was settled as unknow
 
 
 def _check_give_back(
-    decision_id: str,
-    state: str | None,
-    replayed_at: float | None = None,
-    since: float | None = None,
+    decision_id: str, state: str | None, replayed_at: float | None, since: float
 ) -> None:
     """Raise as ``Ledger.give_back`` does unless the reservation's ``state`` (None: there is no
     such reservation) is 'settled_unknown' and no retry was counted on it (``replayed_at``)
@@ -397,7 +394,7 @@ def _check_give_back(
             f"reservation for decision {decision_id} is {state!r}; only one settled as used"
             " because its outcome was unknown ('settled_unknown') can be given back"
         )
-    if replayed_at is not None and since is not None and replayed_at > since:
+    if replayed_at is not None and replayed_at > since:
         # Found by QA: given back while a retry counted on it was under way, its units went to
         # another launch, and the retry launched too.
         raise ValueError(

@@ -852,6 +852,13 @@ def _idle_in_transaction(timeout_s: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+async def _schema_version(conn: Any) -> int:
+    """The ledger's schema version (0 for a table with no row)."""
+    return int(
+        await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM launchgate_schema_version")
+    )
+
+
 async def _counted_again(conn: Any, decision_id: str, state: str, now: float) -> bool:
     """``_COUNT_AGAIN`` of a reservation given back, settled to ``state``; whether it was."""
     row = await conn.fetchrow(_COUNT_AGAIN, decision_id, state, now, COUNTED_AGAIN)
@@ -1311,13 +1318,11 @@ class PostgresLedger:
         """Refuse the store from now on if another replica has migrated it past what this
         launchgate knows (found by QA: a replica already running when a newer one migrated
         kept serving on the old rules; one started after refuses at once)."""
-        current = await conn.fetchval(
-            "SELECT COALESCE(MAX(version), 0) FROM launchgate_schema_version"
-        )
-        if int(current) > SCHEMA_VERSION:
-            self._outdated = int(current)
-            log.error("store.schema_newer", store=self._name, version=self._outdated)
-            raise _newer_schema(self._name, self._outdated, SCHEMA_VERSION)
+        current = await _schema_version(conn)
+        if current > SCHEMA_VERSION:
+            self._outdated = current
+            log.error("store.schema_newer", store=self._name, version=current)
+            raise _newer_schema(self._name, current, SCHEMA_VERSION)
 
     async def _measure_clock(self, conn: Any) -> None:
         """How far the database's clock is from this host's, measured on ``conn``: at start,
@@ -1977,7 +1982,7 @@ class PostgresLedger:
         if role is not None:
             raise StoreUnavailable(
                 f"ledger {self._name}: the database holds a ledger in schema {role!r} (the login"
-                " role's) too; add ?schema=public or ?schema=" + role + " to the url to say which",
+                f" role's) too; add ?schema=public or ?schema={role} to the url to say which",
                 late=False,
             )
 
@@ -1989,7 +1994,7 @@ class PostgresLedger:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             if self._schema is None:
                 await self._refuse_a_role_s_ledger(conn)
-            if self._schema is not None:
+            else:
                 # Only when missing: CREATE SCHEMA IF NOT EXISTS would still need CREATE rights.
                 found = await conn.fetchval(
                     "SELECT 1 FROM pg_namespace WHERE nspname = $1", self._schema
@@ -1999,11 +2004,7 @@ class PostgresLedger:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS launchgate_schema_version (version integer NOT NULL)"
             )
-            current = int(
-                await conn.fetchval(
-                    "SELECT COALESCE(MAX(version), 0) FROM launchgate_schema_version"
-                )
-            )
+            current = await _schema_version(conn)
             if current > SCHEMA_VERSION:
                 raise _newer_schema(self._name, current, SCHEMA_VERSION)
             for version, statements in _MIGRATIONS:

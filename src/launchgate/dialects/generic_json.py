@@ -129,22 +129,22 @@ def build(table: Mapping[str, Any], where: str) -> GenericJson:
     if default_region is not None and not isinstance(default_region, str):
         raise ConfigError(f"{where}.default_region: must be a string")
     region = table.get("region")
-    if isinstance(region, str) and region and not region.startswith("/"):
-        # Not a JSON Pointer: the region the route serves, as every other dialect's ``region``
-        # is (CONTRACT section 9, "pointer, else route"; found by QA: "eu-central-1" failed
-        # check, and the route's region could be given only as ``default_region``).
+    # Not a JSON Pointer: the region the route serves, as every other dialect's ``region`` is
+    # (CONTRACT section 9, "pointer, else route"; found by QA: "eu-central-1" failed check, and
+    # the route's region could be given only as ``default_region``).
+    route_s = isinstance(region, str) and region != "" and not region.startswith("/")
+    if route_s:
         if default_region is not None:
             raise ConfigError(
                 f"{where}: 'region' names the route's region ({region!r}), and so does"
                 " 'default_region': give one"
             )
-        table = {key: value for key, value in table.items() if key != "region"}
         default_region = region
     return GenericJson(
         method=method.upper(),
         path=path,
         sku=sku,
         count=_pointer(table, "count", where),
-        region=_pointer(table, "region", where),
+        region=None if route_s else _pointer(table, "region", where),
         default_region=default_region,
     )
