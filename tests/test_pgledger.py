@@ -29,6 +29,7 @@ from launchgate.pgledger import SCHEMA_VERSION, PostgresLedger, _open
 from test_ledger import (
     POSTGRES_DSN_VAR,
     T0,
+    counters,
     open_stores,
     postgres_schema,
     reserve,
@@ -1901,3 +1902,40 @@ async def test_without_a_schema_the_ledger_is_public_s_not_the_role_s(url: str) 
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_retry_meeting_a_give_back_under_way_is_in_progress_not_a_deadlock(
+    url: str,
+) -> None:
+    """Found by QA: a retry counted on a reservation (REPLAYED) holds the license row, then marks
+    the reservation; staff's give_back holds the reservation's row, then the license's. The two
+    deadlocked until the retry's lock timeout (503 store_unavailable). A retry that finds the
+    reservation's row held is told the first attempt is in progress (409) at once, and the
+    give_back goes on without waiting for it."""
+    store = PostgresLedger(url, timeout_s=2.0)
+    async with open_stores(store), connect(url) as staff:
+        await reserve_keyed(store, "d1", 8)
+        assert await store.expire_reservations(now=T0 + 400, ttl_s=300) == ["d1"]
+        held = staff.transaction()
+        await held.start()  # give_back, between its two statements
+        await staff.execute(
+            "SELECT 1 FROM launchgate_reservations WHERE decision_id = 'd1' FOR UPDATE"
+        )
+        try:
+            started = time.monotonic()
+            retry = await reserve_keyed(store, "d2", 8, now=T0 + 401)
+            assert retry.outcome is ReserveOutcome.IN_PROGRESS
+            assert retry.replay_of == "d1"
+            assert time.monotonic() - started < 0.4  # the lock timeout is 0.5 s
+            # The license row is free: give_back's second statement does not wait.
+            await asyncio.wait_for(
+                staff.execute(
+                    "UPDATE launchgate_licenses SET used = used - 8 WHERE jti = 'lic-42'"
+                ),
+                timeout=0.4,
+            )
+        finally:
+            await held.rollback()
+        retry = await reserve_keyed(store, "d3", 8, now=T0 + 402)
+        assert retry.outcome is ReserveOutcome.REPLAYED  # once the row is free, as before
+        assert await counters(store) == (8, 0)

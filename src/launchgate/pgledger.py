@@ -356,6 +356,30 @@ _RESERVE_KEYED_10: Final = _amended(
 """,
     ),
 )
+# Migration 11's: a retry that finds the earlier reservation's row held (staff's give_back, which
+# takes that row and then the license's, or a late settlement of it) is told the first attempt is
+# in progress rather than waiting: it holds the license row already, so waiting was a deadlock
+# that only the lock timeout ended (found by QA: 503, and the license held on that replica).
+_RESERVE_KEYED_11: Final = _amended(
+    _RESERVE_KEYED_10,
+    (
+        """\
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            UPDATE launchgate_reservations SET replayed_at = p_now
+""",
+        """\
+                        ELSIF bound_state IN ('used', 'settled_unknown') THEN
+                            BEGIN
+                                PERFORM 1 FROM launchgate_reservations
+                                WHERE decision_id = o_replay_of FOR NO KEY UPDATE NOWAIT;
+                            EXCEPTION WHEN lock_not_available THEN
+                                o_outcome := 'in_progress';
+                                RETURN;
+                            END;
+                            UPDATE launchgate_reservations SET replayed_at = p_now
+""",
+    ),
+)
 # Migration 6's batch procedure: migration 5's, locking each license row of the batch as
 # launchgate_reserve_keyed does (NO KEY UPDATE, not FOR UPDATE), and with no lock timeout for the
 # durability barrier after COMMIT. So a lock timeout (the sessions' lock_timeout, _LOCK_WAIT_SHARE)
@@ -655,6 +679,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             _RESERVE_KEYED_10,
         ),
     ),
+    (11, (_RESERVE_KEYED_11,)),
 )
 SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
