@@ -88,6 +88,8 @@ def test_shipped_config_loads() -> None:
             r"\[catalog\]\.file: /nonexistent/catalog\.toml: file not found",
         ),
         ({"store": {"url": "mysql://x"}}, r"mysql"),
+        # Every token would be token_wrong_issuer (found by QA: check said ok).
+        ({"tokens": {"issuers": []}}, r"\[tokens\]\.issuers: must name at least one issuer"),
         ({"store": {"pool_size": 0}}, r"\[store\]\.pool_size: must be an integer >= 1"),
         ({"store": {"pool_size": True}}, r"\[store\]\.pool_size: must be an integer >= 1"),
         ({"store": {"pool_size": 2.5}}, r"\[store\]\.pool_size: must be an integer >= 1"),
@@ -140,6 +142,10 @@ def test_bad_main_file(tmp_path: Path, keys: Keys, sections: dict[str, Any], mes
             r"routes\[0\]: missing key 'sku'",
         ),
         ([GENERIC_ROUTE | {"path": "/v1//x"}], r"routes\[0\]\.path"),
+        (
+            [{k: v for k, v in GENERIC_ROUTE.items() if k != "path"}],
+            r"routes\[0\]: missing key 'path'",
+        ),
         ([GENERIC_ROUTE | {"extra": 1}], r"routes\[0\]: unknown key 'extra'"),
         (  # a route's region, not a pointer (CONTRACT section 9), and a default_region too
             [GENERIC_ROUTE | {"region": "eu-central-1", "default_region": "eu-west-1"}],

@@ -313,6 +313,9 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
     identity = _section(data, "identity", source, {"account_header"})
     tokens = _section(data, "tokens", source, {"header", "jwks", "issuers", "audience", "leeway_s"})
     jwks_path = tokens.path("jwks", base)
+    issuers = tokens.strings("issuers")
+    if not issuers:  # every token would be token_wrong_issuer (found by QA: check said ok)
+        raise ConfigError(f"{tokens.where}.issuers: must name at least one issuer")
     store = _section(data, "store", source, {"url", "pool_size", "reservation_ttl_s"})
     pool_size = store.integer("pool_size", 10)
     if pool_size > _MAX_POOL_SIZE:
@@ -389,7 +392,7 @@ def parse_config(data: Mapping[str, Any], source: Path) -> Config:
         token_header=token_header,
         jwks_path=jwks_path,
         keyring=tokens.load("jwks", base, KeyRing.from_jwks_file),
-        issuers=tokens.strings("issuers"),
+        issuers=issuers,
         audience=tokens.text("audience", "launchgate"),
         leeway_s=leeway_s,
         store_url=store.text("url", "sqlite:data/ledger.sqlite3"),

@@ -212,6 +212,8 @@ def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str, di
 def route_path(table: Mapping[str, Any], where: str, default: str | None) -> str:
     """The route's ``path`` (``default`` when absent; required when None), already normalized."""
     path = table.get("path", default)
+    if path is None:
+        raise ConfigError(f"{where}: missing key 'path'")
     try:
         normal = normalize_path(path) if isinstance(path, str) else None
     except UnsafePath:
