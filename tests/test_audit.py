@@ -450,7 +450,7 @@ def test_flipping_one_byte_breaks_the_chain_at_that_record(
 
     result = verify_file(path)
     assert (result.ok, result.bad_seq, result.records) == (False, seq, seq - 1)
-    assert f"seq {seq}" in result.summary()
+    assert result.summary() == str(seq)
 
 
 def test_flipping_any_byte_of_a_record_is_detected(tmp_path: Path) -> None:
@@ -480,7 +480,7 @@ def test_deleting_a_record_is_detected(tmp_path: Path) -> None:
         "line 3: found the record of seq 4 where seq 3 belongs"
         " (a record is missing, repeated or out of order)"
     )
-    assert result.summary() == "bad record seq 4"  # the only number on stdout (QA)
+    assert result.summary() == "4"  # the only number on stdout (QA)
 
 
 def test_swapping_two_records_is_detected(tmp_path: Path) -> None:

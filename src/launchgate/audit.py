@@ -190,15 +190,16 @@ class VerifyResult:
 
     def summary(self) -> str:
         """One line for ``launchgate audit verify``'s stdout: ``ok N records``, or the first bad
-        record's seq, the only number on the line (a reader taking the first or the last
-        number gets it; found by QA: the reason, which names other numbers, followed it)."""
+        record's seq and nothing else, as the CONTRACT words it (a reader taking the line, its
+        first or its last number gets it; found by QA: the reason, which names other numbers,
+        followed it)."""
         if self.ok:
             return f"ok {self.records} records"
-        return f"bad record seq {self.bad_seq}"
+        return str(self.bad_seq)
 
     def reason(self) -> str | None:
         """Why the first bad record is bad, for stderr (None when ok)."""
-        return None if self.ok else self.detail
+        return None if self.ok else f"bad record seq {self.bad_seq}: {self.detail}"
 
     def note(self) -> str | None:
         """A line for stderr when some records hash right but are not spelt as the gateway
