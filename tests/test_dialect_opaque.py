@@ -62,7 +62,7 @@ def test_ignore_case_matches_paths_as_arm_does() -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({"methods": ["POST"]}, r"routes\[1\]\.path"),
+        ({"methods": ["POST"]}, r"routes\[1\]: missing key 'path'"),
         ({"path": "/b//c", "methods": ["POST"]}, r"routes\[1\]\.path"),
         ({"path": "/b"}, r"routes\[1\]\.methods"),
         ({"path": "/b", "methods": []}, r"routes\[1\]\.methods"),
