@@ -166,6 +166,17 @@ READS = [
         items(("p5.48xlarge", 12)),
         None,
     ),
+    # found by QA: on-demand and Spot parts above the total count as their sum, the most the
+    # request could launch were they not held to the total
+    (
+        "fleet-parts-over-total",
+        "Action=CreateFleet&LaunchTemplateConfigs.1.Overrides.1.InstanceType=p5.48xlarge"
+        "&TargetCapacitySpecification.TotalTargetCapacity=3"
+        "&TargetCapacitySpecification.OnDemandTargetCapacity=2"
+        "&TargetCapacitySpecification.SpotTargetCapacity=2",
+        items(("p5.48xlarge", 4)),
+        None,
+    ),
     # §7 item 16: capacity in vCPUs cannot be turned into instances
     (
         "fleet-vcpu-units",

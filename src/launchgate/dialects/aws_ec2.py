@@ -247,8 +247,13 @@ def _create_fleet(t: Node, reading: _Reading) -> None:
     total = _count(spec, "TotalTargetCapacity", allow_zero=True)
     if total is None:
         raise MalformedLaunch("CreateFleet without TotalTargetCapacity")
-    for key in ("OnDemandTargetCapacity", "SpotTargetCapacity"):
-        total = max(total, _count(spec, key, allow_zero=True) or 0)
+    # The most it can launch: the parts, were they not held to the total (found by QA: 2 on
+    # demand + 2 Spot under a total of 3 counted 3).
+    parts = (
+        _count(spec, k, allow_zero=True) or 0
+        for k in ("OnDemandTargetCapacity", "SpotTargetCapacity")
+    )
+    total = max(total, sum(parts))
     _unit(spec, reading)
     spot = t.node("SpotOptions")
     _replacements(spot.node("MaintenanceStrategies") if spot else None, reading)
