@@ -93,17 +93,6 @@ class AwsEc2:
 
         Raises MalformedLaunch when the request has no one meaning (see ``dialects.query``).
         """
-        if (
-            not request.body
-            and "X-Amz-Target" not in request.headers
-            and _launch_action_in(request.query) is None
-        ):
-            # A request with nothing but its query to carry an Action, and no launch Action in
-            # it however an upstream splits, decodes or folds it: an EC2 API answers
-            # MissingAction or runs a call that launches nothing, so it goes on unjudged (found
-            # by QA: with aws-ec2 on "/", every ARM read, ?api-version=..., was 400). A body is
-            # read strictly: its type and encodings are the upstream's to read.
-            return None
         params = parse_params(request.query, _form_body(request))
         if not params:
             return None  # names no Action: EC2 answers MissingAction
