@@ -20,9 +20,16 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from conftest import CPU_SKU, H100_SKU, RESTRICTED, UNRESTRICTED, MakeToken, StartGateway
+from conftest import (
+    CPU_SKU,
+    H100_SKU,
+    RESTRICTED,
+    UNRESTRICTED,
+    MakeToken,
+    StartGateway,
+)
 from launchgate.dialects import EVERY_METHOD, Item, LaunchRequest
-from launchgate.dialects.aws_ec2 import AwsEc2, _launch_action_in, build
+from launchgate.dialects.aws_ec2 import AwsEc2, _launch_actions_in, build
 from launchgate.dialects.query import encode_params, nest, parse_pairs, parse_params
 from launchgate.errors import ConfigError
 from launchgate.strict import MalformedLaunch
@@ -1044,6 +1051,58 @@ async def test_body_labelled_gzip_that_is_not_gzip_is_malformed(
     assert await gw.stub_requests() == []
 
 
+P5_8 = "InstanceType=p5.48xlarge&MinCount=8&MaxCount=8&ImageId=ami-12345678"
+
+
+@pytest.mark.parametrize(
+    ("body", "options"),
+    [
+        # Rack 2 takes the last of the two as the Action (found in review)
+        (f"Action=DescribeInstances&Action]=RunInstances&{P5_8}", {}),
+        (f"Action=DescribeInstances&{P5_8}&%5BAction%5D=RunInstances", {}),  # qs
+        (f"Action=RunInstances&{P5_8}&Action%5B%5D=CreateFleet", {}),
+        # PHP's $_REQUEST and System.Web's Request[...] read cookies among the parameters
+        ("", {"method": "GET", "headers": {"Cookie": f"Action=RunInstances; {P5_8}"}}),
+        (
+            "",
+            {
+                "method": "GET",
+                "target": "/?Action=DescribeInstances",
+                "headers": {"Cookie": "Action=RunInstances"},
+            },
+        ),
+    ],
+)
+async def test_a_launch_action_named_outside_action_is_malformed(
+    start_gateway: StartGateway, body: str, options: dict[str, Any]
+) -> None:
+    """A launch Action in another parameter's value, or in a cookie, is a second meaning that
+    some upstream takes as the Action: 400 for every account, and nothing reaches the stub."""
+    gw = await start_gateway(routes=[ROUTE])
+    for account in (RESTRICTED, UNRESTRICTED):
+        status, text, _ = await ec2_call(gw, body, account=account, **options)
+        assert status == 400 and json.loads(text)["reason"] == "malformed_request", text
+    assert await gw.stub_requests() == []
+
+
+async def test_an_arm_call_under_an_ec2_mount_naming_an_action_anywhere_is_malformed(
+    start_gateway: StartGateway,
+) -> None:
+    """The second reading of a request another route takes finds a launch Action whatever the
+    parameter's name (found in review: "[Action]=RunInstances", which Express with qs reads as
+    the Action, went unread: an ARM PATCH that launches nothing, carrying it, would have gone
+    on unjudged to an upstream serving EC2 on "/")."""
+    gw = await start_gateway(routes=[ROUTE, {"dialect": "azure-arm"}])
+    vm = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/vm"
+    for query in (f"%5BAction%5D=RunInstances&{P5_8}", f"Action%5B%5D=RunInstances&{P5_8}"):
+        target = f"{vm}?api-version=2024-07-01&{query}"
+        status, answer = await gw.send("PATCH", target, {"tags": {"team": "ml"}})
+        assert (status, answer["reason"]) == (400, "malformed_request")
+    status, _ = await gw.send("PATCH", f"{vm}?api-version=2024-07-01", {"tags": {"team": "ml"}})
+    assert status != 400  # the same call without it goes on
+    assert len(await gw.stub_requests()) == 1
+
+
 # --- the second reading of a request another route takes (``AwsEc2.launch_action``) ----------
 
 
@@ -1057,20 +1116,35 @@ async def test_body_labelled_gzip_that_is_not_gzip_is_malformed(
         ("x=1;action=runinstances", "RunInstances"),
         ("Action%00x=RequestSpotInstances", "RequestSpotInstances"),
         ("Action+=+RunInstances+", "RunInstances"),
+        # Whatever the name: frameworks read these as Action (found in review: Express with qs,
+        # Rack 2 and PHP 8 launched p5.48xlarges on them), and values folded or spelt loosely.
+        ("%5BAction%5D=RunInstances", "RunInstances"),
+        ("[Action]=RunInstances", "RunInstances"),
+        ("Action]=RunInstances", "RunInstances"),
+        ("Action%5B%5D=RunInstances", "RunInstances"),
+        ("Action%5B0%5D=RunInstances", "RunInstances"),
+        ("+" * 600 + "Action=RunInstances", "RunInstances"),
+        ("Action%00" + "x" * 600 + "=RunInstances", "RunInstances"),
+        ("%u0041ction=R%u0075nInstances", "RunInstances"),
+        ("Action=RunIn%C5%BFtances", "RunInstances"),  # the long s, upper-cased by .NET
+        ("Action=run_instances", "RunInstances"),
+        ("Action=Run+Instances", "RunInstances"),
+        ("a=1&Action=" + "+" * 600 + "CreateFleet", "CreateFleet"),
         ("Action=DescribeInstances", None),
+        ("Action=RunInstancesNow", None),
         ('{"name": "vm-1", "note": "action items"}', None),
         ("", None),
     ],
 )
 def test_the_second_reading_finds_a_launch_action(text: str, action: str | None) -> None:
-    assert _launch_action_in(text) == action
+    assert _launch_actions_in(text)[0] == action
 
 
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
         ("%41" * 5000, "percent-escapes"),
-        ("action=x&" * 100, "could be an EC2 Action"),
+        ("k=a-long-value&" * 5000, "could name an EC2 Action"),
         # one escape nested 8 deep before 1 MiB of filler took 0.5-0.65 s (found in review)
         ("%2525252525252525" + "26" + "x" * 65536, "over 65536 characters with escaped"),
     ],
@@ -1079,4 +1153,4 @@ def test_the_second_reading_refuses_what_it_cannot_read_in_time(text: str, compl
     """Its work is bounded: a request of 1 MiB crafted to be decoded and split over and over
     held the event loop for 0.6-0.8 s before the bounds (measured); now at most about 40 ms."""
     with pytest.raises(MalformedLaunch, match=complaint):
-        _launch_action_in(text)
+        _launch_actions_in(text)

@@ -49,8 +49,8 @@ from launchgate.dialects import (
     route_region,
     under_mount_in_any_case,
 )
-from launchgate.dialects.query import DECODINGS, Node, nest, parse_params, unwrapped
-from launchgate.forms import FORM, read_as_form
+from launchgate.dialects.query import DECODINGS, Node, nest, parse_params
+from launchgate.forms import FORM, decode_u_escapes, read_as_form, squash
 from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
 
 _KEYS: Final = frozenset({"path", "region"})
@@ -82,11 +82,10 @@ class AwsEc2:
         method (``forms.read_as_form``: a Content-Type naming one as PHP reads it, or none, as
         Rack reads it; found in review, both launched p5.48xlarges on an EC2-style upstream).
         Not in a body of another type (EC2 and the stub read no other; found in review: a JSON
-        startup script calling EC2 was refused). See ``_launch_action_in`` for how."""
-        action = _launch_action_in(request.query)
-        if action is None and read_as_form(request.headers.getall("Content-Type", [])):
-            action = _launch_action_in(request.body.decode("latin-1"))
-        return action
+        startup script calling EC2 was refused). And in a cookie, which PHP's ``$_REQUEST``
+        (with no ``request_order``, as PHP's images ship) and System.Web's ``Request[...]`` read
+        among the parameters (found in review). See ``_launch_actions_in`` for how."""
+        return _launch_actions(request)[0]
 
     def parse(self, request: LaunchRequest) -> Launch | None:
         """The items of a launch Action; None for an Action that launches nothing.
@@ -94,14 +93,23 @@ class AwsEc2:
         Raises MalformedLaunch when the request has no one meaning (see ``dialects.query``).
         """
         params = parse_params(request.query, _form_body(request))
+        action = params.get("Action")
+        reader = None if action is None else _READERS.get(action)
+        # A launch Action named anywhere else, as the most lenient upstream reads names and
+        # values, gives the request a second meaning (found in review: Rack took the last of
+        # "Action=DescribeInstances&Action]=RunInstances", and launched unjudged).
+        _, named = _launch_actions(request)
+        if named > (1 if reader is not None else 0):
+            raise MalformedLaunch(
+                "a parameter or cookie other than Action names an EC2 launch Action, which some"
+                " servers read as the Action"
+            )
         if not params:
             return None  # names no Action: EC2 answers MissingAction
-        action = params.get("Action")
         if action is None:
             raise MalformedLaunch("parameters without an Action")
         if not _ACTION.fullmatch(action):
             raise MalformedLaunch("Action is not a plain operation name")
-        reader = _READERS.get(action)
         if reader is None:
             if action.lower() in _FOLDED_ACTIONS:
                 raise MalformedLaunch(f"Action {action} differs only in letter case from a launch")
@@ -405,54 +413,92 @@ def _refuse_case_variants(params: Mapping[str, str]) -> None:
 # Bounds on the work of one second reading, past which a request has no one meaning it can
 # read in time (a request of 1 MiB could otherwise hold the event loop for a second).
 _MAX_ESCAPES: Final = 4096  # percent signs in the query, or in the body
-_MAX_CANDIDATES: Final = 64  # parameters that could be an Action, per decoding
-_MAX_PART: Final = 512  # longer, a name or value cannot be an Action or an Action's name
+_MAX_CANDIDATES: Final = 4096  # values that could name a launch Action, per decoding
+_MAX_PART: Final = 512  # longer, but for blanks around it, a value cannot name an Action
 # Longer, a text with escaped separators is not decoded again and again (found in review: one
 # escape nested 8 deep before 1 MiB of filler took 0.5-0.65 s).
 _MAX_DECODED: Final = 64 * 1024
-# A parameter whose name could be "Action": holds it, or an escape; and a separator or "=" that
-# one more decoding would make (an upstream that decodes before it splits).
-# (The look-ahead and the possessive quantifiers keep the search linear in the text's length.)
-_CANDIDATE = re.compile(r"(?:^|[&;])(?=[^&;=]*(?:action|%))([^&;=]*+)=([^&;]*+)")
+# Every launch Action squashed (folded, letters and digits only), to its name.
+_SQUASHED: Final = {squash(action): action for action in _READERS}
+_SHORTEST: Final = min(len(action) for action in _SQUASHED)
+# A parameter's value long enough to name a launch Action, whatever its name; and a separator
+# or "=" that one more decoding would make (an upstream that decodes before it splits).
+# (The possessive quantifiers keep the search linear in the text's length.)
+_CANDIDATE = re.compile(rf"(?:^|[&;])[^&;=]*+=([^&;]{{{_SHORTEST},}}+)")
 _HIDDEN_SEPARATOR = re.compile(r"%(?:25|26|3b|3d)")
-_CANONICAL: Final = {action.lower(): action for action in _READERS}
 
 
-def _launch_action_in(text: str) -> str | None:
-    """A launch Action in ``text`` as any upstream might read it: split on ``&`` or ``;`` and
-    then decoded, or decoded first and then split, once or several times over; names cut at
-    a NUL; blanks and letter case ignored. MalformedLaunch when that would take too long."""
+def _action_named(value: str) -> str | None:
+    """The launch Action that a parameter's ``value`` names to the most lenient upstream, or
+    None: decoded (``%uXXXX`` too) up to ``DECODINGS`` times, cut at a NUL, folded as .NET and
+    Unicode fold, and with all but letters and digits dropped (a padded value, moto's
+    ``run_instances``). Whatever the parameter's name: frameworks read ``Action`` into
+    ``[Action]``, ``Action[]``, ``Action]`` or a padded name (found in review: Express with qs,
+    Rack and PHP launched p5.48xlarges on such names)."""
+    if len(value) > _MAX_PART:
+        value = value.strip("+ \t")
+        if len(value) > _MAX_PART:
+            return None
+    for _ in range(DECODINGS if "%" in value else 0):
+        decoded = decode_u_escapes(unquote_plus(value))
+        if decoded == value:
+            break
+        value = decoded
+    return _SQUASHED.get(squash(value.split("\x00", 1)[0]))
+
+
+def _launch_actions_in(text: str) -> tuple[str | None, int]:
+    """The first launch Action that a parameter's value in ``text`` names (``_action_named``),
+    and how many values name one, as any upstream might read it: split on ``&`` or ``;`` and
+    then decoded, or decoded first and then split, once or several times over (the most of any
+    one reading). MalformedLaunch when that would take too long."""
     if text.count("%") > _MAX_ESCAPES:
         raise MalformedLaunch(
             "under an EC2 mount, a query or body with more than"
             f" {_MAX_ESCAPES} percent-escapes cannot be read for an EC2 Action in time"
         )
+    first: str | None = None
+    most = 0
     for _ in range(DECODINGS):
-        lowered = text.lower()
-        hidden = _HIDDEN_SEPARATOR.search(lowered) is not None
-        if "=" not in lowered and not hidden:  # no parameter, now or after decoding
-            return None
-        for n, match in enumerate(_CANDIDATE.finditer(lowered)):
+        hidden = _HIDDEN_SEPARATOR.search(text.lower()) is not None
+        if "=" not in text and not hidden:  # no parameter, now or after decoding
+            break
+        found = 0
+        for n, match in enumerate(_CANDIDATE.finditer(text)):
             if n >= _MAX_CANDIDATES:
                 raise MalformedLaunch(
-                    f"under an EC2 mount, more than {_MAX_CANDIDATES} parameters could be an"
-                    " EC2 Action"
+                    f"under an EC2 mount, more than {_MAX_CANDIDATES} parameter values could"
+                    " name an EC2 Action"
                 )
-            name, value = match.groups()
-            if len(name) > _MAX_PART or len(value) > _MAX_PART or unwrapped(name) != "action":
-                continue
-            action = _CANONICAL.get(unwrapped(value))
+            action = _action_named(match.group(1))
             if action is not None:
-                return action
+                first = first or action
+                found += 1
+        most = max(most, found)
         if not hidden:
-            return None
+            break
         if len(text) > _MAX_DECODED:
             raise MalformedLaunch(
                 f"under an EC2 mount, a query or body over {_MAX_DECODED} characters with escaped"
                 " separators cannot be read for an EC2 Action in time"
             )
         text = unquote_plus(text)
-    return None
+    return first, most
+
+
+def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
+    """``_launch_actions_in`` over the request's query, its body when an upstream reads it as a
+    form (``forms.read_as_form``), and its cookies: the first launch Action named, and how many
+    values name one."""
+    texts = [request.query, *request.headers.getall("Cookie", [])]
+    if read_as_form(request.headers.getall("Content-Type", [])):
+        texts.append(request.body.decode("latin-1"))
+    first: str | None = None
+    named = 0
+    for text in texts:
+        action, count = _launch_actions_in(text)
+        first, named = first or action, named + count
+    return first, named
 
 
 def _form_body(request: LaunchRequest) -> str | None:
