@@ -470,6 +470,19 @@ def test_actions_that_launch_nothing_are_not_launches(body: str) -> None:
     assert EC2.parse(request(body)) is None
 
 
+def test_values_and_cookies_that_name_no_parameter_leave_a_launch_alone() -> None:
+    """Found in review of a value-based reading: a tag valued RunInstances, or a session cookie,
+    made ordinary calls 400. Only a parameter read as Action, or a cookie named as a judged
+    parameter, gives a second meaning."""
+    body = (
+        "Action=RunInstances&InstanceType=m7i.large&MinCount=1&MaxCount=1"
+        "&TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=CreatedBy"
+        "&TagSpecification.1.Tag.1.Value=RunInstances"
+    )
+    launch = EC2.parse(request(body, Cookie="session=abc; last_op=run_instances"))
+    assert launch is not None and launch.items == items(("m7i.large", 1))
+
+
 def test_get_query_is_read_like_a_form_body() -> None:
     """GET /?Action=… reads the query string, as the API reference examples do."""
     query = (
@@ -1071,6 +1084,15 @@ P5_8 = "InstanceType=p5.48xlarge&MinCount=8&MaxCount=8&ImageId=ami-12345678"
                 "headers": {"Cookie": "Action=RunInstances"},
             },
         ),
+        # a cookie naming a judged parameter, which PHP's $_REQUEST takes over the query's
+        (
+            "",
+            {
+                "method": "GET",
+                "target": "/?Action=RunInstances&InstanceType=g4dn.xlarge&MinCount=1&MaxCount=1",
+                "headers": {"Cookie": "InstanceType=p5.48xlarge; MaxCount=8"},
+            },
+        ),
     ],
 )
 async def test_a_launch_action_named_outside_action_is_malformed(
@@ -1129,7 +1151,14 @@ async def test_an_arm_call_under_an_ec2_mount_naming_an_action_anywhere_is_malfo
         ("Action=RunIn%C5%BFtances", "RunInstances"),  # the long s, upper-cased by .NET
         ("Action=run_instances", "RunInstances"),
         ("Action=Run+Instances", "RunInstances"),
-        ("a=1&Action=" + "+" * 600 + "CreateFleet", "CreateFleet"),
+        ("Act%C4%B1on=R%00u%00n%00Instances", "RunInstances"),  # NULs dropped, not cut at
+        # not a parameter read as Action: other values naming an Action are no second meaning
+        # (found in review: the auto-tagging filter below was 400)
+        (
+            "Action=DescribeInstances&Filter.1.Name=tag:CreatedBy&Filter.1.Value.1=RunInstances",
+            None,
+        ),
+        ("Action=CreateTags&Tag.1.Value=create-fleet", None),
         ("Action=DescribeInstances", None),
         ("Action=RunInstancesNow", None),
         ('{"name": "vm-1", "note": "action items"}', None),
@@ -1144,7 +1173,10 @@ def test_the_second_reading_finds_a_launch_action(text: str, action: str | None)
     ("text", "complaint"),
     [
         ("%41" * 5000, "percent-escapes"),
-        ("k=a-long-value&" * 5000, "could name an EC2 Action"),
+        ("action=x&" * 100, "could be an EC2 Action"),
+        # padding an upstream trims (found in review: Laravel trims every value)
+        ("a=1&Action=" + "+" * 600 + "CreateFleet", "value over 512 characters"),
+        ("Action=" + "%20" * 171 + "RunInstances", "value over 512 characters"),
         # one escape nested 8 deep before 1 MiB of filler took 0.5-0.65 s (found in review)
         ("%2525252525252525" + "26" + "x" * 65536, "over 65536 characters with escaped"),
     ],

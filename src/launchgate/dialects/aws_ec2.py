@@ -50,8 +50,14 @@ from launchgate.dialects import (
     under_mount_in_any_case,
 )
 from launchgate.dialects.query import DECODINGS, Node, nest, parse_params
-from launchgate.forms import FORM, decode_u_escapes, read_as_form, squash
-from launchgate.strict import MAX_COUNT, MalformedLaunch, parse_count, require_identity_encoding
+from launchgate.forms import FORM, decode_u_escapes, read_as_form, reads_as_field, squash
+from launchgate.strict import (
+    MAX_COUNT,
+    MalformedLaunch,
+    fold_case,
+    parse_count,
+    require_identity_encoding,
+)
 
 _KEYS: Final = frozenset({"path", "region"})
 _ACTION = re.compile(r"[A-Za-z][A-Za-z0-9]{0,127}")
@@ -114,6 +120,7 @@ class AwsEc2:
             if action.lower() in _FOLDED_ACTIONS:
                 raise MalformedLaunch(f"Action {action} differs only in letter case from a launch")
             return None
+        _refuse_cookie_parameters(request)
         _refuse_case_variants(params)
         reading = _Reading()
         tree = nest(params)
@@ -413,45 +420,63 @@ def _refuse_case_variants(params: Mapping[str, str]) -> None:
 # Bounds on the work of one second reading, past which a request has no one meaning it can
 # read in time (a request of 1 MiB could otherwise hold the event loop for a second).
 _MAX_ESCAPES: Final = 4096  # percent signs in the query, or in the body
-_MAX_CANDIDATES: Final = 4096  # values that could name a launch Action, per decoding
-_MAX_PART: Final = 512  # longer, but for blanks around it, a value cannot name an Action
+_MAX_CANDIDATES: Final = 64  # parameters that could be an Action, per decoding
+_MAX_PART: Final = 512  # longer, the value of a parameter read as Action is malformed
 # Longer, a text with escaped separators is not decoded again and again (found in review: one
 # escape nested 8 deep before 1 MiB of filler took 0.5-0.65 s).
 _MAX_DECODED: Final = 64 * 1024
+# A parameter whose name could be "Action": holds it, or an escape; and a separator or "=" that
+# one more decoding would make (an upstream that decodes before it splits). Searched in the
+# folded text, where a dotless i or a Kelvin sign is already ASCII.
+# (The look-ahead and the possessive quantifiers keep the search linear in the text's length.)
+_CANDIDATE = re.compile(r"(?:^|[&;])(?=[^&;=]*(?:action|%))([^&;=]*+)=([^&;]*+)")
+_HIDDEN_SEPARATOR = re.compile(r"%(?:25|26|3b|3d)")
+_ACTION_NAME: Final = frozenset({"action"})
 # Every launch Action squashed (folded, letters and digits only), to its name.
 _SQUASHED: Final = {squash(action): action for action in _READERS}
-_SHORTEST: Final = min(len(action) for action in _SQUASHED)
-# A parameter's value long enough to name a launch Action, whatever its name; and a separator
-# or "=" that one more decoding would make (an upstream that decodes before it splits).
-# (The possessive quantifiers keep the search linear in the text's length.)
-_CANDIDATE = re.compile(rf"(?:^|[&;])[^&;=]*+=([^&;]{{{_SHORTEST},}}+)")
-_HIDDEN_SEPARATOR = re.compile(r"%(?:25|26|3b|3d)")
+
+
+def _decoded(text: str) -> str:
+    """``text`` percent-decoded (``+`` as a space, ``%uXXXX`` too) until it no longer changes,
+    at most ``DECODINGS`` times: as the most lenient upstream may read a name or a value."""
+    for _ in range(DECODINGS if "%" in text or "+" in text else 0):
+        decoded = decode_u_escapes(unquote_plus(text))
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def _reads_as_action(name: str) -> bool:
+    """Whether some framework reads the parameter ``name`` as ``Action``: decoded, cut at a
+    NUL, as a form's names are read (``forms.reads_as_field``: ``[Action]`` and ``Action[]``
+    with qs, ``Action]`` with Rack, a padded ``Action`` with PHP; found in review, each
+    launched p5.48xlarges where the gateway read no Action)."""
+    return reads_as_field(_decoded(name).partition("\x00")[0], _ACTION_NAME)
 
 
 def _action_named(value: str) -> str | None:
-    """The launch Action that a parameter's ``value`` names to the most lenient upstream, or
-    None: decoded (``%uXXXX`` too) up to ``DECODINGS`` times, cut at a NUL, folded as .NET and
-    Unicode fold, and with all but letters and digits dropped (a padded value, moto's
-    ``run_instances``). Whatever the parameter's name: frameworks read ``Action`` into
-    ``[Action]``, ``Action[]``, ``Action]`` or a padded name (found in review: Express with qs,
-    Rack and PHP launched p5.48xlarges on such names)."""
+    """The launch Action that the value of a parameter read as ``Action`` names, or None:
+    decoded, folded, with all but letters and digits dropped (a value padded with blanks that
+    an upstream trims, ``run_instances``), cut at a NUL or not. MalformedLaunch for a value
+    too long to be an Action's but for padding (found in review: 171 "%20" before
+    RunInstances, trimmed as Laravel trims every value)."""
     if len(value) > _MAX_PART:
-        value = value.strip("+ \t")
-        if len(value) > _MAX_PART:
-            return None
-    for _ in range(DECODINGS if "%" in value else 0):
-        decoded = decode_u_escapes(unquote_plus(value))
-        if decoded == value:
-            break
-        value = decoded
-    return _SQUASHED.get(squash(value.split("\x00", 1)[0]))
+        raise MalformedLaunch(
+            f"under an EC2 mount, a parameter read as Action has a value over {_MAX_PART}"
+            " characters"
+        )
+    value = _decoded(value)
+    whole, cut = squash(value), squash(value.partition("\x00")[0])
+    return _SQUASHED.get(whole) or _SQUASHED.get(cut)
 
 
 def _launch_actions_in(text: str) -> tuple[str | None, int]:
-    """The first launch Action that a parameter's value in ``text`` names (``_action_named``),
-    and how many values name one, as any upstream might read it: split on ``&`` or ``;`` and
-    then decoded, or decoded first and then split, once or several times over (the most of any
-    one reading). MalformedLaunch when that would take too long."""
+    """The first launch Action named in ``text`` by a parameter some upstream reads as
+    ``Action`` (``_reads_as_action``, ``_action_named``), and how many such parameters name
+    one in the reading that finds the most: split on ``&`` or ``;`` and then decoded, or
+    decoded first and then split, once or several times over. MalformedLaunch when that would
+    take too long."""
     if text.count("%") > _MAX_ESCAPES:
         raise MalformedLaunch(
             "under an EC2 mount, a query or body with more than"
@@ -460,17 +485,21 @@ def _launch_actions_in(text: str) -> tuple[str | None, int]:
     first: str | None = None
     most = 0
     for _ in range(DECODINGS):
-        hidden = _HIDDEN_SEPARATOR.search(text.lower()) is not None
-        if "=" not in text and not hidden:  # no parameter, now or after decoding
+        folded = fold_case(text)
+        hidden = _HIDDEN_SEPARATOR.search(folded) is not None
+        if "=" not in folded and not hidden:  # no parameter, now or after decoding
             break
         found = 0
-        for n, match in enumerate(_CANDIDATE.finditer(text)):
+        for n, match in enumerate(_CANDIDATE.finditer(folded)):
             if n >= _MAX_CANDIDATES:
                 raise MalformedLaunch(
-                    f"under an EC2 mount, more than {_MAX_CANDIDATES} parameter values could"
-                    " name an EC2 Action"
+                    f"under an EC2 mount, more than {_MAX_CANDIDATES} parameters could be an"
+                    " EC2 Action"
                 )
-            action = _action_named(match.group(1))
+            name, value = match.groups()
+            if not _reads_as_action(name):
+                continue
+            action = _action_named(value)
             if action is not None:
                 first = first or action
                 found += 1
@@ -486,11 +515,34 @@ def _launch_actions_in(text: str) -> tuple[str | None, int]:
     return first, most
 
 
+_READ_FIELDS: Final = frozenset(squash(part) for part in _READ_PARTS)
+_MAX_COOKIES: Final = 1000
+
+
+def _refuse_cookie_parameters(request: LaunchRequest) -> None:
+    """MalformedLaunch for a launch call carrying a cookie whose name some upstream reads as a
+    parameter this dialect judges (``InstanceType``, ``MaxCount``, ``LaunchTemplateConfigs``...):
+    PHP's ``$_REQUEST`` (with no ``request_order``, as PHP's images ship) and System.Web's
+    ``Request[...]`` read cookies among the parameters, the cookie winning (found in review: a
+    judged g4dn.xlarge x 1 launched p5.48xlarge x 8). EC2 and its SDKs send no cookies."""
+    pairs = "; ".join(request.headers.getall("Cookie", [])).split(";")
+    if len(pairs) > _MAX_COOKIES:
+        raise MalformedLaunch(f"a launch call with more than {_MAX_COOKIES} cookies")
+    for pair in pairs:
+        name = _decoded(pair.partition("=")[0]).partition("\x00")[0].strip()
+        if name and reads_as_field(name, _READ_FIELDS):
+            raise MalformedLaunch(
+                f"cookie {name[:64]!r} reads as a parameter of the launch to some servers"
+            )
+
+
 def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
     """``_launch_actions_in`` over the request's query, its body when an upstream reads it as a
     form (``forms.read_as_form``), and its cookies: the first launch Action named, and how many
     values name one."""
-    texts = [request.query, *request.headers.getall("Cookie", [])]
+    # The cookies as one text, read within one budget (found in review: 120 Cookie headers of
+    # nested escapes, each read alone, held the event loop for a third of a second).
+    texts = [request.query, "; ".join(request.headers.getall("Cookie", []))]
     if read_as_form(request.headers.getall("Content-Type", [])):
         texts.append(request.body.decode("latin-1"))
     first: str | None = None
