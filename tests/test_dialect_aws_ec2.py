@@ -483,6 +483,14 @@ def test_values_and_cookies_that_name_no_parameter_leave_a_launch_alone() -> Non
     assert launch is not None and launch.items == items(("m7i.large", 1))
 
 
+@pytest.mark.parametrize("name", ["Act\u0131on", "ACT\u0130ON"])
+def test_a_raw_utf8_action_name_in_a_form_body_is_read(name: str) -> None:
+    """Found in review: the body was read as Latin-1, so a raw dotless i (which .NET folds to
+    I) never folded to "action", and another route's request carrying it went on unjudged."""
+    body = f"{name}=RunInstances&InstanceType=p5.48xlarge&MinCount=1&MaxCount=8"
+    assert EC2.launch_action(request(body)) == "RunInstances"
+
+
 def test_get_query_is_read_like_a_form_body() -> None:
     """GET /?Action=… reads the query string, as the API reference examples do."""
     query = (

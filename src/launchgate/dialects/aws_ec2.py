@@ -544,7 +544,9 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
     # nested escapes, each read alone, held the event loop for a third of a second).
     texts = [request.query, "; ".join(request.headers.getall("Cookie", []))]
     if read_as_form(request.headers.getall("Content-Type", [])):
-        texts.append(request.body.decode("latin-1"))
+        # As UTF-8 (found in review: a raw "Act\u0131on", which .NET folds to "ACTION", read as
+        # Latin-1 was "Act\u00c4\u00b1on", and went unread); no Latin-1 character folds to ASCII.
+        texts.append(request.body.decode("utf-8", "replace"))
     first: str | None = None
     named = 0
     for text in texts:
