@@ -49,7 +49,7 @@ from launchgate.dialects import (
     route_region,
     under_mount_in_any_case,
 )
-from launchgate.dialects.query import DECODINGS, Node, nest, parse_params
+from launchgate.dialects.query import DECODINGS, Node, decoded, nest, parse_params
 from launchgate.forms import FORM, decode_u_escapes, read_as_form, reads_as_field, squash
 from launchgate.strict import (
     MAX_COUNT,
@@ -439,12 +439,7 @@ _SQUASHED: Final = {squash(action): action for action in _READERS}
 def _decoded(text: str) -> str:
     """``text`` percent-decoded (``+`` as a space, ``%uXXXX`` too) until it no longer changes,
     at most ``DECODINGS`` times: as the most lenient upstream may read a name or a value."""
-    for _ in range(DECODINGS if "%" in text or "+" in text else 0):
-        decoded = decode_u_escapes(unquote_plus(text))
-        if decoded == text:
-            break
-        text = decoded
-    return text
+    return decoded(text, lambda once: decode_u_escapes(unquote_plus(once)))
 
 
 def _reads_as_action(name: str) -> bool:
@@ -467,8 +462,7 @@ def _action_named(value: str) -> str | None:
             " characters"
         )
     value = _decoded(value)
-    whole, cut = squash(value), squash(value.partition("\x00")[0])
-    return _SQUASHED.get(whole) or _SQUASHED.get(cut)
+    return _SQUASHED.get(squash(value)) or _SQUASHED.get(squash(value.partition("\x00")[0]))
 
 
 def _launch_actions_in(text: str) -> tuple[str | None, int]:
@@ -519,13 +513,18 @@ _READ_FIELDS: Final = frozenset(squash(part) for part in _READ_PARTS)
 _MAX_COOKIES: Final = 1000
 
 
+def _cookies(request: LaunchRequest) -> str:
+    """The request's ``Cookie`` headers as one text of ``;``-separated pairs."""
+    return "; ".join(request.headers.getall("Cookie", []))
+
+
 def _refuse_cookie_parameters(request: LaunchRequest) -> None:
     """MalformedLaunch for a launch call carrying a cookie whose name some upstream reads as a
     parameter this dialect judges (``InstanceType``, ``MaxCount``, ``LaunchTemplateConfigs``...):
     PHP's ``$_REQUEST`` (with no ``request_order``, as PHP's images ship) and System.Web's
     ``Request[...]`` read cookies among the parameters, the cookie winning (found in review: a
     judged g4dn.xlarge x 1 launched p5.48xlarge x 8). EC2 and its SDKs send no cookies."""
-    pairs = "; ".join(request.headers.getall("Cookie", [])).split(";")
+    pairs = _cookies(request).split(";")
     if len(pairs) > _MAX_COOKIES:
         raise MalformedLaunch(f"a launch call with more than {_MAX_COOKIES} cookies")
     for pair in pairs:
@@ -542,7 +541,7 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
     values name one."""
     # The cookies as one text, read within one budget (found in review: 120 Cookie headers of
     # nested escapes, each read alone, held the event loop for a third of a second).
-    texts = [request.query, "; ".join(request.headers.getall("Cookie", []))]
+    texts = [request.query, _cookies(request)]
     if read_as_form(request.headers.getall("Content-Type", [])):
         # As UTF-8 (found in review: a raw "Act\u0131on", which .NET folds to "ACTION", read as
         # Latin-1 was "Act\u00c4\u00b1on", and went unread); no Latin-1 character folds to ASCII.

@@ -19,7 +19,7 @@ readers could number differently (``01`` next to ``1``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -194,13 +194,19 @@ def _freeze(level: _Level, name: str) -> Node:
 DECODINGS: Final = 8
 
 
+def decoded(text: str, decode: Callable[[str], str] = unquote_plus) -> str:
+    """``text`` decoded by ``decode`` (percent-decoding, ``+`` as a space) until it no longer
+    changes, at most ``DECODINGS`` times."""
+    for _ in range(DECODINGS):
+        once = decode(text)
+        if once == text:
+            break
+        text = once
+    return text
+
+
 def unwrapped(text: str) -> str:
     """``text`` percent-decoded (``+`` as a space) until it no longer changes, at most
     ``DECODINGS`` times, cut at a NUL, without surrounding blanks, lower-cased: a name as the
     most lenient reader may take it."""
-    for _ in range(DECODINGS):
-        decoded = unquote_plus(text)
-        if decoded == text:
-            break
-        text = decoded
-    return text.split("\x00", 1)[0].strip().lower()
+    return decoded(text).split("\x00", 1)[0].strip().lower()
