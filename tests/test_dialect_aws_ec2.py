@@ -37,6 +37,7 @@ from launchgate.strict import MalformedLaunch
 FORM = "application/x-www-form-urlencoded; charset=utf-8"
 EC2 = build({}, "routes[0]")
 ROUTE = {"dialect": "aws-ec2"}
+P5_8 = "InstanceType=p5.48xlarge&MinCount=8&MaxCount=8&ImageId=ami-12345678"
 
 
 def request(
@@ -489,6 +490,73 @@ def test_a_raw_utf8_action_name_in_a_form_body_is_read(name: str) -> None:
     I) never folded to "action", and another route's request carrying it went on unjudged."""
     body = f"{name}=RunInstances&InstanceType=p5.48xlarge&MinCount=1&MaxCount=8"
     assert EC2.launch_action(request(body)) == "RunInstances"
+
+
+@pytest.mark.parametrize(
+    ("method", "query"),
+    [
+        ("GET", "api-version=2024-07-01"),  # an ARM read beside EC2 on "/" (found by QA: 400)
+        ("GET", "maxResults=5&filter=status%3DRUNNING"),  # a Compute Engine list
+        ("GET", "fields=a&fields=b"),  # repeated, as Google's APIs repeat them
+        ("GET", "InstanceType=p5.48xlarge&MinCount=1&MaxCount=8"),  # EC2 answers MissingAction
+        ("GET", "Action&InstanceType=p5.48xlarge"),  # an Action without a value names none
+        ("DELETE", "api-version=2024-07-01"),
+        ("HEAD", "limit=10"),
+        ("POST", "api-version=2024-07-01"),  # no body
+    ],
+)
+def test_a_bodiless_request_naming_no_action_is_no_ec2_call(method: str, query: str) -> None:
+    """A request with no body that names no Action in any way an upstream reads one (query,
+    cookies, ``X-Amz-Target``, a path segment) is not an EC2 call: parse gives None, and it
+    goes on unjudged, however its query would read strictly."""
+    for path in ("/", "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/vm"):
+        assert EC2.parse(request(query=query, method=method, path=path)) is None
+
+
+@pytest.mark.parametrize(
+    ("query", "options"),
+    [
+        # named as frameworks read Action (found in review: each launched, where it was read)
+        (f"%5BAction%5D=RunInstances&{P5_8}", {}),
+        (f"Action%5B%5D=RunInstances&{P5_8}", {}),
+        (f"Action%5D=RunInstances&{P5_8}", {}),
+        (f"{'+' * 600}Action=RunInstances&{P5_8}", {}),
+        (f"Action%00xyz=RunInstances&{P5_8}", {}),
+        (f"action=runinstances&{P5_8}", {}),
+        (f"%u0041ction=RunInstances&{P5_8}", {}),
+        (f"%2541ction=RunInstances&{P5_8}", {}),
+        # whatever the value: a parameter read as Action keeps the request an EC2 call
+        ("%5BAction%5D=DescribeInstances", {}),
+        (P5_8, {"Cookie": "Action=RunInstances"}),
+        (P5_8, {"Cookie": "%5BAction%5D=DescribeInstances"}),
+        # moto's server takes the operation from X-Amz-Target when no Action names one
+        (P5_8, {"X-Amz-Target": "AmazonEC2.RunInstances"}),
+        (P5_8, {"X-Amz-Target": "AmazonEC2.DescribeInstances"}),
+        # an upstream that routes operations by path
+        (P5_8, {"path": "/RunInstances"}),
+        (P5_8, {"path": "/ec2/run_instances"}),
+    ],
+)
+def test_a_bodiless_request_naming_an_action_anyhow_is_read_strictly(
+    query: str, options: dict[str, str]
+) -> None:
+    """What an upstream could read as an Action keeps a bodiless request an EC2 call, read
+    strictly: with no exact Action it is malformed, as before."""
+    path = options.pop("path", "/")
+    with pytest.raises(MalformedLaunch):
+        EC2.parse(request(query=query, method="GET", path=path, **options))
+
+
+def test_x_amz_target_naming_a_launch_is_a_second_meaning() -> None:
+    """Another route's request with an ``X-Amz-Target`` naming a launch Action reads as that
+    launch to an upstream on a generic AWS framework (moto takes it when no Action names one)."""
+    target = {"X-Amz-Target": "AmazonEC2.RunInstances"}
+    assert EC2.launch_action(request(query=P5_8, method="GET", **target)) == "RunInstances"
+    plain = {"X-Amz-Target": "AmazonEC2.DescribeInstances"}
+    assert EC2.launch_action(request(query=P5_8, method="GET", **plain)) is None
+    launch = f"Action=RunInstances&{P5_8}"
+    with pytest.raises(MalformedLaunch, match="X-Amz-Target"):
+        EC2.parse(request(query=launch, method="GET", **target))
 
 
 def test_get_query_is_read_like_a_form_body() -> None:
@@ -1072,9 +1140,6 @@ async def test_body_labelled_gzip_that_is_not_gzip_is_malformed(
     assert await gw.stub_requests() == []
 
 
-P5_8 = "InstanceType=p5.48xlarge&MinCount=8&MaxCount=8&ImageId=ami-12345678"
-
-
 @pytest.mark.parametrize(
     ("body", "options"),
     [
@@ -1131,6 +1196,41 @@ async def test_an_arm_call_under_an_ec2_mount_naming_an_action_anywhere_is_malfo
     status, _ = await gw.send("PATCH", f"{vm}?api-version=2024-07-01", {"tags": {"team": "ml"}})
     assert status != 400  # the same call without it goes on
     assert len(await gw.stub_requests()) == 1
+
+
+async def test_other_apis_reads_beside_ec2_on_the_root_go_on_unjudged(
+    start_gateway: StartGateway,
+) -> None:
+    """Found by QA: with aws-ec2 and azure-arm both on "/", every ARM read (its
+    "?api-version=") and every Compute Engine list with a query was 400 "parameters without
+    an Action". A request with no body that names no Action in any way an upstream reads one
+    goes on unjudged (no record); one that names one anyhow is still read as EC2, strictly."""
+    gw = await start_gateway(routes=[ROUTE, {"dialect": "azure-arm"}, {"dialect": "gcp-compute"}])
+    vm = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/vm"
+    reads = [
+        f"{vm}?api-version=2024-07-01",
+        "/compute/v1/projects/p/zones/us-central1-a/instances?maxResults=5&filter=x",
+        "/v1/instances?limit=2",
+    ]
+    for target in reads:
+        status, answer = await gw.send("GET", target, b"", headers={})
+        assert status != 400, answer
+    seen = [r["path"] for r in await gw.stub_requests()]
+    assert len(seen) == 3 and gw.decisions() == []
+    amz = {"X-Amz-Target": "AmazonEC2.RunInstances"}
+    refused: list[tuple[str, str, dict[str, Any] | bytes, dict[str, str]]] = [
+        ("GET", f"/?%5BAction%5D=RunInstances&{P5_8}", b"", {}),
+        ("GET", f"/?{P5_8}", b"", amz),
+        ("GET", f"/?{P5_8}", b"", {"Cookie": "Action=RunInstances"}),
+        ("GET", f"/RunInstances?{P5_8}", b"", {}),
+        # the second reading of another route's request (an ARM PATCH) sees X-Amz-Target too
+        ("PATCH", f"{vm}?api-version=2024-07-01&{P5_8}", {"tags": {}}, amz),
+    ]
+    for method, target, body, headers in refused:
+        headers = {"Content-Type": "application/json", **headers}
+        status, answer = await gw.send(method, target, body, headers=headers)
+        assert (status, answer.get("reason")) == (400, "malformed_request"), (target, answer)
+    assert len(await gw.stub_requests()) == 3
 
 
 # --- the second reading of a request another route takes (``AwsEc2.launch_action``) ----------

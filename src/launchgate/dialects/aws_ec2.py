@@ -7,7 +7,9 @@ under its ``path`` (default ``/``), whatever its method: the Query protocol is G
 but an upstream (or a stand-in) that took a PUT or a HEAD carrying ``Action=RunInstances``
 as a launch must not get it unjudged (found by QA: PUT, PATCH, DELETE, OPTIONS and HEAD
 launched on the stub and left no record). Other methods are read like a GET. An Action that
-cannot launch anything is no launch (``parse`` returns None) and is forwarded unjudged.
+cannot launch anything is no launch (``parse`` returns None) and is forwarded unjudged, and
+so is a request with no body that names no Action in any way an upstream reads one (another
+API's read beside EC2 on "/"; see ``parse``).
 
 Items per Action (reference launch_apis.md §1):
 
@@ -98,17 +100,21 @@ class AwsEc2:
 
         Raises MalformedLaunch when the request has no one meaning (see ``dialects.query``).
         """
-        params = parse_params(request.query, _form_body(request))
-        action = params.get("Action")
-        reader = None if action is None else _READERS.get(action)
         # A launch Action named anywhere else, as the most lenient upstream reads names and
         # values, gives the request a second meaning (found in review: Rack took the last of
         # "Action=DescribeInstances&Action]=RunInstances", and launched unjudged).
-        _, named = _launch_actions(request)
+        _, named, action_names = _launch_actions(request)
+        if not request.body and not action_names and _names_no_launch(request.path):
+            # No EC2 call: no body, and nothing an upstream reads as an Action (another API's
+            # read beside EC2 on "/", as ARM's "?api-version=", found by QA: it was 400).
+            return None
+        params = parse_params(request.query, _form_body(request))
+        action = params.get("Action")
+        reader = None if action is None else _READERS.get(action)
         if named > (1 if reader is not None else 0):
             raise MalformedLaunch(
-                "a parameter or cookie other than Action names an EC2 launch Action, which some"
-                " servers read as the Action"
+                "a parameter, cookie or X-Amz-Target other than Action names an EC2 launch"
+                " Action, which some servers read as the Action"
             )
         if not params:
             return None  # names no Action: EC2 answers MissingAction
@@ -465,25 +471,25 @@ def _action_named(value: str) -> str | None:
     return _SQUASHED.get(squash(value)) or _SQUASHED.get(squash(value.partition("\x00")[0]))
 
 
-def _launch_actions_in(text: str) -> tuple[str | None, int]:
+def _launch_actions_in(text: str) -> tuple[str | None, int, int]:
     """The first launch Action named in ``text`` by a parameter some upstream reads as
-    ``Action`` (``_reads_as_action``, ``_action_named``), and how many such parameters name
-    one in the reading that finds the most: split on ``&`` or ``;`` and then decoded, or
-    decoded first and then split, once or several times over. MalformedLaunch when that would
-    take too long."""
+    ``Action`` (``_reads_as_action``, ``_action_named``), how many such parameters name one,
+    and how many are read as ``Action`` whatever their value, in the reading that finds the
+    most: split on ``&`` or ``;`` and then decoded, or decoded first and then split, once or
+    several times over. MalformedLaunch when that would take too long."""
     if text.count("%") > _MAX_ESCAPES:
         raise MalformedLaunch(
             "under an EC2 mount, a query or body with more than"
             f" {_MAX_ESCAPES} percent-escapes cannot be read for an EC2 Action in time"
         )
     first: str | None = None
-    most = 0
+    most = most_names = 0
     for _ in range(DECODINGS):
         folded = fold_case(text)
         hidden = _HIDDEN_SEPARATOR.search(folded) is not None
         if "=" not in folded and not hidden:  # no parameter, now or after decoding
             break
-        found = 0
+        found = names = 0
         for n, match in enumerate(_CANDIDATE.finditer(folded)):
             if n >= _MAX_CANDIDATES:
                 raise MalformedLaunch(
@@ -493,11 +499,12 @@ def _launch_actions_in(text: str) -> tuple[str | None, int]:
             name, value = match.groups()
             if not _reads_as_action(name):
                 continue
+            names += 1
             action = _action_named(value)
             if action is not None:
                 first = first or action
                 found += 1
-        most = max(most, found)
+        most, most_names = max(most, found), max(most_names, names)
         if not hidden:
             break
         if len(text) > _MAX_DECODED:
@@ -506,7 +513,7 @@ def _launch_actions_in(text: str) -> tuple[str | None, int]:
                 " separators cannot be read for an EC2 Action in time"
             )
         text = unquote_plus(text)
-    return first, most
+    return first, most, most_names
 
 
 _READ_FIELDS: Final = frozenset(squash(part) for part in _READ_PARTS)
@@ -535,10 +542,13 @@ def _refuse_cookie_parameters(request: LaunchRequest) -> None:
             )
 
 
-def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
+def _launch_actions(request: LaunchRequest) -> tuple[str | None, int, int]:
     """``_launch_actions_in`` over the request's query, its body when an upstream reads it as a
-    form (``forms.read_as_form``), and its cookies: the first launch Action named, and how many
-    values name one."""
+    form (``forms.read_as_form``), and its cookies: the first launch Action named, how many
+    values name one, and how many parameters are read as ``Action`` whatever their value. An
+    ``X-Amz-Target`` header counts as a parameter read as ``Action``, and names the launch its
+    last dotted part names: an upstream built on a generic AWS framework takes the operation
+    from it when no ``Action`` parameter names one (as moto's server does)."""
     # The cookies as one text, read within one budget (found in review: 120 Cookie headers of
     # nested escapes, each read alone, held the event loop for a third of a second).
     texts = [request.query, _cookies(request)]
@@ -547,11 +557,22 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int]:
         # Latin-1 was "Act\u00c4\u00b1on", and went unread); no Latin-1 character folds to ASCII.
         texts.append(request.body.decode("utf-8", "replace"))
     first: str | None = None
-    named = 0
+    named = action_names = 0
     for text in texts:
-        action, count = _launch_actions_in(text)
-        first, named = first or action, named + count
-    return first, named
+        action, count, names = _launch_actions_in(text)
+        first, named, action_names = first or action, named + count, action_names + names
+    for target in request.headers.getall("X-Amz-Target", []):
+        action_names += 1
+        action = _SQUASHED.get(squash(_decoded(target).rpartition(".")[2]))
+        if action is not None:
+            first, named = first or action, named + 1
+    return first, named, action_names
+
+
+def _names_no_launch(path: str) -> bool:
+    """Whether no segment of ``path`` names a launch Action, as an upstream that routes
+    operations by path would read one (decoded, folded, punctuation dropped)."""
+    return not any(_SQUASHED.get(squash(_decoded(segment))) for segment in path.split("/"))
 
 
 def _form_body(request: LaunchRequest) -> str | None:
