@@ -529,12 +529,25 @@ def test_a_bodiless_request_naming_no_action_is_no_ec2_call(method: str, query: 
         ("%5BAction%5D=DescribeInstances", {}),
         (P5_8, {"Cookie": "Action=RunInstances"}),
         (P5_8, {"Cookie": "%5BAction%5D=DescribeInstances"}),
-        # moto's server takes the operation from X-Amz-Target when no Action names one
+        # dotted prefixes: qs with allowDots, ASP.NET model binding (found in review)
+        (f"request.Action=RunInstances&{P5_8}", {}),
+        (f"%5B0%5D.Action=RunInstances&{P5_8}", {}),
+        (f"a.b.Action=RunInstances&{P5_8}", {}),
+        (f"req%252EAction=RunInstances&{P5_8}", {}),
+        # moto's server takes the operation from X-Amz-Target when no Action names one, and
+        # gunicorn hands it "X_Amz_Target" as that (found in review: 8 p5.48xlarge on moto)
         (P5_8, {"X-Amz-Target": "AmazonEC2.RunInstances"}),
         (P5_8, {"X-Amz-Target": "AmazonEC2.DescribeInstances"}),
-        # an upstream that routes operations by path
+        (P5_8, {"X_Amz_Target": "AmazonEC2.RunInstances"}),
+        (P5_8, {"x_amz_target": "AmazonEC2.DescribeInstances"}),
+        # an upstream that routes operations by path, cutting ";params" (Jetty, Tomcat) or a
+        # format (Rails, Spring) (found in review: Jetty launched on "/RunInstances;x=1")
         (P5_8, {"path": "/RunInstances"}),
         (P5_8, {"path": "/ec2/run_instances"}),
+        (P5_8, {"path": "/RunInstances;x=1"}),
+        (P5_8, {"path": "/RunInstances.json"}),
+        (P5_8, {"path": "/ec2/Run%49nstances;a"}),
+        (P5_8, {"path": "/index.php/run_instances.xml"}),
     ],
 )
 def test_a_bodiless_request_naming_an_action_anyhow_is_read_strictly(
@@ -554,6 +567,8 @@ def test_x_amz_target_naming_a_launch_is_a_second_meaning() -> None:
     assert EC2.launch_action(request(query=P5_8, method="GET", **target)) == "RunInstances"
     plain = {"X-Amz-Target": "AmazonEC2.DescribeInstances"}
     assert EC2.launch_action(request(query=P5_8, method="GET", **plain)) is None
+    cgi = {"X_AMZ_TARGET": "AmazonEC2.CreateFleet"}  # as gunicorn reads it (found in review)
+    assert EC2.launch_action(request(query=P5_8, method="GET", **cgi)) == "CreateFleet"
     launch = f"Action=RunInstances&{P5_8}"
     with pytest.raises(MalformedLaunch, match="X-Amz-Target"):
         EC2.parse(request(query=launch, method="GET", **target))
@@ -1223,8 +1238,12 @@ async def test_other_apis_reads_beside_ec2_on_the_root_go_on_unjudged(
         ("GET", f"/?{P5_8}", b"", amz),
         ("GET", f"/?{P5_8}", b"", {"Cookie": "Action=RunInstances"}),
         ("GET", f"/RunInstances?{P5_8}", b"", {}),
+        ("GET", f"/RunInstances;x=1?{P5_8}", b"", {}),
+        ("GET", f"/?request.Action=RunInstances&{P5_8}", b"", {}),
+        ("GET", f"/?{P5_8}", b"", {"X_Amz_Target": "AmazonEC2.RunInstances"}),
         # the second reading of another route's request (an ARM PATCH) sees X-Amz-Target too
         ("PATCH", f"{vm}?api-version=2024-07-01&{P5_8}", {"tags": {}}, amz),
+        ("PATCH", f"{vm}?api-version=1&{P5_8}", {"tags": {}}, {"X_Amz_Target": "ec2.RunInstances"}),
     ]
     for method, target, body, headers in refused:
         headers = {"Content-Type": "application/json", **headers}
@@ -1260,6 +1279,8 @@ async def test_other_apis_reads_beside_ec2_on_the_root_go_on_unjudged(
         ("Action=run_instances", "RunInstances"),
         ("Action=Run+Instances", "RunInstances"),
         ("Act%C4%B1on=R%00u%00n%00Instances", "RunInstances"),  # NULs dropped, not cut at
+        ("request.Action=RunInstances", "RunInstances"),  # qs allowDots, ASP.NET (review)
+        ("%5B0%5D.Action=CreateFleet", "CreateFleet"),
         # not a parameter read as Action: other values naming an Action are no second meaning
         # (found in review: the auto-tagging filter below was 400)
         (

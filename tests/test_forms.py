@@ -127,3 +127,16 @@ def test_the_reading_is_bounded() -> None:
     assert judged_field_in("%5B" * MAX_ESCAPES + "count=1", FIELDS) == "[" * MAX_ESCAPES + "count"
     # only escapes count (found in review: a script's "%s" and "%Y" in a JSON value did)
     assert judged_field_in("%s %Y" * MAX_ESCAPES + "&x=1", FIELDS) is None
+
+
+@pytest.mark.parametrize("name", ["request.Action", "[0].Action", "a.b.Action", "req.Action[]"])
+def test_a_dotted_reading_takes_the_parts_after_a_dot(name: str) -> None:
+    """For a reader that may refuse more (the EC2 Action): qs with ``allowDots`` and ASP.NET's
+    model binding read ``request.Action`` as ``Action`` (found in review); a judged field's
+    reading does not (``filter.region``, above, is no field)."""
+    action = frozenset({"action"})
+    assert reads_as_field(name, action, dotted=True)
+    assert not reads_as_field(name, action)
+    assert not reads_as_field("x.Actions", action, dotted=True)
+    # bounded: a name of a million dots is read in milliseconds
+    assert reads_as_field("a." * 500_000 + "Action", action, dotted=True)

@@ -109,10 +109,14 @@ class _Budget:
         self.enclosed = MAX_ENCLOSED_IN_ALL
 
 
-def reads_as_field(name: str, fields: frozenset[str], budget: _Budget | None = None) -> bool:
+def reads_as_field(
+    name: str, fields: frozenset[str], budget: _Budget | None = None, *, dotted: bool = False
+) -> bool:
     """Whether some parser reads form field ``name`` as one of ``fields`` (squashed) at the top
     level, or nested under a wrapping key; MalformedLaunch when it has more bracketed parts
-    than can be read in time."""
+    than can be read in time. ``dotted``: a part after a dot counts too (``_dotted_part_in``),
+    as it does for a reader that may refuse more (a judged field under a dotted prefix, as
+    ``?filter.region=``, is no field: found in review, refusing it was a false alarm)."""
     whole = squash(name)
     if not any(field in whole for field in fields):  # (nor then in any part of it)
         return False
@@ -122,6 +126,8 @@ def reads_as_field(name: str, fields: frozenset[str], budget: _Budget | None = N
     if first is not None and squash(first.group(1)) in fields:
         return True
     shortest = min(len(field) for field in fields)
+    if dotted and "." in name and _dotted_part_in(name, fields, shortest):
+        return True
     budget = budget or _Budget()
     for count, enclosed in enumerate(_ENCLOSED.finditer(name)):
         budget.enclosed -= 1
@@ -131,6 +137,18 @@ def reads_as_field(name: str, fields: frozenset[str], budget: _Budget | None = N
         # (Shorter, a part cannot squash to a field: folding makes a character at most three,
         # and squashing only drops them.)
         if 3 * len(part) >= shortest and squash(part) in fields:
+            return True
+    return False
+
+
+def _dotted_part_in(name: str, fields: frozenset[str], shortest: int) -> bool:
+    """Whether a part of ``name`` after a dot reads as one of ``fields``: qs with ``allowDots``
+    nests ``req.Action`` under a wrapping key, and ASP.NET's model binding reads
+    ``request.Action`` and ``[0].Action`` as a property (found in review). The first
+    ``MAX_ENCLOSED`` parts and the last one, each up to a bracket (``req.Action[]``)."""
+    for part in (*name.split(".", MAX_ENCLOSED)[1:], name.rpartition(".")[2]):
+        run = _FIRST_RUN.match(part)
+        if run is not None and 3 * len(run.group(1)) >= shortest and squash(run.group(1)) in fields:
             return True
     return False
 

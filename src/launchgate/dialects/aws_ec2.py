@@ -53,6 +53,7 @@ from launchgate.dialects import (
 )
 from launchgate.dialects.query import DECODINGS, Node, decoded, nest, parse_params
 from launchgate.forms import FORM, decode_u_escapes, read_as_form, reads_as_field, squash
+from launchgate.forward import as_variable
 from launchgate.strict import (
     MAX_COUNT,
     MalformedLaunch,
@@ -452,8 +453,9 @@ def _reads_as_action(name: str) -> bool:
     """Whether some framework reads the parameter ``name`` as ``Action``: decoded, cut at a
     NUL, as a form's names are read (``forms.reads_as_field``: ``[Action]`` and ``Action[]``
     with qs, ``Action]`` with Rack, a padded ``Action`` with PHP; found in review, each
-    launched p5.48xlarges where the gateway read no Action)."""
-    return reads_as_field(_decoded(name).partition("\x00")[0], _ACTION_NAME)
+    launched p5.48xlarges where the gateway read no Action), and after a dot (``req.Action``
+    with qs's ``allowDots``, ``request.Action`` with ASP.NET's model binding)."""
+    return reads_as_field(_decoded(name).partition("\x00")[0], _ACTION_NAME, dotted=True)
 
 
 def _action_named(value: str) -> str | None:
@@ -548,7 +550,8 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int, int]:
     values name one, and how many parameters are read as ``Action`` whatever their value. An
     ``X-Amz-Target`` header counts as a parameter read as ``Action``, and names the launch its
     last dotted part names: an upstream built on a generic AWS framework takes the operation
-    from it when no ``Action`` parameter names one (as moto's server does)."""
+    from it when no ``Action`` parameter names one (as moto's server does), under any name a
+    CGI-style server reads as it (found in review: gunicorn gave moto "X_Amz_Target")."""
     # The cookies as one text, read within one budget (found in review: 120 Cookie headers of
     # nested escapes, each read alone, held the event loop for a third of a second).
     texts = [request.query, _cookies(request)]
@@ -561,7 +564,8 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int, int]:
     for text in texts:
         action, count, names = _launch_actions_in(text)
         first, named, action_names = first or action, named + count, action_names + names
-    for target in request.headers.getall("X-Amz-Target", []):
+    targets = (v for k, v in request.headers.items() if as_variable(k) == "x-amz-target")
+    for target in targets:
         action_names += 1
         action = _SQUASHED.get(squash(_decoded(target).rpartition(".")[2]))
         if action is not None:
@@ -570,9 +574,12 @@ def _launch_actions(request: LaunchRequest) -> tuple[str | None, int, int]:
 
 
 def _names_no_launch(path: str) -> bool:
-    """Whether no segment of ``path`` names a launch Action, as an upstream that routes
-    operations by path would read one (decoded, folded, punctuation dropped)."""
-    return not any(_SQUASHED.get(squash(_decoded(segment))) for segment in path.split("/"))
+    """Whether ``path`` names no launch Action anywhere, as an upstream that routes operations
+    by path could read one: decoded, folded, with all but letters and digits dropped, the
+    whole path holds no launch Action's name (coarser than any router: found in review, Jetty
+    cut "RunInstances;x=1" to "RunInstances", as Rails and Spring cut ".json")."""
+    whole = squash(_decoded(path))
+    return not any(action in whole for action in _SQUASHED)
 
 
 def _form_body(request: LaunchRequest) -> str | None:
