@@ -897,6 +897,36 @@ def test_token_issue_expires_in(keys: Keys, duration: str, seconds: int) -> None
     assert claims["exp"] - claims["iat"] == seconds
 
 
+def test_token_issue_not_before_with_a_lower_case_z(keys: Keys) -> None:
+    """RFC 3339 allows a lower-case "z" (found by QA: refused, while a lower-case "t" passed)."""
+    _, claims = issue(keys, "--not-before", "2027-03-04t05:06:07z")
+    assert claims["nbf"] == int(datetime(2027, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("expires_in", "999999999d"),
+        ("not_before", "1969-01-01T00:00:00Z"),
+        ("not_before", "9999-12-31T23:59:59-01:00"),
+        ("not_before", "0001-01-01T00:00:00+01:00"),
+        ("max_accelerators", "99999999999999999999"),
+        ("max_accelerators", "0"),
+    ],
+)
+def test_token_issue_out_of_range_names_the_flag(keys: Keys, flag: str, value: str) -> None:
+    """Found by QA: a time or a quantity out of range was a user error naming no flag."""
+    argv = issue_argv(keys.folder / "k-ed.pem", **{flag: value})
+    assert_user_error(run_cli(*argv), "--" + flag.replace("_", "-"))
+
+
+def test_token_issue_takes_a_long_duration_in_seconds(keys: Keys) -> None:
+    """Found by QA: "1000000000s" (about 32 years, less than "3650d" allows) was refused as no
+    duration at all."""
+    _, claims = issue(keys, "--expires-in", "1000000000s")
+    assert claims["exp"] - claims["iat"] == 1_000_000_000
+
+
 @pytest.mark.parametrize(("kid", "alg"), [("k-ed", "EdDSA"), ("k-es", "ES256")])
 def test_issued_token_verifies_with_the_gateway(
     keys: Keys, config_path: Path, kid: str, alg: str
@@ -946,6 +976,24 @@ def test_inspect_a_fresh_token(
     assert data["reason"] is None
     assert (data["used"], data["remaining"], data["revoked"]) == (0, 32, False)
     assert token not in json.dumps(data)
+
+
+def test_inspect_with_the_store_down_keeps_its_keys(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, keys: Keys, make_token: MakeToken
+) -> None:
+    """Found by QA: with the store unreachable, max_accelerators, reserved and revoked_reason
+    went missing (a script reading "reserved" failed); they are null, and store_error says
+    why."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = {"url": f"postgresql://nobody@127.0.0.1:{port}/none"}
+    config_path = write_config(tmp_path, NOWHERE, keys, store=store)
+    data = inspect(capsys, config_path, make_token(jti="lic-dark"))
+    assert data["verified"] is True
+    ledger_keys = ("max_accelerators", "used", "reserved", "remaining", "revoked", "revoked_reason")
+    assert {key: data[key] for key in ledger_keys} == dict.fromkeys(ledger_keys)
+    assert data["store_error"]
 
 
 def test_inspect_shows_ledger_use(
@@ -1592,6 +1640,14 @@ CLASSES: list[Any] = [
     (1600, 270.3, False, "3A090.b"),  # PD just below 5.92, still >= 3.2
     (2960, 500, False, "3A090.a"),  # PD exactly 5.92
     (2960, 500.01, False, "3A090.b"),
+    # exactly on a threshold as written, where a float division falls just below it (found by
+    # QA: 4114.4 / 695 is 5.919999999999999 in floats)
+    (4114.4, 695, False, "3A090.a"),
+    (2057.2, 347.5, False, "3A090.a"),
+    (1612.8, 504, False, "3A090.b"),  # PD 3.2
+    (2400.64, 1500.4, False, "3A090.b"),  # PD 1.6
+    (4114.3, 695, False, "3A090.b"),
+    (2400.63, 1500.4, False, "not-controlled"),
     # TPP >= 2400 and 1.6 <= PD < 5.92 -> .b
     (2400, 1500, False, "3A090.b"),
     (2399, 1500, False, "not-controlled"),

@@ -11,8 +11,10 @@ Classification follows ECCN 3A090 as amended in October 2023 (88 FR 73458; text 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,16 +28,27 @@ NOT_CONTROLLED: Final = "not-controlled"
 ECCN_CLASSES: Final = frozenset({ECCN_A, ECCN_B, NOT_CONTROLLED})
 
 
+# Performance-density thresholds of ECCN 3A090 (CONTRACT section 2), exact.
+_PD_A: Final = Fraction("5.92")
+_PD_B_LOW: Final = Fraction("1.6")
+_PD_B_HIGH: Final = Fraction("3.2")
+
+
 def classify(tpp: float, die_area_mm2: float, *, datacenter: bool = True) -> str:
     """The 3A090 class the catalog rules give an accelerator (CONTRACT section 2)."""
-    if tpp <= 0 or die_area_mm2 <= 0:
+    if not (0 < tpp < math.inf and 0 < die_area_mm2 < math.inf):
         raise ValueError("TPP and die area must be positive")
     if not datacenter and tpp < 4800:
         return NOT_CONTROLLED
-    density = tpp / die_area_mm2
-    if tpp >= 4800 or (tpp >= 1600 and density >= 5.92):
+    # Performance density compared exactly, on the numbers as written (their shortest decimal
+    # form): in binary floating point 4114.4 / 695 is 5.919999999999999, and an accelerator
+    # exactly on 5.92 came out 3A090.b (found by QA, at 3.2 and 1.6 too).
+    t, d = Fraction(repr(tpp)), Fraction(repr(die_area_mm2))
+    if tpp >= 4800 or (tpp >= 1600 and t >= _PD_A * d):
         return ECCN_A
-    if (tpp >= 2400 and 1.6 <= density < 5.92) or (tpp >= 1600 and 3.2 <= density < 5.92):
+    if (tpp >= 2400 and _PD_B_LOW * d <= t < _PD_A * d) or (
+        tpp >= 1600 and _PD_B_HIGH * d <= t < _PD_A * d
+    ):
         return ECCN_B
     return NOT_CONTROLLED
 

@@ -179,17 +179,28 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _iso_time(text: str) -> int:
+    from launchgate.tokens import MAX_TIMESTAMP
+
     try:
-        moment = datetime.fromisoformat(text)
+        # RFC 3339 allows a lower-case "z" as it allows a lower-case "t" (found by QA).
+        moment = datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
     except ValueError:
         raise UsageError(f"--not-before: not an ISO 8601 time: {text!r}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
+    try:
+        seconds = int(moment.timestamp())
+    except (OverflowError, ValueError):
+        seconds = -1
+    if not 0 <= seconds <= MAX_TIMESTAMP:
+        raise UsageError(f"--not-before: {text!r} is not between 1970 and 9999")
+    return seconds
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
     from launchgate.tokens import (
+        MAX_ACCELERATORS,
+        MAX_TIMESTAMP,
         check_signing_kid,
         issue_token,
         load_private_key,
@@ -200,8 +211,11 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         expires_in = parse_duration(args.expires_in)
     except ValueError as e:
         raise UsageError(f"--expires-in: {e}") from None
-    if args.max_accelerators < 1:
-        raise UsageError("--max-accelerators: must be at least 1")
+    # Ranges checked here, to name the flag at fault (found by QA: issue_token names none).
+    if time.time() + expires_in > MAX_TIMESTAMP:
+        raise UsageError(f"--expires-in: {args.expires_in!r} ends after the year 9999")
+    if not 1 <= args.max_accelerators <= MAX_ACCELERATORS:
+        raise UsageError(f"--max-accelerators: must be from 1 to {MAX_ACCELERATORS}")
     # Name the flag at fault; issue_token would only name the claim.
     texts = {"--kid": [args.kid], "--issuer": [args.issuer], "--account": [args.account]}
     texts |= {"--sku": args.sku, "--audience": [args.audience], "--region": args.region or []}
@@ -334,7 +348,10 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     try:
         out |= _run(ledger_view)
     except StoreUnavailable as e:
-        out |= {"used": None, "remaining": None, "revoked": None, "store_error": str(e)}
+        # The same keys as when the store answers (found by QA: a script reading "reserved"
+        # failed), each unknown, and why.
+        unknown = ("max_accelerators", "used", "reserved", "remaining", "revoked", "revoked_reason")
+        out |= dict.fromkeys(unknown) | {"store_error": str(e)}
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0
 

@@ -53,7 +53,7 @@ MAX_ACCELERATORS: Final = 2**53 - 1
 # 9999-12-31T23:59:59Z: the last second a date can be written in (the CLI, the records).
 MAX_TIMESTAMP: Final = 253_402_300_799
 _KID_FILE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_DURATION_RE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)([smhd])")
+_DURATION_RE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)([smhd])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _JWK_SHAPE = {"EdDSA": ("OKP", "Ed25519"), "ES256": ("EC", "P-256")}
 
